@@ -1,0 +1,25 @@
+"""streamconv: NeMo-Megatron GPT-SW3 checkpoints to Hugging Face safetensors, streamed in bounded memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["ConversionError", "ConversionResult", "convert"]
+
+if TYPE_CHECKING:
+    from streamconv.converter import ConversionResult, convert
+    from streamconv.errors import ConversionError
+
+
+def __getattr__(name: str) -> Any:
+    """Import torch only when the converter is actually used (keeps `--help` fast)."""
+    if name in ("convert", "ConversionResult"):
+        from streamconv import converter as module
+
+        return getattr(module, name)
+    if name == "ConversionError":
+        from streamconv.errors import ConversionError
+
+        return ConversionError
+    raise AttributeError(f"module 'streamconv' has no attribute {name!r}")

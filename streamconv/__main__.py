@@ -1,0 +1,5 @@
+import sys
+
+from streamconv.cli import main
+
+sys.exit(main())

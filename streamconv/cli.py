@@ -1,0 +1,97 @@
+"""Command line: `streamconv --checkpoint-path SRC --save-path DST` (and `--demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from streamconv.errors import ConversionError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamconv",
+        description="Convert a NeMo-Megatron GPT-SW3 .ckpt into a Hugging Face GPT-2 folder of sharded "
+        "safetensors, one tensor at a time, in memory bounded by the largest tensor.",
+    )
+    p.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path", metavar="SRC",
+                   help="the NeMo/Lightning .ckpt file")
+    p.add_argument("--save-path", "--save_path", dest="save_path", metavar="DST",
+                   help="output folder (config.json + safetensors shards)")
+    p.add_argument("--shard-size", default="5GB",
+                   help="largest shard: 5GB / 500MB (powers of ten), 4GiB / 512MiB, or bytes (default 5GB)")
+    p.add_argument("--device", default="cpu", help="where tensors are rearranged: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="output dtype; auto keeps the checkpoint's (default)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="true vocabulary size; embedding rows past it are padding (default 64000)")
+    p.add_argument("--print-checkpoint-structure", action="store_true",
+                   help="print every output tensor with its shape, dtype and source")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (tensors, shards, bytes, predicted memory) and write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only errors and the summary line")
+    p.add_argument("--demo", action="store_true",
+                   help="build a small GPT-SW3-style checkpoint, convert it and check the logits")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def print_structure(plan) -> None:
+    for spec in plan.tensors:
+        shape = "x".join(map(str, spec.recipe.shape))
+        dtype = str(spec.dtype).removeprefix("torch.")
+        print(f"{spec.name:<40} {shape:>14} {dtype:<9} <- {spec.recipe.source} ({spec.recipe.arrangement.name})")
+
+
+def print_plan(result) -> None:
+    plan = result.plan
+    for shard in plan.shards:
+        print(f"{shard.filename}: {len(shard.tensors)} tensors, {shard.file_size} bytes")
+    if plan.is_sharded:
+        print("model.safetensors.index.json")
+    print("config.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo:
+            from streamconv.demo import run_demo
+
+            return run_demo(args.save_path, device=args.device, shard_size=args.shard_size,
+                            overwrite=args.overwrite, quiet=args.quiet)
+        if not args.checkpoint_path or not args.save_path:
+            raise ConversionError("both --checkpoint-path and --save-path are required (or try --demo)")
+        from streamconv.converter import convert
+
+        result = convert(
+            args.checkpoint_path,
+            args.save_path,
+            device=args.device,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            vocab_size=args.vocab_size,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=not args.quiet,
+            before_write=print_structure if args.print_checkpoint_structure else None,
+        )
+        if args.dry_run:
+            print_plan(result)
+        print(result.summary())
+        return 0
+    except ConversionError as exc:
+        if args.debug:
+            raise
+        print(f"streamconv: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("streamconv: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""`convert()`: open lazily, plan from metadata, then stream into a temporary folder renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from streamconv.errors import ConversionError
+from streamconv.pipeline import stream, working_memory
+from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
+from streamconv.recipes import gpt_sw3
+from streamconv.sources import Checkpoint, open_checkpoint
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class ConversionResult:
+    """What a conversion did; `summary()` is the line the CLI prints at the end."""
+
+    save_path: str
+    plan: Plan
+    config: dict
+    working_memory: int  # predicted bytes on top of the interpreter and torch
+    dry_run: bool
+    seconds: float = 0.0  # the whole call, from opening the checkpoint to the rename
+    stream_seconds: float = 0.0  # moving tensor bytes only
+    peak_rss: int = 0  # bytes, ru_maxrss of this process
+
+    @property
+    def tensors(self) -> int:
+        return len(self.plan.tensors)
+
+    @property
+    def shards(self) -> int:
+        return len(self.plan.shards)
+
+    @property
+    def bytes(self) -> int:
+        return self.plan.total_size
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return (
+                f"dry run: {self.tensors} tensors -> {self.shards} shard(s), {_gb(self.bytes)} GB; "
+                f"predicted working memory {_gb(self.working_memory)} GB plus the Python/torch baseline; "
+                "nothing written"
+            )
+        rate = self.bytes / self.stream_seconds / 1e9 if self.stream_seconds > 0 else float("inf")
+        return (
+            f"converted {self.tensors} tensors into {self.shards} shard(s), {_gb(self.bytes)} GB in "
+            f"{self.seconds:.2f} s (streaming {self.stream_seconds:.2f} s, {rate:.2f} GB/s), "
+            f"peak RSS {_gb(self.peak_rss)} GB -> {self.save_path}"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConversionError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConversionError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConversionError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConversionError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None keeps each source tensor's dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPE_NAMES:
+        raise ConversionError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return DTYPE_NAMES[dtype]
+
+
+def check_save_path(save_path: str, overwrite: bool) -> None:
+    if os.path.exists(save_path) and not os.path.isdir(save_path):
+        raise ConversionError(f"save path {save_path} exists and is not a folder; choose another --save-path")
+    if os.path.isdir(save_path) and os.listdir(save_path) and not overwrite:
+        raise ConversionError(f"save path {save_path} is not empty; pass --overwrite to replace its contents")
+
+
+def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | None, vocab_size: int | None):
+    """Recipes checked against the checkpoint's tensors, output dtypes, the shard plan and the HF config."""
+    dims = gpt_sw3.read_dims(checkpoint.hparam, vocab_size)
+    embedding = checkpoint.tensors.get(gpt_sw3.EMBEDDING)
+    if embedding is None:
+        raise ConversionError(f"source tensor {gpt_sw3.EMBEDDING!r} is missing from the checkpoint's state_dict")
+    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=embedding.shape[0])
+    for r in recipes:
+        source = checkpoint.tensors.get(r.source)
+        if source is None:
+            raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
+        if tuple(source.shape) != r.source_shape:
+            raise ConversionError(
+                f"source tensor {r.source!r} has shape {tuple(source.shape)}, expected {r.source_shape} "
+                "from the checkpoint's cfg"
+            )
+    dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in recipes]
+    plan = make_plan(recipes, dtypes, shard_size)
+    config = gpt_sw3.hf_config(checkpoint.hparam, dims, str(dtypes[0]).removeprefix("torch."))
+    return plan, config
+
+
+def convert(
+    checkpoint_path: str | os.PathLike[str],
+    save_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    shard_size: str | int = "5GB",
+    dtype: str | torch.dtype | None = None,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+    before_write: Callable[[Plan], None] | None = None,
+) -> ConversionResult:
+    """Convert a NeMo-Megatron GPT-SW3 `.ckpt` into a Hugging Face GPT-2 folder of sharded safetensors.
+
+    Raises ConversionError, before anything is written, for any problem with the input or arguments.
+    `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
+    """
+    started = time.perf_counter()
+    save_path = os.fspath(save_path)
+    dev = resolve_device(device)
+    limit = parse_size(shard_size)
+    out_dtype = resolve_dtype(dtype)
+    if not dry_run:
+        check_save_path(save_path, overwrite)
+    checkpoint = open_checkpoint(checkpoint_path)
+    plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size)
+    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint, dev), dry_run)
+    if before_write is not None:
+        before_write(plan)
+    if dry_run:
+        result.seconds = time.perf_counter() - started
+        result.peak_rss = peak_rss()
+        return result
+
+    parent = os.path.dirname(os.path.abspath(save_path))
+    os.makedirs(parent, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < plan.file_bytes:
+        raise ConversionError(
+            f"not enough free space in {parent}: need {_gb(plan.file_bytes)} GB, have {_gb(free)} GB; "
+            "free some space or choose another --save-path"
+        )
+
+    staging = _staging_folder(save_path)
+    try:
+        _write_config(staging, config)
+        bar = _progress_bar(plan.total_size, enabled=progress)
+        stream_started = time.perf_counter()
+        stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
+        result.stream_seconds = time.perf_counter() - stream_started
+        bar.close()
+        if plan.is_sharded:
+            with open(os.path.join(staging, INDEX_NAME), "w") as f:
+                json.dump(plan.index(), f, indent=2, sort_keys=True)
+                f.write("\n")
+        _fsync_dir(staging)
+        _publish(staging, save_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.seconds = time.perf_counter() - started
+    result.peak_rss = peak_rss()
+    return result
+
+
+def _write_config(folder: str, config: dict) -> None:
+    from transformers import GPT2Config  # imported late: it costs a second of start-up
+
+    GPT2Config(**config).to_json_file(os.path.join(folder, CONFIG_NAME))
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="converting",
+        file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+    )
+
+
+def _staging_folder(save_path: str) -> str:
+    """A fresh sibling of the target on the same filesystem, so the final rename is atomic.
+
+    Staging folders of earlier runs that died (their process is gone) are removed first.
+    """
+    import psutil
+
+    parent, name = os.path.split(os.path.abspath(save_path))
+    prefix = f".{name}.streamconv-tmp-"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            pid = entry[len(prefix):]
+            if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    staging = os.path.join(parent, f"{prefix}{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging)
+    return staging
+
+
+def _publish(staging: str, save_path: str) -> None:
+    """Move the finished folder into place; an old folder being overwritten survives until then."""
+    old = None
+    if os.path.isdir(save_path):
+        old = f"{staging}-old"
+        os.rename(save_path, old)
+    os.rename(staging, save_path)
+    _fsync_dir(os.path.dirname(os.path.abspath(save_path)))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,154 @@
+"""The plan: every output tensor's name, shape, dtype, shard, header and byte offset, from metadata alone.
+
+Nothing here reads weights, so the plan answers --dry-run, the free-space check, the progress total and
+the predicted working memory before a byte moves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from streamconv.errors import ConversionError
+from streamconv.recipes.gpt_sw3 import TensorRecipe
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+}
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '5GB' (powers of ten, as huggingface_hub), '4GiB' (powers of two) or a plain count."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ConversionError(
+                f"cannot parse shard size {text!r}; use a byte count or a unit such as 5GB, 500MB, 2GiB"
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConversionError(f"shard size must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor and where its bytes go: `begin`/`end` are offsets in its shard's data section."""
+
+    recipe: TensorRecipe
+    dtype: torch.dtype
+    begin: int
+    end: int
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class Shard:
+    filename: str
+    tensors: list[TensorSpec] = field(default_factory=list)
+    header: bytes = b""
+
+    @property
+    def data_size(self) -> int:
+        return self.tensors[-1].end if self.tensors else 0
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.data_size
+
+
+@dataclass
+class Plan:
+    shards: list[Shard]
+    total_size: int  # bytes of tensor data, as the index's metadata.total_size
+
+    @property
+    def tensors(self) -> list[TensorSpec]:
+        return [t for shard in self.shards for t in shard.tensors]
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.shards) > 1
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(s.file_size for s in self.shards)
+
+    def index(self) -> dict:
+        """`model.safetensors.index.json`, as transformers and huggingface_hub write it."""
+        return {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def safetensors_header(tensors: list[TensorSpec]) -> bytes:
+    """8-byte little-endian length, then the JSON header padded with spaces to a multiple of 8."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    for t in tensors:
+        header[t.name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.recipe.shape),
+            "data_offsets": [t.begin, t.end],
+        }
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def make_plan(recipes: list[TensorRecipe], dtypes: list[torch.dtype], shard_size: int) -> Plan:
+    """Assign tensors to shards greedily in recipe order (huggingface_hub's rule), then lay out each shard."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    for r, dtype in zip(recipes, dtypes, strict=True):
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"source tensor {r.source} has dtype {dtype}, which streamconv does not convert")
+    sizes = {r.name: _numel(r.shape) * d.itemsize for r, d in zip(recipes, dtypes, strict=True)}
+    by_name = {r.name: (r, d) for r, d in zip(recipes, dtypes, strict=True)}
+    split = split_state_dict_into_shards_factory(
+        {r.name: r for r in recipes},  # the splitter only needs sizes, never tensors
+        get_storage_size=lambda recipe: sizes[recipe.name],
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=shard_size,
+    )
+    shards = []
+    for filename, names in split.filename_to_tensors.items():
+        shard, offset = Shard(filename), 0
+        for name in names:
+            recipe, dtype = by_name[name]
+            shard.tensors.append(TensorSpec(recipe, dtype, offset, offset + sizes[name]))
+            offset += sizes[name]
+        shard.header = safetensors_header(shard.tensors)
+        shards.append(shard)
+    return Plan(shards=shards, total_size=sum(sizes.values()))

@@ -212,3 +212,25 @@ def make_checkpoint(
     }
     torch.save(checkpoint, path)
     return SyntheticCheckpoint(os.fspath(path), model, hf)
+
+
+# Runs a command and prints its peak RSS. Linux starts a child's ru_maxrss at its parent's RSS at fork
+# (the hiwater mark survives exec), so measuring from a large parent (pytest holding test models) would
+# report the parent. This launcher is a small Python with no torch: the command's own peak dominates.
+_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    "sys.exit(code)\n"
+)
+
+
+def peak_rss_of(command: list[str]) -> int:
+    """Run `command` (stdout discarded) and return its peak resident set in bytes; raise if it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *map(str, command)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command} exited with {proc.returncode}: {proc.stderr.strip()}")
+    return int(proc.stdout.strip().splitlines()[-1])

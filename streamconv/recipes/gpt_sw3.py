@@ -105,8 +105,8 @@ def tensor_recipes(dims: Dims, embedding_rows: int) -> list[TensorRecipe]:
     """Every output tensor, in the order they are written: embeddings, then layer by layer, then ln_f."""
     if dims.vocab > embedding_rows:
         raise ConversionError(
-            f"--vocab-size {dims.vocab} is larger than the {embedding_rows} embedding rows in the checkpoint; "
-            f"pass --vocab-size {embedding_rows} or less"
+            f"vocabulary size {dims.vocab} is larger than the {embedding_rows} embedding rows in the checkpoint; "
+            f"pass --vocab-size {embedding_rows} or less (the default is GPT-SW3's {GPT_SW3_VOCAB_SIZE})"
         )
     h, f, heads, hd = dims.hidden, dims.ffn, dims.heads, dims.head_dim
     out = [

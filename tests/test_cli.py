@@ -1,0 +1,150 @@
+"""The command line: spellings, dry run, structure, summary, and one-line errors with exit code 2."""
+
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from streamconv.testing import SyntheticModel, make_checkpoint, nemo_config
+from tests.conftest import run_cli
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("streamconv: error: ")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_convert_prints_summary_and_writes_folder(bf16_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--vocab-size", "1000",
+                   "--shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("converted 40 tensors into ") and "GB/s" in summary and "peak RSS" in summary
+    assert "converting" in proc.stderr  # the tqdm bar
+    files = sorted(os.listdir(out))
+    assert "config.json" in files and "model.safetensors.index.json" in files
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no staging folder left
+
+
+def test_reference_spellings_and_quiet(bf16_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    proc = run_cli("--checkpoint_path", bf16_ckpt.path, "--save_path", out, "--vocab-size", "1000", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+def test_dry_run_writes_nothing(bf16_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--vocab-size", "1000",
+                   "--dry-run", "--shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    assert "model-00001-of-" in proc.stdout and "predicted working memory" in proc.stdout
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_print_checkpoint_structure(bf16_ckpt, tmp_path):
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", tmp_path / "hf", "--vocab-size", "1000",
+                   "--print-checkpoint-structure", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    qkv = next(line for line in lines if line.startswith("transformer.h.0.attn.c_attn.weight"))
+    assert "64x192" in qkv and "bfloat16" in qkv and "query_key_value.weight" in qkv
+    assert sum(line.startswith("transformer.") for line in lines) == 40
+
+
+def test_overwrite(bf16_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert_one_line_error(run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out), "not empty",
+                          "--overwrite")
+    assert os.listdir(out) == ["old.txt"]
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--vocab-size", "1000",
+                   "--overwrite", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+def save_broken(path, drop=None, **changes):
+    """A small NeMo checkpoint with some top-level entry or tensor removed."""
+    model = SyntheticModel(n_embd=32, n_layer=2, n_head=2, vocab_size=256)
+    source = make_checkpoint(path, model, optimizer=False)
+    ckpt = torch.load(path, weights_only=False)
+    if drop in ckpt:
+        del ckpt[drop]
+    elif drop is not None:
+        del ckpt["state_dict"][drop]
+    ckpt.update(changes)
+    torch.save(ckpt, path)
+    return source
+
+
+@pytest.mark.parametrize("case,fragments", [
+    ("missing", ["checkpoint not found"]),
+    ("directory", ["is a directory"]),
+    ("not_zip", ["not a torch zip checkpoint"]),
+    ("no_state_dict", ["no 'state_dict'"]),
+    ("no_cfg", ["no 'hyper_parameters.cfg'"]),
+    ("missing_key", ["model.language_model.encoder.layers.1.mlp.dense_4h_to_h.weight", "missing"]),
+    ("missing_hparam", ["'num_attention_heads'", "missing"]),
+    ("vocab_too_large", ["vocabulary size 300 ", "256 embedding rows", "--vocab-size 256"]),
+    ("bad_shard_size", ["cannot parse shard size"]),
+    ("no_cuda", ["CUDA"]),
+    ("malicious", ["will not unpickle"]),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case, fragments):
+    ckpt = tmp_path / "in.ckpt"
+    extra = ["--vocab-size", "256"]
+    if case == "directory":
+        ckpt.mkdir()
+    elif case == "not_zip":
+        ckpt.write_bytes(os.urandom(4096))
+    elif case == "no_state_dict":
+        save_broken(ckpt, drop="state_dict")
+    elif case == "no_cfg":
+        save_broken(ckpt, drop="hyper_parameters")
+    elif case == "missing_key":
+        save_broken(ckpt, drop="model.language_model.encoder.layers.1.mlp.dense_4h_to_h.weight")
+    elif case == "missing_hparam":
+        cfg = nemo_config(SyntheticModel(n_embd=32, n_layer=2, n_head=2, vocab_size=256), "bf16")
+        del cfg.cfg["num_attention_heads"]
+        save_broken(ckpt, hyper_parameters=cfg)
+    elif case in ("vocab_too_large", "bad_shard_size", "no_cuda"):
+        save_broken(ckpt)
+        extra += {"vocab_too_large": ["--vocab-size", "300"], "bad_shard_size": ["--shard-size", "5XB"],
+                  "no_cuda": ["--device", "cuda"]}[case]
+        if case == "no_cuda" and torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    elif case == "malicious":
+        sentinel = tmp_path / "pwned"
+        save_broken(ckpt, state_dict=OrderedDict(evil=Exploit(sentinel)))
+    out = tmp_path / "out"
+    proc = run_cli("--checkpoint-path", ckpt, "--save-path", out, *extra)
+    assert_one_line_error(proc, *fragments)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["in.ckpt"], [])
+    if case == "malicious":
+        assert not sentinel.exists()
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_demo(tmp_path):
+    proc = run_cli("--demo", "--quiet", "--save-path", tmp_path / "demo")
+    assert proc.returncode == 0, proc.stderr
+    assert "max abs diff 0.0 -> OK" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "demo")) == ["config.json", "model.safetensors"]

@@ -1,0 +1,168 @@
+"""Round trips through transformers and bit-equality with an independent reference conversion."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+import streamconv
+from streamconv import pipeline
+from tests.oracle import reference_convert
+
+
+def read_output(folder) -> dict[str, torch.Tensor]:
+    """Every tensor in a converted folder, via safetensors' own reader."""
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                assert f.metadata() == {"format": "pt"}
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    assert key not in tensors, f"{key} written twice"
+                    tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def logits_pair(source, folder):
+    """Logits of the source GPT-2 weights and of the converted folder, both computed in fp32."""
+    reference = GPT2LMHeadModel(source.gpt2_config())
+    missing, unexpected = reference.load_state_dict(source.hf_state_dict, strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # tied to wte
+    reference.float().eval()
+    converted, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == set() or info["missing_keys"] == []
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    converted.eval()
+    assert converted.lm_head.weight.data_ptr() == converted.transformer.wte.weight.data_ptr()
+    tokens = torch.randint(0, source.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return reference(tokens).logits, converted(tokens).logits
+
+
+@pytest.mark.parametrize("ckpt_name", ["bf16_ckpt", "fp32_ckpt"])
+@pytest.mark.parametrize("shard_size", ["5GB", "100KB"])
+def test_round_trip_logits_equal(request, tmp_path, ckpt_name, shard_size):
+    source = request.getfixturevalue(ckpt_name)
+    out = tmp_path / "hf"
+    result = streamconv.convert(source.path, out, shard_size=shard_size, vocab_size=source.model.vocab_size)
+    assert (result.shards == 1) == (shard_size == "5GB")
+    assert os.path.exists(out / "model.safetensors.index.json") == (result.shards > 1)
+    expected, actual = logits_pair(source, out)
+    assert torch.equal(expected, actual), (expected - actual).abs().max()
+
+
+@pytest.mark.parametrize("ckpt_name", ["bf16_ckpt", "fp32_ckpt"])
+def test_every_tensor_bit_equal_to_reference(request, tmp_path, ckpt_name):
+    source = request.getfixturevalue(ckpt_name)
+    out = tmp_path / "hf"
+    streamconv.convert(source.path, out, shard_size="64KB", vocab_size=source.model.vocab_size)
+    expected = reference_convert(source.path, vocab_size=source.model.vocab_size)
+    actual = read_output(out)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_small_read_chunks_give_the_same_bytes(bf16_ckpt, tmp_path, monkeypatch):
+    """Tensors are read in chunks of CHUNK_BYTES; force many chunks per tensor, including QKV head groups."""
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 3000)
+    out = tmp_path / "hf"
+    streamconv.convert(bf16_ckpt.path, out, vocab_size=1000)
+    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    actual = read_output(out)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
+def test_dtype_cast(bf16_ckpt, tmp_path, dtype, torch_dtype):
+    out = tmp_path / "hf"
+    streamconv.convert(bf16_ckpt.path, out, dtype=dtype, vocab_size=1000)
+    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    actual = read_output(out)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == torch_dtype
+        assert torch.equal(actual[name], tensor.to(torch_dtype)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(torch_dtype).removeprefix("torch.")
+
+
+def test_config_matches_reference_copy_config(bf16_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    streamconv.convert(bf16_ckpt.path, out, vocab_size=1000)
+    config = json.loads((out / "config.json").read_text())
+    m = bf16_ckpt.model
+    expected = {
+        "vocab_size": 1000, "n_positions": m.n_positions, "n_embd": m.n_embd, "n_layer": m.n_layer,
+        "n_head": m.n_head, "n_inner": 4 * m.n_embd, "activation_function": "gelu", "resid_pdrop": 0.1,
+        "embd_pdrop": 0.1, "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "apply_query_key_layer_scaling": True, "normalize_attention_scores": True, "use_cache": True,
+        "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "architectures": ["GPT2LMHeadModel"],
+        "tokenizer_class": "GPTSw3Tokenizer", "model_type": "gpt2", "tie_word_embeddings": True,
+        "dtype": "bfloat16",
+    }
+    assert {k: config.get(k) for k in expected} == expected
+    assert "lm_head.weight" not in read_output(out)
+
+
+def test_6_7b_hidden_size_uses_its_tokenizer_ids():
+    from streamconv.recipes.gpt_sw3 import Dims, hf_config
+
+    def no_hparams(key, default=None):
+        return default
+
+    ids = lambda h: {k: hf_config(no_hparams, Dims(h, 32, 32, 4 * h, 2048, 64000), "bfloat16")[k]  # noqa: E731
+                     for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    assert ids(4096) == {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
+    assert ids(6144) == {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+
+
+def test_default_vocab_is_gpt_sw3s(checkpoints, tmp_path):
+    from streamconv.testing import SyntheticModel
+
+    source = checkpoints("v64k", SyntheticModel(n_embd=32, n_layer=1, n_head=2, vocab_size=64000), optimizer=False)
+    out = tmp_path / "hf"
+    streamconv.convert(source.path, out)
+    assert read_output(out)["transformer.wte.weight"].shape == (64000, 32)
+    expected, actual = logits_pair(source, out)
+    assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failure_mid_stream_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch, error):
+    from streamconv.safetensors_writer import ShardWriter
+
+    calls = []
+    real_append = ShardWriter.append
+
+    def failing_append(self, data):
+        calls.append(1)
+        if len(calls) == 10:
+            raise error
+        real_append(self, data)
+
+    monkeypatch.setattr(ShardWriter, "append", failing_append)
+    out = tmp_path / "hf"
+    with pytest.raises(type(error)):
+        streamconv.convert(bf16_ckpt.path, out, shard_size="100KB", vocab_size=1000)
+    assert len(calls) == 10
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_folder(bf16_ckpt, tmp_path, monkeypatch):
+    from streamconv.safetensors_writer import ShardWriter
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous model")
+
+    def failing_append(self, data):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ShardWriter, "append", failing_append)
+    with pytest.raises(OSError):
+        streamconv.convert(bf16_ckpt.path, out, vocab_size=1000, overwrite=True)
+    assert os.listdir(tmp_path) == ["hf"] and os.listdir(out) == ["keep.txt"]

@@ -1,0 +1,70 @@
+"""Peak memory of a real conversion, measured as the child process's ru_maxrss (touched mmap pages count).
+
+The checkpoints are dozens of times larger than their largest tensor. The bound is derived from the
+largest tensor, on top of a baseline measured the same way on a tiny checkpoint (interpreter, torch and
+the converter's own imports).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from streamconv.testing import SyntheticModel, peak_rss_of
+
+# Hidden 1024, ffn 4096: the largest tensor is an MLP weight, 4096 x 1024 x 2 bytes = 8.4 MB; a layer is 25 MB.
+WIDE = dict(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512)
+LARGEST = 4096 * 1024 * 2
+MiB = 2**20
+
+
+def cli_peak_rss(ckpt, out, *extra) -> int:
+    """Peak RSS in bytes of `streamconv` converting `ckpt` in a child process."""
+    return peak_rss_of([sys.executable, "-m", "streamconv", "--checkpoint-path", ckpt, "--save-path", out,
+                        "--vocab-size", WIDE["vocab_size"], "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def peaks(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory")
+    made = {
+        "tiny": checkpoints("mem_tiny", SyntheticModel(**{**WIDE, "n_embd": 64, "n_head": 4}, n_layer=1),
+                            optimizer=False),
+        "12": checkpoints("mem_12", SyntheticModel(**WIDE, n_layer=12), optimizer=False),
+        "24": checkpoints("mem_24", SyntheticModel(**WIDE, n_layer=24), optimizer=False),
+        "12+adam": checkpoints("mem_12_adam", SyntheticModel(**WIDE, n_layer=12), optimizer=True),
+    }
+    result = {name: cli_peak_rss(c.path, out / name) for name, c in made.items()}
+    sizes = {name: os.path.getsize(c.path) for name, c in made.items()}
+    print({k: f"{v / MiB:.0f} MiB peak, {sizes[k] / MiB:.0f} MiB file" for k, v in result.items()})
+    return result, sizes
+
+
+def test_checkpoints_are_large_next_to_their_largest_tensor(peaks):
+    _, sizes = peaks
+    assert sizes["12"] > 30 * LARGEST and sizes["24"] > 60 * LARGEST
+    assert sizes["12+adam"] > 4 * sizes["12"]  # optimizer state is three fp32 copies of bf16 weights
+
+
+def test_peak_bounded_by_largest_tensor(peaks):
+    rss, sizes = peaks
+    bound = rss["tiny"] + 4 * LARGEST + 48 * MiB
+    for name in ("12", "24", "12+adam"):
+        assert rss[name] < bound, f"{name}: peak {rss[name] / MiB:.0f} MiB > bound {bound / MiB:.0f} MiB"
+        assert rss[name] - rss["tiny"] < sizes["12"] / 3  # far from holding the model
+
+
+def test_peak_flat_in_layers_and_optimizer_state(peaks):
+    rss, _ = peaks
+    assert abs(rss["24"] - rss["12"]) < 0.1 * rss["12"]
+    assert rss["12+adam"] < 1.1 * rss["12"]
+
+
+def test_dry_run_predicts_working_memory(checkpoints):
+    import streamconv
+
+    c = checkpoints("mem_12", SyntheticModel(**WIDE, n_layer=12), optimizer=False)
+    result = streamconv.convert(c.path, "unused", dry_run=True, vocab_size=WIDE["vocab_size"])
+    assert result.working_memory == 2 * LARGEST  # the output buffer plus one read chunk, both one MLP weight
+    assert torch.bfloat16 == result.plan.tensors[0].dtype

@@ -16,6 +16,9 @@ def run_demo(save_path: str | None = None, *, device: str = "cpu", shard_size: s
              overwrite: bool = False, quiet: bool = False) -> int:
     """Returns 0 when the converted model's logits equal the source model's exactly, else 1."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     model = SyntheticModel(n_embd=128, n_layer=4, n_head=4, vocab_size=64000, n_positions=256)
     with tempfile.TemporaryDirectory(prefix="streamconv-demo-") as tmp:
@@ -38,7 +41,7 @@ def run_demo(save_path: str | None = None, *, device: str = "cpu", shard_size: s
     ok = diff == 0.0
     print(f"demo: logits of the converted model vs the source model on {tokens.numel()} tokens: "
           f"max abs diff {diff} -> {'OK' if ok else 'MISMATCH'}")
-    if save_path:
-        print(f"demo: the converted model is in {save_path}")
+    print(f"demo: the converted model is in {save_path}" if save_path
+          else "demo: the converted model was in a temporary folder; pass --save-path DIR to keep it")
     sys.stdout.flush()
     return 0 if ok else 1

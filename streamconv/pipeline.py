@@ -1,22 +1,33 @@
-"""The streaming executor: one output tensor at a time, read, arrange on the device, write, release.
+"""The streaming executor: read ahead, arrange, write behind, one output tensor at a time.
 
-Memory stays at one output-sized buffer (for tensors that need rearranging) plus one read chunk: each
-chunk of the source mapping is handed back (`Checkpoint.release`) as soon as it has been consumed.
-Tensors whose bytes pass through unchanged go from the mapping straight to the file.
+Three things overlap, each bounded:
+- reading: before a tensor is arranged, the kernel is asked to read the next tensor's source bytes
+  (MADV_WILLNEED); they land in the page cache, not in this process;
+- arranging: source rows, read in chunks of at most CHUNK_BYTES, are placed into one of BUFFERS
+  reusable output buffers sized for the largest tensor that needs rearranging; each chunk's pages are
+  handed back (`Checkpoint.release`) as soon as it has been consumed;
+- writing: a writer thread appends finished buffers, and the chunks of tensors that pass through
+  unchanged (straight from the mapping), to the shard files in plan order.
+So memory holds at most BUFFERS output buffers plus a couple of read chunks, whatever the model size.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 
+from streamconv.arrange import Arranger
 from streamconv.plan import Plan, TensorSpec
 from streamconv.safetensors_writer import ShardWriter
 from streamconv.sources import Checkpoint
 
 CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
+BUFFERS = 2  # output buffers: one being filled while the other is written
+WRITE_QUEUE = 4  # pending writes of pass-through chunks
 
 
 def passes_through(spec: TensorSpec, source_dtype: torch.dtype, device: torch.device) -> bool:
@@ -26,7 +37,7 @@ def passes_through(spec: TensorSpec, source_dtype: torch.dtype, device: torch.de
 
 
 def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: torch.device) -> int:
-    """Size of the one reusable output buffer: the largest tensor that must be rearranged or cast."""
+    """Size of each reusable output buffer: the largest tensor that must be rearranged or cast."""
     sizes = [
         t.nbytes
         for t in plan.tensors
@@ -36,9 +47,10 @@ def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: torch.device) -> in
 
 
 def working_memory(plan: Plan, checkpoint: Checkpoint, device: torch.device) -> int:
-    """Predicted resident bytes on top of the interpreter and torch: the buffer plus one read chunk."""
-    largest_source = max((t.nbytes for t in plan.tensors), default=0)
-    return buffer_bytes(plan, checkpoint, device) + min(CHUNK_BYTES, largest_source)
+    """Predicted resident bytes on top of the interpreter and torch: the output buffers, the chunk being
+    arranged and the chunk being written."""
+    largest = max((t.nbytes for t in plan.tensors), default=0)
+    return BUFFERS * buffer_bytes(plan, checkpoint, device) + 2 * min(CHUNK_BYTES, largest)
 
 
 def stream(
@@ -49,47 +61,131 @@ def stream(
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Write every shard of the plan into `directory`."""
-    host = torch.empty(buffer_bytes(plan, checkpoint, device), dtype=torch.uint8)
-    scratch = host if device.type == "cpu" else torch.empty_like(host, device=device)
-    for shard in plan.shards:
-        with ShardWriter(os.path.join(directory, shard.filename), shard) as writer:
+    size = buffer_bytes(plan, checkpoint, device)
+    free: queue.Queue[torch.Tensor] = queue.Queue()
+    for _ in range(BUFFERS if size else 0):
+        free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
+    scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
+    arranger = Arranger(device)
+    writes = _WriteBehind(WRITE_QUEUE)
+    specs = plan.tensors
+    opened: list[ShardWriter] = []
+    try:
+        checkpoint.prefetch(_source(specs[0], checkpoint)) if specs else None
+        index = 0
+        for shard in plan.shards:
+            writer = ShardWriter(os.path.join(directory, shard.filename), shard)
+            opened.append(writer)
             for spec in shard.tensors:
-                _move(spec, checkpoint, writer, device, host, scratch)
-                writer.finish_tensor(spec)
-                on_bytes(spec.nbytes)
+                index += 1
+                if index < len(specs):
+                    checkpoint.prefetch(_source(specs[index], checkpoint))
+                _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_bytes)
+            writes.put(writer.close)
+        writes.finish()
+    finally:
+        writes.stop()
+        arranger.close()
+        for writer in opened:  # after a failure; closing twice is harmless
+            writer.close()
 
 
-def _move(
-    spec: TensorSpec,
-    checkpoint: Checkpoint,
-    writer: ShardWriter,
-    device: torch.device,
-    host: torch.Tensor,
-    scratch: torch.Tensor,
-) -> None:
-    recipe = spec.recipe
-    source = checkpoint.tensors[recipe.source]
-    if recipe.rows is not None:
-        source = source[: recipe.rows]
+def _source(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor:
+    source = checkpoint.tensors[spec.recipe.source]
+    return source[: spec.recipe.rows] if spec.recipe.rows is not None else source
+
+
+def _chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    step = max(1, CHUNK_BYTES // max(1, view[0].numel() * view.element_size()))
+    for start in range(0, view.shape[0], step):
+        yield start, view[start : start + step]
+
+
+def _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_bytes) -> None:
+    source = _source(spec, checkpoint)
     if not source.is_contiguous():  # torch.save kept a strided view: read it whole
         source = source.contiguous()
-    arrangement = recipe.arrangement
+    arrangement = spec.recipe.arrangement
     view = source.view(arrangement.view)
-    step = max(1, CHUNK_BYTES // max(1, view[0].numel() * view.element_size()))
 
     if passes_through(spec, source.dtype, device):
-        for start in range(0, view.shape[0], step):
-            part = view[start : start + step]
-            writer.append(part)
-            checkpoint.release(part)
+        for _, part in _chunks(view):
+            writes.put(lambda part=part: (writer.append(part), checkpoint.release(part), on_bytes(part.nbytes)))
+        writes.put(lambda: writer.finish_tensor(spec))
         return
 
-    out = scratch[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
-    axis = arrangement.perm.index(0)  # where the source's first axis lands in the output
-    for start in range(0, view.shape[0], step):
-        part = view[start : start + step]
-        out.narrow(axis, start, part.shape[0]).copy_(part.to(device).permute(arrangement.perm))
+    host = writes.take(free)
+    target = host if scratch is None else scratch
+    out = target[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
+    for start, part in _chunks(view):
+        arranger.arrange(out, part, arrangement, start)
         checkpoint.release(part)
-    if device.type != "cpu":
+    if scratch is not None:
         host[: spec.nbytes].copy_(scratch[: spec.nbytes])
-    writer.append(host[: spec.nbytes])
+
+    def write() -> None:
+        writer.append(host[: spec.nbytes])
+        writer.finish_tensor(spec)
+        free.put(host)
+        on_bytes(spec.nbytes)
+
+    writes.put(write)
+
+
+class _WriteBehind:
+    """One thread running write jobs in order. A failure there stops the producer at its next call."""
+
+    def __init__(self, depth: int) -> None:
+        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="streamconv-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # surfaced in the producer's thread
+                    self._error = exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, job: Callable[[], object]) -> None:
+        while True:
+            self._check()
+            try:
+                self._jobs.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def take(self, free: queue.Queue[torch.Tensor]) -> torch.Tensor:
+        """A free output buffer, waiting for the writer to hand one back."""
+        while True:
+            self._check()
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def finish(self) -> None:
+        """Wait until every queued job has run; raise the writer's error if there was one."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._check()
+
+    def stop(self) -> None:
+        """Drop pending jobs and end the thread (after an error or an interrupt in the producer)."""
+        if not self._thread.is_alive():
+            return
+        self._error = self._error or RuntimeError("stopped")
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        self._jobs.put(None)
+        self._thread.join()

@@ -166,3 +166,24 @@ def test_failed_overwrite_keeps_the_old_folder(bf16_ckpt, tmp_path, monkeypatch)
     with pytest.raises(OSError):
         streamconv.convert(bf16_ckpt.path, out, vocab_size=1000, overwrite=True)
     assert os.listdir(tmp_path) == ["hf"] and os.listdir(out) == ["keep.txt"]
+
+
+def test_failure_while_arranging_stops_the_writer(bf16_ckpt, tmp_path, monkeypatch):
+    import threading
+
+    from streamconv.arrange import Arranger
+
+    real_arrange = Arranger.arrange
+    calls = []
+
+    def failing_arrange(self, out, part, arrangement, start):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("arranging failed")
+        real_arrange(self, out, part, arrangement, start)
+
+    monkeypatch.setattr(Arranger, "arrange", failing_arrange)
+    with pytest.raises(RuntimeError, match="arranging failed"):
+        streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
+    assert os.listdir(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("streamconv")]

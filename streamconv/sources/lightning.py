@@ -3,8 +3,8 @@
 The file is opened with `torch.load(mmap=True, weights_only=True)`: tensors are views into one private
 mapping of the whole file, so nothing is read until it is touched, and optimizer state is never touched.
 The pickle may only build the classes in `ALLOWED_GLOBALS` (torch's weights-only unpickler enforces it),
-so a checkpoint cannot run code. Pages of the mapping stay resident once touched; `release_pages` hands
-them back after a tensor has been consumed, which is what keeps memory bounded.
+so a checkpoint cannot run code. Pages of the mapping stay resident once touched; `Checkpoint.release`
+hands them back after a tensor has been consumed, which is what keeps memory bounded.
 """
 
 from __future__ import annotations
@@ -50,9 +50,17 @@ class Checkpoint:
 
     def release(self, tensor: torch.Tensor) -> None:
         """Hand back the pages behind a consumed source tensor (a view into this checkpoint's mapping)."""
+        if self._in_mapping(tensor):
+            _madvise(tensor, mmap.MADV_DONTNEED)
+
+    def prefetch(self, tensor: torch.Tensor) -> None:
+        """Ask the kernel to start reading a tensor's bytes into the page cache (returns at once)."""
+        if self._in_mapping(tensor):
+            _madvise(tensor, mmap.MADV_WILLNEED)
+
+    def _in_mapping(self, tensor: torch.Tensor) -> bool:
         start = tensor.data_ptr()
-        if self.mapped[0] <= start and start + tensor.nbytes <= self.mapped[1]:
-            release_pages(tensor)
+        return tensor.device.type == "cpu" and self.mapped[0] <= start and start + tensor.nbytes <= self.mapped[1]
 
     def hparam(self, key: str, default: Any = None) -> Any:
         """One hyper-parameter, with OmegaConf interpolations such as `${.encoder_seq_length}` resolved."""
@@ -113,18 +121,17 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages behind a consumed, contiguous, file-mapped CPU tensor.
+def _madvise(tensor: torch.Tensor, advice: int) -> None:
+    """madvise over the whole pages spanned by a contiguous tensor in the checkpoint's file mapping.
 
-    Only for memory mapped from a file: on anonymous memory MADV_DONTNEED would zero the data.
     The mapping is private and never written, so MADV_DONTNEED only forgets pages: touching them again
-    re-reads the file (from the page cache). The range is widened to whole pages; a neighbouring tensor
-    that shares an edge page just faults it back in.
+    re-reads the file (from the page cache). Never use it on anonymous memory, where it zeroes data.
+    Widening to whole pages is harmless: a neighbouring tensor sharing an edge page faults it back in.
     """
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
+    if tensor.numel() == 0:
         return
     start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    end = start + tensor.nbytes
     start &= ~(_PAGE - 1)
     end = (end + _PAGE - 1) & ~(_PAGE - 1)
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)

@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -175,13 +176,16 @@ def convert(
         )
 
     staging = _staging_folder(save_path)
+    background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-config")
     try:
-        _write_config(staging, config)
+        # Importing transformers for GPT2Config costs over a second: let it run while tensors stream.
+        config_written = background.submit(_write_config, staging, config)
         bar = _progress_bar(plan.total_size, enabled=progress)
         stream_started = time.perf_counter()
         stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
         result.stream_seconds = time.perf_counter() - stream_started
         bar.close()
+        config_written.result()
         if plan.is_sharded:
             with open(os.path.join(staging, INDEX_NAME), "w") as f:
                 json.dump(plan.index(), f, indent=2, sort_keys=True)
@@ -189,6 +193,7 @@ def convert(
         _fsync_dir(staging)
         _publish(staging, save_path)
     finally:
+        background.shutdown(wait=True)
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.perf_counter() - started
     result.peak_rss = peak_rss()
@@ -196,7 +201,7 @@ def convert(
 
 
 def _write_config(folder: str, config: dict) -> None:
-    from transformers import GPT2Config  # imported late: it costs a second of start-up
+    from transformers import GPT2Config
 
     GPT2Config(**config).to_json_file(os.path.join(folder, CONFIG_NAME))
 

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype; auto keeps the checkpoint's (default)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size; embedding rows past it are padding (default 64000)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, for checkpoints without hyper_parameters.cfg (overrides the cfg)")
     p.add_argument("--print-checkpoint-structure", action="store_true",
                    help="print every output tensor with its shape, dtype and source")
     p.add_argument("--dry-run", action="store_true",
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             dtype=args.dtype,
             vocab_size=args.vocab_size,
+            num_heads=args.num_heads,
             overwrite=args.overwrite,
             dry_run=args.dry_run,
             progress=not args.quiet,

@@ -109,13 +109,17 @@ def check_save_path(save_path: str, overwrite: bool) -> None:
         raise ConversionError(f"save path {save_path} is not empty; pass --overwrite to replace its contents")
 
 
-def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | None, vocab_size: int | None):
+def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | None, vocab_size: int | None,
+               num_heads: int | None = None) -> tuple[Plan, dict]:
     """Recipes checked against the checkpoint's tensors, output dtypes, the shard plan and the HF config."""
-    dims = gpt_sw3.read_dims(checkpoint.hparam, vocab_size)
-    embedding = checkpoint.tensors.get(gpt_sw3.EMBEDDING)
-    if embedding is None:
-        raise ConversionError(f"source tensor {gpt_sw3.EMBEDDING!r} is missing from the checkpoint's state_dict")
-    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=embedding.shape[0])
+    if checkpoint.hparams is None and num_heads is None:
+        raise ConversionError(
+            f"{checkpoint.path} has no 'hyper_parameters.cfg' entry; pass --num-heads N to convert it anyway "
+            "(the other sizes are read from the tensor shapes)"
+        )
+    shapes = {k: tuple(t.shape) for k, t in checkpoint.tensors.items()}
+    dims = gpt_sw3.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads)
+    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[gpt_sw3.EMBEDDING][0])
     for r in recipes:
         source = checkpoint.tensors.get(r.source)
         if source is None:
@@ -139,6 +143,7 @@ def convert(
     shard_size: str | int = "5GB",
     dtype: str | torch.dtype | None = None,
     vocab_size: int | None = None,
+    num_heads: int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
@@ -157,7 +162,7 @@ def convert(
     if not dry_run:
         check_save_path(save_path, overwrite)
     checkpoint = open_checkpoint(checkpoint_path)
-    plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size)
+    plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
     result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint, dev), dry_run)
     if before_write is not None:
         before_write(plan)

@@ -22,7 +22,8 @@ GPT_SW3_VOCAB_SIZE = 64000
 EMBEDDING = "model.language_model.embedding.word_embeddings.weight"
 POSITIONS = "model.language_model.embedding.position_embeddings.weight"
 FINAL_NORM = "model.language_model.encoder.final_layernorm"
-LAYER = "model.language_model.encoder.layers.{i}."
+LAYER_PREFIX = "model.language_model.encoder.layers."
+LAYER = LAYER_PREFIX + "{i}."
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,30 @@ def _transpose(rows: int, cols: int) -> Arrangement:
     return Arrangement("transpose", (rows, cols), (1, 0))
 
 
-def read_dims(hparam: Any, vocab_size: int | None) -> Dims:
-    """Model dimensions from the NeMo cfg (`hparam(key)` reads one resolved value)."""
+def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
+              num_heads: int | None = None) -> Dims:
+    """Model dimensions from the NeMo cfg (`hparam(key)` reads one resolved value), checked against the
+    tensor shapes. Without a cfg, every size but the head count is read from the shapes."""
+    if EMBEDDING not in shapes:
+        raise ConversionError(f"source tensor {EMBEDDING!r} is missing from the checkpoint's state_dict")
+    layer_ids = sorted({int(k[len(LAYER_PREFIX):].split(".")[0]) for k in shapes if k.startswith(LAYER_PREFIX)})
+    h_to_4h = shapes.get(LAYER.format(i=0) + "mlp.dense_h_to_4h.weight")
+    inferred = {
+        "hidden_size": shapes[EMBEDDING][1],
+        "num_layers": len(layer_ids),
+        "ffn_hidden_size": h_to_4h[0] if h_to_4h else None,
+        "encoder_seq_length": shapes[POSITIONS][0] if POSITIONS in shapes else None,
+        "num_attention_heads": num_heads,
+    }
     values = {}
-    for key in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "encoder_seq_length"):
-        value = hparam(key)
+    for key, guess in inferred.items():
+        value = num_heads if key == "num_attention_heads" and num_heads else hparam(key)
         if value is None:
+            value = guess
+        if value is None:
+            fix = "pass --num-heads N" if key == "num_attention_heads" else "fix the checkpoint's cfg"
             raise ConversionError(
-                f"hyper-parameter {key!r} is missing from the checkpoint's cfg; cannot size the model"
+                f"hyper-parameter {key!r} is not in the checkpoint's cfg and cannot be read from the tensors; {fix}"
             )
         values[key] = int(value)
     dims = Dims(
@@ -92,9 +109,16 @@ def read_dims(hparam: Any, vocab_size: int | None) -> Dims:
         positions=values["encoder_seq_length"],
         vocab=GPT_SW3_VOCAB_SIZE if vocab_size is None else int(vocab_size),
     )
-    if dims.hidden % dims.heads:
+    if dims.heads <= 0 or dims.hidden % dims.heads:
         raise ConversionError(
-            f"hidden_size {dims.hidden} is not divisible by num_attention_heads {dims.heads}; check the cfg"
+            f"hidden_size {dims.hidden} is not divisible by num_attention_heads {dims.heads}; check the cfg "
+            "or --num-heads"
+        )
+    if layer_ids != list(range(dims.layers)):
+        found = f"layers {layer_ids[0]}..{layer_ids[-1]}" if layer_ids else "no layers"
+        raise ConversionError(
+            f"the cfg says num_layers {dims.layers} but the state_dict holds {found} ({len(layer_ids)} in all); "
+            "is this one pipeline stage of a larger model?"
         )
     if dims.vocab <= 0:
         raise ConversionError(f"--vocab-size must be positive, got {dims.vocab}")

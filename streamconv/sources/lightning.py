@@ -1,21 +1,20 @@
 """PyTorch Lightning `.ckpt` files as NeMo-Megatron writes them.
 
-The file is opened with `torch.load(mmap=True, weights_only=True)`: tensors are views into one private
-mapping of the whole file, so nothing is read until it is touched, and optimizer state is never touched.
-The pickle may only build the classes in `ALLOWED_GLOBALS` (torch's weights-only unpickler enforces it),
-so a checkpoint cannot run code. Pages of the mapping stay resident once touched; `Checkpoint.release`
-hands them back after a tensor has been consumed, which is what keeps memory bounded.
+The file is opened with `torch.load(mmap=True)`: tensors are views into one private mapping of the whole
+file, so nothing is read until it is touched, and optimizer state is never touched. The pickle is read
+by `safe_pickle`, which builds only allow-listed classes and turns every other global into an inert
+placeholder, so a checkpoint cannot run code; placeholders inside `state_dict` or `hyper_parameters` are
+refused by name. Pages of the mapping stay resident once touched; `Checkpoint.release` hands them back
+after a tensor has been consumed, which is what keeps memory bounded.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import ctypes.util
 import mmap
 import os
 import pickle
-import typing
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,19 +23,11 @@ from typing import Any
 import torch
 
 from streamconv.errors import ConversionError
+from streamconv.sources import safe_pickle
 
-
-def _omegaconf_globals() -> list[Any]:
-    """The OmegaConf classes NeMo pickles into `hyper_parameters` (a DictConfig tree of AnyNodes)."""
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.base import ContainerMetadata, Metadata
-    from omegaconf.nodes import AnyNode
-
-    return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode]
-
-
-# Beyond torch's own tensor and storage rebuild functions: what a NeMo `.ckpt` really holds.
-_PLAIN_GLOBALS: list[Any] = [typing.Any, dict, list, int, collections.defaultdict]
+# torch.save(..., _use_new_zipfile_serialization=False): a pickle stream starting with torch's magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass
@@ -45,7 +36,7 @@ class Checkpoint:
 
     path: str
     tensors: Mapping[str, torch.Tensor]
-    hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict); read keys through `hparam`
+    hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict), None if absent; read through `hparam`
     mapped: tuple[int, int] = (0, 0)  # address range of the file mapping the tensors live in
 
     def release(self, tensor: torch.Tensor) -> None:
@@ -64,6 +55,8 @@ class Checkpoint:
 
     def hparam(self, key: str, default: Any = None) -> Any:
         """One hyper-parameter, with OmegaConf interpolations such as `${.encoder_seq_length}` resolved."""
+        if self.hparams is None:
+            return default
         try:
             return self.hparams.get(key, default)
         except Exception as exc:  # an interpolation that cannot be resolved
@@ -75,37 +68,27 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a Lightning `.ckpt` without reading any weights."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ConversionError(f"checkpoint not found: {path}; check --checkpoint-path")
-    if os.path.isdir(path):
-        raise ConversionError(f"checkpoint path is a directory: {path}; pass the .ckpt file inside it")
-    if not zipfile.is_zipfile(path):
-        raise ConversionError(
-            f"{path} is not a torch zip checkpoint (torch >= 1.6 format); "
-            "re-save it with torch.save(torch.load(path), new_path) in a trusted environment"
-        )
+    _check_container(path)
     try:
-        with torch.serialization.safe_globals(_omegaconf_globals() + _PLAIN_GLOBALS):
-            payload = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        payload = torch.load(path, mmap=True, weights_only=False, pickle_module=safe_pickle, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
+            TypeError, KeyError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(
-            f"{path} holds objects streamconv will not unpickle ({first_line}); "
-            "only tensors, containers and OmegaConf configs are allowed"
+            f"cannot read checkpoint {path}: it is damaged ({reason}); copy or download it again"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ConversionError(f"cannot read checkpoint {path}: {exc}; is the file complete?") from None
 
-    if not isinstance(payload, Mapping) or "state_dict" not in payload:
+    if not isinstance(payload, Mapping):
+        _refuse(path, "the checkpoint", payload)
+        raise ConversionError(f"{path} holds a {type(payload).__name__}, not a Lightning checkpoint dict")
+    if not isinstance(payload.get("state_dict"), Mapping):
         raise ConversionError(
             f"{path} has no 'state_dict' entry; expected a NeMo/Lightning .ckpt with state_dict and hyper_parameters"
         )
+    _refuse(path, "state_dict", payload["state_dict"])
     hparams = payload.get("hyper_parameters")
-    cfg = hparams.get("cfg") if isinstance(hparams, Mapping) or hasattr(hparams, "get") else None
-    if cfg is None:
-        raise ConversionError(
-            f"{path} has no 'hyper_parameters.cfg' entry; expected a NeMo/Lightning .ckpt saved with its model config"
-        )
+    _refuse(path, "hyper_parameters", hparams)
+    cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
     tensors = {k: v for k, v in payload["state_dict"].items() if isinstance(v, torch.Tensor)}
     storages = [t.untyped_storage() for t in tensors.values()]
     mapped = (
@@ -114,6 +97,42 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else (0, 0)
     )
     return Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped)
+
+
+def _check_container(path: str) -> None:
+    """Name the common ways a file is not a readable torch zip checkpoint, before unpickling anything."""
+    if not os.path.exists(path):
+        raise ConversionError(f"checkpoint not found: {path}; check --checkpoint-path")
+    if os.path.isdir(path):
+        raise ConversionError(f"checkpoint path is a directory: {path}; pass the .ckpt file inside it")
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if head.startswith(_LEGACY_MAGIC):
+        raise ConversionError(
+            f"{path} uses torch's legacy (pre-1.6) format, which cannot be memory-mapped; re-save it in a "
+            "trusted environment with torch.save(torch.load(path, weights_only=False), new_path)"
+        )
+    if not head.startswith(_ZIP_MAGIC):
+        raise ConversionError(f"{path} is not a torch checkpoint (no zip header); check --checkpoint-path")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise ConversionError(
+            f"{path} is truncated or damaged (its zip directory is unreadable); was the copy interrupted? "
+            "copy or download it again"
+        ) from None
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise ConversionError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
+
+
+def _refuse(path: str, entry: str, obj: Any) -> None:
+    name = safe_pickle.refused_global(obj)
+    if name is not None:
+        raise ConversionError(
+            f"{path}: {entry} contains a pickled reference to {name}, which streamconv refuses to load "
+            "(only tensors, containers and OmegaConf configs are allowed); do not trust this file"
+        )
 
 
 _PAGE = mmap.PAGESIZE

@@ -1,0 +1,133 @@
+"""A pickle module for `torch.load(pickle_module=...)` that never imports or calls anything off a list.
+
+A checkpoint's pickle names the globals it needs; a normal unpickler imports and calls them, which is
+how a checkpoint runs code. Here `find_class` answers from `ALLOWED` (what tensors, containers and
+NeMo's OmegaConf config are built from) and nothing else: every other global becomes an inert
+placeholder class that records its name and ignores whatever it is called with. Nothing is imported.
+
+Lightning checkpoints carry objects beside the weights (callbacks, loop state, optimizer wrappers) that
+may name other classes; as placeholders they load harmlessly and are never used. The reader then
+refuses a checkpoint whose `state_dict` or `hyper_parameters` holds a placeholder, naming the global.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import pickle
+import typing
+from typing import Any
+
+import torch
+
+
+def _omegaconf() -> dict[str, Any]:
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode
+
+    return {
+        "omegaconf.dictconfig.DictConfig": DictConfig,
+        "omegaconf.listconfig.ListConfig": ListConfig,
+        "omegaconf.base.ContainerMetadata": ContainerMetadata,
+        "omegaconf.base.Metadata": Metadata,
+        "omegaconf.nodes.AnyNode": AnyNode,
+    }
+
+
+def _allowed() -> dict[str, Any]:
+    """The allow-list. torch resolves storage classes (`torch.*Storage`) itself, before asking here."""
+    allowed: dict[str, Any] = {
+        # tensors, as torch.save writes them
+        "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor_v3": torch._utils._rebuild_tensor_v3,
+        "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        # containers and plain values
+        "collections.OrderedDict": collections.OrderedDict,
+        "collections.defaultdict": collections.defaultdict,
+        "typing.Any": typing.Any,
+        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, bool, str)},
+    }
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool):
+        allowed[str(dtype)] = dtype  # e.g. "torch.bfloat16"
+    allowed.update(_omegaconf())
+    return allowed
+
+
+ALLOWED: dict[str, Any] = {}
+
+
+class Placeholder:
+    """Stands in for a global that is not allowed: accepts any construction, does nothing."""
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<refused {self.global_name}>"
+
+
+def placeholder_class(name: str) -> type[Placeholder]:
+    return type("Refused", (Placeholder,), {"global_name": name})
+
+
+class Unpickler(pickle.Unpickler):
+    """`find_class` from the allow-list; anything else becomes a placeholder class (never imported)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not ALLOWED:
+            ALLOWED.update(_allowed())
+        # protocol 2 (torch.save's default) writes Python 2 names such as __builtin__.dict
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = ALLOWED.get(f"{module}.{name}")
+        return found if found is not None else placeholder_class(f"{module}.{name}")
+
+
+def load(*args: Any, **kwargs: Any) -> Any:  # torch.load checks the module has the pickle API
+    return Unpickler(*args, **kwargs).load()
+
+
+def refused_global(obj: Any) -> str | None:
+    """The name of the first placeholder found anywhere inside `obj` (containers and object state)."""
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, torch.Tensor | str | bytes | int | float | bool | type(None)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, Placeholder):
+            return item.global_name
+        if isinstance(item, type) and issubclass(item, Placeholder):
+            return item.global_name
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
+        state = getattr(item, "__dict__", None)
+        if isinstance(state, dict) and not isinstance(item, type):
+            stack.extend(state.values())
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -59,19 +60,28 @@ class SyntheticCheckpoint:
 
 def random_gpt2_state_dict(model: SyntheticModel, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """GPT-2 (Conv1D layout) weights: normal(0, 0.02) matrices, layer-norm weights near 1, small biases."""
+    sd: dict[str, torch.Tensor] = {}
+    for group in random_gpt2_groups(model, dtype, seed):
+        sd.update(group)
+    return sd
+
+
+def random_gpt2_groups(model: SyntheticModel, dtype: torch.dtype, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """The same weights as `random_gpt2_state_dict`, drawn in the same order, one group at a time
+    (embeddings, each layer, the final norm), so a large model never needs two copies in memory."""
     gen = torch.Generator().manual_seed(seed)
     h, f = model.n_embd, model.ffn
 
     def normal(*shape: int, mean: float = 0.0, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * std + mean).to(dtype)
 
-    sd = {
+    yield {
         "transformer.wte.weight": normal(model.vocab_size, h),
         "transformer.wpe.weight": normal(model.n_positions, h, std=0.01),
     }
     for i in range(model.n_layer):
         p = f"transformer.h.{i}."
-        sd.update({
+        yield {
             p + "ln_1.weight": normal(h, mean=1.0, std=0.1),
             p + "ln_1.bias": normal(h),
             p + "attn.c_attn.weight": normal(h, 3 * h),
@@ -84,45 +94,71 @@ def random_gpt2_state_dict(model: SyntheticModel, dtype: torch.dtype, seed: int 
             p + "mlp.c_fc.bias": normal(f),
             p + "mlp.c_proj.weight": normal(f, h),
             p + "mlp.c_proj.bias": normal(h),
-        })
-    sd["transformer.ln_f.weight"] = normal(h, mean=1.0, std=0.1)
-    sd["transformer.ln_f.bias"] = normal(h)
-    return sd
+        }
+    yield {
+        "transformer.ln_f.weight": normal(h, mean=1.0, std=0.1),
+        "transformer.ln_f.bias": normal(h),
+    }
 
 
 def to_nemo_state_dict(sd: dict[str, torch.Tensor], model: SyntheticModel, seed: int = 1) -> OrderedDict:
     """GPT-2 layout -> NeMo-Megatron layout: un-transpose, regroup QKV rows as (heads, 3, head_dim), pad vocab."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    out.update(_nemo_embeddings(sd, model, seed))
+    for i in range(model.n_layer):
+        out.update(_nemo_layer(sd, model, i))
+    out.update(_nemo_final(sd))
+    return out
+
+
+def _nemo_embeddings(sd: dict[str, torch.Tensor], model: SyntheticModel, seed: int) -> dict[str, torch.Tensor]:
+    wte = sd["transformer.wte.weight"]
+    padding = torch.randn(model.padded_vocab - model.vocab_size, model.n_embd,
+                          generator=torch.Generator().manual_seed(seed)).to(wte.dtype)
+    return {
+        PREFIX + "embedding.word_embeddings.weight": torch.cat([wte, padding]),
+        PREFIX + "embedding.position_embeddings.weight": sd["transformer.wpe.weight"].clone(),
+    }
+
+
+def _nemo_layer(sd: dict[str, torch.Tensor], model: SyntheticModel, i: int) -> dict[str, torch.Tensor]:
     h, heads = model.n_embd, model.n_head
     hd = h // heads
-    wte = sd["transformer.wte.weight"]
-    padding = torch.randn(model.padded_vocab - model.vocab_size, h,
-                          generator=torch.Generator().manual_seed(seed)).to(wte.dtype)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    out[PREFIX + "embedding.word_embeddings.weight"] = torch.cat([wte, padding])
-    out[PREFIX + "embedding.position_embeddings.weight"] = sd["transformer.wpe.weight"].clone()
-    for i in range(model.n_layer):
-        src, dst = f"transformer.h.{i}.", f"{PREFIX}encoder.layers.{i}."
-        qkv_w = sd[src + "attn.c_attn.weight"].t()  # [3h, h], rows (3, heads, hd)
-        qkv_b = sd[src + "attn.c_attn.bias"]
-        out[dst + "input_layernorm.weight"] = sd[src + "ln_1.weight"].clone()
-        out[dst + "input_layernorm.bias"] = sd[src + "ln_1.bias"].clone()
-        out[dst + "self_attention.query_key_value.weight"] = (
+    src, dst = f"transformer.h.{i}.", f"{PREFIX}encoder.layers.{i}."
+    qkv_w = sd[src + "attn.c_attn.weight"].t()  # [3h, h], rows (3, heads, hd)
+    qkv_b = sd[src + "attn.c_attn.bias"]
+    return {
+        dst + "input_layernorm.weight": sd[src + "ln_1.weight"].clone(),
+        dst + "input_layernorm.bias": sd[src + "ln_1.bias"].clone(),
+        dst + "self_attention.query_key_value.weight": (
             qkv_w.reshape(3, heads, hd, h).transpose(0, 1).reshape(3 * h, h).clone()
-        )
-        out[dst + "self_attention.query_key_value.bias"] = (
+        ),
+        dst + "self_attention.query_key_value.bias": (
             qkv_b.reshape(3, heads, hd).transpose(0, 1).reshape(3 * h).clone()
-        )
-        out[dst + "self_attention.dense.weight"] = sd[src + "attn.c_proj.weight"].t().contiguous()
-        out[dst + "self_attention.dense.bias"] = sd[src + "attn.c_proj.bias"].clone()
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "ln_2.weight"].clone()
-        out[dst + "post_attention_layernorm.bias"] = sd[src + "ln_2.bias"].clone()
-        out[dst + "mlp.dense_h_to_4h.weight"] = sd[src + "mlp.c_fc.weight"].t().contiguous()
-        out[dst + "mlp.dense_h_to_4h.bias"] = sd[src + "mlp.c_fc.bias"].clone()
-        out[dst + "mlp.dense_4h_to_h.weight"] = sd[src + "mlp.c_proj.weight"].t().contiguous()
-        out[dst + "mlp.dense_4h_to_h.bias"] = sd[src + "mlp.c_proj.bias"].clone()
-    out[PREFIX + "encoder.final_layernorm.weight"] = sd["transformer.ln_f.weight"].clone()
-    out[PREFIX + "encoder.final_layernorm.bias"] = sd["transformer.ln_f.bias"].clone()
-    return out
+        ),
+        dst + "self_attention.dense.weight": sd[src + "attn.c_proj.weight"].t().contiguous(),
+        dst + "self_attention.dense.bias": sd[src + "attn.c_proj.bias"].clone(),
+        dst + "post_attention_layernorm.weight": sd[src + "ln_2.weight"].clone(),
+        dst + "post_attention_layernorm.bias": sd[src + "ln_2.bias"].clone(),
+        dst + "mlp.dense_h_to_4h.weight": sd[src + "mlp.c_fc.weight"].t().contiguous(),
+        dst + "mlp.dense_h_to_4h.bias": sd[src + "mlp.c_fc.bias"].clone(),
+        dst + "mlp.dense_4h_to_h.weight": sd[src + "mlp.c_proj.weight"].t().contiguous(),
+        dst + "mlp.dense_4h_to_h.bias": sd[src + "mlp.c_proj.bias"].clone(),
+    }
+
+
+def _nemo_final(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        PREFIX + "encoder.final_layernorm.weight": sd["transformer.ln_f.weight"].clone(),
+        PREFIX + "encoder.final_layernorm.bias": sd["transformer.ln_f.bias"].clone(),
+    }
+
+
+def nemo_weight_bytes(model: SyntheticModel, itemsize: int = 2) -> int:
+    """Bytes of the checkpoint's `state_dict` (vocabulary padded), without building it: benchmarks divide by it."""
+    h, f = model.n_embd, model.ffn
+    layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (f * h + f) + (h * f + h)
+    return itemsize * (model.padded_vocab * h + model.n_positions * h + model.n_layer * layer + 2 * h)
 
 
 def nemo_config(model: SyntheticModel, precision: str):
@@ -162,20 +198,30 @@ def nemo_config(model: SyntheticModel, precision: str):
     return OmegaConf.create({"cfg": cfg})
 
 
-def adam_state(weights: OrderedDict) -> dict:
-    """fp32 Adam moments plus fp32 master weights, as NeMo's mixed-precision optimizer wrapper saves them."""
+def adam_state(weights: OrderedDict, zeros_file: str | None = None) -> dict:
+    """fp32 Adam moments plus fp32 master weights, as NeMo's mixed-precision optimizer wrapper saves them.
+
+    With `zeros_file` (a sparse file at least as large as the largest fp32 parameter) every optimizer tensor
+    is a private mapping of it, all zeros: the saved file has the real layout and size, but building it costs
+    page cache instead of six bytes of RAM per parameter (a 2.6 GB bf16 model carries 16 GB of such state).
+    """
     params = list(weights.values())
+
+    def fp32(p: torch.Tensor, fill: float) -> torch.Tensor:
+        if zeros_file is None:
+            return torch.full(p.shape, fill) if fill else torch.zeros(p.shape)
+        return torch.from_file(zeros_file, shared=False, size=p.numel(), dtype=torch.float32).view(p.shape)
+
     return {
         "optimizer": {
             "state": {
-                i: {"exp_avg": torch.zeros(p.shape), "exp_avg_sq": torch.full(p.shape, 1e-8),
-                    "step": torch.tensor(100.0)}
+                i: {"exp_avg": fp32(p, 0.0), "exp_avg_sq": fp32(p, 1e-8), "step": torch.tensor(100.0)}
                 for i, p in enumerate(params)
             },
             "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1,
                               "params": list(range(len(params)))}],
         },
-        "fp32_from_fp16_params": [[p.float() for p in params]],
+        "fp32_from_fp16_params": [[p.float() if zeros_file is None else fp32(p, 0.0) for p in params]],
     }
 
 
@@ -186,13 +232,36 @@ def make_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     optimizer: bool = True,
     seed: int = 0,
+    keep_hf: bool = True,
 ) -> SyntheticCheckpoint:
-    """Write a NeMo-style Lightning `.ckpt` for `model` and return it with the GPT-2 weights it encodes."""
+    """Write a NeMo-style Lightning `.ckpt` for `model` and return it with the GPT-2 weights it encodes.
+
+    `keep_hf=False` is the memory-lean path for benchmark-sized models: the same weights are built one layer
+    at a time without keeping the GPT-2 copy (the result's `hf_state_dict` is empty), and optimizer state is
+    zeros mapped from a sparse scratch file, so RAM holds the NeMo weights once plus one layer.
+    """
     from omegaconf import DictConfig
 
     model = model or SyntheticModel()
-    hf = random_gpt2_state_dict(model, dtype, seed)
-    weights = to_nemo_state_dict(hf, model, seed + 1)
+    zeros_file = None
+    if keep_hf:
+        hf = random_gpt2_state_dict(model, dtype, seed)
+        weights = to_nemo_state_dict(hf, model, seed + 1)
+    else:
+        hf = {}
+        weights = OrderedDict()
+        for i, group in enumerate(random_gpt2_groups(model, dtype, seed)):
+            if i == 0:
+                weights.update(_nemo_embeddings(group, model, seed + 1))
+            elif i <= model.n_layer:
+                weights.update(_nemo_layer(group, model, i - 1))
+            else:
+                weights.update(_nemo_final(group))
+            del group
+        if optimizer:
+            zeros_file = f"{os.fspath(path)}.zeros"
+            with open(zeros_file, "wb") as f:
+                f.truncate(4 * max(p.numel() for p in weights.values()))
     precision = {torch.bfloat16: "bf16", torch.float16: 16, torch.float32: 32}[dtype]
     checkpoint = {
         "epoch": 0,
@@ -202,7 +271,7 @@ def make_checkpoint(
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1, "completed": 0}}}},
         "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
             "best_model_score": torch.tensor(2.42), "best_model_path": "", "kth_best_model_path": ""}},
-        "optimizer_states": [adam_state(weights)] if optimizer else [],
+        "optimizer_states": [adam_state(weights, zeros_file)] if optimizer else [],
         "lr_schedulers": [{"base_lrs": [1e-4], "last_epoch": 100, "_step_count": 101}],
         "NativeMixedPrecisionPlugin": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 1000, "_growth_tracker": 0},
@@ -210,27 +279,83 @@ def make_checkpoint(
         "hyper_parameters": nemo_config(model, precision),
         "hparams_type": DictConfig,
     }
-    torch.save(checkpoint, path)
+    try:
+        torch.save(checkpoint, path)
+    finally:
+        if zeros_file is not None:
+            os.remove(zeros_file)
     return SyntheticCheckpoint(os.fspath(path), model, hf)
 
 
-# Runs a command and prints its peak RSS. Linux starts a child's ru_maxrss at its parent's RSS at fork
-# (the hiwater mark survives exec), so measuring from a large parent (pytest holding test models) would
-# report the parent. This launcher is a small Python with no torch: the command's own peak dominates.
-_LAUNCHER = (
-    "import resource, subprocess, sys\n"
-    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
-    "sys.exit(code)\n"
-)
+# Runs a command, samples the resident memory of its process tree every INTERVAL seconds (psutil: RSS, and
+# RSS minus file-backed and shared pages, i.e. RssAnon) and prints one JSON line: wall seconds, ru_maxrss,
+# the samples, the exit code. Linux starts a child's ru_maxrss at its parent's RSS at fork (the hiwater mark
+# survives exec), so measuring from a large parent (pytest holding test models, a benchmark that built a
+# checkpoint) would report the parent. This launcher is a small Python with no torch: the command's own
+# peak dominates.
+_LAUNCHER = """import json, resource, subprocess, sys, threading, time
+interval, command = float(sys.argv[1]), sys.argv[2:]
+samples, done = [], threading.Event()
+start = time.perf_counter()
+proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+import psutil  # after the fork: the child's ru_maxrss starts at this process's RSS
+def sample():
+    root = psutil.Process(proc.pid)
+    while not done.is_set():
+        rss = anon = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                m = p.memory_info()
+            except psutil.Error:
+                continue
+            rss, anon = rss + m.rss, anon + m.rss - m.shared
+        samples.append((round(time.perf_counter() - start, 4), rss, anon))
+        done.wait(interval)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+code = proc.wait()
+wall = time.perf_counter() - start
+done.set()
+sampler.join()
+maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"wall": wall, "peak_rss": maxrss, "returncode": code, "timeline": samples}))
+"""
+
+
+@dataclass
+class Measurement:
+    """One child process's run: wall seconds, peak RSS (ru_maxrss), peak sampled RssAnon and the samples."""
+
+    wall: float
+    peak_rss: int
+    peak_anon: int
+    timeline: list[tuple[float, int, int]]  # (seconds since start, RSS bytes, anonymous RSS bytes)
+    returncode: int
+    stderr: str
+
+
+def measure(command: list[str], interval: float = 0.05, check: bool = True) -> Measurement:
+    """Run `command` (stdout discarded) through the launcher above; raise if it fails and `check`."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(interval), *map(str, command)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"launcher for {command} exited with {proc.returncode}: {proc.stderr.strip()}")
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    if check and record["returncode"] != 0:
+        raise RuntimeError(f"{command} exited with {record['returncode']}: {proc.stderr.strip()}")
+    timeline = [tuple(s) for s in record["timeline"]]
+    return Measurement(record["wall"], record["peak_rss"], max((s[2] for s in timeline), default=0), timeline,
+                       record["returncode"], proc.stderr)
 
 
 def peak_rss_of(command: list[str]) -> int:
     """Run `command` (stdout discarded) and return its peak resident set in bytes; raise if it fails."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *map(str, command)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{command} exited with {proc.returncode}: {proc.stderr.strip()}")
-    return int(proc.stdout.strip().splitlines()[-1])
+    return measure(command).peak_rss

@@ -1,0 +1,234 @@
+"""`python -m benchmarks`: streamconv against `cp` + fsync and the naive in-RAM converter; see benchmarks/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import psutil
+
+from benchmarks import harness
+from benchmarks.workloads import PROFILES, TINY, default_cache, ensure_checkpoint, largest_rearranged, weight_bytes
+
+MiB = 2**20
+# --ci: streamconv's peak RSS may exceed the Python/torch baseline (a tiny conversion, measured in the same run)
+# by this many of the largest rearranged tensors plus slack: the bound tests/test_memory.py checks. Its working
+# memory is two output buffers and two 64 MiB read chunks (streamconv.pipeline.working_memory).
+RSS_TENSORS, RSS_SLACK = 4, 64 * MiB
+# --ci: streamconv may take this many times as long as `cp` + fsync of the same file, pair by pair. Loose on
+# purpose: copy timings on this project's virtual disk vary 2-3x from run to run (0.9 to 2.5 s for the small
+# profile), and on the small profile streamconv's fixed start-up (Python, torch, transformers: about 3 s of its
+# 5-6 s) weighs as much as its streaming, so per-round ratios of 3 to 7.3 were measured on one healthy run.
+# 12x catches a gross regression (streaming several times slower, or memory thrashing), not a small one:
+# track those with `--compare` on the medium profile.
+CI_RATIO_CEILING = 12.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="medium",
+                   help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB (default medium)")
+    p.add_argument("--layers", type=int, help="override the profile's layer count")
+    p.add_argument("--optimizer", action="store_true", help="checkpoint carries fp32 Adam state (7x the file)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
+    p.add_argument("--contenders", default="copy,naive,streamconv",
+                   help="comma-separated subset of copy, naive, streamconv (default all; streamconv also runs "
+                        "on cuda when torch sees a GPU)")
+    p.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
+                   help="cold: sync and drop the page cache before every run (needs root; falls back to warm)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help=f"where checkpoints are generated and reused (default ${'{'}STREAMCONV_BENCH_CACHE{'}'} "
+                        "or ~/.cache/streamconv-bench); conversions write their scratch output there too")
+    p.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of JSON records and plots")
+    p.add_argument("--compare", nargs="?", const="previous", metavar="RECORD",
+                   help="print the change against RECORD (default: the previous record of the same workload)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--ci", action="store_true",
+                   help="small profile; fail when streamconv's peak RSS or its time against copy exceed budgets")
+    p.add_argument("--scaling", metavar="L1,L2",
+                   help="run copy and streamconv on the profile at two layer counts; check RSS flat, time linear")
+    args = p.parse_args(argv)
+    if args.ci:
+        args.profile = "small"
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cache = args.cache or default_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = cache / "scratch"
+    cold = args.page_cache == "cold"
+    if cold and not harness.drop_page_cache():
+        print("cannot drop the page cache (needs root): runs are warm")
+        cold = False
+    profile = PROFILES[args.profile]
+    meta = {
+        "started": harness.now(), "profile": profile.name, "optimizer": args.optimizer,
+        "page_cache": "cold" if cold else "warm", "rounds": args.rounds,
+        "machine": harness.machine(cache), "torch": _torch_version(), "git": harness.git_state(),
+        "load_average_at_start": os.getloadavg(),  # other work on the machine skews every figure
+    }
+    if args.scaling:
+        return scaling(args, profile, cache, scratch, cold, meta)
+
+    src = ensure_checkpoint(profile, cache, args.layers, args.optimizer)
+    model = profile.model(args.layers)
+    nbytes = weight_bytes(model)
+    names = [n.strip() for n in args.contenders.split(",")]
+    skipped = {}
+    available = psutil.virtual_memory().available
+    if "naive" in names and os.path.getsize(src) > 0.8 * available:
+        skipped["naive"] = (f"would load {os.path.getsize(src) / 1e9:.1f} GB into RAM, "
+                            f"{available / 1e9:.1f} GB available")
+        names.remove("naive")
+    chosen = harness.contenders(model.vocab_size, _devices(), names)
+    meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": os.path.getsize(src),
+                 "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model), "skipped": skipped})
+    for name, why in skipped.items():
+        print(f"{name} skipped: {why}")
+    print(f"{profile.name}: {model.n_layer} layers, {nbytes / 1e9:.2f} GB of weights, file "
+          f"{meta['file_bytes'] / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
+
+    ci = ci_baseline(cache, scratch, cold, model) if args.ci else None
+    runs = harness.run_rounds([(c.name, c, src, nbytes) for c in chosen], scratch, args.rounds, cold)
+    record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
+    failures = []
+    if ci is not None:
+        failures = ci_failures(record, ci)
+        record["ci"] = {**ci, "failures": failures}
+    path = harness.write_record(record, args.results)
+
+    print()
+    print(harness.table(record))
+    print(f"\nrecord: {path}")
+    if not args.no_plots:
+        for plot in _plots(record, path):
+            print(f"plot: {plot}")
+    _print_comparison(args.compare, args.results, record, path)
+    if failures:
+        print("\nbenchmark CI FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    if ci is not None:
+        print(f"\nbenchmark CI passed: streamconv peak RSS {record['summary']['streamconv']['peak_rss_max'] / 1e9:.3f}"
+              f" GB <= budget {ci['rss_budget'] / 1e9:.3f} GB; streamconv/copy "
+              f"{record['ratios']['streamconv/copy']['wall']:.2f} <= {CI_RATIO_CEILING}")
+    return 0
+
+
+def ci_baseline(cache: Path, scratch: Path, cold: bool, model) -> dict:
+    """The memory budget: a tiny conversion's peak RSS (interpreter, torch, imports) + the largest tensor's share."""
+    tiny = ensure_checkpoint(TINY, cache)
+    streamconv = harness.contenders(TINY.vocab_size, ["cpu"], ["streamconv"])[0]
+    baseline = min(harness.run_once(streamconv, tiny, scratch, 1, cold)["peak_rss"] for _ in range(2))
+    largest = largest_rearranged(model)
+    budget = baseline + RSS_TENSORS * largest + RSS_SLACK
+    print(f"CI budget: peak RSS <= {baseline / 1e9:.3f} GB baseline + {RSS_TENSORS} x {largest / 1e9:.3f} GB "
+          f"largest rearranged tensor + {RSS_SLACK // MiB} MiB = {budget / 1e9:.3f} GB; "
+          f"streamconv/copy <= {CI_RATIO_CEILING}", flush=True)
+    return {"baseline_rss": baseline, "rss_budget": budget, "ratio_ceiling": CI_RATIO_CEILING}
+
+
+def ci_failures(record: dict, ci: dict) -> list[str]:
+    """Human-readable reasons the CI benchmark fails; empty when it passes."""
+    failures = []
+    peak = record["summary"]["streamconv"]["peak_rss_max"]
+    if peak > ci["rss_budget"]:
+        failures.append(
+            f"streamconv peak RSS {peak / 1e9:.3f} GB exceeds the budget {ci['rss_budget'] / 1e9:.3f} GB "
+            f"(baseline {ci['baseline_rss'] / 1e9:.3f} GB + {RSS_TENSORS} x largest rearranged tensor "
+            f"{record['largest_rearranged_bytes'] / 1e9:.3f} GB + {RSS_SLACK // MiB} MiB): memory is no longer "
+            "bounded by the largest tensor")
+    ratio = record["ratios"].get("streamconv/copy", {}).get("wall")
+    if ratio is not None and ratio > ci["ratio_ceiling"]:
+        per_round = ", ".join(f"{x:.2f}" for x in record["ratios"]["streamconv/copy"]["per_round"])
+        failures.append(f"streamconv/copy wall-time ratio {ratio:.2f} exceeds the ceiling {ci['ratio_ceiling']} "
+                        f"(per round: {per_round}): streamconv got slower against the I/O floor")
+    return failures
+
+
+def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold: bool, meta: dict) -> int:
+    """Same profile at two layer counts: peak RSS must stay flat, time grow at most linearly with bytes."""
+    try:
+        small, big = sorted(int(x) for x in args.scaling.split(","))
+    except ValueError:
+        raise SystemExit("--scaling takes two layer counts, e.g. --scaling 1,4") from None
+    jobs, sizes = [], {}
+    for layers in (small, big):
+        src = ensure_checkpoint(profile, cache, layers, args.optimizer)
+        sizes[layers] = weight_bytes(profile.model(layers))
+        for c in harness.contenders(profile.vocab_size, ["cpu"], ["copy", "streamconv"]):
+            jobs.append((f"{c.name}@L{layers}", c, src, sizes[layers]))
+    print(f"scaling {profile.name}: {small} vs {big} layers ({sizes[small] / 1e9:.2f} vs {sizes[big] / 1e9:.2f} GB), "
+          f"{args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold)
+    record = harness.make_record({**meta, "mode": "scaling", "layers": f"{small},{big}",
+                                  "weight_bytes": {str(small): sizes[small], str(big): sizes[big]}}, runs)
+    lines, ok = scaling_verdict(record["summary"][f"streamconv@L{small}"], record["summary"][f"streamconv@L{big}"],
+                                sizes[small], sizes[big])
+    record["scaling"] = {"ok": ok, "report": lines}
+    path = harness.write_record(record, args.results)
+    print()
+    print(harness.table(record))
+    print("\n" + "\n".join(lines))
+    print(f"\nrecord: {path}")
+    return 0 if ok else 1
+
+
+def scaling_verdict(small: dict, big: dict, small_bytes: int, big_bytes: int,
+                    rss_tolerance: float = 0.10, time_tolerance: float = 0.10) -> tuple[list[str], bool]:
+    """Compare two sizes' medians: RSS growth within `rss_tolerance`, time ratio no worse than the byte ratio."""
+    rss_growth = big["peak_rss"] / small["peak_rss"] - 1
+    byte_ratio, time_ratio = big_bytes / small_bytes, big["wall"] / small["wall"]
+    per_gb = (big["wall"] - small["wall"]) / ((big_bytes - small_bytes) / 1e9)
+    fixed = small["wall"] - small_bytes / 1e9 * per_gb
+    rss_ok = rss_growth <= rss_tolerance
+    time_ok = time_ratio <= byte_ratio * (1 + time_tolerance)
+    lines = [
+        f"peak RSS {small['peak_rss'] / 1e9:.3f} -> {big['peak_rss'] / 1e9:.3f} GB ({rss_growth * 100:+.1f}%) for "
+        f"{byte_ratio:.2f}x the bytes: {'flat' if rss_ok else 'NOT flat'} (tolerance {rss_tolerance * 100:.0f}%)",
+        f"wall {small['wall']:.2f} -> {big['wall']:.2f} s ({time_ratio:.2f}x): {per_gb:.2f} s per extra GB, "
+        f"{fixed:.2f} s fixed; {'linear' if time_ok else 'WORSE than linear'} "
+        f"(time ratio <= byte ratio {byte_ratio:.2f} x {1 + time_tolerance:.2f})",
+    ]
+    return lines, rss_ok and time_ok
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _torch_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def _plots(record: dict, path: Path) -> list[Path]:
+    from benchmarks.plots import plot
+
+    return plot(record, path.with_suffix(""))
+
+
+def _print_comparison(compare: str | None, results: Path, record: dict, path: Path) -> None:
+    if compare is None:
+        return
+    import json
+
+    old = harness.previous_record(results, record, exclude=path) if compare == "previous" else \
+        json.loads(Path(compare).read_text())
+    print()
+    print("\n".join(harness.compare(old, record)) if old else "no previous record of this workload to compare with")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

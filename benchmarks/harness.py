@@ -1,0 +1,239 @@
+"""Run contenders as child processes in interleaved rounds, summarise, record, compare.
+
+Each run goes through `streamconv.testing.measure`: a small launcher process starts the contender, samples
+its RSS every 50 ms and reports the child's own ru_maxrss (a child forked from this process, which may hold
+torch and a freshly generated checkpoint, would start its ru_maxrss at our RSS).
+The pure parts (medians, pair-by-pair ratios, the record, the comparison, the table) are unit-tested.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from streamconv.testing import measure
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+NAIVE = Path(__file__).resolve().parent / "naive.py"
+STREAMCONV = "streamconv"  # contenders whose name starts with this are measured against the others
+BASELINES = ("copy", "naive")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    argv: Callable[[Path, Path], list[str]]  # (checkpoint, output path) -> command
+
+
+def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None) -> list[Contender]:
+    """copy (the I/O floor), naive (the reference, in RAM), streamconv on each device; in run order."""
+    py = sys.executable
+    made = [
+        Contender("copy", lambda src, dst: ["sh", "-c", 'cp -- "$0" "$1" && sync -- "$1"', str(src), str(dst)]),
+        Contender("naive", lambda src, dst: [py, str(NAIVE), str(src), str(dst), "--vocab-size", str(vocab_size)]),
+    ]
+    for device in devices:
+        name = STREAMCONV if device == "cpu" else f"{STREAMCONV}-{device}"
+        made.append(Contender(name, lambda src, dst, device=device: [
+            py, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path", str(dst), "--quiet",
+            "--vocab-size", str(vocab_size), "--device", device]))
+    return [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
+
+
+def drop_page_cache() -> bool:
+    """Write back dirty pages and drop the page cache (root only); False when the kernel refuses."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, cold: bool) -> dict:
+    """One measured run; its output is deleted afterwards. Exits with the child's stderr if it fails."""
+    dst = scratch / contender.name
+    remove(dst)
+    if cold:
+        drop_page_cache()
+    m = measure(contender.argv(src, dst), check=False)
+    remove(dst)
+    if m.returncode != 0:
+        raise SystemExit(f"{contender.name} failed (exit {m.returncode}):\n{m.stderr.strip()}")
+    return {"wall": m.wall, "throughput": weight_bytes / m.wall, "peak_rss": m.peak_rss,
+            "peak_anon": m.peak_anon, "timeline": m.timeline}
+
+
+def run_rounds(jobs: list[tuple[str, Contender, Path, int]], scratch: Path, rounds: int, cold: bool) -> dict:
+    """Interleave the jobs (key, contender, checkpoint, weight bytes) A B C A B C ...; runs by key, in order."""
+    runs: dict[str, list[dict]] = {key: [] for key, *_ in jobs}
+    scratch.mkdir(parents=True, exist_ok=True)
+    for r in range(rounds):
+        for key, contender, src, nbytes in jobs:
+            run = run_once(contender, src, scratch, nbytes, cold)
+            runs[key].append(run)
+            print(f"  round {r + 1}/{rounds} {key:<16} {run['wall']:7.2f} s  {run['throughput'] / 1e9:5.2f} GB/s  "
+                  f"peak RSS {run['peak_rss'] / 1e9:6.3f} GB", flush=True)
+    return runs
+
+
+# ---- pure parts ------------------------------------------------------------------------------------------
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians (and spread) of one contender's runs."""
+    walls = [r["wall"] for r in runs]
+    return {
+        "wall": median(walls), "wall_min": min(walls), "wall_max": max(walls),
+        "throughput": median([r["throughput"] for r in runs]),
+        "peak_rss": median([r["peak_rss"] for r in runs]), "peak_rss_max": max(r["peak_rss"] for r in runs),
+        "peak_anon": median([r["peak_anon"] for r in runs]),
+    }
+
+
+def pair_ratios(num: list[dict], den: list[dict], key: str = "wall") -> list[float]:
+    """num/den round by round: runs of the same round ran back to back, so machine drift mostly cancels."""
+    return [a[key] / b[key] for a, b in zip(num, den, strict=True) if b[key]]
+
+
+def ratios(runs: dict[str, list[dict]]) -> dict:
+    """`streamconv*/copy` and `streamconv*/naive`: medians of the per-round ratios of wall time and peak RSS."""
+    out = {}
+    for num in (k for k in runs if k.startswith(STREAMCONV)):
+        for den in (k for k in BASELINES if k in runs):
+            per_round = pair_ratios(runs[num], runs[den])
+            out[f"{num}/{den}"] = {"wall": median(per_round), "per_round": per_round,
+                                   "peak_rss": median(pair_ratios(runs[num], runs[den], "peak_rss"))}
+    return out
+
+
+def make_record(meta: dict, runs: dict[str, list[dict]]) -> dict:
+    """The JSON record of one benchmark run: what ran where, every run's figures, medians and ratios."""
+    return {**meta, "runs": runs, "summary": {k: summarize(v) for k, v in runs.items()}, "ratios": ratios(runs)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run whose wall time is the median (for plotting one representative timeline)."""
+    ordered = sorted(runs, key=lambda r: r["wall"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _change(old: float, new: float) -> str:
+    return f"{(new - old) / old * 100:+.1f}%" if old else "n/a"
+
+
+def compare(old: dict, new: dict) -> list[str]:
+    """Lines describing how `new` moved against `old`: each contender's medians, then the ratios."""
+    lines = [f"change since {old.get('started', '?')} (commit {str(old.get('git', {}).get('commit'))[:10]}):"]
+    for name, s in new["summary"].items():
+        o = old.get("summary", {}).get(name)
+        if o is None:
+            lines.append(f"  {name}: new contender")
+            continue
+        lines.append(
+            f"  {name}: wall {o['wall']:.2f} -> {s['wall']:.2f} s ({_change(o['wall'], s['wall'])}), "
+            f"throughput {o['throughput'] / 1e9:.2f} -> {s['throughput'] / 1e9:.2f} GB/s "
+            f"({_change(o['throughput'], s['throughput'])}), peak RSS {o['peak_rss'] / 1e9:.3f} -> "
+            f"{s['peak_rss'] / 1e9:.3f} GB ({_change(o['peak_rss'], s['peak_rss'])})"
+        )
+    for name, r in new["ratios"].items():
+        o = old.get("ratios", {}).get(name)
+        if o is not None:
+            lines.append(f"  {name}: wall ratio {o['wall']:.2f} -> {r['wall']:.2f} ({_change(o['wall'], r['wall'])})")
+    return lines
+
+
+def previous_record(results: Path, record: dict, exclude: Path | None = None) -> dict | None:
+    """The newest earlier record of the same workload (profile, layers, optimizer state, cache state)."""
+    same = ("profile", "layers", "optimizer", "page_cache")
+    for path in sorted(results.glob("*.json"), reverse=True):
+        if exclude is not None and path.resolve() == exclude.resolve():
+            continue
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if all(old.get(k) == record.get(k) for k in same) and old.get("started", "") < record.get("started", ""):
+            return old
+    return None
+
+
+def table(record: dict) -> str:
+    """Markdown: one row per contender (medians over rounds), then the pair-by-pair ratios."""
+    rows = [
+        "| contender | wall s (median) | wall s (min–max) | throughput GB/s | peak RSS GB | peak anon RSS GB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in record["summary"].items():
+        rows.append(f"| {name} | {s['wall']:.2f} | {s['wall_min']:.2f}–{s['wall_max']:.2f} | "
+                    f"{s['throughput'] / 1e9:.2f} | {s['peak_rss'] / 1e9:.3f} | {s['peak_anon'] / 1e9:.3f} |")
+    if record["ratios"]:
+        rows += ["", "| ratio (per round, median) | wall | wall per round | peak RSS |", "|---|---:|---|---:|"]
+        for name, r in record["ratios"].items():
+            per = ", ".join(f"{x:.2f}" for x in r["per_round"])
+            rows.append(f"| {name} | {r['wall']:.2f} | {per} | {r['peak_rss']:.2f} |")
+    return "\n".join(rows)
+
+
+# ---- the machine -----------------------------------------------------------------------------------------
+
+def machine(cache: Path) -> dict:
+    """Cores, CPU model, RAM and the disk holding the checkpoints, for reading a record later."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    disk = shutil.disk_usage(cache)
+    return {"cores": os.cpu_count(), "cpu": cpu, "ram_bytes": psutil.virtual_memory().total,
+            "disk_path": str(cache), "disk_total_bytes": disk.total, "disk_free_bytes": disk.free,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_record(record: dict, results: Path) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    stamp = record["started"].replace(":", "").replace("-", "")[:15]
+    path = results / f"{stamp}-{record['profile']}-L{record['layers']}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path

@@ -1,0 +1,123 @@
+"""The benchmark harness's pure parts (medians, pair-by-pair ratios, records, comparison, CI verdicts), its
+launcher's measurements, and the memory-lean checkpoint path it generates workloads with. Runs in seconds."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from benchmarks import harness
+from benchmarks.__main__ import ci_failures, scaling_verdict
+from benchmarks.workloads import PROFILES, largest_rearranged, weight_bytes
+from streamconv.testing import SyntheticModel, make_checkpoint, measure
+
+
+def run(wall, rss=100, anon=50):
+    return {"wall": wall, "throughput": 10 / wall, "peak_rss": rss, "peak_anon": anon, "timeline": [(0.0, rss, anon)]}
+
+
+def record(started, walls, profile="medium", layers=2, rss=100):
+    meta = {"started": started, "profile": profile, "layers": layers, "optimizer": False, "page_cache": "cold",
+            "git": {"commit": "abc"}}
+    return harness.make_record(meta, {name: [run(w, rss) for w in ws] for name, ws in walls.items()})
+
+
+def test_ratios_are_medians_of_per_round_ratios_not_ratios_of_medians():
+    runs = {"copy": [run(1.0), run(4.0), run(2.0)], "naive": [run(10.0)] * 3,
+            "streamconv": [run(3.0), run(4.0), run(8.0)]}
+    r = harness.ratios(runs)
+    assert set(r) == {"streamconv/copy", "streamconv/naive"}
+    assert r["streamconv/copy"]["per_round"] == [3.0, 1.0, 4.0]
+    assert r["streamconv/copy"]["wall"] == 3.0  # the ratio of medians would be 4.0 / 2.0 = 2.0
+    assert r["streamconv/naive"]["wall"] == pytest.approx(0.4)
+    with pytest.raises(ValueError):  # rounds must pair up
+        harness.pair_ratios(runs["copy"][:2], runs["streamconv"])
+
+
+def test_summary_takes_medians_and_keeps_spread():
+    s = harness.summarize([run(5.0, rss=300), run(1.0, rss=100), run(2.0, rss=900)])
+    assert (s["wall"], s["wall_min"], s["wall_max"]) == (2.0, 1.0, 5.0)
+    assert s["throughput"] == 5.0 and s["peak_rss"] == 300 and s["peak_rss_max"] == 900
+    assert harness.median_run([run(5.0), run(1.0), run(2.0)])["wall"] == 2.0
+
+
+def test_record_roundtrip_previous_and_compare(tmp_path):
+    old = record("2026-01-01T10:00:00+00:00", {"copy": [2.0] * 3, "streamconv": [4.0] * 3})
+    other = record("2026-01-01T11:00:00+00:00", {"copy": [1.0] * 3, "streamconv": [1.0] * 3}, profile="small")
+    new = record("2026-01-01T12:00:00+00:00", {"copy": [2.0] * 3, "streamconv": [3.0] * 3}, rss=110)
+    for r in (old, other):
+        harness.write_record(r, tmp_path)
+    path = harness.write_record(new, tmp_path)
+    assert path.name == "20260101T120000-medium-L2.json" and len(list(tmp_path.glob("*.json"))) == 3
+
+    previous = harness.previous_record(tmp_path, new, exclude=path)
+    assert previous["started"] == old["started"]  # not the newer record of another profile
+    assert harness.previous_record(tmp_path, old) is None
+
+    lines = "\n".join(harness.compare(previous, new))
+    assert "streamconv: wall 4.00 -> 3.00 s (-25.0%)" in lines
+    assert "peak RSS 0.000 -> 0.000 GB (+10.0%)" in lines
+    assert "streamconv/copy: wall ratio 2.00 -> 1.50 (-25.0%)" in lines
+
+
+def test_table_lists_contenders_and_ratios():
+    text = harness.table(record("t", {"copy": [2.0, 2.0, 2.0], "naive": [8.0] * 3, "streamconv": [4.0] * 3}))
+    assert "| streamconv | 4.00 | 4.00–4.00 |" in text
+    assert "| streamconv/copy | 2.00 | 2.00, 2.00, 2.00 |" in text
+    assert "| streamconv/naive | 0.50 |" in text
+
+
+def test_ci_fails_with_a_reason_on_memory_or_speed():
+    r = record("t", {"copy": [1.0] * 3, "streamconv": [2.0, 9.0, 10.0]}, rss=2000)
+    r["largest_rearranged_bytes"] = 100
+    ok = {"baseline_rss": 1000, "rss_budget": 2000, "ratio_ceiling": 10.0}
+    assert ci_failures(r, ok) == []
+    failures = ci_failures(r, {**ok, "rss_budget": 1999, "ratio_ceiling": 8.0})
+    assert len(failures) == 2
+    assert "peak RSS" in failures[0] and "exceeds the budget" in failures[0]
+    assert "streamconv/copy wall-time ratio 9.00 exceeds the ceiling 8.0" in failures[1]
+
+
+def test_scaling_verdict():
+    small, gb = {"wall": 5.0, "peak_rss": 1.0e9}, 10**9
+    lines, ok = scaling_verdict(small, {"wall": 11.0, "peak_rss": 1.05e9}, 1 * gb, 4 * gb)
+    assert ok and "2.00 s per extra GB, 3.00 s fixed" in lines[1]
+    assert not scaling_verdict(small, {"wall": 11.0, "peak_rss": 1.5e9}, gb, 4 * gb)[1]  # RSS grew
+    assert not scaling_verdict(small, {"wall": 25.0, "peak_rss": 1.0e9}, gb, 4 * gb)[1]  # superlinear
+
+
+def test_profiles_keep_gpt_sw3_20b_shapes():
+    medium, large = PROFILES["medium"].model(), PROFILES["large"].model()
+    assert weight_bytes(medium) == pytest.approx(2.62e9, rel=0.01)
+    assert weight_bytes(large) == pytest.approx(8.06e9, rel=0.01)
+    assert 0.9e9 < weight_bytes(PROFILES["small"].model()) < 1.3e9
+    assert largest_rearranged(medium) == largest_rearranged(PROFILES["small"].model()) == 24576 * 6144 * 2
+
+
+def test_measure_reports_the_childs_own_peak_and_timeline():
+    child = "import time; b = bytearray(200 * 2**20); time.sleep(0.4)"  # 200 MiB written: anonymous
+    m = measure([sys.executable, "-c", child])
+    assert m.returncode == 0 and m.wall >= 0.4
+    assert 200 * 2**20 < m.peak_rss < 300 * 2**20
+    assert m.peak_anon > 150 * 2**20
+    assert len(m.timeline) >= 4 and all(a <= r for _, r, a in m.timeline)
+    assert measure([sys.executable, "-c", "raise SystemExit(3)"], check=False).returncode == 3
+
+
+def test_lean_checkpoint_has_the_same_weights(tmp_path):
+    model = SyntheticModel(n_embd=64, n_layer=2, n_head=4, vocab_size=1000)
+    make_checkpoint(tmp_path / "full.ckpt", model, optimizer=False)
+    lean = make_checkpoint(tmp_path / "lean.ckpt", model, optimizer=True, keep_hf=False)
+    assert lean.hf_state_dict == {}
+    assert sorted(os.listdir(tmp_path)) == ["full.ckpt", "lean.ckpt"]  # the zeros scratch file is gone
+    full = torch.load(tmp_path / "full.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "lean.ckpt", weights_only=False)
+    assert list(saved["state_dict"]) == list(full)
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in full.items())
+    assert sum(t.nbytes for t in full.values()) == weight_bytes(model)
+    state = saved["optimizer_states"][0]["optimizer"]["state"]
+    assert len(state) == len(full)
+    for i, w in enumerate(full.values()):
+        assert state[i]["exp_avg"].shape == w.shape and state[i]["exp_avg"].dtype == torch.float32
+        assert not state[i]["exp_avg_sq"].any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from streamconv.errors import ConversionError
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors and the summary line")
     p.add_argument("--demo", action="store_true",
                    help="build a small GPT-SW3-style checkpoint, convert it and check the logits")
+    p.add_argument("--verify", action="store_true",
+                   help="instead of converting, check that SAVE_PATH is exactly the conversion of SRC (exit 1 if not)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -57,8 +60,31 @@ def print_plan(result) -> None:
     print("config.json")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from streamconv.verify import verify
+
+    problems = verify(args.checkpoint_path, args.save_path, dtype=args.dtype, vocab_size=args.vocab_size,
+                      num_heads=args.num_heads)
+    for problem in problems:
+        print(f"verify: {problem}")
+    if problems:
+        print(f"verify: {len(problems)} problem(s): {args.save_path} is not the conversion of {args.checkpoint_path}")
+        return 1
+    print(f"verify: OK: {args.save_path} is exactly the conversion of {args.checkpoint_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.demo:
             from streamconv.demo import run_demo
@@ -67,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                             overwrite=args.overwrite, quiet=args.quiet)
         if not args.checkpoint_path or not args.save_path:
             raise ConversionError("both --checkpoint-path and --save-path are required (or try --demo)")
+        if args.verify:
+            return run_verify(args)
         from streamconv.converter import convert
 
         result = convert(
@@ -94,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamconv: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("streamconv: terminated; nothing was written", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -52,20 +53,24 @@ class ConversionResult:
     def summary(self) -> str:
         if self.dry_run:
             return (
-                f"dry run: {self.tensors} tensors -> {self.shards} shard(s), {_gb(self.bytes)} GB; "
-                f"predicted working memory {_gb(self.working_memory)} GB plus the Python/torch baseline; "
+                f"dry run: {self.tensors} tensors -> {self.shards} shard(s), {_size(self.bytes)}; "
+                f"predicted working memory {_size(self.working_memory)} plus the Python/torch baseline; "
                 "nothing written"
             )
         rate = self.bytes / self.stream_seconds / 1e9 if self.stream_seconds > 0 else float("inf")
         return (
-            f"converted {self.tensors} tensors into {self.shards} shard(s), {_gb(self.bytes)} GB in "
+            f"converted {self.tensors} tensors into {self.shards} shard(s), {_size(self.bytes)} in "
             f"{self.seconds:.2f} s (streaming {self.stream_seconds:.2f} s, {rate:.2f} GB/s), "
-            f"peak RSS {_gb(self.peak_rss)} GB -> {self.save_path}"
+            f"peak RSS {_size(self.peak_rss)} -> {self.save_path}"
         )
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f}"
+def _size(n: int) -> str:
+    """Bytes in decimal units, as the shard sizes are given: '2.624 GB', '18.0 MB', '640 B'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} GB" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def peak_rss() -> int:
@@ -176,7 +181,7 @@ def convert(
     free = shutil.disk_usage(parent).free
     if free < plan.file_bytes:
         raise ConversionError(
-            f"not enough free space in {parent}: need {_gb(plan.file_bytes)} GB, have {_gb(free)} GB; "
+            f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
             "free some space or choose another --save-path"
         )
 
@@ -187,7 +192,15 @@ def convert(
         config_written = background.submit(_write_config, staging, config)
         bar = _progress_bar(plan.total_size, enabled=progress)
         stream_started = time.perf_counter()
-        stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
+        try:
+            stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            raise ConversionError(
+                f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
+                f"{_size(plan.file_bytes)}, free space or raise the limit and run again"
+            ) from None
         result.stream_seconds = time.perf_counter() - stream_started
         bar.close()
         config_written.result()

@@ -131,8 +131,12 @@ def test_default_vocab_is_gpt_sw3s(checkpoints, tmp_path):
     assert torch.equal(expected, actual)
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_failure_mid_stream_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error,raised", [
+    (OSError(28, "No space left on device"), streamconv.ConversionError),
+    (OSError(5, "Input/output error"), OSError),
+    (KeyboardInterrupt(), KeyboardInterrupt),
+])
+def test_failure_mid_stream_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch, error, raised):
     from streamconv.safetensors_writer import ShardWriter
 
     calls = []
@@ -146,8 +150,10 @@ def test_failure_mid_stream_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch, err
 
     monkeypatch.setattr(ShardWriter, "append", failing_append)
     out = tmp_path / "hf"
-    with pytest.raises(type(error)):
+    with pytest.raises(raised) as info:
         streamconv.convert(bf16_ckpt.path, out, shard_size="100KB", vocab_size=1000)
+    if raised is streamconv.ConversionError:
+        assert "No space left on device; the output needs 440.2 kB" in str(info.value)
     assert len(calls) == 10
     assert os.listdir(tmp_path) == []
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ConversionError", "ConversionResult", "convert"]
+__all__ = ["ConversionError", "ConversionResult", "convert", "verify"]
 
 if TYPE_CHECKING:
     from streamconv.converter import ConversionResult, convert
     from streamconv.errors import ConversionError
+    from streamconv.verify import verify
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from streamconv import converter as module
 
         return getattr(module, name)
+    if name == "verify":
+        from streamconv.verify import verify
+
+        return verify
     if name == "ConversionError":
         from streamconv.errors import ConversionError
 

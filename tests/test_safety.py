@@ -265,3 +265,14 @@ def test_free_space_is_checked_before_writing(small, tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="not enough free space.*need 78.1 kB, have 1.0 kB"):
         streamconv.convert(small, tmp_path / "out", vocab_size=256)
     assert sorted(os.listdir(tmp_path)) == ["in.ckpt"]
+
+
+def test_verify_in_the_python_api(small, tmp_path):
+    import streamconv
+
+    out = tmp_path / "out"
+    streamconv.convert(small, out, vocab_size=256)
+    assert streamconv.verify(small, out, vocab_size=256) == []
+    (out / "config.json").write_text('{"n_embd": 32}')
+    problems = streamconv.verify(small, out, vocab_size=256)
+    assert "config.json: n_layer is None, expected 2" in problems

@@ -10,7 +10,7 @@ __all__ = ["ConversionError", "ConversionResult", "convert", "verify"]
 if TYPE_CHECKING:
     from streamconv.converter import ConversionResult, convert
     from streamconv.errors import ConversionError
-    from streamconv.verify import verify
+    from streamconv.verification import verify
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(module, name)
     if name == "verify":
-        from streamconv.verify import verify
+        from streamconv.verification import verify
 
         return verify
     if name == "ConversionError":

@@ -69,7 +69,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from streamconv.verify import verify
+    from streamconv.verification import verify
 
     problems = verify(args.checkpoint_path, args.save_path, dtype=args.dtype, vocab_size=args.vocab_size,
                       num_heads=args.num_heads)

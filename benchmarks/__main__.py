@@ -166,7 +166,7 @@ def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold:
     print(f"scaling {profile.name}: {small} vs {big} layers ({sizes[small] / 1e9:.2f} vs {sizes[big] / 1e9:.2f} GB), "
           f"{args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
     runs = harness.run_rounds(jobs, scratch, args.rounds, cold)
-    record = harness.make_record({**meta, "mode": "scaling", "layers": f"{small},{big}",
+    record = harness.make_record({**meta, "mode": "scaling", "layers": f"{small}-{big}",
                                   "weight_bytes": {str(small): sizes[small], str(big): sizes[big]}}, runs)
     lines, ok = scaling_verdict(record["summary"][f"streamconv@L{small}"], record["summary"][f"streamconv@L{big}"],
                                 sizes[small], sizes[big])

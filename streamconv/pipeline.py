@@ -1,8 +1,8 @@
 """The streaming executor: read ahead, arrange, write behind, one output tensor at a time.
 
 Three things overlap, each bounded:
-- reading: before a tensor is arranged, the kernel is asked to read the next tensor's source bytes
-  (MADV_WILLNEED); they land in the page cache, not in this process;
+- reading: while a tensor is arranged, a read-ahead thread has the kernel read the next tensor's
+  source bytes (MADV_WILLNEED); they land in the page cache, not in this process;
 - arranging: source rows, read in chunks of at most CHUNK_BYTES, are placed into one of BUFFERS
   reusable output buffers sized for the largest tensor that needs rearranging; each chunk's pages are
   handed back (`Checkpoint.release`) as soon as it has been consumed;
@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -67,24 +68,27 @@ def stream(
         free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
     scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
     arranger = Arranger(device)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
     writes = _WriteBehind(WRITE_QUEUE)
     specs = plan.tensors
     opened: list[ShardWriter] = []
     try:
-        checkpoint.prefetch(_source(specs[0], checkpoint)) if specs else None
+        if specs:
+            reader.submit(checkpoint.prefetch, _source(specs[0], checkpoint))
         index = 0
         for shard in plan.shards:
             writer = ShardWriter(os.path.join(directory, shard.filename), shard)
             opened.append(writer)
             for spec in shard.tensors:
                 index += 1
-                if index < len(specs):
-                    checkpoint.prefetch(_source(specs[index], checkpoint))
+                if index < len(specs):  # the next tensor is read while this one is arranged
+                    reader.submit(checkpoint.prefetch, _source(specs[index], checkpoint))
                 _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_bytes)
             writes.put(writer.close)
         writes.finish()
     finally:
         writes.stop()
+        reader.shutdown(wait=True, cancel_futures=True)
         arranger.close()
         for writer in opened:  # after a failure; closing twice is harmless
             writer.close()

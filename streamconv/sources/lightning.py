@@ -44,9 +44,16 @@ class Checkpoint:
             _madvise(tensor, mmap.MADV_DONTNEED)
 
     def prefetch(self, tensor: torch.Tensor) -> None:
-        """Ask the kernel to start reading a tensor's bytes into the page cache (returns at once)."""
-        if self._in_mapping(tensor):
-            _madvise(tensor, mmap.MADV_WILLNEED)
+        """Have the kernel read a tensor's bytes into the page cache (not into this process).
+
+        One MADV_WILLNEED reads at most the device's readahead window (a few MB), so a large tensor is
+        asked for slice by slice. The reads complete asynchronously; this returns once they are queued.
+        """
+        if not self._in_mapping(tensor):
+            return
+        flat = tensor.reshape(-1).view(torch.uint8)
+        for start in range(0, flat.numel(), _READAHEAD_SLICE):
+            _madvise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
 
     def _in_mapping(self, tensor: torch.Tensor) -> bool:
         start = tensor.data_ptr()
@@ -134,6 +141,7 @@ def _refuse(path: str, entry: str, obj: Any) -> None:
 
 
 _PAGE = mmap.PAGESIZE
+_READAHEAD_SLICE = 4 * 2**20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 

@@ -212,6 +212,7 @@ def convert(
         _publish(staging, save_path)
     finally:
         background.shutdown(wait=True)
+        checkpoint.close()
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.perf_counter() - started
     result.peak_rss = peak_rss()

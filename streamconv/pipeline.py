@@ -6,8 +6,9 @@ Three things overlap, each bounded:
 - arranging: source rows, read in chunks of at most CHUNK_BYTES, are placed into one of BUFFERS
   reusable output buffers sized for the largest tensor that needs rearranging; each chunk's pages are
   handed back (`Checkpoint.release`) as soon as it has been consumed;
-- writing: a writer thread appends finished buffers, and the chunks of tensors that pass through
-  unchanged (straight from the mapping), to the shard files in plan order.
+- writing: a writer thread appends finished buffers to the shard files in plan order; tensors that
+  pass through unchanged are copied file to file inside the kernel (copy_file_range), never entering
+  this process.
 So memory holds at most BUFFERS output buffers plus a couple of read chunks, whatever the model size.
 """
 
@@ -114,7 +115,17 @@ def _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_
 
     if passes_through(spec, source.dtype, device):
         for _, part in _chunks(view):
-            writes.put(lambda part=part: (writer.append(part), checkpoint.release(part), on_bytes(part.nbytes)))
+            offset = checkpoint.file_offset(part)
+
+            def copy(part: torch.Tensor = part, offset: int | None = offset) -> None:
+                if offset is None:
+                    writer.append(part)
+                else:  # file to file inside the kernel; `part` only if the kernel can't
+                    writer.append_from_file(checkpoint.fd, offset, part)
+                checkpoint.release(part)
+                on_bytes(part.nbytes)
+
+            writes.put(copy)
         writes.put(lambda: writer.finish_tensor(spec))
         return
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 import torch
@@ -23,6 +24,7 @@ WINDOW = 64 * 2**20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+_copy_file_range_works = True  # until the kernel or filesystem says otherwise
 
 
 class ShardWriter:
@@ -32,7 +34,6 @@ class ShardWriter:
         self.path = path
         self.shard = shard
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._data_pos = 0
         self._file_pos = 0
         self._flushed = 0  # file offset up to which writeback has been started
         self._write(memoryview(shard.header))
@@ -41,12 +42,33 @@ class ShardWriter:
         """Append a contiguous CPU tensor's bytes."""
         flat = data.reshape(-1).view(torch.uint8)
         self._write(memoryview(flat.numpy()))
-        self._data_pos += flat.numel()
+
+    def append_from_file(self, source_fd: int, offset: int, same_bytes: torch.Tensor) -> None:
+        """Append bytes of another file, copied inside the kernel (copy_file_range: they never enter
+        this process). `same_bytes` holds the same bytes, written instead where the kernel can't."""
+        global _copy_file_range_works
+        count = same_bytes.nbytes
+        while count and _copy_file_range_works:
+            try:
+                n = os.copy_file_range(source_fd, self._fd, count, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _copy_file_range_works = False
+                break
+            if n == 0:
+                raise OSError(errno.EIO, f"checkpoint ended {count} bytes early while copying")
+            offset += n
+            count -= n
+            self._advanced(n)
+        if count:
+            self.append(same_bytes.reshape(-1).view(torch.uint8)[same_bytes.nbytes - count :])
 
     def finish_tensor(self, spec: TensorSpec) -> None:
         """Check that the bytes written so far end where the plan put this tensor's end."""
-        if self._data_pos != spec.end:
-            raise RuntimeError(f"{spec.name}: wrote up to byte {self._data_pos}, plan says {spec.end}")
+        written = self._file_pos - len(self.shard.header)
+        if written != spec.end:
+            raise RuntimeError(f"{spec.name}: wrote up to byte {written}, plan says {spec.end}")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -60,7 +82,10 @@ class ShardWriter:
         while view.nbytes:  # os.write may write less than asked (Linux caps one call near 2 GiB)
             n = os.write(self._fd, view)
             view = view[n:]
-            self._file_pos += n
+            self._advanced(n)
+
+    def _advanced(self, n: int) -> None:
+        self._file_pos += n
         while self._file_pos - self._flushed >= WINDOW:
             self._write_behind(self._flushed, WINDOW)
             self._flushed += WINDOW

@@ -193,3 +193,45 @@ def test_failure_while_arranging_stops_the_writer(bf16_ckpt, tmp_path, monkeypat
         streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
     assert os.listdir(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("streamconv")]
+
+
+def test_pass_through_without_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
+    """Where the kernel cannot copy between the files, pass-through tensors are written from the mapping."""
+    import errno
+
+    from streamconv import safetensors_writer
+
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(safetensors_writer.os, "copy_file_range", unsupported)
+    monkeypatch.setattr(safetensors_writer, "_copy_file_range_works", True)
+    out = tmp_path / "hf"
+    streamconv.convert(bf16_ckpt.path, out, vocab_size=1000, shard_size="100KB")
+    assert safetensors_writer._copy_file_range_works is False
+    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    actual = read_output(out)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_pass_through_uses_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
+    from streamconv import safetensors_writer
+
+    copied = []
+    real = safetensors_writer.os.copy_file_range
+
+    def counting(src, dst, count, offset_src=None, offset_dst=None):
+        n = real(src, dst, count, offset_src)
+        copied.append(n)
+        return n
+
+    monkeypatch.setattr(safetensors_writer.os, "copy_file_range", counting)
+    monkeypatch.setattr(safetensors_writer, "_copy_file_range_works", True)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
+    # wte, wpe, norms and biases: every tensor except the four matrices and the QKV bias of each layer
+    m = bf16_ckpt.model
+    h = m.n_embd
+    rearranged = m.n_layer * (3 * h * h + h * h + 2 * 4 * h * h + 3 * h) * 2
+    total = streamconv.convert(bf16_ckpt.path, "unused", vocab_size=1000, dry_run=True).bytes
+    assert sum(copied) == total - rearranged

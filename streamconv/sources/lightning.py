@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import zipfile
@@ -37,6 +38,23 @@ class Checkpoint:
     tensors: Mapping[str, torch.Tensor]
     hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict), None if absent; read through `hparam`
     mapped: tuple[int, int] = (0, 0)  # address range of the file mapping the tensors live in
+    file_base: int | None = None  # address of file offset 0 in that mapping, when /proc/self/maps tells
+
+    @functools.cached_property
+    def fd(self) -> int:
+        """A read-only descriptor of the checkpoint file, for copies inside the kernel."""
+        return os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        fd = self.__dict__.pop("fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def file_offset(self, tensor: torch.Tensor) -> int | None:
+        """Where a tensor's bytes start in the checkpoint file (None if it is not in the mapping)."""
+        if self.file_base is None or not self._in_mapping(tensor):
+            return None
+        return tensor.data_ptr() - self.file_base
 
     def release(self, tensor: torch.Tensor) -> None:
         """Hand back the pages behind a consumed source tensor (a view into this checkpoint's mapping)."""
@@ -101,7 +119,22 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if storages
         else (0, 0)
     )
-    return Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped)
+    return Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped, file_base=_file_base(path, mapped[0]))
+
+
+def _file_base(path: str, address: int) -> int | None:
+    """The address that file offset 0 of `path` has in the mapping holding `address` (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= address < end and len(fields) == 6:
+                    same = os.path.samefile(fields[5].strip(), path)
+                    return start - int(fields[2], 16) if same else None
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _check_container(path: str) -> None:

@@ -168,7 +168,7 @@ def convert(
         check_save_path(save_path, overwrite)
     checkpoint = open_checkpoint(checkpoint_path)
     plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
-    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint, dev), dry_run)
+    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
     if before_write is not None:
         before_write(plan)
     if dry_run:

@@ -32,27 +32,27 @@ BUFFERS = 2  # output buffers: one being filled while the other is written
 WRITE_QUEUE = 4  # pending writes of pass-through chunks
 
 
-def passes_through(spec: TensorSpec, source_dtype: torch.dtype, device: torch.device) -> bool:
-    """True when the output bytes are the source bytes: no permutation, no cast, no device."""
+def passes_through(spec: TensorSpec, source_dtype: torch.dtype) -> bool:
+    """True when the output bytes are the source bytes (no permutation, no cast): no device needs them."""
     perm = spec.recipe.arrangement.perm
-    return perm == tuple(range(len(perm))) and spec.dtype == source_dtype and device.type == "cpu"
+    return perm == tuple(range(len(perm))) and spec.dtype == source_dtype
 
 
-def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: torch.device) -> int:
+def buffer_bytes(plan: Plan, checkpoint: Checkpoint) -> int:
     """Size of each reusable output buffer: the largest tensor that must be rearranged or cast."""
     sizes = [
         t.nbytes
         for t in plan.tensors
-        if not passes_through(t, checkpoint.tensors[t.recipe.source].dtype, device)
+        if not passes_through(t, checkpoint.tensors[t.recipe.source].dtype)
     ]
     return max(sizes, default=0)
 
 
-def working_memory(plan: Plan, checkpoint: Checkpoint, device: torch.device) -> int:
+def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
     """Predicted resident bytes on top of the interpreter and torch: the output buffers, the chunk being
     arranged and the chunk being written."""
     largest = max((t.nbytes for t in plan.tensors), default=0)
-    return BUFFERS * buffer_bytes(plan, checkpoint, device) + 2 * min(CHUNK_BYTES, largest)
+    return BUFFERS * buffer_bytes(plan, checkpoint) + 2 * min(CHUNK_BYTES, largest)
 
 
 def stream(
@@ -63,7 +63,7 @@ def stream(
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Write every shard of the plan into `directory`."""
-    size = buffer_bytes(plan, checkpoint, device)
+    size = buffer_bytes(plan, checkpoint)
     free: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(BUFFERS if size else 0):
         free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
@@ -113,7 +113,7 @@ def _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_
     arrangement = spec.recipe.arrangement
     view = source.view(arrangement.view)
 
-    if passes_through(spec, source.dtype, device):
+    if passes_through(spec, source.dtype):
         for _, part in _chunks(view):
             offset = checkpoint.file_offset(part)
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from streamconv.arrange import Arranger
-from streamconv.plan import Plan, TensorSpec
+from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.safetensors_writer import ShardWriter
 from streamconv.sources import Checkpoint
 
@@ -63,88 +63,109 @@ def stream(
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Write every shard of the plan into `directory`."""
-    size = buffer_bytes(plan, checkpoint)
-    free: queue.Queue[torch.Tensor] = queue.Queue()
-    for _ in range(BUFFERS if size else 0):
-        free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
-    scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
-    arranger = Arranger(device)
-    reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
-    writes = _WriteBehind(WRITE_QUEUE)
     specs = plan.tensors
-    opened: list[ShardWriter] = []
-    try:
+    following = dict(zip(map(id, specs), [*specs[1:], None], strict=True))
+    with _Stream(plan, checkpoint, device, on_bytes) as run:
         if specs:
-            reader.submit(checkpoint.prefetch, _source(specs[0], checkpoint))
-        index = 0
+            run.read_ahead(specs[0])
         for shard in plan.shards:
-            writer = ShardWriter(os.path.join(directory, shard.filename), shard)
-            opened.append(writer)
+            writer = run.open(os.path.join(directory, shard.filename), shard)
             for spec in shard.tensors:
-                index += 1
-                if index < len(specs):  # the next tensor is read while this one is arranged
-                    reader.submit(checkpoint.prefetch, _source(specs[index], checkpoint))
-                _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_bytes)
-            writes.put(writer.close)
-        writes.finish()
-    finally:
-        writes.stop()
-        reader.shutdown(wait=True, cancel_futures=True)
-        arranger.close()
-        for writer in opened:  # after a failure; closing twice is harmless
-            writer.close()
+                if following[id(spec)] is not None:  # the next tensor is read while this one is arranged
+                    run.read_ahead(following[id(spec)])
+                run.move(spec, writer)
+            run.writes.put(writer.close)
+        run.writes.finish()
 
 
-def _source(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor:
+def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor:
+    """The source tensor of an output tensor, less any padding rows."""
     source = checkpoint.tensors[spec.recipe.source]
     return source[: spec.recipe.rows] if spec.recipe.rows is not None else source
 
 
-def _chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def row_chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) pieces of at most CHUNK_BYTES along the first axis."""
     step = max(1, CHUNK_BYTES // max(1, view[0].numel() * view.element_size()))
     for start in range(0, view.shape[0], step):
         yield start, view[start : start + step]
 
 
-def _move(spec, checkpoint, writer, writes, device, arranger, free, scratch, on_bytes) -> None:
-    source = _source(spec, checkpoint)
-    if not source.is_contiguous():  # torch.save kept a strided view: read it whole
-        source = source.contiguous()
-    arrangement = spec.recipe.arrangement
-    view = source.view(arrangement.view)
+class _Stream:
+    """The state one conversion's threads share: buffers, the arranger, the writer thread, open shards."""
 
-    if passes_through(spec, source.dtype):
-        for _, part in _chunks(view):
-            offset = checkpoint.file_offset(part)
+    def __init__(self, plan: Plan, checkpoint: Checkpoint, device: torch.device,
+                 on_bytes: Callable[[int], None]) -> None:
+        self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
+        size = buffer_bytes(plan, checkpoint)
+        self.free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(BUFFERS if size else 0):
+            self.free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
+        self.scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
+        self.arranger = Arranger(device)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
+        self.writes = _WriteBehind(WRITE_QUEUE)
+        self.writers: list[ShardWriter] = []
 
-            def copy(part: torch.Tensor = part, offset: int | None = offset) -> None:
-                if offset is None:
-                    writer.append(part)
-                else:  # file to file inside the kernel; `part` only if the kernel can't
-                    writer.append_from_file(checkpoint.fd, offset, part)
-                checkpoint.release(part)
-                on_bytes(part.nbytes)
+    def __enter__(self) -> _Stream:
+        return self
 
-            writes.put(copy)
-        writes.put(lambda: writer.finish_tensor(spec))
-        return
+    def __exit__(self, *exc: object) -> None:
+        self.writes.stop()
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.arranger.close()
+        for writer in self.writers:  # after a failure; closing twice is harmless
+            writer.close()
 
-    host = writes.take(free)
-    target = host if scratch is None else scratch
-    out = target[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
-    for start, part in _chunks(view):
-        arranger.arrange(out, part, arrangement, start)
-        checkpoint.release(part)
-    if scratch is not None:
-        host[: spec.nbytes].copy_(scratch[: spec.nbytes])
+    def read_ahead(self, spec: TensorSpec) -> None:
+        self.reader.submit(self.checkpoint.prefetch, source_of(spec, self.checkpoint))
 
-    def write() -> None:
-        writer.append(host[: spec.nbytes])
-        writer.finish_tensor(spec)
-        free.put(host)
-        on_bytes(spec.nbytes)
+    def open(self, path: str, shard: Shard) -> ShardWriter:
+        writer = ShardWriter(path, shard)
+        self.writers.append(writer)
+        return writer
 
-    writes.put(write)
+    def move(self, spec: TensorSpec, writer: ShardWriter) -> None:
+        """Queue the write of one output tensor: straight from the file, or arranged through a buffer."""
+        source = source_of(spec, self.checkpoint)
+        if not source.is_contiguous():  # torch.save kept a strided view: read it whole
+            source = source.contiguous()
+        arrangement = spec.recipe.arrangement
+        view = source.view(arrangement.view)
+        checkpoint = self.checkpoint
+
+        if passes_through(spec, source.dtype):
+            for _, part in row_chunks(view):
+                offset = checkpoint.file_offset(part)
+
+                def copy(part: torch.Tensor = part, offset: int | None = offset) -> None:
+                    if offset is None:
+                        writer.append(part)
+                    else:  # file to file inside the kernel; `part` only if the kernel can't
+                        writer.append_from_file(checkpoint.fd, offset, part)
+                    checkpoint.release(part)
+                    self.on_bytes(part.nbytes)
+
+                self.writes.put(copy)
+            self.writes.put(lambda: writer.finish_tensor(spec))
+            return
+
+        host = self.writes.take(self.free)
+        target = host if self.scratch is None else self.scratch
+        out = target[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
+        for start, part in row_chunks(view):
+            self.arranger.arrange(out, part, arrangement, start)
+            checkpoint.release(part)
+        if self.scratch is not None:
+            host[: spec.nbytes].copy_(self.scratch[: spec.nbytes])
+
+        def write() -> None:
+            writer.append(host[: spec.nbytes])
+            writer.finish_tensor(spec)
+            self.free.put(host)
+            self.on_bytes(spec.nbytes)
+
+        self.writes.put(write)
 
 
 class _WriteBehind:

@@ -18,7 +18,7 @@ import torch
 
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, resolve_dtype
-from streamconv.pipeline import _chunks, _source
+from streamconv.pipeline import row_chunks, source_of
 from streamconv.plan import SAFETENSORS_DTYPES, TensorSpec
 from streamconv.sources import Checkpoint, open_checkpoint
 
@@ -139,10 +139,10 @@ def _compare_bytes(checkpoint: Checkpoint, save_path: str, expected: dict[str, T
             if file not in maps:
                 with open(os.path.join(save_path, file), "rb") as f:
                     maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            source = _source(spec, checkpoint).contiguous()
+            source = source_of(spec, checkpoint).contiguous()
             arrangement = spec.recipe.arrangement
             out = buffer[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
-            for start, part in _chunks(source.view(arrangement.view)):
+            for start, part in row_chunks(source.view(arrangement.view)):
                 arranger.arrange(out, part, arrangement, start)
                 checkpoint.release(part)
             with warnings.catch_warnings():  # the mapping is read-only, and only read

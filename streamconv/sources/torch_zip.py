@@ -1,0 +1,157 @@
+"""Unpickle a torch zip checkpoint that sits at a byte range of a larger file, without copying it out.
+
+A plain `.nemo` is a tar; its `model_weights.ckpt` member is a torch zip file stored contiguously inside
+it. torch.load only opens whole files, so this does what `torch.load(mmap=True)` does, at an offset:
+zipfile locates the members through a window onto the range, the WHOLE file is mapped once (private,
+as torch does), and the pickle's persistent ids become typed storages sliced out of that mapping.
+Tensors are then views into the mapping exactly as with torch.load, so `Checkpoint.release`,
+`prefetch` and `file_offset` work unchanged (offsets are into the outer file). The pickle is read by
+`safe_pickle.Unpickler`: nothing off its allow-list is imported or called.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from typing import Any
+
+import torch
+
+from streamconv.errors import ConversionError
+from streamconv.sources import safe_pickle
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: signature .. name length, extra length
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of bytes [offset, offset + size) of an open file descriptor."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        super().__init__()
+        self.fd, self.offset, self.size, self.pos = fd, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self.size - self.pos))
+        data = os.pread(self.fd, n, self.offset + self.pos) if n else b""
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class _Unpickler(safe_pickle.Unpickler):
+    """The restricted unpickler, plus torch's storage type names and storages from the mapping."""
+
+    def __init__(self, data: bytes, storage_for: Any) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storage_for = storage_for
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name == "UntypedStorage":
+            return torch.UntypedStorage
+        if module == "torch" and name.endswith("Storage"):
+            try:
+                return torch.serialization.StorageType(name)
+            except KeyError:
+                pass
+        return super().find_class(module, name)
+
+    def persistent_load(self, saved_id: Any) -> Any:
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] not in ("storage", b"storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r:.80}")
+        _, storage_type, key, _location, numel = saved_id
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int):
+            raise pickle.UnpicklingError(f"unexpected storage {storage_type!r:.80}")
+        return self.storage_for(str(key), dtype, numel)
+
+
+def load(path: str, offset: int = 0, size: int | None = None) -> Any:
+    """The object pickled in the torch zip file at [offset, offset + size) of `path`, tensors mmap-backed.
+
+    Raises ConversionError (one line) for a damaged or truncated zip, compressed members or big-endian data.
+    """
+    file_size = os.path.getsize(path)
+    size = file_size - offset if size is None else size
+    if offset + size > file_size:
+        raise ConversionError(f"{path} is truncated (the checkpoint inside it ends past the end of the file)")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        members, data, byteorder = _read_directory(path, fd, offset, size)
+    finally:
+        os.close(fd)
+    if byteorder not in (b"", sys.byteorder.encode()):
+        raise ConversionError(f"{path}: the checkpoint was saved {byteorder.decode(errors='replace')}-endian, "
+                              f"this machine is {sys.byteorder}-endian; re-save it on a matching machine")
+    mapping = torch.UntypedStorage.from_file(path, False, file_size)  # private, like torch.load(mmap=True)
+    loaded: dict[str, torch.storage.TypedStorage] = {}
+
+    def storage_for(key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
+        if key not in loaded:
+            nbytes = numel * torch._utils._element_size(dtype)
+            start, length = members.get(key, (None, 0))
+            if start is None or nbytes > length:
+                raise ConversionError(f"{path}: storage {key!r} is missing or shorter than its tensor; "
+                                      "the checkpoint is damaged, copy or download it again")
+            loaded[key] = torch.storage.TypedStorage(
+                wrap_storage=mapping[offset + start : offset + start + nbytes], dtype=dtype, _internal=True)
+        return loaded[key]
+
+    try:
+        return _Unpickler(data, storage_for).load()
+    except ConversionError:
+        raise
+    except Exception as exc:  # a damaged pickle can fail in many ways
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"cannot read checkpoint {path}: it is damaged ({reason}); "
+                              "copy or download it again") from None
+
+
+def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[str, tuple[int, int]], bytes, bytes]:
+    """Storage key -> (start, length) of its bytes relative to `offset`, the data.pkl bytes, the byteorder."""
+    window = _Window(fd, offset, size)
+    try:
+        with zipfile.ZipFile(window) as archive:
+            pickles = [i.filename for i in archive.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"]
+            if not pickles:
+                raise ConversionError(f"{path}: the weights are a zip file but not a torch checkpoint (no data.pkl)")
+            prefix = pickles[0][: -len("data.pkl")]
+            data = archive.read(pickles[0])
+            names = set(archive.namelist())
+            byteorder = archive.read(prefix + "byteorder") if prefix + "byteorder" in names else b""
+            members: dict[str, tuple[int, int]] = {}
+            for info in archive.infolist():
+                if not info.filename.startswith(prefix + "data/"):
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ConversionError(f"{path}: member {info.filename!r} is compressed; torch writes "
+                                          "checkpoints uncompressed, re-save it with torch.save")
+                header = os.pread(fd, _LOCAL_HEADER.size, offset + info.header_offset)
+                if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+                fields = _LOCAL_HEADER.unpack(header)
+                start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+                if start + info.file_size > size:
+                    raise zipfile.BadZipFile(f"{info.filename} ends past the end of the checkpoint")
+                members[info.filename[len(prefix + "data/"):]] = (start, info.file_size)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: the checkpoint inside is truncated or damaged ({exc}); "
+                              "copy or download it again") from None
+    return members, data, byteorder

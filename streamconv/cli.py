@@ -14,11 +14,11 @@ EXIT_BAD_INPUT = 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamconv",
-        description="Convert a NeMo-Megatron GPT-SW3 .ckpt into a Hugging Face GPT-2 folder of sharded "
+        description="Convert a NeMo-Megatron GPT-SW3 .ckpt or .nemo into a Hugging Face GPT-2 folder of sharded "
         "safetensors, one tensor at a time, in memory bounded by the largest tensor.",
     )
     p.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path", metavar="SRC",
-                   help="the NeMo/Lightning .ckpt file")
+                   help="the NeMo/Lightning .ckpt file, or a .nemo archive (plain or gzip) or extracted .nemo folder")
     p.add_argument("--save-path", "--save_path", dest="save_path", metavar="DST",
                    help="output folder (config.json + safetensors shards)")
     p.add_argument("--shard-size", default="5GB",

@@ -37,6 +37,7 @@ class ConversionResult:
     seconds: float = 0.0  # the whole call, from opening the checkpoint to the rename
     stream_seconds: float = 0.0  # moving tensor bytes only
     peak_rss: int = 0  # bytes, ru_maxrss of this process
+    note: str = ""  # how the input was read, when worth saying (a gzip .nemo was extracted)
 
     @property
     def tensors(self) -> int:
@@ -61,7 +62,7 @@ class ConversionResult:
         return (
             f"converted {self.tensors} tensors into {self.shards} shard(s), {_size(self.bytes)} in "
             f"{self.seconds:.2f} s (streaming {self.stream_seconds:.2f} s, {rate:.2f} GB/s), "
-            f"peak RSS {_size(self.peak_rss)} -> {self.save_path}"
+            f"peak RSS {_size(self.peak_rss)} -> {self.save_path}" + (f"; {self.note}" if self.note else "")
         )
 
 
@@ -119,7 +120,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | Non
     """Recipes checked against the checkpoint's tensors, output dtypes, the shard plan and the HF config."""
     if checkpoint.hparams is None and num_heads is None:
         raise ConversionError(
-            f"{checkpoint.path} has no 'hyper_parameters.cfg' entry; pass --num-heads N to convert it anyway "
+            f"{checkpoint.path} has no {checkpoint.config_name}; pass --num-heads N to convert it anyway "
             "(the other sizes are read from the tensor shapes)"
         )
     shapes = {k: tuple(t.shape) for k, t in checkpoint.tensors.items()}
@@ -154,7 +155,7 @@ def convert(
     progress: bool = False,
     before_write: Callable[[Plan], None] | None = None,
 ) -> ConversionResult:
-    """Convert a NeMo-Megatron GPT-SW3 `.ckpt` into a Hugging Face GPT-2 folder of sharded safetensors.
+    """Convert a NeMo-Megatron GPT-SW3 `.ckpt` or `.nemo` into a Hugging Face GPT-2 folder of sharded safetensors.
 
     Raises ConversionError, before anything is written, for any problem with the input or arguments.
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
@@ -166,9 +167,11 @@ def convert(
     out_dtype = resolve_dtype(dtype)
     if not dry_run:
         check_save_path(save_path, overwrite)
-    checkpoint = open_checkpoint(checkpoint_path)
+    parent = os.path.dirname(os.path.abspath(save_path))
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+    checkpoint = open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None, say)
     plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
-    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
+    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run, note=checkpoint.note)
     if before_write is not None:
         before_write(plan)
     if dry_run:
@@ -176,7 +179,6 @@ def convert(
         result.peak_rss = peak_rss()
         return result
 
-    parent = os.path.dirname(os.path.abspath(save_path))
     os.makedirs(parent, exist_ok=True)
     free = shutil.disk_usage(parent).free
     if free < plan.file_bytes:

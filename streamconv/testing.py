@@ -287,6 +287,48 @@ def make_checkpoint(
     return SyntheticCheckpoint(os.fspath(path), model, hf)
 
 
+def make_nemo(
+    path: str | os.PathLike[str],
+    model: SyntheticModel | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    gzip: bool = False,
+    extracted: bool = False,
+    seed: int = 0,
+) -> SyntheticCheckpoint:
+    """Write a `.nemo` as NeMo's `save_to` does: a tar of `./model_config.yaml`, `./model_weights.ckpt` (the
+    bare state_dict) and a tokenizer artifact, members in sorted order; gzip-compressed as before NeMo 1.7
+    with `gzip`, or the extracted folder itself with `extracted`. The weights equal `make_checkpoint`'s."""
+    import tarfile
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    model = model or SyntheticModel()
+    path = os.fspath(path)
+    hf = random_gpt2_state_dict(model, dtype, seed)
+    weights = to_nemo_state_dict(hf, model, seed + 1)
+    precision = {torch.bfloat16: "bf16", torch.float16: 16, torch.float32: 32}[dtype]
+    cfg = nemo_config(model, precision)["cfg"]
+
+    def fill(folder: str) -> None:
+        with open(os.path.join(folder, "model_config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg))
+        torch.save(weights, os.path.join(folder, "model_weights.ckpt"))
+        with open(os.path.join(folder, "4f2a1c9e_tokenizer.model"), "wb") as f:
+            f.write(bytes(range(256)) * 16)  # stands in for a SentencePiece model
+
+    if extracted:
+        os.makedirs(path, exist_ok=True)
+        fill(path)
+    else:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as folder:
+            fill(folder)
+            with tarfile.open(path, "w:gz" if gzip else "w:") as tar:
+                tar.add(folder, arcname=".")
+    return SyntheticCheckpoint(path, model, hf)
+
+
 # Runs a command, samples the resident memory of its process tree every INTERVAL seconds (psutil: RSS, and
 # RSS minus file-backed and shared pages, i.e. RssAnon) and prints one JSON line: wall seconds, ru_maxrss,
 # the samples, the exit code. Linux starts a child's ru_maxrss at its parent's RSS at fork (the hiwater mark

@@ -33,7 +33,8 @@ def verify(
 ) -> list[str]:
     """Every difference between `save_path` and the conversion of `checkpoint_path`; empty if none."""
     save_path = os.fspath(save_path)
-    checkpoint = open_checkpoint(checkpoint_path)
+    parent = os.path.dirname(os.path.abspath(save_path))
+    checkpoint = open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None)
     plan, config = build_plan(checkpoint, 2**62, resolve_dtype(dtype), vocab_size, num_heads)
     expected = {t.name: t for t in plan.tensors}
     problems: list[str] = []

@@ -16,7 +16,7 @@ import functools
 import mmap
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +39,14 @@ class Checkpoint:
     hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict), None if absent; read through `hparam`
     mapped: tuple[int, int] = (0, 0)  # address range of the file mapping the tensors live in
     file_base: int | None = None  # address of file offset 0 in that mapping, when /proc/self/maps tells
+    file: str | None = None  # the mapped file when it is not `path` (a .nemo folder, a gzip .nemo's extract)
+    config_name: str = "'hyper_parameters.cfg' entry"  # where the cfg comes from, for error messages
+    note: str = ""  # said in the summary, e.g. that a gzip archive was extracted
 
     @functools.cached_property
     def fd(self) -> int:
-        """A read-only descriptor of the checkpoint file, for copies inside the kernel."""
-        return os.open(self.path, os.O_RDONLY)
+        """A read-only descriptor of the mapped file, for copies inside the kernel."""
+        return os.open(self.file or self.path, os.O_RDONLY)
 
     def close(self) -> None:
         fd = self.__dict__.pop("fd", None)
@@ -89,9 +92,18 @@ class Checkpoint:
             ) from None
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a Lightning `.ckpt` without reading any weights."""
+def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
+                    say: Callable[[str], None] | None = None) -> Checkpoint:
+    """Open a Lightning `.ckpt` or a `.nemo` (archive or extracted folder) without reading any weights.
+
+    `scratch` is the folder a gzip `.nemo`'s weights are extracted into (the output's parent); `say`
+    receives progress notes for the user.
+    """
+    from streamconv.sources import nemo
+
     path = os.fspath(path)
+    if nemo.is_nemo(path):
+        return nemo.open_nemo(path, scratch, say)
     _check_container(path)
     try:
         payload = torch.load(path, mmap=True, weights_only=False, pickle_module=safe_pickle, map_location="cpu")
@@ -102,24 +114,34 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         ) from None
 
     if not isinstance(payload, Mapping):
-        _refuse(path, "the checkpoint", payload)
+        refuse(path, "the checkpoint", payload)
         raise ConversionError(f"{path} holds a {type(payload).__name__}, not a Lightning checkpoint dict")
     if not isinstance(payload.get("state_dict"), Mapping):
         raise ConversionError(
             f"{path} has no 'state_dict' entry; expected a NeMo/Lightning .ckpt with state_dict and hyper_parameters"
         )
-    _refuse(path, "state_dict", payload["state_dict"])
     hparams = payload.get("hyper_parameters")
-    _refuse(path, "hyper_parameters", hparams)
+    refuse(path, "hyper_parameters", hparams)
     cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
-    tensors = {k: v for k, v in payload["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return checkpoint_from_state_dict(path, payload["state_dict"], cfg)
+
+
+def checkpoint_from_state_dict(path: str, state_dict: Mapping, cfg: Any, file: str | None = None,
+                               config_name: str | None = None) -> Checkpoint:
+    """A Checkpoint over an unpickled, mmap-backed state_dict of the file `file` (default `path`)."""
+    refuse(path, "state_dict", state_dict)
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     storages = [t.untyped_storage() for t in tensors.values()]
     mapped = (
         (min(s.data_ptr() for s in storages), max(s.data_ptr() + s.nbytes() for s in storages))
         if storages
         else (0, 0)
     )
-    return Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped, file_base=_file_base(path, mapped[0]))
+    checkpoint = Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped,
+                            file_base=_file_base(file or path, mapped[0]), file=file)
+    if config_name:
+        checkpoint.config_name = config_name
+    return checkpoint
 
 
 def _file_base(path: str, address: int) -> int | None:
@@ -164,7 +186,7 @@ def _check_container(path: str) -> None:
         raise ConversionError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
 
 
-def _refuse(path: str, entry: str, obj: Any) -> None:
+def refuse(path: str, entry: str, obj: Any) -> None:
     name = safe_pickle.refused_global(obj)
     if name is not None:
         raise ConversionError(

@@ -74,6 +74,15 @@ def test_round_trip_logits_and_bits(nemos, tmp_path, kind):
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary extract left behind
 
 
+def test_gzip_extract_of_a_killed_run_is_removed(nemos, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # its pid is gone
+    stale = tmp_path / f".streamconv-nemo-{proc.pid}-x1y2.ckpt"
+    stale.write_bytes(b"left by a SIGKILL")
+    streamconv.convert(nemos["gzip"].path, tmp_path / "hf", vocab_size=1000)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cli_convert_and_verify(nemos, tmp_path, kind):
     out = tmp_path / "hf"

@@ -30,6 +30,7 @@ CONFIG = "model_config.yaml"
 _RANK = re.compile(r"^(mp_rank_\d+|tp_rank_\d+_pp_rank_\d+)(/|$)")
 _MAX_CONFIG = 16 * 2**20
 _COPY_CHUNK = 16 * 2**20
+_TEMP_PREFIX = ".streamconv-nemo-"
 
 
 def is_nemo(path: str) -> bool:
@@ -80,8 +81,17 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
 
 
 def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Checkpoint:
-    """Decompress the weights member into an unlinked temporary file in `scratch` and open that."""
-    fd, temp = tempfile.mkstemp(prefix=".streamconv-nemo-", suffix=".ckpt", dir=scratch)
+    """Decompress the weights member into an unlinked temporary file in `scratch` and open that.
+
+    Extracts left by runs that were killed meanwhile (their process is gone) are removed first.
+    """
+    import psutil
+
+    for entry in os.listdir(scratch):
+        pid = entry.removeprefix(_TEMP_PREFIX).split("-")[0]
+        if entry.startswith(_TEMP_PREFIX) and not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            os.remove(os.path.join(scratch, entry))
+    fd, temp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".ckpt", dir=scratch)
     try:
         found, text = False, None
         with os.fdopen(fd, "wb") as out, tarfile.open(path, "r|gz") as tar:

@@ -200,14 +200,18 @@ def start_conversion(ckpt, out, **popen):
 
 
 def wait_for_partial_shard(parent, proc, min_bytes=2**20):
-    """Block until the child has a partly written shard in its staging folder."""
+    """Block until the child has a partly written shard in its staging folder, then stop it (SIGSTOP) so that
+    a busy machine cannot let it finish before the test acts; SIGCONT resumes it."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         for entry in os.listdir(parent):
             if ".streamconv-tmp-" in entry:
                 shard = os.path.join(parent, entry, "model.safetensors")
                 if os.path.exists(shard) and os.path.getsize(shard) >= min_bytes:
-                    return os.path.join(parent, entry)
+                    proc.send_signal(signal.SIGSTOP)
+                    if os.path.exists(os.path.join(parent, entry)):
+                        return os.path.join(parent, entry)
+                    proc.send_signal(signal.SIGCONT)
         time.sleep(0.005)
     pytest.fail("the conversion finished (or failed) before it could be interrupted")
 
@@ -233,8 +237,9 @@ def test_signal_stops_and_cleans_up(checkpoints, tmp_path, sig, code):
     out = tmp_path / "out"
     proc = start_conversion(source.path, out)
     wait_for_partial_shard(tmp_path, proc)
-    sent = time.monotonic()
     proc.send_signal(sig)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=30) == code
     assert time.monotonic() - sent < 5
     assert "nothing was written" in proc.stderr.read()

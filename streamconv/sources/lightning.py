@@ -1,8 +1,8 @@
 """PyTorch Lightning `.ckpt` files as NeMo-Megatron writes them.
 
-The file is opened with `torch.load(mmap=True)`: tensors are views into one private mapping of the whole
-file, so nothing is read until it is touched, and optimizer state is never touched. The pickle is read
-by `safe_pickle`, which builds only allow-listed classes and turns every other global into an inert
+The file is opened by `torch_zip.load`, as `torch.load(mmap=True)` would: tensors are views into one private
+mapping of the whole file, so nothing is read until it is touched, and optimizer state is never touched.
+The pickle is read by `safe_pickle`, which builds only allow-listed classes and turns every other global into an inert
 placeholder, so a checkpoint cannot run code; placeholders inside `state_dict` or `hyper_parameters` are
 refused by name. Pages of the mapping stay resident once touched; `Checkpoint.release` hands them back
 after a tensor has been consumed, which is what keeps memory bounded.
@@ -15,7 +15,6 @@ import ctypes.util
 import functools
 import mmap
 import os
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from streamconv.errors import ConversionError
-from streamconv.sources import safe_pickle
+from streamconv.sources import safe_pickle, torch_zip
 
 # torch.save(..., _use_new_zipfile_serialization=False): a pickle stream starting with torch's magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -105,13 +104,7 @@ def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
     if nemo.is_nemo(path):
         return nemo.open_nemo(path, scratch, say)
     _check_container(path)
-    try:
-        payload = torch.load(path, mmap=True, weights_only=False, pickle_module=safe_pickle, map_location="cpu")
-    except Exception as exc:  # a damaged pickle or zip member can fail in many ways; none is a bug here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(
-            f"cannot read checkpoint {path}: it is damaged ({reason}); copy or download it again"
-        ) from None
+    payload = torch_zip.load(path)
 
     if not isinstance(payload, Mapping):
         refuse(path, "the checkpoint", payload)
@@ -137,11 +130,9 @@ def checkpoint_from_state_dict(path: str, state_dict: Mapping, cfg: Any, file: s
         if storages
         else (0, 0)
     )
-    checkpoint = Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped,
-                            file_base=_file_base(file or path, mapped[0]), file=file)
-    if config_name:
-        checkpoint.config_name = config_name
-    return checkpoint
+    return Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped,
+                      file_base=_file_base(file or path, mapped[0]), file=file,
+                      config_name=config_name or Checkpoint.config_name)
 
 
 def _file_base(path: str, address: int) -> int | None:
@@ -174,16 +165,6 @@ def _check_container(path: str) -> None:
         )
     if not head.startswith(_ZIP_MAGIC):
         raise ConversionError(f"{path} is not a torch checkpoint (no zip header); check --checkpoint-path")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        raise ConversionError(
-            f"{path} is truncated or damaged (its zip directory is unreadable); was the copy interrupted? "
-            "copy or download it again"
-        ) from None
-    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
-        raise ConversionError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
 
 
 def refuse(path: str, entry: str, obj: Any) -> None:

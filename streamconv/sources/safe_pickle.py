@@ -1,4 +1,4 @@
-"""A pickle module for `torch.load(pickle_module=...)` that never imports or calls anything off a list.
+"""A restricted unpickler for torch checkpoints that never imports or calls anything off a list.
 
 A checkpoint's pickle names the globals it needs; a normal unpickler imports and calls them, which is
 how a checkpoint runs code. Here `find_class` answers from `ALLOWED` (what tensors, containers and
@@ -103,10 +103,6 @@ class Unpickler(pickle.Unpickler):
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = ALLOWED.get(f"{module}.{name}")
         return found if found is not None else placeholder_class(f"{module}.{name}")
-
-
-def load(*args: Any, **kwargs: Any) -> Any:  # torch.load checks the module has the pickle API
-    return Unpickler(*args, **kwargs).load()
 
 
 def refused_global(obj: Any) -> str | None:

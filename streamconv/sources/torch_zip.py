@@ -1,4 +1,4 @@
-"""Unpickle a torch zip checkpoint that sits at a byte range of a larger file, without copying it out.
+"""Unpickle a torch zip checkpoint, a whole `.ckpt` or one at a byte range of a larger file, mmap-backed.
 
 A plain `.nemo` is a tar; its `model_weights.ckpt` member is a torch zip file stored contiguously inside
 it. torch.load only opens whole files, so this does what `torch.load(mmap=True)` does, at an offset:
@@ -152,6 +152,6 @@ def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[st
                     raise zipfile.BadZipFile(f"{info.filename} ends past the end of the checkpoint")
                 members[info.filename[len(prefix + "data/"):]] = (start, info.file_size)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: the checkpoint inside is truncated or damaged ({exc}); "
+        raise ConversionError(f"{path}: its torch checkpoint is truncated or damaged ({exc}); "
                               "copy or download it again") from None
     return members, data, byteorder

@@ -9,8 +9,9 @@ vocabulary rows padded to a multiple of `make_vocab_size_divisible_by`.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,11 @@ PREFIX = "model.language_model."
 
 @dataclass
 class SyntheticModel:
-    """A GPT-SW3-shaped model; defaults are tiny. `n_inner` defaults to 4 x `n_embd` as in GPT-SW3."""
+    """A GPT-SW3-shaped model; defaults are tiny. `n_inner` defaults to 4 x `n_embd` as in GPT-SW3.
+
+    `tensor_model_parallel_size` is the TP degree the model was trained with: NeMo pads the vocabulary to a
+    multiple of `make_vocab_size_divisible_by` x TP so the embedding splits evenly across TP ranks.
+    """
 
     n_embd: int = 64
     n_layer: int = 2
@@ -29,6 +34,7 @@ class SyntheticModel:
     vocab_size: int = 64000
     n_positions: int = 128
     make_vocab_size_divisible_by: int = 128
+    tensor_model_parallel_size: int = 1
 
     @property
     def ffn(self) -> int:
@@ -36,7 +42,7 @@ class SyntheticModel:
 
     @property
     def padded_vocab(self) -> int:
-        m = self.make_vocab_size_divisible_by
+        m = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
         return -(-self.vocab_size // m) * m
 
 
@@ -161,16 +167,24 @@ def nemo_weight_bytes(model: SyntheticModel, itemsize: int = 2) -> int:
     return itemsize * (model.padded_vocab * h + model.n_positions * h + model.n_layer * layer + 2 * h)
 
 
-def nemo_config(model: SyntheticModel, precision: str):
-    """`hyper_parameters` as NeMo saves it: one DictConfig({'cfg': ...}) with interpolations unresolved."""
+def nemo_config(
+    model: SyntheticModel,
+    precision: str | int,
+    *,
+    pipeline_model_parallel_size: int = 1,
+    tokenizer_model: str = "nemo:4f2a1c9e_tokenizer.model",
+):
+    """`hyper_parameters` as NeMo saves it: one DictConfig({'cfg': ...}) with interpolations unresolved.
+
+    The TP degree is the model's `tensor_model_parallel_size` (it also sets the vocabulary padding)."""
     from omegaconf import OmegaConf
 
     cfg = {
         "precision": precision,
         "micro_batch_size": 4,
         "global_batch_size": 256,
-        "tensor_model_parallel_size": 1,
-        "pipeline_model_parallel_size": 1,
+        "tensor_model_parallel_size": model.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": pipeline_model_parallel_size,
         "encoder_seq_length": model.n_positions,
         "max_position_embeddings": "${.encoder_seq_length}",
         "num_layers": model.n_layer,
@@ -191,7 +205,7 @@ def nemo_config(model: SyntheticModel, precision: str):
         "normalization": "layernorm",
         "transformer_block_type": "pre_ln",
         "tokenizer": {"library": "sentencepiece", "type": None,
-                      "model": "nemo:4f2a1c9e_tokenizer.model", "vocab_file": None, "merge_file": None},
+                      "model": tokenizer_model, "vocab_file": None, "merge_file": None},
         "optim": {"name": "fused_adam", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1,
                   "sched": {"name": "CosineAnnealing", "warmup_steps": 100, "min_lr": "${multiply:${..lr},0.1}"}},
     }
@@ -240,8 +254,6 @@ def make_checkpoint(
     at a time without keeping the GPT-2 copy (the result's `hf_state_dict` is empty), and optimizer state is
     zeros mapped from a sparse scratch file, so RAM holds the NeMo weights once plus one layer.
     """
-    from omegaconf import DictConfig
-
     model = model or SyntheticModel()
     zeros_file = None
     if keep_hf:
@@ -262,8 +274,26 @@ def make_checkpoint(
             zeros_file = f"{os.fspath(path)}.zeros"
             with open(zeros_file, "wb") as f:
                 f.truncate(4 * max(p.numel() for p in weights.values()))
-    precision = {torch.bfloat16: "bf16", torch.float16: 16, torch.float32: 32}[dtype]
-    checkpoint = {
+    checkpoint = lightning_checkpoint(
+        weights, nemo_config(model, _precision(dtype)), [adam_state(weights, zeros_file)] if optimizer else []
+    )
+    try:
+        torch.save(checkpoint, path)
+    finally:
+        if zeros_file is not None:
+            os.remove(zeros_file)
+    return SyntheticCheckpoint(os.fspath(path), model, hf)
+
+
+def _precision(dtype: torch.dtype) -> str | int:
+    return {torch.bfloat16: "bf16", torch.float16: 16, torch.float32: 32}[dtype]
+
+
+def lightning_checkpoint(weights: Mapping[str, torch.Tensor], hyper_parameters, optimizer_states: list) -> dict:
+    """The dict PyTorch Lightning saves for a NeMo model: training keys around `state_dict` and the config."""
+    from omegaconf import DictConfig
+
+    return {
         "epoch": 0,
         "global_step": 100,
         "pytorch-lightning_version": "1.9.5",
@@ -271,20 +301,14 @@ def make_checkpoint(
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1, "completed": 0}}}},
         "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
             "best_model_score": torch.tensor(2.42), "best_model_path": "", "kth_best_model_path": ""}},
-        "optimizer_states": [adam_state(weights, zeros_file)] if optimizer else [],
+        "optimizer_states": optimizer_states,
         "lr_schedulers": [{"base_lrs": [1e-4], "last_epoch": 100, "_step_count": 101}],
         "NativeMixedPrecisionPlugin": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 1000, "_growth_tracker": 0},
         "hparams_name": "cfg",
-        "hyper_parameters": nemo_config(model, precision),
+        "hyper_parameters": hyper_parameters,
         "hparams_type": DictConfig,
     }
-    try:
-        torch.save(checkpoint, path)
-    finally:
-        if zeros_file is not None:
-            os.remove(zeros_file)
-    return SyntheticCheckpoint(os.fspath(path), model, hf)
 
 
 def make_nemo(
@@ -401,3 +425,225 @@ def measure(command: list[str], interval: float = 0.05, check: bool = True) -> M
 def peak_rss_of(command: list[str]) -> int:
     """Run `command` (stdout discarded) and return its peak resident set in bytes; raise if it fails."""
     return measure(command).peak_rss
+
+
+# --- Tensor- and pipeline-parallel checkpoints ------------------------------------------------------------------
+
+# NeMo key suffixes Megatron splits across TP ranks: column-parallel (and the vocab-parallel embedding) on dim 0,
+# row-parallel on dim 1. Everything else (layer norms, position embeddings, row-parallel biases) is replicated.
+COLUMN_PARALLEL = (
+    "self_attention.query_key_value.weight",
+    "self_attention.query_key_value.bias",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_h_to_4h.bias",
+    "embedding.word_embeddings.weight",
+)
+ROW_PARALLEL = (
+    "self_attention.dense.weight",
+    "mlp.dense_4h_to_h.weight",
+)
+TIED_COPY = "model.word_embeddings.weight"  # the output layer's copy of the word embedding on the last PP stage
+_LAYER = re.compile(r"^(model\.language_model\.encoder\.layers\.)(\d+)\.(.+)$")
+
+
+def parallel_dim(key: str) -> int | None:
+    """The dim Megatron splits `key` on across TP ranks, or None when every TP rank holds all of it."""
+    if key == TIED_COPY or key.endswith(COLUMN_PARALLEL):
+        return 0
+    if key.endswith(ROW_PARALLEL):
+        return 1
+    return None
+
+
+def rank_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """NeMo's folder for one model-parallel rank: `mp_rank_00` without PP, else `tp_rank_00_pp_rank_000`."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}"
+
+
+def split_for_parallel(
+    state_dict: Mapping[str, torch.Tensor], tp: int, pp: int, *, tied_copy: bool = True
+) -> dict[tuple[int, int], OrderedDict]:
+    """(tp_rank, pp_rank) -> that rank's NeMo state_dict: the inverse of Megatron's merge rules.
+
+    `state_dict` is consolidated, as `to_nemo_state_dict` makes it. TP: `COLUMN_PARALLEL` keys are chunked on
+    dim 0, `ROW_PARALLEL` on dim 1, the rest replicated; slices are cloned so `torch.save` stores only them. PP:
+    the layers are split evenly and renumbered from 0 on each stage; the embeddings live on stage 0, the final
+    layer norm on the last, which (with pp > 1 and `tied_copy`) also holds its TP slice of the word embedding
+    as `model.word_embeddings.weight`. A `model.word_embeddings.weight` in the input is ignored.
+    """
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp and pp must be at least 1, got tp={tp}, pp={pp}")
+    layers = sorted({int(m.group(2)) for k in state_dict if (m := _LAYER.match(k))})
+    if layers != list(range(len(layers))):
+        raise ValueError(f"layer indices are not 0..{len(layers) - 1}: {layers}")
+    if len(layers) % pp:
+        raise ValueError(f"{len(layers)} layers do not split evenly into {pp} pipeline stages")
+    per_stage = len(layers) // pp
+
+    ranks: dict[tuple[int, int], OrderedDict] = {(t, p): OrderedDict() for p in range(pp) for t in range(tp)}
+    word_embeddings: torch.Tensor | None = None
+    for key, tensor in state_dict.items():
+        if key == TIED_COPY:
+            continue
+        if m := _LAYER.match(key):
+            i = int(m.group(2))
+            stage, local_key = i // per_stage, f"{m.group(1)}{i % per_stage}.{m.group(3)}"
+        elif key.startswith(PREFIX + "embedding."):
+            stage, local_key = 0, key
+        elif key.startswith((PREFIX + "encoder.final_layernorm.", PREFIX + "output_layer.")):
+            stage, local_key = pp - 1, key
+        else:
+            raise ValueError(f"do not know which pipeline stage holds {key!r}")
+        if key == PREFIX + "embedding.word_embeddings.weight":
+            word_embeddings = tensor
+        for t, piece in enumerate(_tp_slices(key, tensor, tp)):
+            ranks[t, stage][local_key] = piece
+    if pp > 1 and tied_copy:
+        if word_embeddings is None:
+            raise ValueError(f"no {PREFIX}embedding.word_embeddings.weight to copy to the last stage")
+        for t, piece in enumerate(_tp_slices(TIED_COPY, word_embeddings, tp)):
+            ranks[t, pp - 1][TIED_COPY] = piece
+    return ranks
+
+
+def _tp_slices(key: str, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    dim = parallel_dim(key)
+    if dim is None:
+        return [tensor] * tp
+    if tensor.shape[dim] % tp:
+        hint = " (NeMo pads the vocabulary to make_vocab_size_divisible_by x TP)" if "word_embeddings" in key else ""
+        raise ValueError(f"{key}: dim {dim} of {tuple(tensor.shape)} does not split into {tp} TP ranks{hint}")
+    return [piece.clone() for piece in torch.chunk(tensor, tp, dim=dim)]
+
+
+PARALLEL_KINDS = ("nemo", "nemo-gzip", "extracted", "ckpt-folder")
+CKPT_NAME = "megatron_gpt--step=100-last.ckpt"
+
+
+def make_parallel(
+    path: str | os.PathLike[str],
+    model: SyntheticModel | None = None,
+    *,
+    tp: int,
+    pp: int = 1,
+    kind: str = "nemo",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    tokenizer: str | os.PathLike[str] | None = None,
+    optimizer: bool = True,
+) -> SyntheticCheckpoint:
+    """Write `model` split into tp x pp model-parallel ranks, as NeMo saves such a model, and return it with
+    the consolidated GPT-2 weights (the same as `make_checkpoint` / `make_nemo` with the same seed).
+
+    The vocabulary is padded to `make_vocab_size_divisible_by` x `tp` (the returned model's
+    `tensor_model_parallel_size` is `tp`). Each rank's weights live in `mp_rank_{t:02d}` (pp == 1) or
+    `tp_rank_{t:02d}_pp_rank_{p:03d}`. `kind`:
+
+    - "nemo": a tar of `./model_config.yaml`, `./<rank>/model_weights.ckpt` (bare state_dicts) and the
+      tokenizer artifact `./<8 hex>_tokenizer.model`; "nemo-gzip": the same gzip-compressed; "extracted": the
+      same files in the folder `path`;
+    - "ckpt-folder": the folder `path` holding `<rank>/megatron_gpt--step=100-last.ckpt`, each a Lightning
+      checkpoint of that rank's weights (with its Adam state when `optimizer`) and the whole model's config.
+
+    `tokenizer`, a SentencePiece model file, becomes the artifact (named by its content's hash), referenced as
+    `nemo:<name>`; for "ckpt-folder" the config names the file's absolute path. Without one, the .nemo kinds
+    carry `make_nemo`'s placeholder bytes as `4f2a1c9e_tokenizer.model`.
+    """
+    import dataclasses
+    import hashlib
+    import shutil
+    import tarfile
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    if kind not in PARALLEL_KINDS:
+        raise ValueError(f"kind must be one of {PARALLEL_KINDS}, got {kind!r}")
+    model = model or SyntheticModel()
+    if model.tensor_model_parallel_size != tp:
+        model = dataclasses.replace(model, tensor_model_parallel_size=tp)
+    if model.n_head % tp:
+        raise ValueError(f"{model.n_head} attention heads do not split into {tp} TP ranks")
+    path = os.fspath(path)
+    hf = random_gpt2_state_dict(model, dtype, seed)
+    ranks = split_for_parallel(to_nemo_state_dict(hf, model, seed + 1), tp, pp)
+
+    if tokenizer is None:
+        artifact, content = "4f2a1c9e_tokenizer.model", bytes(range(256)) * 16  # stands in for a SentencePiece model
+    else:
+        with open(tokenizer, "rb") as f:
+            content = f.read()
+        artifact = f"{hashlib.sha256(content).hexdigest()[:8]}_tokenizer.model"
+    if kind == "ckpt-folder":
+        tokenizer_model = "nemo:" + artifact if tokenizer is None else os.path.abspath(tokenizer)
+    else:
+        tokenizer_model = "nemo:" + artifact
+    config = nemo_config(model, _precision(dtype), pipeline_model_parallel_size=pp, tokenizer_model=tokenizer_model)
+
+    if kind == "ckpt-folder":
+        for (t, p), weights in ranks.items():
+            folder = os.path.join(path, rank_name(t, p, pp))
+            os.makedirs(folder, exist_ok=True)
+            states = [adam_state(weights)] if optimizer else []
+            torch.save(lightning_checkpoint(weights, config, states), os.path.join(folder, CKPT_NAME))
+        return SyntheticCheckpoint(path, model, hf)
+
+    def fill(folder: str) -> None:
+        with open(os.path.join(folder, "model_config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(config["cfg"]))
+        with open(os.path.join(folder, artifact), "wb") as f:
+            f.write(content)
+        for (t, p), weights in ranks.items():
+            os.makedirs(os.path.join(folder, rank_name(t, p, pp)), exist_ok=True)
+            torch.save(weights, os.path.join(folder, rank_name(t, p, pp), "model_weights.ckpt"))
+
+    if kind == "extracted":
+        os.makedirs(path, exist_ok=True)
+        fill(path)
+    else:
+        folder = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            fill(folder)
+            with tarfile.open(path, "w:gz" if kind == "nemo-gzip" else "w:") as tar:
+                tar.add(folder, arcname=".")
+        finally:
+            shutil.rmtree(folder)
+    return SyntheticCheckpoint(path, model, hf)
+
+
+# --- A real SentencePiece model ---------------------------------------------------------------------------------
+
+_SP_LETTERS = "abcdefghijklmnopqrstuvwxyzåäö"
+
+
+def make_sentencepiece_model(path: str | os.PathLike[str], vocab_size: int) -> str:
+    """Write a small, deterministic SentencePiece BPE model of exactly `vocab_size` pieces and return its path.
+
+    Trained in memory (no protobuf needed) on generated Swedish-lettered words. Ids as in GPT-SW3's tokenizer:
+    `<pad>` 0, `<unk>` 1, `<s>` 2, `<|endoftext|>` 3 (the eos). Identity normalisation; with `vocab_size` >= 512
+    it falls back to the 256 byte pieces for characters it lacks, as GPT-SW3's does. Needs `vocab_size` >= 34
+    (4 special pieces, 29 letters and the word-boundary mark); a few hundredths of a second for 1000 pieces.
+    """
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    minimum = 4 + len(_SP_LETTERS) + 1
+    if vocab_size < minimum:
+        raise ValueError(f"a SentencePiece model here needs at least {minimum} pieces, got {vocab_size}")
+    rng = random.Random(0)
+    n = max(2000, 2 * vocab_size)
+    words = ["".join(rng.choice(_SP_LETTERS) for _ in range(rng.randint(2, 9))) for _ in range(n)]
+    sentences = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(n)]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=vocab_size >= 512, normalization_rule_name="identity",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>",
+        eos_piece="<|endoftext|>", num_threads=1, minloglevel=2,
+    )
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(proto.getvalue())
+    return path

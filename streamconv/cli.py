@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors, one tensor at a time, in memory bounded by the largest tensor.",
     )
     p.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path", metavar="SRC",
-                   help="the NeMo/Lightning .ckpt file, or a .nemo archive (plain or gzip) or extracted .nemo folder")
+                   help="the NeMo/Lightning .ckpt file, a .nemo archive (plain or gzip) or extracted .nemo folder, "
+                   "or a folder of per-rank .ckpt files (mp_rank_XX/, tp_rank_XX_pp_rank_YYY/)")
     p.add_argument("--save-path", "--save_path", dest="save_path", metavar="DST",
                    help="output folder (config.json + safetensors shards)")
     p.add_argument("--shard-size", default="5GB",
@@ -27,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="output dtype; auto keeps the checkpoint's (default)")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="true vocabulary size; embedding rows past it are padding (default 64000)")
+                   help="true vocabulary size; embedding rows past it are padding (default: the tokenizer's size "
+                   "with sentencepiece installed, else GPT-SW3's 64000)")
+    p.add_argument("--tokenizer", metavar="MODEL", default=None,
+                   help="SentencePiece model to ship as spiece.model (default: the one inside a .nemo)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for checkpoints without hyper_parameters.cfg (overrides the cfg)")
     p.add_argument("--print-checkpoint-structure", action="store_true",
@@ -72,7 +76,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from streamconv.verification import verify
 
     problems = verify(args.checkpoint_path, args.save_path, dtype=args.dtype, vocab_size=args.vocab_size,
-                      num_heads=args.num_heads)
+                      num_heads=args.num_heads, tokenizer_path=args.tokenizer)
     for problem in problems:
         print(f"verify: {problem}")
     if problems:
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             vocab_size=args.vocab_size,
             num_heads=args.num_heads,
+            tokenizer_path=args.tokenizer,
             overwrite=args.overwrite,
             dry_run=args.dry_run,
             progress=not args.quiet,

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from streamconv import tokenizer
 from streamconv.errors import ConversionError
-from streamconv.pipeline import stream, working_memory
+from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
 from streamconv.sources import Checkpoint, open_checkpoint
+from streamconv.sources.parallel import Split
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -123,6 +125,8 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | Non
             f"{checkpoint.path} has no {checkpoint.config_name}; pass --num-heads N to convert it anyway "
             "(the other sizes are read from the tensor shapes)"
         )
+    if vocab_size is None and checkpoint.tokenizer is not None:
+        vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: tuple(t.shape) for k, t in checkpoint.tensors.items()}
     dims = gpt_sw3.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads)
     recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[gpt_sw3.EMBEDDING][0])
@@ -135,6 +139,14 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | Non
                 f"source tensor {r.source!r} has shape {tuple(source.shape)}, expected {r.source_shape} "
                 "from the checkpoint's cfg"
             )
+        if isinstance(source, Split) and r.rows is None:
+            sliced = r.arrangement.view[split_view_axis(r.source_shape, r.arrangement.view, source.axis)]
+            if sliced % len(source.parts):
+                raise ConversionError(
+                    f"source tensor {r.source!r} is sliced across {len(source.parts)} tensor-parallel ranks, which "
+                    f"do not divide its {sliced} {'heads' if 'query_key_value' in r.source else 'rows'}; check "
+                    "num_attention_heads (--num-heads) against the checkpoint"
+                )
     dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in recipes]
     plan = make_plan(recipes, dtypes, shard_size)
     config = gpt_sw3.hf_config(checkpoint.hparam, dims, str(dtypes[0]).removeprefix("torch."))
@@ -150,6 +162,7 @@ def convert(
     dtype: str | torch.dtype | None = None,
     vocab_size: int | None = None,
     num_heads: int | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
@@ -157,6 +170,8 @@ def convert(
 ) -> ConversionResult:
     """Convert a NeMo-Megatron GPT-SW3 `.ckpt` or `.nemo` into a Hugging Face GPT-2 folder of sharded safetensors.
 
+    The tokenizer is the SentencePiece model at `tokenizer_path`, else the one a `.nemo` ships; without
+    `vocab_size`, the vocabulary is its size (with sentencepiece installed), else GPT-SW3's 64000.
     Raises ConversionError, before anything is written, for any problem with the input or arguments.
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
     """
@@ -170,8 +185,15 @@ def convert(
     parent = os.path.dirname(os.path.abspath(save_path))
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     checkpoint = open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None, say)
+    if tokenizer_path is not None:
+        checkpoint.tokenizer = _read_tokenizer(os.fspath(tokenizer_path))
     plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
-    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run, note=checkpoint.note)
+    notes = [checkpoint.note] if checkpoint.note else []
+    if vocab_size is None:
+        told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None
+        notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
+                     "(GPT-SW3's; pass --vocab-size if the model's differs)"))
+    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
     if before_write is not None:
         before_write(plan)
     if dry_run:
@@ -206,6 +228,12 @@ def convert(
         result.stream_seconds = time.perf_counter() - stream_started
         bar.close()
         config_written.result()
+        if checkpoint.tokenizer is not None:
+            tokenizer.save(staging, checkpoint.tokenizer, config["n_positions"])
+            notes.append(tokenizer.check(staging, config["vocab_size"]))
+        else:
+            notes.append("no tokenizer in the checkpoint: pass --tokenizer, or copy its SentencePiece model as "
+                         f"{tokenizer.MODEL_FILE}")
         if plan.is_sharded:
             with open(os.path.join(staging, INDEX_NAME), "w") as f:
                 json.dump(plan.index(), f, indent=2, sort_keys=True)
@@ -218,7 +246,16 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.perf_counter() - started
     result.peak_rss = peak_rss()
+    result.note = "; ".join(notes)
     return result
+
+
+def _read_tokenizer(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConversionError(f"cannot read the tokenizer {path} ({exc.strerror}); check --tokenizer") from None
 
 
 def _write_config(folder: str, config: dict) -> None:

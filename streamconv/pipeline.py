@@ -10,6 +10,7 @@ Three things overlap, each bounded:
   pass through unchanged are copied file to file inside the kernel (copy_file_range), never entering
   this process.
 So memory holds at most BUFFERS output buffers plus a couple of read chunks, whatever the model size.
+A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ import torch
 
 from streamconv.arrange import Arranger
 from streamconv.plan import Plan, Shard, TensorSpec
+from streamconv.recipes.gpt_sw3 import Arrangement
 from streamconv.safetensors_writer import ShardWriter
 from streamconv.sources import Checkpoint
+from streamconv.sources.parallel import Split
 
 CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
 BUFFERS = 2  # output buffers: one being filled while the other is written
 WRITE_QUEUE = 4  # pending writes of pass-through chunks
 
 
-def passes_through(spec: TensorSpec, source_dtype: torch.dtype) -> bool:
-    """True when the output bytes are the source bytes (no permutation, no cast): no device needs them."""
+def passes_through(spec: TensorSpec, source: torch.Tensor | Split) -> bool:
+    """True when the output bytes are the source bytes, slice after slice (no permutation, no cast, any
+    tensor-parallel slices stacked on rows): no device needs them."""
     perm = spec.recipe.arrangement.perm
-    return perm == tuple(range(len(perm))) and spec.dtype == source_dtype
+    stacked = not isinstance(source, Split) or source.axis == 0
+    return perm == tuple(range(len(perm))) and spec.dtype == source.dtype and stacked
 
 
 def buffer_bytes(plan: Plan, checkpoint: Checkpoint) -> int:
@@ -43,7 +48,7 @@ def buffer_bytes(plan: Plan, checkpoint: Checkpoint) -> int:
     sizes = [
         t.nbytes
         for t in plan.tensors
-        if not passes_through(t, checkpoint.tensors[t.recipe.source].dtype)
+        if not passes_through(t, checkpoint.tensors[t.recipe.source])
     ]
     return max(sizes, default=0)
 
@@ -78,10 +83,18 @@ def stream(
         run.writes.finish()
 
 
-def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor:
-    """The source tensor of an output tensor, less any padding rows."""
+def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor | Split:
+    """The source tensor (or tensor-parallel slices) of an output tensor, less any padding rows."""
     source = checkpoint.tensors[spec.recipe.source]
-    return source[: spec.recipe.rows] if spec.recipe.rows is not None else source
+    if spec.recipe.rows is None:
+        return source
+    return source.first_rows(spec.recipe.rows) if isinstance(source, Split) else source[: spec.recipe.rows]
+
+
+def pieces(source: torch.Tensor | Split) -> tuple[torch.Tensor, ...]:
+    """The contiguous source tensors to read, in order: the tensor itself, or its slices."""
+    parts = source.parts if isinstance(source, Split) else (source,)
+    return tuple(p if p.is_contiguous() else p.contiguous() for p in parts)  # torch.save can keep strided views
 
 
 def row_chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -89,6 +102,42 @@ def row_chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     step = max(1, CHUNK_BYTES // max(1, view[0].numel() * view.element_size()))
     for start in range(0, view.shape[0], step):
         yield start, view[start : start + step]
+
+
+def split_view_axis(shape: tuple[int, ...], view: tuple[int, ...], axis: int) -> int:
+    """The axis of `view` (a refinement of `shape`, each source axis split into consecutive view axes)
+    that a slicing of source axis `axis` slices: the first view axis of that source axis."""
+    j = 0
+    for i, size in enumerate(shape):
+        if i == axis:
+            return j
+        product = 1
+        while product < size:
+            product *= view[j]
+            j += 1
+    raise ValueError(f"axis {axis} out of range for shape {shape}")
+
+
+def arrange_source(arranger: Arranger, out: torch.Tensor, source: torch.Tensor | Split, arrangement: Arrangement,
+                   release: Callable[[torch.Tensor], None]) -> None:
+    """Place a source tensor, or each tensor-parallel slice of one, into `out` (shaped as the output),
+    CHUNK_BYTES of source rows at a time, handing each chunk to `release` once consumed."""
+    if isinstance(source, Split):
+        view_axis = split_view_axis(tuple(source.shape), arrangement.view, source.axis)
+        local = list(arrangement.view)
+        local[view_axis] = -1
+        out_axis, at = arrangement.perm.index(view_axis), 0
+        views = []
+        for part in pieces(source):
+            view = part.view(local)
+            views.append((out.narrow(out_axis, at, view.shape[view_axis]), view))
+            at += view.shape[view_axis]
+    else:
+        views = [(out, pieces(source)[0].view(arrangement.view))]
+    for target, view in views:
+        for start, part in row_chunks(view):
+            arranger.arrange(target, part, arrangement, start)
+            release(part)
 
 
 class _Stream:
@@ -118,7 +167,8 @@ class _Stream:
             writer.close()
 
     def read_ahead(self, spec: TensorSpec) -> None:
-        self.reader.submit(self.checkpoint.prefetch, source_of(spec, self.checkpoint))
+        for part in pieces(source_of(spec, self.checkpoint)):
+            self.reader.submit(self.checkpoint.prefetch, part)
 
     def open(self, path: str, shard: Shard) -> ShardWriter:
         writer = ShardWriter(path, shard)
@@ -128,34 +178,29 @@ class _Stream:
     def move(self, spec: TensorSpec, writer: ShardWriter) -> None:
         """Queue the write of one output tensor: straight from the file, or arranged through a buffer."""
         source = source_of(spec, self.checkpoint)
-        if not source.is_contiguous():  # torch.save kept a strided view: read it whole
-            source = source.contiguous()
-        arrangement = spec.recipe.arrangement
-        view = source.view(arrangement.view)
         checkpoint = self.checkpoint
 
-        if passes_through(spec, source.dtype):
-            for _, part in row_chunks(view):
-                offset = checkpoint.file_offset(part)
+        if passes_through(spec, source):
+            for piece in pieces(source):
+                for _, part in row_chunks(piece):
+                    where = checkpoint.file_offset(part)
 
-                def copy(part: torch.Tensor = part, offset: int | None = offset) -> None:
-                    if offset is None:
-                        writer.append(part)
-                    else:  # file to file inside the kernel; `part` only if the kernel can't
-                        writer.append_from_file(checkpoint.fd, offset, part)
-                    checkpoint.release(part)
-                    self.on_bytes(part.nbytes)
+                    def copy(part: torch.Tensor = part, where: tuple[int, int] | None = where) -> None:
+                        if where is None:
+                            writer.append(part)
+                        else:  # file to file inside the kernel; `part` only if the kernel can't
+                            writer.append_from_file(*where, part)
+                        checkpoint.release(part)
+                        self.on_bytes(part.nbytes)
 
-                self.writes.put(copy)
+                    self.writes.put(copy)
             self.writes.put(lambda: writer.finish_tensor(spec))
             return
 
         host = self.writes.take(self.free)
         target = host if self.scratch is None else self.scratch
-        out = target[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
-        for start, part in row_chunks(view):
-            self.arranger.arrange(out, part, arrangement, start)
-            checkpoint.release(part)
+        out = target[: spec.nbytes].view(spec.dtype).view(spec.recipe.arrangement.out_shape)
+        arrange_source(self.arranger, out, source, spec.recipe.arrangement, checkpoint.release)
         if self.scratch is not None:
             host[: spec.nbytes].copy_(self.scratch[: spec.nbytes])
 

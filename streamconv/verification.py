@@ -18,7 +18,7 @@ import torch
 
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, resolve_dtype
-from streamconv.pipeline import row_chunks, source_of
+from streamconv.pipeline import arrange_source, source_of
 from streamconv.plan import SAFETENSORS_DTYPES, TensorSpec
 from streamconv.sources import Checkpoint, open_checkpoint
 
@@ -30,11 +30,15 @@ def verify(
     dtype: str | torch.dtype | None = None,
     vocab_size: int | None = None,
     num_heads: int | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """Every difference between `save_path` and the conversion of `checkpoint_path`; empty if none."""
     save_path = os.fspath(save_path)
     parent = os.path.dirname(os.path.abspath(save_path))
     checkpoint = open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None)
+    if tokenizer_path is not None:  # it may set the vocabulary size, as in conversion
+        with open(tokenizer_path, "rb") as f:
+            checkpoint.tokenizer = f.read()
     plan, config = build_plan(checkpoint, 2**62, resolve_dtype(dtype), vocab_size, num_heads)
     expected = {t.name: t for t in plan.tensors}
     problems: list[str] = []
@@ -140,12 +144,9 @@ def _compare_bytes(checkpoint: Checkpoint, save_path: str, expected: dict[str, T
             if file not in maps:
                 with open(os.path.join(save_path, file), "rb") as f:
                     maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            source = source_of(spec, checkpoint).contiguous()
             arrangement = spec.recipe.arrangement
             out = buffer[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
-            for start, part in row_chunks(source.view(arrangement.view)):
-                arranger.arrange(out, part, arrangement, start)
-                checkpoint.release(part)
+            arrange_source(arranger, out, source_of(spec, checkpoint), arrangement, checkpoint.release)
             with warnings.catch_warnings():  # the mapping is read-only, and only read
                 warnings.simplefilter("ignore", UserWarning)
                 on_disk = torch.frombuffer(maps[file], dtype=torch.uint8, count=end - begin, offset=begin)

@@ -97,9 +97,10 @@ def test_cli_convert_and_verify(nemos, tmp_path, kind):
 def test_plain_nemo_is_read_in_place(nemos):
     checkpoint = streamconv.sources.open_checkpoint(nemos["plain"].path)
     try:
-        assert checkpoint.file_base is not None
+        assert [m.file for m in checkpoint.files] == [nemos["plain"].path]
         for tensor in checkpoint.tensors.values():  # offsets point into the tar: copy_file_range copies from it
-            raw = os.pread(checkpoint.fd, tensor.nbytes, checkpoint.file_offset(tensor))
+            fd, offset = checkpoint.file_offset(tensor)
+            raw = os.pread(fd, tensor.nbytes, offset)
             assert raw == tensor.contiguous().view(torch.uint8).numpy().tobytes()
     finally:
         checkpoint.close()
@@ -129,7 +130,7 @@ def cli(tmp_path, path, *extra):
 def test_missing_weights(small_members, tmp_path):
     del small_members["model_weights.ckpt"]
     write_tar(tmp_path / "in.nemo", small_members)
-    assert_one_line_error(cli(tmp_path, tmp_path / "in.nemo"), "without a model_weights.ckpt")
+    assert_one_line_error(cli(tmp_path, tmp_path / "in.nemo"), "without model_weights.ckpt")
     assert not (tmp_path / "out").exists()
 
 
@@ -152,13 +153,15 @@ def test_truncated_archive(small_members, tmp_path, gzip):
     assert sorted(os.listdir(tmp_path)) == ["in.nemo", "small"]  # no output, no temporary extract
 
 
-@pytest.mark.parametrize("layout", ["config", "mp_rank", "tp_pp_rank", "folder"])
-def test_tensor_or_pipeline_parallel_is_refused(small_members, tmp_path, layout):
+@pytest.mark.parametrize("layout, message", [
+    ("config", "says tensor_model_parallel_size 2 but the files hold 1"),
+    ("tp_pp_rank", "lacks rank tp_rank_00_pp_rank_000"),
+    ("folder", "lacks rank tp_rank_00_pp_rank_000"),
+])
+def test_ranks_that_do_not_add_up_are_refused(small_members, tmp_path, layout, message):
     if layout == "config":
         cfg = yaml.safe_load(small_members["model_config.yaml"])
         small_members["model_config.yaml"] = yaml.safe_dump({**cfg, "tensor_model_parallel_size": 2}).encode()
-    elif layout == "mp_rank":
-        small_members["mp_rank_00/model_weights.ckpt"] = small_members.pop("model_weights.ckpt")
     else:
         small_members["tp_rank_00_pp_rank_001/model_weights.ckpt"] = small_members.pop("model_weights.ckpt")
     if layout == "folder":
@@ -169,8 +172,16 @@ def test_tensor_or_pipeline_parallel_is_refused(small_members, tmp_path, layout)
     else:
         write_tar(tmp_path / "in.nemo", small_members)
         path = tmp_path / "in.nemo"
-    assert_one_line_error(cli(tmp_path, path), "not supported yet")
+    assert_one_line_error(cli(tmp_path, path), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_single_mp_rank_is_a_whole_model(small_members, tmp_path):
+    small_members["mp_rank_00/model_weights.ckpt"] = small_members.pop("model_weights.ckpt")
+    write_tar(tmp_path / "in.nemo", small_members)
+    proc = cli(tmp_path, tmp_path / "in.nemo")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_plain_directory_keeps_its_error(tmp_path):

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import mmap
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,37 +29,57 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass
+class MappedFile:
+    """One file whose tensors are views into a private mapping of it (a .ckpt, a .nemo, a rank's weights)."""
+
+    file: str
+    start: int  # address range of the mapping the tensors live in
+    end: int
+    base: int | None  # address of file offset 0 in that mapping, when /proc/self/maps tells
+    fd: int | None = None  # a read-only descriptor, opened on first use (copies inside the kernel)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        start = tensor.data_ptr()
+        return tensor.device.type == "cpu" and self.start <= start and start + tensor.nbytes <= self.end
+
+    def descriptor(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.file, os.O_RDONLY)
+        return self.fd
+
+
+@dataclass
 class Checkpoint:
-    """A NeMo checkpoint opened lazily: `tensors` maps state_dict keys to mmap-backed tensors."""
+    """A NeMo checkpoint opened lazily: `tensors` maps state_dict keys to mmap-backed tensors, or to
+    `Split`s (slices on tensor-parallel ranks, in `sources/parallel.py`) of a model saved in parts."""
 
     path: str
-    tensors: Mapping[str, torch.Tensor]
+    tensors: Mapping[str, Any]  # torch.Tensor, or Split for a tensor-parallel model
     hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict), None if absent; read through `hparam`
-    mapped: tuple[int, int] = (0, 0)  # address range of the file mapping the tensors live in
-    file_base: int | None = None  # address of file offset 0 in that mapping, when /proc/self/maps tells
-    file: str | None = None  # the mapped file when it is not `path` (a .nemo folder, a gzip .nemo's extract)
+    files: list[MappedFile] = field(default_factory=list)
     config_name: str = "'hyper_parameters.cfg' entry"  # where the cfg comes from, for error messages
     note: str = ""  # said in the summary, e.g. that a gzip archive was extracted
-
-    @functools.cached_property
-    def fd(self) -> int:
-        """A read-only descriptor of the mapped file, for copies inside the kernel."""
-        return os.open(self.file or self.path, os.O_RDONLY)
+    tokenizer: bytes | None = None  # the SentencePiece model shipped with the checkpoint (a .nemo artifact)
 
     def close(self) -> None:
-        fd = self.__dict__.pop("fd", None)
-        if fd is not None:
-            os.close(fd)
+        for mapped in self.files:
+            if mapped.fd is not None:
+                os.close(mapped.fd)
+                mapped.fd = None
 
-    def file_offset(self, tensor: torch.Tensor) -> int | None:
-        """Where a tensor's bytes start in the checkpoint file (None if it is not in the mapping)."""
-        if self.file_base is None or not self._in_mapping(tensor):
+    def _file_of(self, tensor: torch.Tensor) -> MappedFile | None:
+        return next((m for m in self.files if m.holds(tensor)), None)
+
+    def file_offset(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """(descriptor, offset) of a tensor's bytes in its checkpoint file (None if not in a mapping)."""
+        mapped = self._file_of(tensor)
+        if mapped is None or mapped.base is None:
             return None
-        return tensor.data_ptr() - self.file_base
+        return mapped.descriptor(), tensor.data_ptr() - mapped.base
 
     def release(self, tensor: torch.Tensor) -> None:
-        """Hand back the pages behind a consumed source tensor (a view into this checkpoint's mapping)."""
-        if self._in_mapping(tensor):
+        """Hand back the pages behind a consumed source tensor (a view into one of the file mappings)."""
+        if self._file_of(tensor) is not None:
             _madvise(tensor, mmap.MADV_DONTNEED)
 
     def prefetch(self, tensor: torch.Tensor) -> None:
@@ -69,15 +88,11 @@ class Checkpoint:
         One MADV_WILLNEED reads at most the device's readahead window (a few MB), so a large tensor is
         asked for slice by slice. The reads complete asynchronously; this returns once they are queued.
         """
-        if not self._in_mapping(tensor):
+        if self._file_of(tensor) is None:
             return
         flat = tensor.reshape(-1).view(torch.uint8)
         for start in range(0, flat.numel(), _READAHEAD_SLICE):
             _madvise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
-
-    def _in_mapping(self, tensor: torch.Tensor) -> bool:
-        start = tensor.data_ptr()
-        return tensor.device.type == "cpu" and self.mapped[0] <= start and start + tensor.nbytes <= self.mapped[1]
 
     def hparam(self, key: str, default: Any = None) -> Any:
         """One hyper-parameter, with OmegaConf interpolations such as `${.encoder_seq_length}` resolved."""
@@ -122,17 +137,25 @@ def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
 def checkpoint_from_state_dict(path: str, state_dict: Mapping, cfg: Any, file: str | None = None,
                                config_name: str | None = None) -> Checkpoint:
     """A Checkpoint over an unpickled, mmap-backed state_dict of the file `file` (default `path`)."""
-    refuse(path, "state_dict", state_dict)
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    storages = [t.untyped_storage() for t in tensors.values()]
-    mapped = (
-        (min(s.data_ptr() for s in storages), max(s.data_ptr() + s.nbytes() for s in storages))
-        if storages
-        else (0, 0)
-    )
-    return Checkpoint(path=path, tensors=tensors, hparams=cfg, mapped=mapped,
-                      file_base=_file_base(file or path, mapped[0]), file=file,
+    tensors = tensors_of(path, state_dict)
+    return Checkpoint(path=path, tensors=tensors, hparams=cfg, files=[mapped_file(file or path, tensors)],
                       config_name=config_name or Checkpoint.config_name)
+
+
+def tensors_of(path: str, state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """The tensors of an unpickled state_dict, refused if it holds anything not on the allow-list."""
+    refuse(path, "state_dict", state_dict)
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def mapped_file(file: str, tensors: Mapping[str, torch.Tensor]) -> MappedFile:
+    """The mapping of `file` that `tensors` (loaded by torch_zip.load) are views into."""
+    storages = [t.untyped_storage() for t in tensors.values()]
+    if not storages:
+        return MappedFile(file, 0, 0, None)
+    start = min(s.data_ptr() for s in storages)
+    end = max(s.data_ptr() + s.nbytes() for s in storages)
+    return MappedFile(file, start, end, _file_base(file, start))
 
 
 def _file_base(path: str, address: int) -> int | None:

@@ -1,0 +1,136 @@
+"""Models saved in parts: tensor-parallel (TP) slices and pipeline-parallel (PP) stages, merged lazily.
+
+Megatron saves one file per rank, in folders named `mp_rank_XX` (TP only) or `tp_rank_XX_pp_rank_YYY`.
+Merging reads nothing: each stage's layers are renumbered after the stages before it, and a tensor sliced
+across TP ranks becomes a `Split`, the list of its slices (still views into each rank's file mapping)
+with the axis they are concatenated on. The pipeline places each slice where it belongs in the output
+tensor, so only one slice's chunk is read at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from streamconv.errors import ConversionError
+from streamconv.recipes import gpt_sw3
+
+RANK_FOLDER = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))$")
+
+
+def rank_of(folder: str) -> tuple[int, int] | None:
+    """(tp rank, pp rank) of a rank folder's name, None if it is not one."""
+    m = RANK_FOLDER.match(folder)
+    if m is None:
+        return None
+    return (int(m.group(1)), 0) if m.group(1) is not None else (int(m.group(2)), int(m.group(3)))
+
+
+def rank_name(rank: tuple[int, int], pp: int) -> str:
+    return f"mp_rank_{rank[0]:02d}" if pp == 1 else f"tp_rank_{rank[0]:02d}_pp_rank_{rank[1]:03d}"
+
+
+@dataclass(frozen=True)
+class Split:
+    """One logical tensor stored as slices on TP ranks, concatenated along `axis` in rank order."""
+
+    parts: tuple[torch.Tensor, ...]
+    axis: int
+
+    @property
+    def shape(self) -> torch.Size:
+        shape = list(self.parts[0].shape)
+        shape[self.axis] = sum(p.shape[self.axis] for p in self.parts)
+        return torch.Size(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def first_rows(self, rows: int) -> Split:
+        """The first `rows` rows (axis 0) of the concatenation: vocabulary padding sits on the last ranks."""
+        parts, left = [], rows
+        for part in self.parts:
+            if left > 0:
+                parts.append(part[:left])
+                left -= parts[-1].shape[0]
+        return Split(tuple(parts), self.axis)
+
+
+def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], hparam: Any) -> dict[str, Any]:
+    """One state_dict, in global names, from every rank's state_dict; `hparam(key)` reads the cfg.
+
+    Raises ConversionError for a missing rank, ranks that disagree on names or shapes, or a cfg whose
+    parallel sizes differ from the ranks found.
+    """
+    tp = 1 + max(t for t, _ in ranks)
+    pp = 1 + max(p for _, p in ranks)
+    for rank in ((t, p) for p in range(pp) for t in range(tp)):
+        if rank not in ranks:
+            raise ConversionError(f"{path} lacks rank {rank_name(rank, pp)} (found {len(ranks)} of {tp} x {pp} "
+                                  "TP x PP ranks); copy the missing rank's files next to the others")
+    for key, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        said = hparam(key)
+        if said is not None and int(said) != found:
+            raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
+                                  "is a rank missing, or the cfg from another run?")
+
+    merged: dict[str, Any] = {}
+    first_layer = 0
+    for p in range(pp):
+        stage = {t: ranks[(t, p)] for t in range(tp)}
+        layers = _layer_count(path, stage[0], rank_name((0, p), pp))
+        for key in stage[0]:
+            if pp > 1 and p == pp - 1 and key == gpt_sw3.TIED_OUTPUT_COPY:
+                continue  # GPT-2 ties the output layer to wte: the stage-0 embedding is the one kept
+            name = _global_name(key, first_layer)
+            if name in merged:
+                continue
+            merged[name] = _merge_slices(path, key, [stage[t].get(key) for t in range(tp)], p, pp)
+        for t in range(1, tp):
+            extra = sorted(set(stage[t]) - set(stage[0]))
+            if extra:
+                raise ConversionError(f"{path}: rank {rank_name((t, p), pp)} holds {extra[0]!r}, which rank "
+                                      f"{rank_name((0, p), pp)} lacks; are the ranks from the same checkpoint?")
+        first_layer += layers
+    return merged
+
+
+def _layer_count(path: str, state_dict: Mapping[str, torch.Tensor], rank: str) -> int:
+    ids = sorted({int(k[len(gpt_sw3.LAYER_PREFIX):].split(".")[0])
+                  for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
+    if ids != list(range(len(ids))):
+        raise ConversionError(f"{path}: rank {rank} holds layers {ids[0]}..{ids[-1]} with gaps; "
+                              "every pipeline stage numbers its layers from 0, is the file damaged?")
+    return len(ids)
+
+
+def _global_name(key: str, first_layer: int) -> str:
+    if not key.startswith(gpt_sw3.LAYER_PREFIX) or first_layer == 0:
+        return key
+    local, rest = key[len(gpt_sw3.LAYER_PREFIX):].split(".", 1)
+    return f"{gpt_sw3.LAYER_PREFIX}{int(local) + first_layer}.{rest}"
+
+
+def _merge_slices(path: str, key: str, slices: list[torch.Tensor | None], p: int, pp: int) -> Any:
+    for t, part in enumerate(slices):
+        if part is None:
+            raise ConversionError(f"{path}: rank {rank_name((t, p), pp)} lacks {key!r}, which rank "
+                                  f"{rank_name((0, p), pp)} holds; are the ranks from the same checkpoint?")
+        if part.shape != slices[0].shape or part.dtype != slices[0].dtype:
+            raise ConversionError(
+                f"{path}: {key!r} is {slices[0].dtype} {tuple(slices[0].shape)} on rank {rank_name((0, p), pp)} "
+                f"but {part.dtype} {tuple(part.shape)} on rank {rank_name((t, p), pp)}; are the ranks from "
+                "the same checkpoint?")
+    axis = gpt_sw3.tp_split_axis(key)
+    if len(slices) == 1 or axis is None:
+        return slices[0]  # replicated: rank 0's copy
+    return Split(tuple(slices), axis)  # type: ignore[arg-type]

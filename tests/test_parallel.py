@@ -1,0 +1,259 @@
+"""Tensor- and pipeline-parallel checkpoints: .nemo (plain, gzip, extracted) and folders of per-rank .ckpt files."""
+
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import streamconv
+from benchmarks.naive import convert_megatron_checkpoint
+from streamconv.testing import (
+    CKPT_NAME,
+    SyntheticModel,
+    make_checkpoint,
+    make_parallel,
+    make_sentencepiece_model,
+    nemo_config,
+    peak_rss_of,
+    rank_name,
+    to_nemo_state_dict,
+)
+from tests.conftest import run_cli
+from tests.oracle import NOT_WRITTEN
+from tests.test_cli import assert_one_line_error
+from tests.test_convert import logits_pair, read_output
+from tests.test_memory import LARGEST, WIDE, MiB
+
+MODEL = SyntheticModel(n_embd=64, n_layer=4, n_head=8, vocab_size=1000, n_positions=64)
+KINDS = ["nemo", "nemo-gzip", "extracted", "ckpt-folder"]
+LAYOUTS = {"tp2": (2, 1), "tp2pp2": (2, 2)}
+SUFFIX = {"nemo": ".nemo", "nemo-gzip": ".nemo"}
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    return make_sentencepiece_model(tmp_path_factory.mktemp("spm") / "tokenizer.model", MODEL.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory, spm):
+    root = tmp_path_factory.mktemp("parallel")
+    return {
+        (layout, kind): make_parallel(root / f"{layout}-{kind}{SUFFIX.get(kind, '')}", MODEL, tp=tp, pp=pp,
+                                      kind=kind, tokenizer=spm, optimizer=False)
+        for layout, (tp, pp) in LAYOUTS.items()
+        for kind in KINDS
+    }
+
+
+def reference(source):
+    """The reference script's mapping applied to the consolidated model the ranks were split from."""
+    model = source.model
+    weights = to_nemo_state_dict(source.hf_state_dict, model, 1)
+    out = convert_megatron_checkpoint(weights, nemo_config(model, "bf16")["cfg"], model.vocab_size)
+    return {k: v.contiguous() for k, v in out.items() if not k.endswith(NOT_WRITTEN)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_round_trip_logits_and_bits(parallel, spm, tmp_path, layout, kind):
+    source = parallel[(layout, kind)]
+    out = tmp_path / "hf"
+    # The .ckpt files name the tokenizer by a path on the training machine, which is never followed.
+    tokenizer = spm if kind == "ckpt-folder" else None
+    result = streamconv.convert(source.path, out, shard_size="100KB", tokenizer_path=tokenizer)
+    assert result.shards > 1
+    expected, actual = logits_pair(source, out)
+    assert torch.equal(expected, actual), (expected - actual).abs().max()
+    written, wanted = read_output(out), reference(source)
+    assert sorted(written) == sorted(wanted)
+    for name, tensor in wanted.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+    assert "vocabulary 1000 from the tokenizer" in result.summary()
+    assert "checked: GPTSw3Tokenizer of 1000 tokens" in result.summary()
+    assert AutoTokenizer.from_pretrained(out).decode(AutoTokenizer.from_pretrained(out)("hej då")["input_ids"]) \
+        == "hej då"
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary extract left behind
+
+
+def megatron_logits(ranks: dict, model: SyntheticModel, tp: int, pp: int, tokens: torch.Tensor) -> torch.Tensor:
+    """GPT logits computed as Megatron computes them across TP ranks, from each rank's own weights:
+    vocab-parallel embedding, per-rank attention over the rank's heads (its QKV rows viewed as
+    (local heads, 3, head_dim)), row-parallel outputs summed (the all-reduce), stages run in order."""
+    h, heads = model.n_embd, model.n_head
+    lh, hd = heads // tp, h // heads
+    vocab_rows = ranks[(0, 0)]["model.language_model.embedding.word_embeddings.weight"].shape[0]
+
+    def w(t, p, key):
+        return ranks[(t, p)][key].float()
+
+    def embed(tokens):
+        out = 0
+        for t in range(tp):  # each rank looks up the ids in its vocabulary range, the rest is zero
+            local = tokens - t * vocab_rows
+            mask = (local >= 0) & (local < vocab_rows)
+            table = w(t, 0, "model.language_model.embedding.word_embeddings.weight")
+            out = out + table[local.clamp(0, vocab_rows - 1)] * mask[..., None]
+        return out + w(0, 0, "model.language_model.embedding.position_embeddings.weight")[: tokens.shape[-1]]
+
+    def norm(x, t, p, key):
+        return torch.nn.functional.layer_norm(x, (h,), w(t, p, key + ".weight"), w(t, p, key + ".bias"), 1e-5)
+
+    x = embed(tokens)
+    s = tokens.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for p in range(pp):
+        layers = 1 + max(int(k.split(".")[4]) for k in ranks[(0, p)] if ".layers." in k)
+        for i in range(layers):
+            pre = f"model.language_model.encoder.layers.{i}."
+            y = norm(x, 0, p, pre + "input_layernorm")
+            attn = w(0, p, pre + "self_attention.dense.bias")
+            for t in range(tp):
+                mixed = y @ w(t, p, pre + "self_attention.query_key_value.weight").T \
+                    + w(t, p, pre + "self_attention.query_key_value.bias")
+                q, k, v = mixed.view(*y.shape[:-1], lh, 3 * hd).split(hd, dim=-1)  # Megatron's per-rank view
+                scores = torch.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(hd)
+                probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                context = torch.einsum("bnqk,bknd->bqnd", probs, v).reshape(*y.shape[:-1], lh * hd)
+                attn = attn + context @ w(t, p, pre + "self_attention.dense.weight").T
+            x = x + attn
+            y = norm(x, 0, p, pre + "post_attention_layernorm")
+            mlp = w(0, p, pre + "mlp.dense_4h_to_h.bias")
+            for t in range(tp):
+                inner = torch.nn.functional.gelu(y @ w(t, p, pre + "mlp.dense_h_to_4h.weight").T
+                                                 + w(t, p, pre + "mlp.dense_h_to_4h.bias"))
+                mlp = mlp + inner @ w(t, p, pre + "mlp.dense_4h_to_h.weight").T
+            x = x + mlp
+    x = norm(x, 0, pp - 1, "model.language_model.encoder.final_layernorm")
+    logits = torch.cat([x @ w(t, 0, "model.language_model.embedding.word_embeddings.weight").T for t in range(tp)],
+                       dim=-1)
+    return logits[..., : model.vocab_size]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merged_model_computes_what_the_ranks_compute(parallel, tmp_path, layout):
+    """The proof that concatenating each rank's QKV rows, then reordering, is right: a Megatron-style forward
+    over the rank files gives the converted model's logits."""
+    tp, pp = LAYOUTS[layout]
+    source = parallel[(layout, "extracted")]
+    ranks = {(t, p): torch.load(os.path.join(source.path, rank_name(t, p, pp), "model_weights.ckpt"),
+                                weights_only=True) for t in range(tp) for p in range(pp)}
+    streamconv.convert(source.path, tmp_path / "hf")
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, MODEL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = megatron_logits(ranks, source.model, tp, pp, tokens)
+        actual = converted(tokens).logits
+    assert expected.shape == actual.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_without_sentencepiece_the_tokenizer_is_copied_unchecked(parallel, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import fails as if it were not installed
+    source = parallel[("tp2", "nemo")]
+    result = streamconv.convert(source.path, tmp_path / "hf", vocab_size=MODEL.vocab_size)
+    assert "tokenizer copied as spiece.model but not checked" in result.summary()
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "spiece.model",
+                                                   "tokenizer_config.json"]
+    with pytest.raises(streamconv.ConversionError, match="pass --vocab-size 1024 or less"):
+        streamconv.convert(source.path, tmp_path / "hf2")  # falls back to GPT-SW3's 64000 rows
+
+
+def test_cli_tokenizer_flag_for_a_ckpt_and_verify(tmp_path, spm):
+    source = make_checkpoint(tmp_path / "in.ckpt", MODEL, optimizer=False)
+    out = tmp_path / "hf"
+    proc = run_cli("--checkpoint-path", source.path, "--save-path", out, "--tokenizer", spm, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "vocabulary 1000 from the tokenizer" in proc.stdout and "checked: GPTSw3Tokenizer" in proc.stdout
+    with open(spm, "rb") as f:
+        assert (out / "spiece.model").read_bytes() == f.read()
+    proc = run_cli("--verify", "--checkpoint-path", source.path, "--save-path", out, "--tokenizer", spm)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_cli("--checkpoint-path", source.path, "--save-path", tmp_path / "x", "--tokenizer",
+                   tmp_path / "absent.model")
+    assert_one_line_error(proc, "cannot read the tokenizer", "--tokenizer")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_verify_a_tp_pp_conversion(parallel, tmp_path):
+    source = parallel[("tp2pp2", "nemo")]
+    out = tmp_path / "hf"
+    assert run_cli("--checkpoint-path", source.path, "--save-path", out, "--quiet").returncode == 0
+    proc = run_cli("--verify", "--checkpoint-path", source.path, "--save-path", out)
+    assert proc.returncode == 0 and "verify: OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def folder_copy(parallel, tmp_path):
+    """A writable copy of the TP=2 x PP=2 extracted .nemo."""
+    path = tmp_path / "in"
+    shutil.copytree(parallel[("tp2pp2", "extracted")].path, path)
+    return path
+
+
+def _cli(tmp_path, path):
+    return run_cli("--checkpoint-path", path, "--save-path", tmp_path / "out")
+
+
+def test_missing_rank(folder_copy, tmp_path):
+    shutil.rmtree(folder_copy / "tp_rank_01_pp_rank_001")
+    assert_one_line_error(_cli(tmp_path, folder_copy), "lacks rank tp_rank_01_pp_rank_001")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ranks_of_different_shapes(folder_copy, tmp_path):
+    other = make_parallel(tmp_path / "other", SyntheticModel(n_embd=32, n_layer=4, n_head=8, vocab_size=1000),
+                          tp=2, pp=2, kind="extracted")
+    shutil.copy(os.path.join(other.path, "tp_rank_01_pp_rank_000", "model_weights.ckpt"),
+                folder_copy / "tp_rank_01_pp_rank_000" / "model_weights.ckpt")
+    assert_one_line_error(_cli(tmp_path, folder_copy), "on rank tp_rank_00_pp_rank_000 but",
+                          "on rank tp_rank_01_pp_rank_000")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tensor_model_parallel_size", 4, "says tensor_model_parallel_size 4 but the files hold 2"),
+    ("pipeline_model_parallel_size", 1, "says pipeline_model_parallel_size 1 but the files hold 2"),
+    ("num_attention_heads", 1, "sliced across 2 tensor-parallel ranks, which do not divide its 1 heads"),
+])
+def test_config_disagreeing_with_the_ranks(folder_copy, tmp_path, key, value, message):
+    cfg = yaml.safe_load((folder_copy / "model_config.yaml").read_text())
+    cfg[key] = value
+    (folder_copy / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    assert_one_line_error(_cli(tmp_path, folder_copy), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_checkpoints_per_rank_folder(parallel, tmp_path):
+    path = tmp_path / "in"
+    shutil.copytree(parallel[("tp2", "ckpt-folder")].path, path)
+    for t in range(2):
+        shutil.copy(path / f"mp_rank_{t:02d}" / CKPT_NAME, path / f"mp_rank_{t:02d}" / "older.ckpt")
+    assert_one_line_error(_cli(tmp_path, path), "should hold one .ckpt file, found 2")
+
+
+def test_tp2_peak_rss_next_to_consolidated(tmp_path):
+    """The memory bound holds with the largest merged tensor in place of the largest tensor."""
+    wide = SyntheticModel(**WIDE, n_layer=12)
+    tiny = make_checkpoint(tmp_path / "tiny.ckpt", SyntheticModel(**{**WIDE, "n_embd": 64, "n_head": 4}, n_layer=1),
+                           optimizer=False)
+    split = make_parallel(tmp_path / "tp2.nemo", wide, tp=2, kind="nemo", optimizer=False)
+    whole = make_checkpoint(tmp_path / "whole.ckpt", split.model, optimizer=False)
+
+    def peak(source, out):
+        return peak_rss_of([sys.executable, "-m", "streamconv", "--checkpoint-path", source.path, "--save-path",
+                            tmp_path / out, "--vocab-size", WIDE["vocab_size"], "--quiet"])
+
+    baseline, tp2, consolidated = peak(tiny, "tiny"), peak(split, "tp2"), peak(whole, "whole")
+    size = os.path.getsize(split.path)
+    print(f"TP=2 .nemo: peak {tp2 / MiB:.0f} MiB, consolidated {consolidated / MiB:.0f} MiB, "
+          f"baseline {baseline / MiB:.0f} MiB, file {size / MiB:.0f} MiB")
+    assert size > 30 * LARGEST
+    bound = baseline + 4 * LARGEST + 48 * MiB
+    assert tp2 < bound, f"peak {tp2 / MiB:.0f} MiB > bound {bound / MiB:.0f} MiB"
+    assert abs(tp2 - consolidated) < 0.1 * consolidated

@@ -10,7 +10,15 @@ from pathlib import Path
 import psutil
 
 from benchmarks import harness
-from benchmarks.workloads import PROFILES, TINY, default_cache, ensure_checkpoint, largest_rearranged, weight_bytes
+from benchmarks.workloads import (
+    PROFILES,
+    TINY,
+    default_cache,
+    ensure_checkpoint,
+    ensure_parallel,
+    largest_rearranged,
+    weight_bytes,
+)
 
 MiB = 2**20
 # --ci: streamconv's peak RSS may exceed the Python/torch baseline (a tiny conversion, measured in the same run)
@@ -47,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--ci", action="store_true",
                    help="small profile; fail when streamconv's peak RSS or its time against copy exceed budgets")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="also run streamconv on the same model saved as a .nemo of N tensor-parallel ranks")
     p.add_argument("--scaling", metavar="L1,L2",
                    help="run copy and streamconv on the profile at two layer counts; check RSS flat, time linear")
     args = p.parse_args(argv)
@@ -95,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['file_bytes'] / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
 
     ci = ci_baseline(cache, scratch, cold, model) if args.ci else None
-    runs = harness.run_rounds([(c.name, c, src, nbytes) for c in chosen], scratch, args.rounds, cold)
+    jobs = [(c.name, c, src, nbytes) for c in chosen]
+    if args.tp > 1:
+        split = ensure_parallel(profile, cache, args.layers, args.tp)
+        meta["parallel_checkpoint"] = str(split)
+        jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in chosen if c.name.startswith(harness.STREAMCONV)]
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold)
     record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
     failures = []
     if ci is not None:

@@ -94,3 +94,27 @@ def ensure_checkpoint(profile: Profile, cache: Path, layers: int | None = None, 
     make_checkpoint(partial, model, dtype=torch.bfloat16, optimizer=optimizer, keep_hf=False)
     partial.rename(path)
     return path
+
+
+def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int) -> Path:
+    """The profile's model saved as a plain `.nemo` of `tp` tensor-parallel ranks (same shapes, vocabulary
+    padded to 128 x tp as NeMo pads it), generated once into `cache`. Built in RAM: about three copies of
+    the weights."""
+    model = profile.model(layers)
+    path = cache / f"{profile.name}-L{model.n_layer}-tp{tp}.nemo"
+    if path.exists():
+        return path
+    ram = 3 * weight_bytes(model) + 2**30
+    available = psutil.virtual_memory().available
+    if ram > 0.8 * available:
+        raise SystemExit(f"generating {path.name} needs about {ram / 1e9:.1f} GB of RAM, "
+                         f"{available / 1e9:.1f} GB available; choose fewer layers")
+    import torch
+
+    from streamconv.testing import make_parallel
+
+    print(f"generating {path} ({weight_bytes(model) / 1e9:.2f} GB, {tp} TP ranks), once", flush=True)
+    partial = path.with_name(path.name + ".partial")
+    make_parallel(partial, model, tp=tp, kind="nemo", dtype=torch.bfloat16, optimizer=False)
+    partial.rename(path)
+    return path

@@ -1,5 +1,3 @@
-import sys
+from streamconv.cli import run
 
-from streamconv.cli import main
-
-sys.exit(main())
+run()

@@ -192,7 +192,7 @@ def convert(
     if vocab_size is None:
         told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None
         notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
-                     "(GPT-SW3's; pass --vocab-size if the model's differs)"))
+                     "(GPT-SW3's default; --vocab-size sets it)"))
     result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
     if before_write is not None:
         before_write(plan)
@@ -232,8 +232,7 @@ def convert(
             tokenizer.save(staging, checkpoint.tokenizer, config["n_positions"])
             notes.append(tokenizer.check(staging, config["vocab_size"]))
         else:
-            notes.append("no tokenizer in the checkpoint: pass --tokenizer, or copy its SentencePiece model as "
-                         f"{tokenizer.MODEL_FILE}")
+            notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
         if plan.is_sharded:
             with open(os.path.join(staging, INDEX_NAME), "w") as f:
                 json.dump(plan.index(), f, indent=2, sort_keys=True)

@@ -26,7 +26,7 @@ import torch
 from streamconv.arrange import Arranger
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.recipes.gpt_sw3 import Arrangement
-from streamconv.safetensors_writer import ShardWriter
+from streamconv.safetensors_writer import ALIGN, ShardWriter
 from streamconv.sources import Checkpoint
 from streamconv.sources.parallel import Split
 
@@ -148,8 +148,9 @@ class _Stream:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
         size = buffer_bytes(plan, checkpoint)
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(BUFFERS if size else 0):
-            self.free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
+        for _ in range(BUFFERS if size else 0):  # room to place a tensor at its offset in a disk block
+            raw = torch.empty(size + 2 * ALIGN, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            self.free.put(raw[-raw.data_ptr() % ALIGN :])
         self.scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
         self.arranger = Arranger(device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
@@ -197,15 +198,19 @@ class _Stream:
             self.writes.put(lambda: writer.finish_tensor(spec))
             return
 
+        # Placed at the file position's offset in its 4 KiB block, so whole blocks go to disk with O_DIRECT.
+        lead = (len(writer.shard.header) + spec.begin) % ALIGN
+        lead = lead if lead % spec.dtype.itemsize == 0 else 0
         host = self.writes.take(self.free)
-        target = host if self.scratch is None else self.scratch
-        out = target[: spec.nbytes].view(spec.dtype).view(spec.recipe.arrangement.out_shape)
-        arrange_source(self.arranger, out, source, spec.recipe.arrangement, checkpoint.release)
+        block = host[: lead + spec.nbytes]
+        out = (block[lead:] if self.scratch is None else self.scratch[: spec.nbytes]).view(spec.dtype)
+        arrange_source(self.arranger, out.view(spec.recipe.arrangement.out_shape), source, spec.recipe.arrangement,
+                       checkpoint.release)
         if self.scratch is not None:
-            host[: spec.nbytes].copy_(self.scratch[: spec.nbytes])
+            block[lead:].copy_(self.scratch[: spec.nbytes])
 
         def write() -> None:
-            writer.append(host[: spec.nbytes])
+            writer.append_aligned(block, lead)
             writer.finish_tensor(spec)
             self.free.put(host)
             self.on_bytes(spec.nbytes)

@@ -135,9 +135,11 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | Non
         if source is None:
             raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
         if tuple(source.shape) != r.source_shape:
+            missing = f"; with {len(source.parts)} tensor-parallel ranks found, is one missing?" \
+                if isinstance(source, Split) else ""
             raise ConversionError(
                 f"source tensor {r.source!r} has shape {tuple(source.shape)}, expected {r.source_shape} "
-                "from the checkpoint's cfg"
+                f"from the checkpoint's cfg{missing}"
             )
         if isinstance(source, Split) and r.rows is None:
             sliced = r.arrangement.view[split_view_axis(r.source_shape, r.arrangement.view, source.axis)]
@@ -184,77 +186,84 @@ def convert(
         check_save_path(save_path, overwrite)
     parent = os.path.dirname(os.path.abspath(save_path))
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
-    checkpoint = open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None, say)
-    if tokenizer_path is not None:
-        checkpoint.tokenizer = _read_tokenizer(os.fspath(tokenizer_path))
-    plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
-    notes = [checkpoint.note] if checkpoint.note else []
-    if vocab_size is None:
-        told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None
-        notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
-                     "(GPT-SW3's default; --vocab-size sets it)"))
-    result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
-    if before_write is not None:
-        before_write(plan)
-    if dry_run:
+    model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
+    with open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None, say) as checkpoint:
+        if model is not None:
+            checkpoint.tokenizer = model
+        plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
+        notes = [checkpoint.note] if checkpoint.note else []
+        if vocab_size is None:
+            told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None
+            notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
+                         "(GPT-SW3's default; --vocab-size sets it)"))
+        result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
+        if before_write is not None:
+            before_write(plan)
+        if dry_run:
+            result.seconds = time.perf_counter() - started
+            result.peak_rss = peak_rss()
+            return result
+
+        os.makedirs(parent, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if free < plan.file_bytes:
+            raise ConversionError(
+                f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
+                "free some space or choose another --save-path"
+            )
+
+        staging = _staging_folder(save_path)
+        background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-config")
+        try:
+            # Importing transformers for GPT2Config costs over a second: let it run while tensors stream.
+            config_written = background.submit(_write_config, staging, config)
+            bar = _progress_bar(plan.total_size, enabled=progress)
+            stream_started = time.perf_counter()
+            try:
+                stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+                raise ConversionError(
+                    f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
+                    f"{_size(plan.file_bytes)}, free space or raise the limit and run again"
+                ) from None
+            result.stream_seconds = time.perf_counter() - stream_started
+            bar.close()
+            config_written.result()
+            if checkpoint.tokenizer is None:
+                notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
+            elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
+                notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
+            else:
+                tokenizer.save(staging, checkpoint.tokenizer, config)
+                notes.append(tokenizer.check(staging, config))
+            if plan.is_sharded:
+                with open(os.path.join(staging, INDEX_NAME), "w") as f:
+                    json.dump(plan.index(), f, indent=2, sort_keys=True)
+                    f.write("\n")
+            _fsync_dir(staging)
+            _publish(staging, save_path)
+        finally:
+            background.shutdown(wait=True)
+            shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()
+        result.note = "; ".join(notes)
         return result
 
-    os.makedirs(parent, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if free < plan.file_bytes:
-        raise ConversionError(
-            f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
-            "free some space or choose another --save-path"
-        )
 
-    staging = _staging_folder(save_path)
-    background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-config")
-    try:
-        # Importing transformers for GPT2Config costs over a second: let it run while tensors stream.
-        config_written = background.submit(_write_config, staging, config)
-        bar = _progress_bar(plan.total_size, enabled=progress)
-        stream_started = time.perf_counter()
-        try:
-            stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise
-            raise ConversionError(
-                f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
-                f"{_size(plan.file_bytes)}, free space or raise the limit and run again"
-            ) from None
-        result.stream_seconds = time.perf_counter() - stream_started
-        bar.close()
-        config_written.result()
-        if checkpoint.tokenizer is not None:
-            tokenizer.save(staging, checkpoint.tokenizer, config["n_positions"])
-            notes.append(tokenizer.check(staging, config["vocab_size"]))
-        else:
-            notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
-        if plan.is_sharded:
-            with open(os.path.join(staging, INDEX_NAME), "w") as f:
-                json.dump(plan.index(), f, indent=2, sort_keys=True)
-                f.write("\n")
-        _fsync_dir(staging)
-        _publish(staging, save_path)
-    finally:
-        background.shutdown(wait=True)
-        checkpoint.close()
-        shutil.rmtree(staging, ignore_errors=True)
-    result.seconds = time.perf_counter() - started
-    result.peak_rss = peak_rss()
-    result.note = "; ".join(notes)
-    return result
-
-
-def _read_tokenizer(path: str) -> bytes:
+def read_tokenizer(path: str) -> bytes:
+    """The SentencePiece model given with --tokenizer, refused if sentencepiece is installed and cannot read it."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            model = f.read(tokenizer.MAX_BYTES + 1)
     except OSError as exc:
         raise ConversionError(f"cannot read the tokenizer {path} ({exc.strerror}); check --tokenizer") from None
+    unreadable = tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None
+    if len(model) > tokenizer.MAX_BYTES or unreadable:
+        raise ConversionError(f"{path} is not a SentencePiece model that sentencepiece can read; check --tokenizer")
+    return model
 
 
 def _write_config(folder: str, config: dict) -> None:

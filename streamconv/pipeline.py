@@ -26,7 +26,7 @@ import torch
 from streamconv.arrange import Arranger
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.recipes.gpt_sw3 import Arrangement
-from streamconv.safetensors_writer import ALIGN, ShardWriter
+from streamconv.safetensors_writer import ShardWriter
 from streamconv.sources import Checkpoint
 from streamconv.sources.parallel import Split
 
@@ -91,10 +91,15 @@ def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor | Split:
     return source.first_rows(spec.recipe.rows) if isinstance(source, Split) else source[: spec.recipe.rows]
 
 
-def pieces(source: torch.Tensor | Split) -> tuple[torch.Tensor, ...]:
-    """The contiguous source tensors to read, in order: the tensor itself, or its slices."""
-    parts = source.parts if isinstance(source, Split) else (source,)
-    return tuple(p if p.is_contiguous() else p.contiguous() for p in parts)  # torch.save can keep strided views
+def parts_of(source: torch.Tensor | Split) -> tuple[torch.Tensor, ...]:
+    """The source tensors to read, in order: the tensor itself, or its tensor-parallel slices."""
+    return source.parts if isinstance(source, Split) else (source,)
+
+
+def pieces(source: torch.Tensor | Split) -> Iterator[torch.Tensor]:
+    """`parts_of(source)`, each made contiguous (torch.save can keep strided views) only when it is reached."""
+    for part in parts_of(source):
+        yield part if part.is_contiguous() else part.contiguous()
 
 
 def row_chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -122,22 +127,26 @@ def arrange_source(arranger: Arranger, out: torch.Tensor, source: torch.Tensor |
                    release: Callable[[torch.Tensor], None]) -> None:
     """Place a source tensor, or each tensor-parallel slice of one, into `out` (shaped as the output),
     CHUNK_BYTES of source rows at a time, handing each chunk to `release` once consumed."""
-    if isinstance(source, Split):
-        view_axis = split_view_axis(tuple(source.shape), arrangement.view, source.axis)
-        local = list(arrangement.view)
-        local[view_axis] = -1
-        out_axis, at = arrangement.perm.index(view_axis), 0
-        views = []
-        for part in pieces(source):
-            view = part.view(local)
-            views.append((out.narrow(out_axis, at, view.shape[view_axis]), view))
-            at += view.shape[view_axis]
-    else:
-        views = [(out, pieces(source)[0].view(arrangement.view))]
-    for target, view in views:
+    for target, view in _targets(out, source, arrangement):
         for start, part in row_chunks(view):
             arranger.arrange(target, part, arrangement, start)
             release(part)
+
+
+def _targets(out: torch.Tensor, source: torch.Tensor | Split,
+             arrangement: Arrangement) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(where in `out`, source viewed as the arrangement expects) for the tensor or each of its slices."""
+    if not isinstance(source, Split):
+        yield out, next(pieces(source)).view(arrangement.view)
+        return
+    view_axis = split_view_axis(tuple(source.shape), arrangement.view, source.axis)
+    local = list(arrangement.view)
+    local[view_axis] = -1  # this slice's share of the sliced axis
+    out_axis, at = arrangement.perm.index(view_axis), 0
+    for part in pieces(source):
+        view = part.view(local)
+        yield out.narrow(out_axis, at, view.shape[view_axis]), view
+        at += view.shape[view_axis]
 
 
 class _Stream:
@@ -148,9 +157,8 @@ class _Stream:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
         size = buffer_bytes(plan, checkpoint)
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(BUFFERS if size else 0):  # room to place a tensor at its offset in a disk block
-            raw = torch.empty(size + 2 * ALIGN, dtype=torch.uint8, pin_memory=device.type == "cuda")
-            self.free.put(raw[-raw.data_ptr() % ALIGN :])
+        for _ in range(BUFFERS if size else 0):
+            self.free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
         self.scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
         self.arranger = Arranger(device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
@@ -168,8 +176,9 @@ class _Stream:
             writer.close()
 
     def read_ahead(self, spec: TensorSpec) -> None:
-        for part in pieces(source_of(spec, self.checkpoint)):
-            self.reader.submit(self.checkpoint.prefetch, part)
+        for part in parts_of(source_of(spec, self.checkpoint)):
+            if part.is_contiguous():  # a strided one is copied whole when it is reached anyway
+                self.reader.submit(self.checkpoint.prefetch, part)
 
     def open(self, path: str, shard: Shard) -> ShardWriter:
         writer = ShardWriter(path, shard)
@@ -198,19 +207,15 @@ class _Stream:
             self.writes.put(lambda: writer.finish_tensor(spec))
             return
 
-        # Placed at the file position's offset in its 4 KiB block, so whole blocks go to disk with O_DIRECT.
-        lead = (len(writer.shard.header) + spec.begin) % ALIGN
-        lead = lead if lead % spec.dtype.itemsize == 0 else 0
         host = self.writes.take(self.free)
-        block = host[: lead + spec.nbytes]
-        out = (block[lead:] if self.scratch is None else self.scratch[: spec.nbytes]).view(spec.dtype)
-        arrange_source(self.arranger, out.view(spec.recipe.arrangement.out_shape), source, spec.recipe.arrangement,
-                       checkpoint.release)
+        target = host if self.scratch is None else self.scratch
+        out = target[: spec.nbytes].view(spec.dtype).view(spec.recipe.arrangement.out_shape)
+        arrange_source(self.arranger, out, source, spec.recipe.arrangement, checkpoint.release)
         if self.scratch is not None:
-            block[lead:].copy_(self.scratch[: spec.nbytes])
+            host[: spec.nbytes].copy_(self.scratch[: spec.nbytes])
 
         def write() -> None:
-            writer.append_aligned(block, lead)
+            writer.append(host[: spec.nbytes])
             writer.finish_tensor(spec)
             self.free.put(host)
             self.on_bytes(spec.nbytes)

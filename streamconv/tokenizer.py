@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 
+from streamconv.recipes.gpt_sw3 import special_tokens
+
 MODEL_FILE = "spiece.model"
 CONFIG_FILE = "tokenizer_config.json"
+MAX_BYTES = 256 * 2**20  # GPT-SW3's tokenizer is about 1 MB
 
 
 def sentencepiece_available() -> bool:
@@ -36,17 +39,19 @@ def vocab_size(model: bytes) -> int | None:
         return None
 
 
-def save(folder: str, model: bytes, max_length: int) -> None:
-    """Write `spiece.model` and the `tokenizer_config.json` that names GPTSw3Tokenizer."""
+def save(folder: str, model: bytes, config: dict) -> None:
+    """Write `spiece.model` and a `tokenizer_config.json` naming GPTSw3Tokenizer and its special tokens."""
     with open(os.path.join(folder, MODEL_FILE), "wb") as f:
         f.write(model)
+    settings = {"tokenizer_class": "GPTSw3Tokenizer", "model_max_length": config["n_positions"],
+                **special_tokens(config["n_embd"])}
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump({"tokenizer_class": "GPTSw3Tokenizer", "model_max_length": max_length}, f, indent=2)
+        json.dump(settings, f, indent=2)
         f.write("\n")
 
 
-def check(folder: str, vocab: int) -> str:
-    """Load the saved tokenizer as a user would and say what came out, for the summary line."""
+def check(folder: str, config: dict) -> str:
+    """Load the saved tokenizer as a user would, compare it with the model's config, and say so in a note."""
     if not sentencepiece_available():
         return (f"tokenizer copied as {MODEL_FILE} but not checked (install streamconv[tokenizer], i.e. "
                 "sentencepiece, to check it)")
@@ -57,8 +62,14 @@ def check(folder: str, vocab: int) -> str:
     except Exception as exc:  # a damaged model file fails inside sentencepiece or transformers
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"tokenizer copied as {MODEL_FILE} but it does not load ({reason})"
-    size = len(tokenizer)
-    if size != vocab:
-        return (f"tokenizer copied as {MODEL_FILE}: {type(tokenizer).__name__} of {size} tokens, but the model's "
-                f"vocabulary is {vocab}; check --vocab-size")
-    return f"tokenizer copied as {MODEL_FILE} and checked: {type(tokenizer).__name__} of {size} tokens"
+    name, size = type(tokenizer).__name__, len(tokenizer)
+    if size != config["vocab_size"]:
+        return (f"tokenizer copied as {MODEL_FILE}: {name} of {size} tokens, but the model's vocabulary is "
+                f"{config['vocab_size']}; check --vocab-size")
+    ids = {key: tokenizer.convert_tokens_to_ids(getattr(tokenizer, key)) for key in ("bos_token", "eos_token",
+                                                                                     "pad_token")}
+    wrong = [f"{key} {getattr(tokenizer, key)!r} is id {ids[key]}, config.json says {config[key + '_id']}"
+             for key in ids if ids[key] != config[key + "_id"]]
+    if wrong:
+        return f"tokenizer copied as {MODEL_FILE}: {name}, but " + "; ".join(wrong)
+    return f"tokenizer copied as {MODEL_FILE} and checked: {name} of {size} tokens"

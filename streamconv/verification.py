@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from streamconv.arrange import Arranger
-from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, resolve_dtype
+from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
 from streamconv.pipeline import arrange_source, source_of
 from streamconv.plan import SAFETENSORS_DTYPES, TensorSpec
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -35,10 +35,15 @@ def verify(
     """Every difference between `save_path` and the conversion of `checkpoint_path`; empty if none."""
     save_path = os.fspath(save_path)
     parent = os.path.dirname(os.path.abspath(save_path))
-    checkpoint = open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None)
-    if tokenizer_path is not None:  # it may set the vocabulary size, as in conversion
-        with open(tokenizer_path, "rb") as f:
-            checkpoint.tokenizer = f.read()
+    model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
+    with open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None) as checkpoint:
+        if model is not None:  # it may set the vocabulary size, as in conversion
+            checkpoint.tokenizer = model
+        return _verify(checkpoint, save_path, dtype, vocab_size, num_heads)
+
+
+def _verify(checkpoint: Checkpoint, save_path: str, dtype: str | torch.dtype | None, vocab_size: int | None,
+            num_heads: int | None) -> list[str]:
     plan, config = build_plan(checkpoint, 2**62, resolve_dtype(dtype), vocab_size, num_heads)
     expected = {t.name: t for t in plan.tensors}
     problems: list[str] = []

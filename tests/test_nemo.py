@@ -88,7 +88,7 @@ def test_cli_convert_and_verify(nemos, tmp_path, kind):
     out = tmp_path / "hf"
     proc = run_cli("--checkpoint-path", nemos[kind].path, "--save-path", out, "--vocab-size", "1000")
     assert proc.returncode == 0, proc.stderr
-    assert ("is gzip-compressed: extracting model_weights.ckpt" in proc.stderr) == (kind == "gzip")
+    assert ("is gzip-compressed: extracting 'model_weights.ckpt'" in proc.stderr) == (kind == "gzip")
     proc = run_cli("--verify", "--checkpoint-path", nemos[kind].path, "--save-path", out, "--vocab-size", "1000")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["hf"]
@@ -130,7 +130,7 @@ def cli(tmp_path, path, *extra):
 def test_missing_weights(small_members, tmp_path):
     del small_members["model_weights.ckpt"]
     write_tar(tmp_path / "in.nemo", small_members)
-    assert_one_line_error(cli(tmp_path, tmp_path / "in.nemo"), "without model_weights.ckpt")
+    assert_one_line_error(cli(tmp_path, tmp_path / "in.nemo"), "has no model_weights.ckpt")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,9 +1,11 @@
 """Tensor- and pipeline-parallel checkpoints: .nemo (plain, gzip, extracted) and folders of per-rank .ckpt files."""
 
+import json
 import math
 import os
 import shutil
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -196,8 +198,8 @@ def folder_copy(parallel, tmp_path):
     return path
 
 
-def _cli(tmp_path, path):
-    return run_cli("--checkpoint-path", path, "--save-path", tmp_path / "out")
+def _cli(tmp_path, path, *extra):
+    return run_cli("--checkpoint-path", path, "--save-path", tmp_path / "out", *extra)
 
 
 def test_missing_rank(folder_copy, tmp_path):
@@ -257,3 +259,90 @@ def test_tp2_peak_rss_next_to_consolidated(tmp_path):
     bound = baseline + 4 * LARGEST + 48 * MiB
     assert tp2 < bound, f"peak {tp2 / MiB:.0f} MiB > bound {bound / MiB:.0f} MiB"
     assert abs(tp2 - consolidated) < 0.1 * consolidated
+
+
+def test_dtype_cast_of_sliced_tensors(parallel, tmp_path):
+    """fp32 output from a TP=2 x PP=2 .nemo: every slice cast in place, padding rows cut inside the last rank."""
+    source = parallel[("tp2pp2", "nemo")]
+    streamconv.convert(source.path, tmp_path / "bf16")
+    streamconv.convert(source.path, tmp_path / "fp32", dtype="fp32")
+    bf16, fp32 = read_output(tmp_path / "bf16"), read_output(tmp_path / "fp32")
+    assert sorted(bf16) == sorted(fp32)
+    for name, tensor in bf16.items():
+        assert fp32[name].dtype == torch.float32 and torch.equal(fp32[name], tensor.float()), name
+
+
+@pytest.mark.parametrize("kind", ["nemo", "nemo-gzip", "extracted"])
+def test_a_rank_held_twice_is_refused(parallel, tmp_path, kind):
+    """`model_weights.ckpt` next to `mp_rank_00/` (both rank 0): refuse rather than pick one silently."""
+    folder = tmp_path / "in"
+    shutil.copytree(parallel[("tp2", "extracted")].path, folder)
+    shutil.copy(folder / "mp_rank_00" / "model_weights.ckpt", folder / "model_weights.ckpt")
+    path = folder
+    if kind != "extracted":
+        path = tmp_path / "in.nemo"
+        with tarfile.open(path, "w:gz" if kind == "nemo-gzip" else "w:") as tar:
+            tar.add(folder, arcname=".")
+    # --quiet: a gzip archive's extraction is announced on stderr before the error
+    assert_one_line_error(_cli(tmp_path, path, "--quiet"), "holds the weights of one rank twice", "keep one of them")
+    assert not (tmp_path / "out").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".streamconv")]
+
+
+def test_a_symlinked_tokenizer_is_not_followed(parallel, tmp_path):
+    """An extracted .nemo cannot make streamconv copy another file of the machine into the output."""
+    folder = tmp_path / "in"
+    shutil.copytree(parallel[("tp2", "extracted")].path, folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (artifact,) = [n for n in os.listdir(folder) if n.endswith("_tokenizer.model")]
+    os.remove(folder / artifact)
+    os.symlink(secret, folder / artifact)
+    assert_one_line_error(_cli(tmp_path, folder), "not a symbolic link")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gzip_extracts_are_closed_after_every_use(parallel, tmp_path):
+    """The unlinked extracts of a gzip .nemo hold disk space while a descriptor is open: none may stay open."""
+    source = parallel[("tp2pp2", "nemo-gzip")]
+
+    def open_extracts():
+        fds = os.listdir("/proc/self/fd")
+        targets = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")]
+        return [t for t in targets if ".streamconv-nemo-" in t]
+
+    streamconv.convert(source.path, tmp_path / "hf", dry_run=True)
+    streamconv.convert(source.path, tmp_path / "hf")
+    assert streamconv.verify(source.path, tmp_path / "hf") == []
+    with pytest.raises(streamconv.ConversionError):
+        streamconv.convert(source.path, tmp_path / "hf2", vocab_size=10**6)
+    assert open_extracts() == []
+
+
+def test_tokenizer_config_and_check_follow_the_model_family(spm, tmp_path):
+    from streamconv import tokenizer
+
+    with open(spm, "rb") as f:
+        model = f.read()
+    config = {"n_positions": 64, "n_embd": 64, "vocab_size": 1000, "bos_token_id": 2, "eos_token_id": 3,
+              "pad_token_id": 0}
+    tokenizer.save(str(tmp_path), model, config)
+    assert tokenizer.check(str(tmp_path), config) == "tokenizer copied as spiece.model and checked: " \
+                                                     "GPTSw3Tokenizer of 1000 tokens"
+    # The 6.7B model (hidden 4096) uses <|endoftext|> as bos and <unk> as pad: ids 3 and 1 in this model.
+    seven_b = {**config, "n_embd": 4096}
+    tokenizer.save(str(tmp_path), model, seven_b)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (settings["bos_token"], settings["pad_token"]) == ("<|endoftext|>", "<unk>")
+    note = tokenizer.check(str(tmp_path), seven_b)
+    assert "bos_token '<|endoftext|>' is id 3, config.json says 2" in note
+    assert "pad_token '<unk>' is id 1, config.json says 0" in note
+
+
+def test_ckpt_folder_without_a_tokenizer(parallel, tmp_path):
+    source = parallel[("tp2", "ckpt-folder")]
+    proc = run_cli("--checkpoint-path", source.path, "--save-path", tmp_path / "out", "--vocab-size", "1000",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "no tokenizer copied" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]

@@ -192,6 +192,14 @@ def tensor_recipes(dims: Dims, embedding_rows: int) -> list[TensorRecipe]:
     return out
 
 
+def special_tokens(hidden: int) -> dict[str, str]:
+    """GPT-SW3's special tokens as GPTSw3Tokenizer names them (ids 2/3/0 or 1/1/0 in `hf_config`): the 6.7B
+    model's tokenizer has no `<s>` or `<pad>` and uses `<|endoftext|>` and `<unk>` in their place."""
+    if hidden == 4096:
+        return {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<unk>"}
+    return {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
 def hf_config(hparam: Any, dims: Dims, dtype_name: str) -> dict[str, Any]:
     """GPT2Config keyword arguments, as the reference's `copy_config` sets them."""
     if dims.hidden == 4096:  # the 6.7B model ships a different tokenizer

@@ -61,7 +61,14 @@ class Checkpoint:
     note: str = ""  # said in the summary, e.g. that a gzip archive was extracted
     tokenizer: bytes | None = None  # the SentencePiece model shipped with the checkpoint (a .nemo artifact)
 
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the descriptors opened for kernel copies (the mappings go with the tensors)."""
         for mapped in self.files:
             if mapped.fd is not None:
                 os.close(mapped.fd)

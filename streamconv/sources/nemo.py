@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -24,12 +25,13 @@ from typing import IO, Any
 
 from streamconv.errors import ConversionError
 from streamconv.sources import parallel, torch_zip
-from streamconv.sources.lightning import Checkpoint, MappedFile, mapped_file, refuse, tensors_of
+from streamconv.sources.lightning import Checkpoint, mapped_file, refuse, tensors_of
 
 WEIGHTS = "model_weights.ckpt"
 CONFIG = "model_config.yaml"
 _MAX_CONFIG = 16 * 2**20
 _MAX_TOKENIZER = 256 * 2**20
+_MAX_ARTIFACTS = 4  # top-level .model files kept from a gzip stream, to find the tokenizer among them
 _COPY_CHUNK = 16 * 2**20
 _TEMP_PREFIX = ".streamconv-nemo-"
 
@@ -70,44 +72,51 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
     try:
         with tarfile.open(path, "r:") as tar:
             members = {_normal(m.name): m for m in tar.getmembers() if m.isreg() and not m.issparse()}
-            weights = _weights_members(path, members)
+            weights = _weights_members(path, list(members))
             config = _read(path, tar.extractfile(members[CONFIG]), CONFIG) if CONFIG in members else None
-            tokenizer = _tokenizer_member(path, config, members)
+            tokenizer = _tokenizer_member(path, config, list(members))
             tokenizer = _read(path, tar.extractfile(members[tokenizer]), tokenizer) if tokenizer else None
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
                               "copy or download it again") from None
     size = os.path.getsize(path)
+    mapping = torch_zip.map_file(path)  # one mapping of the archive for every rank's weights
     loaded = {}
-    for rank, member in weights.items():
+    for rank, name in weights.items():
+        member = members[name]
         if member.offset_data + member.size > size:
-            raise ConversionError(f"{path} is truncated ({member.name} ends past the end of the file); "
+            raise ConversionError(f"{path} is truncated ({name!r} ends past the end of the file); "
                                   "copy or download it again")
-        loaded[rank] = (torch_zip.load(path, member.offset_data, member.size), path)
+        loaded[rank] = (torch_zip.load(path, member.offset_data, member.size, mapping), path)
     return _assemble(path, loaded, config, tokenizer)
 
 
 def _open_folder(path: str) -> Checkpoint:
     """An extracted `.nemo`, or a folder holding one Lightning `.ckpt` per rank folder."""
     names = os.listdir(path)
-    files = {parallel.rank_of(n): _rank_file(path, n) for n in names
-             if parallel.rank_of(n) and os.path.isdir(os.path.join(path, n))}
-    if os.path.isfile(os.path.join(path, WEIGHTS)):
-        if files:
-            raise ConversionError(f"{path} holds both {WEIGHTS} and rank folders; keep one or the other")
-        files[(0, 0)] = os.path.join(path, WEIGHTS)
-    if not files:
-        raise ConversionError(f"{path} is a folder without {WEIGHTS} or rank folders (mp_rank_XX, "
-                              "tp_rank_XX_pp_rank_YYY); check --checkpoint-path")
-    config = None
-    if os.path.isfile(os.path.join(path, CONFIG)):
-        with open(os.path.join(path, CONFIG), "rb") as f:
-            config = _read(path, f, CONFIG)
-    tokenizer = _tokenizer_member(path, config, {n: None for n in names if os.path.isfile(os.path.join(path, n))})
-    if tokenizer:
-        with open(os.path.join(path, tokenizer), "rb") as f:
-            tokenizer = _read(path, f, tokenizer)
+    folders = [n for n in names if parallel.rank_of(n) and os.path.isdir(os.path.join(path, n))]
+    weights = _weights_members(path, folders + ([WEIGHTS] if os.path.isfile(os.path.join(path, WEIGHTS)) else []),
+                               folder=True)
+    files = {rank: os.path.join(path, WEIGHTS) if name == WEIGHTS else _rank_file(path, name)
+             for rank, name in weights.items()}
+    config = _read_regular(path, CONFIG) if os.path.lexists(os.path.join(path, CONFIG)) else None
+    tokenizer = _tokenizer_member(path, config, names)
+    tokenizer = _read_regular(path, tokenizer) if tokenizer else None
     return _assemble(path, {rank: (torch_zip.load(file), file) for rank, file in files.items()}, config, tokenizer)
+
+
+def _read_regular(path: str, name: str) -> bytes:
+    """A file of an extracted `.nemo` whose bytes may reach the output: never through a symbolic link, so a
+    checkpoint folder cannot make streamconv copy another file of this machine."""
+    try:
+        fd = os.open(os.path.join(path, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ConversionError(f"cannot read {name!r} in {path} ({exc.strerror}); it must be a regular file, "
+                              "not a symbolic link: replace it with the file itself") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConversionError(f"{name!r} in {path} is not a regular file; replace it with the file itself")
+        return _read(path, f, name)
 
 
 def _rank_file(path: str, folder: str) -> str:
@@ -117,7 +126,7 @@ def _rank_file(path: str, folder: str) -> str:
         return os.path.join(inner, WEIGHTS)
     ckpts = sorted(n for n in os.listdir(inner) if n.endswith(".ckpt") and os.path.isfile(os.path.join(inner, n)))
     if len(ckpts) != 1:
-        found = ", ".join(ckpts[:3]) + (", ..." if len(ckpts) > 3 else "") if ckpts else "none"
+        found = ", ".join(map(repr, ckpts[:3])) + (", ..." if len(ckpts) > 3 else "") if ckpts else "none"
         raise ConversionError(f"rank folder {inner} should hold one .ckpt file, found {len(ckpts)} ({found}); "
                               "move the other checkpoints of each rank elsewhere")
     return os.path.join(inner, ckpts[0])
@@ -135,6 +144,7 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
         if entry.startswith(_TEMP_PREFIX) and not (pid.isdigit() and psutil.pid_exists(int(pid))):
             os.remove(os.path.join(scratch, entry))
     temps: dict[Rank, str] = {}
+    seen: dict[Rank, str] = {}
     config = None
     artifacts: dict[str, bytes] = {}
     try:
@@ -146,15 +156,18 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
                     continue
                 if name == CONFIG:
                     config = _read(path, tar.extractfile(member), CONFIG)
-                elif name.endswith(".model") and "/" not in name:
+                elif _is_artifact(name) and len(artifacts) < _MAX_ARTIFACTS:
                     artifacts[name] = _read(path, tar.extractfile(member), name)
-                elif rank is not None and rank not in temps:
+                elif rank is not None:
+                    if rank in seen:
+                        _weights_members(path, [seen[rank], name])  # refuses the rank held twice
+                    seen[rank] = name
                     free = shutil.disk_usage(scratch).free
                     if free < member.size:
-                        raise ConversionError(f"not enough free space in {scratch} to extract {name} from the "
+                        raise ConversionError(f"not enough free space in {scratch} to extract {name!r} from the "
                                               f"gzip archive {path}: need {member.size} bytes, have {free}")
                     if say is not None:
-                        say(f"{path} is gzip-compressed: extracting {name} ({member.size / 1e9:.3f} GB) "
+                        say(f"{path} is gzip-compressed: extracting {name!r} ({member.size / 1e9:.3f} GB) "
                             f"into a temporary file in {scratch}")
                     fd, temps[rank] = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".ckpt",
                                                        dir=scratch)
@@ -164,7 +177,7 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
                         os.fsync(out.fileno())
         if not temps:
             raise ConversionError(f"{path} is a .nemo archive without {WEIGHTS} files; check --checkpoint-path")
-        tokenizer = _tokenizer_member(path, config, artifacts)
+        tokenizer = _tokenizer_member(path, config, list(artifacts))
         checkpoint = _assemble(path, {rank: (torch_zip.load(t), t) for rank, t in temps.items()}, config,
                                artifacts.get(tokenizer) if tokenizer else None)
         for mapped in checkpoint.files:
@@ -180,27 +193,39 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
             os.remove(temp)
 
 
-def _weights_members(path: str, members: Mapping[str, Any]) -> dict[Rank, Any]:
-    weights = {rank: m for name, m in members.items() if (rank := weights_rank(name)) is not None}
+def _weights_members(path: str, names: list[str], folder: bool = False) -> dict[Rank, str]:
+    """Rank -> the member (or rank folder) holding its weights; refuses a rank held twice."""
+    weights: dict[Rank, str] = {}
+    for name in names:
+        rank = parallel.rank_of(name) if folder and name != WEIGHTS else weights_rank(name)
+        if rank is None:
+            continue
+        if rank in weights:
+            raise ConversionError(f"{path} holds the weights of one rank twice, in {weights[rank]!r} and {name!r} "
+                                  f"({WEIGHTS} is the single rank of a whole model); keep one of them")
+        weights[rank] = name
     if not weights:
-        raise ConversionError(f"{path} is a .nemo archive without {WEIGHTS} files; check --checkpoint-path")
-    if WEIGHTS in members and len(weights) > 1:
-        raise ConversionError(f"{path} holds both {WEIGHTS} and per-rank weights; re-save the archive with NeMo")
+        raise ConversionError(f"{path} has no {WEIGHTS} and no rank folders (mp_rank_XX, tp_rank_XX_pp_rank_YYY); "
+                              "check --checkpoint-path")
     return weights
 
 
-def _tokenizer_member(path: str, config: bytes | None, members: Mapping[str, Any]) -> str | None:
+def _is_artifact(name: str) -> bool:
+    """A top-level `.model` file: where NeMo stores a SentencePiece tokenizer (`<hex>_tokenizer.model`)."""
+    return name.endswith(".model") and "/" not in name
+
+
+def _tokenizer_member(path: str, config: bytes | None, names: list[str]) -> str | None:
     """The SentencePiece model artifact: the one the cfg names (`nemo:<hex>_tokenizer.model`), else the
-    only `.model` member."""
-    named = None
+    only top-level `.model` file."""
+    candidates = [name for name in names if _is_artifact(name)]
     if config is not None:
-        tokenizer = _parse_config(path, config).get("tokenizer") or {}
-        model = tokenizer.get("model") if hasattr(tokenizer, "get") else None
-        if isinstance(model, str) and model.startswith("nemo:"):
-            named = model.removeprefix("nemo:")
-    if named in members:
-        return named
-    candidates = [name for name in members if name.endswith(".model") and "/" not in name]
+        try:
+            model = _parse_config(path, config).tokenizer.model
+        except Exception:  # no tokenizer section, or an interpolation that does not resolve
+            model = None
+        if isinstance(model, str) and model.removeprefix("nemo:") in candidates:
+            return model.removeprefix("nemo:")
     return candidates[0] if len(candidates) == 1 else None
 
 
@@ -208,13 +233,14 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], config: bytes |
               tokenizer: bytes | None) -> Checkpoint:
     """One Checkpoint from every rank's unpickled weights (bare state_dict or Lightning dict) and file."""
     ranks: dict[Rank, dict] = {}
-    files: list[MappedFile] = []
+    by_file: dict[str, dict[str, Any]] = {}  # the ranks inside one plain tar share its mapping
     cfg = _parse_config(path, config) if config is not None else None
     config_name = CONFIG
     for rank, (payload, file) in sorted(loaded.items()):
         if not isinstance(payload, Mapping):
             refuse(path, WEIGHTS, payload)
-            raise ConversionError(f"{file} holds a {type(payload).__name__}, not a state_dict")
+            raise ConversionError(f"{path}: the weights of rank {rank} hold a {type(payload).__name__}, not a "
+                                  "state_dict; is this a NeMo checkpoint?")
         lightning = isinstance(payload.get("state_dict"), Mapping)
         if cfg is None and lightning and rank == (0, 0):
             hparams = payload.get("hyper_parameters")
@@ -222,7 +248,8 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], config: bytes |
             cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
             config_name = Checkpoint.config_name
         ranks[rank] = tensors_of(path, payload["state_dict"] if lightning else payload)
-        files.append(mapped_file(file, ranks[rank]))
+        by_file.setdefault(file, {}).update({f"{rank}{k}": v for k, v in ranks[rank].items()})
+    files = [mapped_file(file, tensors) for file, tensors in by_file.items()]
     checkpoint = Checkpoint(path=path, tensors={}, hparams=cfg, files=files, config_name=config_name,
                             tokenizer=tokenizer)
     checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam)

@@ -19,12 +19,12 @@ import torch
 from streamconv.errors import ConversionError
 from streamconv.recipes import gpt_sw3
 
-RANK_FOLDER = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))$")
+RANK_FOLDER = re.compile(r"mp_rank_([0-9]{2,})|tp_rank_([0-9]{2,})_pp_rank_([0-9]{3,})")
 
 
 def rank_of(folder: str) -> tuple[int, int] | None:
     """(tp rank, pp rank) of a rank folder's name, None if it is not one."""
-    m = RANK_FOLDER.match(folder)
+    m = RANK_FOLDER.fullmatch(folder)
     if m is None:
         return None
     return (int(m.group(1)), 0) if m.group(1) is not None else (int(m.group(2)), int(m.group(3)))
@@ -34,7 +34,7 @@ def rank_name(rank: tuple[int, int], pp: int) -> str:
     return f"mp_rank_{rank[0]:02d}" if pp == 1 else f"tp_rank_{rank[0]:02d}_pp_rank_{rank[1]:03d}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Split:
     """One logical tensor stored as slices on TP ranks, concatenated along `axis` in rank order."""
 
@@ -79,7 +79,9 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
                                   "TP x PP ranks); copy the missing rank's files next to the others")
     for key, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
         said = hparam(key)
-        if said is not None and int(said) != found:
+        if said is not None and not isinstance(said, int):
+            raise ConversionError(f"the cfg of {path} says {key} {said!r}, not a whole number; fix the cfg")
+        if said is not None and said != found:
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
                                   "is a rank missing, or the cfg from another run?")
 
@@ -104,20 +106,27 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
     return merged
 
 
+def _layer_id(path: str, key: str) -> int:
+    local = key[len(gpt_sw3.LAYER_PREFIX):].split(".")[0]
+    if not local.isdecimal() or not local.isascii():
+        raise ConversionError(f"{path}: unexpected state_dict key {key!r} (no layer number); is this a GPT "
+                              "checkpoint?")
+    return int(local)
+
+
 def _layer_count(path: str, state_dict: Mapping[str, torch.Tensor], rank: str) -> int:
-    ids = sorted({int(k[len(gpt_sw3.LAYER_PREFIX):].split(".")[0])
-                  for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
+    ids = sorted({_layer_id(path, k) for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
     if ids != list(range(len(ids))):
-        raise ConversionError(f"{path}: rank {rank} holds layers {ids[0]}..{ids[-1]} with gaps; "
-                              "every pipeline stage numbers its layers from 0, is the file damaged?")
+        raise ConversionError(f"{path}: rank {rank} holds layers {ids[0]}..{ids[-1]} ({len(ids)} in all), not "
+                              "0, 1, 2, ...: every pipeline stage numbers its layers from 0; is the file damaged?")
     return len(ids)
 
 
 def _global_name(key: str, first_layer: int) -> str:
     if not key.startswith(gpt_sw3.LAYER_PREFIX) or first_layer == 0:
         return key
-    local, rest = key[len(gpt_sw3.LAYER_PREFIX):].split(".", 1)
-    return f"{gpt_sw3.LAYER_PREFIX}{int(local) + first_layer}.{rest}"
+    rest = key[len(gpt_sw3.LAYER_PREFIX):].split(".", 1)[1]
+    return f"{gpt_sw3.LAYER_PREFIX}{_layer_id('', key) + first_layer}.{rest}"
 
 
 def _merge_slices(path: str, key: str, slices: list[torch.Tensor | None], p: int, pp: int) -> Any:

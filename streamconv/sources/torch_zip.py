@@ -83,9 +83,15 @@ class _Unpickler(safe_pickle.Unpickler):
         return self.storage_for(str(key), dtype, numel)
 
 
-def load(path: str, offset: int = 0, size: int | None = None) -> Any:
+def map_file(path: str) -> torch.UntypedStorage:
+    """A private, read-only-in-practice mapping of the whole file, as torch.load(mmap=True) makes."""
+    return torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
+
+
+def load(path: str, offset: int = 0, size: int | None = None, mapping: torch.UntypedStorage | None = None) -> Any:
     """The object pickled in the torch zip file at [offset, offset + size) of `path`, tensors mmap-backed.
 
+    `mapping` (from `map_file(path)`) lets several checkpoints inside one file share one mapping.
     Raises ConversionError (one line) for a damaged or truncated zip, compressed members or big-endian data.
     """
     file_size = os.path.getsize(path)
@@ -100,7 +106,7 @@ def load(path: str, offset: int = 0, size: int | None = None) -> Any:
     if byteorder not in (b"", sys.byteorder.encode()):
         raise ConversionError(f"{path}: the checkpoint was saved {byteorder.decode(errors='replace')}-endian, "
                               f"this machine is {sys.byteorder}-endian; re-save it on a matching machine")
-    mapping = torch.UntypedStorage.from_file(path, False, file_size)  # private, like torch.load(mmap=True)
+    mapping = map_file(path) if mapping is None else mapping
     loaded: dict[str, torch.storage.TypedStorage] = {}
 
     def storage_for(key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:

@@ -108,6 +108,18 @@ def test_config_matches_reference_copy_config(bf16_ckpt, tmp_path):
     assert "lm_head.weight" not in read_output(out)
 
 
+def test_config_loads_as_the_one_gpt2config_writes(bf16_ckpt, tmp_path):
+    """config.json is written without transformers: it must load exactly as GPT2Config's own file does."""
+    from transformers import GPT2Config
+
+    result = streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
+    (tmp_path / "ref").mkdir()
+    GPT2Config(**result.config).to_json_file(tmp_path / "ref" / "config.json")
+    written = GPT2Config.from_pretrained(tmp_path / "hf").to_dict()
+    assert written == GPT2Config.from_pretrained(tmp_path / "ref").to_dict()
+    assert written["model_type"] == "gpt2" and written["dtype"] == "bfloat16"
+
+
 def test_6_7b_hidden_size_uses_its_tokenizer_ids():
     from streamconv.recipes.gpt_sw3 import Dims, hf_config
 

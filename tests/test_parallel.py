@@ -53,10 +53,9 @@ def parallel(tmp_path_factory, spm):
     }
 
 
-def reference(source):
+def reference(model, hf_state_dict):
     """The reference script's mapping applied to the consolidated model the ranks were split from."""
-    model = source.model
-    weights = to_nemo_state_dict(source.hf_state_dict, model, 1)
+    weights = to_nemo_state_dict(hf_state_dict, model, 1)
     out = convert_megatron_checkpoint(weights, nemo_config(model, "bf16")["cfg"], model.vocab_size)
     return {k: v.contiguous() for k, v in out.items() if not k.endswith(NOT_WRITTEN)}
 
@@ -72,7 +71,7 @@ def test_round_trip_logits_and_bits(parallel, spm, tmp_path, layout, kind):
     assert result.shards > 1
     expected, actual = logits_pair(source, out)
     assert torch.equal(expected, actual), (expected - actual).abs().max()
-    written, wanted = read_output(out), reference(source)
+    written, wanted = read_output(out), reference(source.model, source.hf_state_dict)
     assert sorted(written) == sorted(wanted)
     for name, tensor in wanted.items():
         assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
@@ -346,3 +345,33 @@ def test_ckpt_folder_without_a_tokenizer(parallel, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "no tokenizer copied" in proc.stdout
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+
+
+def test_uneven_pipeline_stages(tmp_path):
+    """Stages of 3 and 1 layers: each stage's layers follow those of the stages before it, whatever their count."""
+    from omegaconf import OmegaConf
+
+    from streamconv.testing import random_gpt2_state_dict
+
+    hf = random_gpt2_state_dict(MODEL, torch.bfloat16, 0)
+    weights = to_nemo_state_dict(hf, MODEL, 1)
+    layer = "model.language_model.encoder.layers."
+    stages = [{}, {}]
+    for key, tensor in weights.items():
+        if key.startswith(layer):
+            i, rest = key[len(layer):].split(".", 1)
+            stage, local = (0, int(i)) if int(i) < 3 else (1, int(i) - 3)
+            stages[stage][f"{layer}{local}.{rest}"] = tensor
+        else:
+            stages[1 if "final_layernorm" in key else 0][key] = tensor
+    folder = tmp_path / "in"
+    for p, state_dict in enumerate(stages):
+        (folder / f"tp_rank_00_pp_rank_{p:03d}").mkdir(parents=True)
+        torch.save(state_dict, folder / f"tp_rank_00_pp_rank_{p:03d}" / "model_weights.ckpt")
+    cfg = nemo_config(MODEL, "bf16", pipeline_model_parallel_size=2)["cfg"]
+    (folder / "model_config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    streamconv.convert(folder, tmp_path / "hf", vocab_size=MODEL.vocab_size)
+    written, wanted = read_output(tmp_path / "hf"), reference(MODEL, hf)
+    assert sorted(written) == sorted(wanted)
+    for name, tensor in wanted.items():
+        assert torch.equal(written[name], tensor), name

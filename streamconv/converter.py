@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -212,8 +214,17 @@ def convert(
             )
 
         staging = _staging_folder(save_path)
+        background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         try:
             _write_config(staging, config)
+            checked = None
+            if checkpoint.tokenizer is None:
+                notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
+            elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
+                notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
+            else:  # checked (transformers imported) while the tensors stream
+                tokenizer.save(staging, checkpoint.tokenizer, config)
+                checked = background.submit(tokenizer.check, staging, config)
             bar = _progress_bar(plan.total_size, enabled=progress)
             stream_started = time.perf_counter()
             try:
@@ -227,20 +238,18 @@ def convert(
                 ) from None
             result.stream_seconds = time.perf_counter() - stream_started
             bar.close()
-            if checkpoint.tokenizer is None:
-                notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
-            elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
-                notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
-            else:
-                tokenizer.save(staging, checkpoint.tokenizer, config)
-                notes.append(tokenizer.check(staging, config))
+            if checked is not None:
+                notes.append(checked.result())
             if plan.is_sharded:
                 with open(os.path.join(staging, INDEX_NAME), "w") as f:
                     json.dump(plan.index(), f, indent=2, sort_keys=True)
                     f.write("\n")
-            _fsync_dir(staging)
+            for name in os.listdir(staging):  # the shards are fsynced already; config, index and tokenizer files
+                _fsync(os.path.join(staging, name))
+            _fsync(staging)
             _publish(staging, save_path)
         finally:
+            background.shutdown(wait=True)
             shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()
@@ -255,8 +264,10 @@ def read_tokenizer(path: str) -> bytes:
             model = f.read(tokenizer.MAX_BYTES + 1)
     except OSError as exc:
         raise ConversionError(f"cannot read the tokenizer {path} ({exc.strerror}); check --tokenizer") from None
-    unreadable = tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None
-    if len(model) > tokenizer.MAX_BYTES or unreadable:
+    if len(model) > tokenizer.MAX_BYTES:
+        raise ConversionError(f"{path} is larger than {tokenizer.MAX_BYTES} bytes, too large for a SentencePiece "
+                              "model; check --tokenizer")
+    if tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None:
         raise ConversionError(f"{path} is not a SentencePiece model that sentencepiece can read; check --tokenizer")
     return model
 
@@ -268,11 +279,13 @@ def _write_config(folder: str, config: dict) -> None:
     stream for the disk and the CPU. GPT2Config fills every field not given here with its default when it
     loads the file (tests/test_convert.py checks the two load the same).
     """
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    written = {**config, "model_type": "gpt2"}
+    with contextlib.suppress(PackageNotFoundError):  # transformers without its metadata: the field is optional
+        written["transformers_version"] = version("transformers")
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump({**config, "model_type": "gpt2", "transformers_version": version("transformers")}, f,
-                  indent=2, sort_keys=True)
+        json.dump(written, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
@@ -312,12 +325,13 @@ def _publish(staging: str, save_path: str) -> None:
         old = f"{staging}-old"
         os.rename(save_path, old)
     os.rename(staging, save_path)
-    _fsync_dir(os.path.dirname(os.path.abspath(save_path)))
+    _fsync(os.path.dirname(os.path.abspath(save_path)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a folder (its entries), so that what the rename publishes survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 
@@ -221,6 +222,8 @@ def test_ranks_of_different_shapes(folder_copy, tmp_path):
     ("tensor_model_parallel_size", 4, "says tensor_model_parallel_size 4 but the files hold 2"),
     ("pipeline_model_parallel_size", 1, "says pipeline_model_parallel_size 1 but the files hold 2"),
     ("num_attention_heads", 1, "sliced across 2 tensor-parallel ranks, which do not divide its 1 heads"),
+    ("hidden_size", "abc", "hyper-parameter 'hidden_size' is 'abc', not a whole number; fix the checkpoint's cfg"),
+    ("tensor_model_parallel_size", 2.5, "says tensor_model_parallel_size 2.5, not a whole number"),
 ])
 def test_config_disagreeing_with_the_ranks(folder_copy, tmp_path, key, value, message):
     cfg = yaml.safe_load((folder_copy / "model_config.yaml").read_text())
@@ -288,8 +291,12 @@ def test_a_rank_held_twice_is_refused(parallel, tmp_path, kind):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".streamconv")]
 
 
-def test_a_symlinked_tokenizer_is_not_followed(parallel, tmp_path):
-    """An extracted .nemo cannot make streamconv copy another file of the machine into the output."""
+@pytest.mark.parametrize("sentencepiece", [True, False])
+def test_a_symlinked_tokenizer_never_copies_another_file(parallel, tmp_path, monkeypatch, sentencepiece):
+    """An extracted .nemo cannot make streamconv copy another file of the machine into the output: a link is
+    followed only when sentencepiece can check that its target is a tokenizer, and nothing else is copied."""
+    if not sentencepiece:
+        monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import fails as if it were not installed
     folder = tmp_path / "in"
     shutil.copytree(parallel[("tp2", "extracted")].path, folder)
     secret = tmp_path / "secret.txt"
@@ -297,7 +304,36 @@ def test_a_symlinked_tokenizer_is_not_followed(parallel, tmp_path):
     (artifact,) = [n for n in os.listdir(folder) if n.endswith("_tokenizer.model")]
     os.remove(folder / artifact)
     os.symlink(secret, folder / artifact)
-    assert_one_line_error(_cli(tmp_path, folder), "not a symbolic link")
+    result = streamconv.convert(folder, tmp_path / "out", vocab_size=MODEL.vocab_size)
+    expected = "not a SentencePiece model: not copied" if sentencepiece else "is a symbolic link: not copied"
+    assert expected in result.summary()
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+
+
+def test_a_folder_of_symlinks_converts(parallel, tmp_path):
+    """The Hugging Face cache stores a snapshot as symbolic links into a blobs folder."""
+    source = parallel[("tp2", "extracted")]
+    snapshot = tmp_path / "snapshot"
+    for root, _, files in os.walk(source.path):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), source.path)
+            os.makedirs(snapshot / os.path.dirname(relative), exist_ok=True)
+            os.symlink(os.path.join(root, name), snapshot / relative)
+    result = streamconv.convert(snapshot, tmp_path / "out")
+    assert "checked: GPTSw3Tokenizer of 1000 tokens" in result.summary()
+    expected, actual = logits_pair(source, tmp_path / "out")
+    assert torch.equal(expected, actual)
+
+
+def test_a_pipe_named_like_the_tokenizer_does_not_block(parallel, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(parallel[("tp2", "extracted")].path, folder)
+    (artifact,) = [n for n in os.listdir(folder) if n.endswith("_tokenizer.model")]
+    os.remove(folder / artifact)
+    os.mkfifo(folder / artifact)
+    proc = subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", folder, "--save-path",
+                           tmp_path / "out"], capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, "is not a regular file")
     assert not (tmp_path / "out").exists()
 
 

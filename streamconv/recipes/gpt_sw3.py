@@ -94,13 +94,30 @@ def _transpose(rows: int, cols: int) -> Arrangement:
     return Arrangement("transpose", (rows, cols), (1, 0))
 
 
+def layer_id(key: str) -> int:
+    """The layer number in a `...encoder.layers.<i>.` state_dict key."""
+    local = key[len(LAYER_PREFIX):].split(".")[0]
+    if not (local.isascii() and local.isdecimal()):
+        raise ConversionError(f"unexpected state_dict key {key!r} (no layer number); is this a GPT checkpoint?")
+    return int(local)
+
+
+def number(key: str, value: Any, kind: type) -> Any:
+    """A cfg value as an int or float, or a one-line error naming the key."""
+    integral = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and not integral:
+        wanted = "a whole number" if kind is int else "a number"
+        raise ConversionError(f"hyper-parameter {key!r} is {value!r}, not {wanted}; fix the checkpoint's cfg")
+    return kind(value)
+
+
 def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
               num_heads: int | None = None) -> Dims:
     """Model dimensions from the NeMo cfg (`hparam(key)` reads one resolved value), checked against the
     tensor shapes. Without a cfg, every size but the head count is read from the shapes."""
     if EMBEDDING not in shapes:
         raise ConversionError(f"source tensor {EMBEDDING!r} is missing from the checkpoint's state_dict")
-    layer_ids = sorted({int(k[len(LAYER_PREFIX):].split(".")[0]) for k in shapes if k.startswith(LAYER_PREFIX)})
+    layer_ids = sorted({layer_id(k) for k in shapes if k.startswith(LAYER_PREFIX)})
     h_to_4h = shapes.get(LAYER.format(i=0) + "mlp.dense_h_to_4h.weight")
     inferred = {
         "hidden_size": shapes[EMBEDDING][1],
@@ -119,7 +136,7 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
             raise ConversionError(
                 f"hyper-parameter {key!r} is not in the checkpoint's cfg and cannot be read from the tensors; {fix}"
             )
-        values[key] = int(value)
+        values[key] = number(key, value, int)
     dims = Dims(
         hidden=values["hidden_size"],
         layers=values["num_layers"],
@@ -217,8 +234,8 @@ def hf_config(hparam: Any, dims: Dims, dtype_name: str) -> dict[str, Any]:
         "resid_pdrop": 0.1,
         "embd_pdrop": 0.1,
         "attn_pdrop": 0.1,
-        "layer_norm_epsilon": float(hparam("layernorm_epsilon", 1e-5)),
-        "initializer_range": float(hparam("init_method_std", 0.02)),
+        "layer_norm_epsilon": number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5), float),
+        "initializer_range": number("init_method_std", hparam("init_method_std", 0.02), float),
         "apply_query_key_layer_scaling": bool(hparam("apply_query_key_layer_scaling", True)),
         "normalize_attention_scores": True,
         "use_cache": True,

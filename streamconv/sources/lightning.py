@@ -73,6 +73,7 @@ class Checkpoint:
             if mapped.fd is not None:
                 os.close(mapped.fd)
                 mapped.fd = None
+        self.tensors, self.files = {}, []  # the mappings go once no other reference holds a tensor
 
     def _file_of(self, tensor: torch.Tensor) -> MappedFile | None:
         return next((m for m in self.files if m.holds(tensor)), None)

@@ -14,6 +14,7 @@ Member names are untrusted: they are only matched against the expected names, ne
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -26,6 +27,7 @@ from typing import IO, Any
 from streamconv.errors import ConversionError
 from streamconv.sources import parallel, torch_zip
 from streamconv.sources.lightning import Checkpoint, mapped_file, refuse, tensors_of
+from streamconv.tokenizer import sentencepiece_available
 
 WEIGHTS = "model_weights.ckpt"
 CONFIG = "model_config.yaml"
@@ -71,8 +73,9 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
         return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), say)
     try:
         with tarfile.open(path, "r:") as tar:
-            members = {_normal(m.name): m for m in tar.getmembers() if m.isreg() and not m.issparse()}
-            weights = _weights_members(path, list(members))
+            regular = [m for m in tar.getmembers() if m.isreg() and not m.issparse()]
+            members = {_normal(m.name): m for m in regular}
+            weights = _weights_members(path, [_normal(m.name) for m in regular])  # a name stored twice is refused
             config = _read(path, tar.extractfile(members[CONFIG]), CONFIG) if CONFIG in members else None
             tokenizer = _tokenizer_member(path, config, list(members))
             tokenizer = _read(path, tar.extractfile(members[tokenizer]), tokenizer) if tokenizer else None
@@ -99,23 +102,32 @@ def _open_folder(path: str) -> Checkpoint:
                                folder=True)
     files = {rank: os.path.join(path, WEIGHTS) if name == WEIGHTS else _rank_file(path, name)
              for rank, name in weights.items()}
-    config = _read_regular(path, CONFIG) if os.path.lexists(os.path.join(path, CONFIG)) else None
-    tokenizer = _tokenizer_member(path, config, names)
-    tokenizer = _read_regular(path, tokenizer) if tokenizer else None
-    return _assemble(path, {rank: (torch_zip.load(file), file) for rank, file in files.items()}, config, tokenizer)
+    config = _read_file(path, CONFIG, follow=True) if os.path.lexists(os.path.join(path, CONFIG)) else None
+    name = _tokenizer_member(path, config, names)
+    # The tokenizer's bytes are copied into the output (which may be published): through a symbolic link only
+    # when sentencepiece can check that they are a tokenizer (converter.py copies nothing else).
+    tokenizer = _read_file(path, name, follow=sentencepiece_available()) if name else None
+    checkpoint = _assemble(path, {rank: (torch_zip.load(file), file) for rank, file in files.items()}, config,
+                           tokenizer)
+    if name and tokenizer is None:
+        checkpoint.note = f"{name!r} is a symbolic link: not copied without sentencepiece to check it"
+    return checkpoint
 
 
-def _read_regular(path: str, name: str) -> bytes:
-    """A file of an extracted `.nemo` whose bytes may reach the output: never through a symbolic link, so a
-    checkpoint folder cannot make streamconv copy another file of this machine."""
+def _read_file(path: str, name: str, *, follow: bool) -> bytes | None:
+    """A small file of an extracted `.nemo`: a regular file only (a pipe must not block the run), through a
+    symbolic link only when `follow` (None for a link that is not followed)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        fd = os.open(os.path.join(path, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(os.path.join(path, name), flags)
     except OSError as exc:
-        raise ConversionError(f"cannot read {name!r} in {path} ({exc.strerror}); it must be a regular file, "
-                              "not a symbolic link: replace it with the file itself") from None
+        if exc.errno == errno.ELOOP and not follow:
+            return None
+        raise ConversionError(f"cannot read {name!r} in {path} ({exc.strerror}); check the folder") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ConversionError(f"{name!r} in {path} is not a regular file; replace it with the file itself")
+            raise ConversionError(f"{name!r} in {path} is not a regular file (a pipe or a device?); replace it "
+                                  "with the file itself")
         return _read(path, f, name)
 
 
@@ -176,7 +188,7 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
                         out.flush()
                         os.fsync(out.fileno())
         if not temps:
-            raise ConversionError(f"{path} is a .nemo archive without {WEIGHTS} files; check --checkpoint-path")
+            _weights_members(path, [])  # refuses: no weights
         tokenizer = _tokenizer_member(path, config, list(artifacts))
         checkpoint = _assemble(path, {rank: (torch_zip.load(t), t) for rank, t in temps.items()}, config,
                                artifacts.get(tokenizer) if tokenizer else None)

@@ -79,7 +79,8 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
                                   "TP x PP ranks); copy the missing rank's files next to the others")
     for key, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
         said = hparam(key)
-        if said is not None and not isinstance(said, int):
+        whole = isinstance(said, int) and not isinstance(said, bool) or isinstance(said, float) and said.is_integer()
+        if said is not None and not whole:
             raise ConversionError(f"the cfg of {path} says {key} {said!r}, not a whole number; fix the cfg")
         if said is not None and said != found:
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
@@ -106,16 +107,8 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
     return merged
 
 
-def _layer_id(path: str, key: str) -> int:
-    local = key[len(gpt_sw3.LAYER_PREFIX):].split(".")[0]
-    if not local.isdecimal() or not local.isascii():
-        raise ConversionError(f"{path}: unexpected state_dict key {key!r} (no layer number); is this a GPT "
-                              "checkpoint?")
-    return int(local)
-
-
 def _layer_count(path: str, state_dict: Mapping[str, torch.Tensor], rank: str) -> int:
-    ids = sorted({_layer_id(path, k) for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
+    ids = sorted({gpt_sw3.layer_id(k) for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
     if ids != list(range(len(ids))):
         raise ConversionError(f"{path}: rank {rank} holds layers {ids[0]}..{ids[-1]} ({len(ids)} in all), not "
                               "0, 1, 2, ...: every pipeline stage numbers its layers from 0; is the file damaged?")
@@ -126,7 +119,7 @@ def _global_name(key: str, first_layer: int) -> str:
     if not key.startswith(gpt_sw3.LAYER_PREFIX) or first_layer == 0:
         return key
     rest = key[len(gpt_sw3.LAYER_PREFIX):].split(".", 1)[1]
-    return f"{gpt_sw3.LAYER_PREFIX}{_layer_id('', key) + first_layer}.{rest}"
+    return f"{gpt_sw3.LAYER_PREFIX}{gpt_sw3.layer_id(key) + first_layer}.{rest}"
 
 
 def _merge_slices(path: str, key: str, slices: list[torch.Tensor | None], p: int, pp: int) -> Any:

@@ -43,6 +43,12 @@ def passes_through(spec: TensorSpec, source: torch.Tensor | Split) -> bool:
     return perm == tuple(range(len(perm))) and spec.dtype == source.dtype and stacked
 
 
+def arranges_on_device(device: torch.device) -> bool:
+    """Whether tensors are arranged in a scratch buffer on the device, then copied back into a host buffer
+    (every device but the CPU, which arranges straight into the host buffer)."""
+    return device.type != "cpu"
+
+
 def buffer_bytes(plan: Plan, checkpoint: Checkpoint) -> int:
     """Size of each reusable output buffer: the largest tensor that must be rearranged or cast."""
     sizes = [
@@ -159,7 +165,7 @@ class _Stream:
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(BUFFERS if size else 0):
             self.free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
-        self.scratch = torch.empty(size, dtype=torch.uint8, device=device) if device.type != "cpu" else None
+        self.scratch = torch.empty(size, dtype=torch.uint8, device=device) if arranges_on_device(device) else None
         self.arranger = Arranger(device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
         self.writes = _WriteBehind(WRITE_QUEUE)

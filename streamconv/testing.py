@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from streamconv.sources.parallel import rank_name
+
 PREFIX = "model.language_model."
 
 
@@ -455,11 +457,6 @@ def parallel_dim(key: str) -> int | None:
     return None
 
 
-def rank_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    """NeMo's folder for one model-parallel rank: `mp_rank_00` without PP, else `tp_rank_00_pp_rank_000`."""
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}"
-
-
 def split_for_parallel(
     state_dict: Mapping[str, torch.Tensor], tp: int, pp: int, *, tied_copy: bool = True
 ) -> dict[tuple[int, int], OrderedDict]:
@@ -582,7 +579,7 @@ def make_parallel(
 
     if kind == "ckpt-folder":
         for (t, p), weights in ranks.items():
-            folder = os.path.join(path, rank_name(t, p, pp))
+            folder = os.path.join(path, rank_name((t, p), pp))
             os.makedirs(folder, exist_ok=True)
             states = [adam_state(weights)] if optimizer else []
             torch.save(lightning_checkpoint(weights, config, states), os.path.join(folder, CKPT_NAME))
@@ -594,8 +591,8 @@ def make_parallel(
         with open(os.path.join(folder, artifact), "wb") as f:
             f.write(content)
         for (t, p), weights in ranks.items():
-            os.makedirs(os.path.join(folder, rank_name(t, p, pp)), exist_ok=True)
-            torch.save(weights, os.path.join(folder, rank_name(t, p, pp), "model_weights.ckpt"))
+            os.makedirs(os.path.join(folder, rank_name((t, p), pp)), exist_ok=True)
+            torch.save(weights, os.path.join(folder, rank_name((t, p), pp), "model_weights.ckpt"))
 
     if kind == "extracted":
         os.makedirs(path, exist_ok=True)

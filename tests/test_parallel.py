@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamconv
 from benchmarks.naive import convert_megatron_checkpoint
+from streamconv.sources.parallel import rank_name
 from streamconv.testing import (
     CKPT_NAME,
     SyntheticModel,
@@ -23,7 +24,6 @@ from streamconv.testing import (
     make_sentencepiece_model,
     nemo_config,
     peak_rss_of,
-    rank_name,
     to_nemo_state_dict,
 )
 from tests.conftest import run_cli
@@ -143,7 +143,7 @@ def test_merged_model_computes_what_the_ranks_compute(parallel, tmp_path, layout
     over the rank files gives the converted model's logits."""
     tp, pp = LAYOUTS[layout]
     source = parallel[(layout, "extracted")]
-    ranks = {(t, p): torch.load(os.path.join(source.path, rank_name(t, p, pp), "model_weights.ckpt"),
+    ranks = {(t, p): torch.load(os.path.join(source.path, rank_name((t, p), pp), "model_weights.ckpt"),
                                 weights_only=True) for t in range(tp) for p in range(pp)}
     streamconv.convert(source.path, tmp_path / "hf")
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,30 +71,18 @@ def checkpoint_bytes(model: SyntheticModel, optimizer: bool) -> int:
 def ensure_checkpoint(profile: Profile, cache: Path, layers: int | None = None, optimizer: bool = False) -> Path:
     """The profile's checkpoint in `cache`, generated (atomically, memory-lean) the first time it is asked for."""
     model = profile.model(layers)
-    name = f"{profile.name}-L{model.n_layer}{'-adam' if optimizer else ''}.ckpt"
-    path = cache / name
-    if path.exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{profile.name}-L{model.n_layer}{'-adam' if optimizer else ''}.ckpt"
     need = checkpoint_bytes(model, optimizer)
-    free = shutil.disk_usage(cache).free
-    if free < 1.2 * need + 2**30:
-        raise SystemExit(f"not enough disk in {cache} for {name}: about {need / 1e9:.1f} GB needed, "
-                         f"{free / 1e9:.1f} GB free; free space or set {CACHE_ENV}")
-    ram = 1.5 * weight_bytes(model) + 2**30  # the NeMo weights, one group's GPT-2 copy, fp32 temporaries
-    available = psutil.virtual_memory().available
-    if ram > 0.8 * available:
-        raise SystemExit(f"generating {name} needs about {ram / 1e9:.1f} GB of RAM, "
-                         f"{available / 1e9:.1f} GB available; choose fewer layers")
-    import torch
 
-    from streamconv.testing import make_checkpoint
+    def write(partial: Path) -> None:
+        import torch
 
-    print(f"generating {path} ({need / 1e9:.2f} GB), once", flush=True)
-    partial = path.with_name(path.name + ".partial")
-    make_checkpoint(partial, model, dtype=torch.bfloat16, optimizer=optimizer, keep_hf=False)
-    partial.rename(path)
-    return path
+        from streamconv.testing import make_checkpoint
+
+        make_checkpoint(partial, model, dtype=torch.bfloat16, optimizer=optimizer, keep_hf=False)
+
+    # RAM: the NeMo weights, one group's GPT-2 copy, fp32 temporaries
+    return _generate_once(path, need, 1.5 * weight_bytes(model) + 2**30, f"{need / 1e9:.2f} GB", write)
 
 
 def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int) -> Path:
@@ -101,20 +90,35 @@ def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int) 
     padded to 128 x tp as NeMo pads it), generated once into `cache`. Built in RAM: about three copies of
     the weights."""
     model = profile.model(layers)
-    path = cache / f"{profile.name}-L{model.n_layer}-tp{tp}.nemo"
+    need = weight_bytes(model)
+
+    def write(partial: Path) -> None:
+        import torch
+
+        from streamconv.testing import make_parallel
+
+        make_parallel(partial, model, tp=tp, kind="nemo", dtype=torch.bfloat16, optimizer=False)
+
+    return _generate_once(cache / f"{profile.name}-L{model.n_layer}-tp{tp}.nemo", need, 3 * need + 2**30,
+                          f"{need / 1e9:.2f} GB, {tp} TP ranks", write)
+
+
+def _generate_once(path: Path, disk: float, ram: float, what: str, write: Callable[[Path], None]) -> Path:
+    """`path`, written by `write` into a `.partial` sibling and renamed the first time it is asked for, after
+    checking that the cache has the disk and the machine the RAM that writing it needs."""
     if path.exists():
         return path
-    ram = 3 * weight_bytes(model) + 2**30
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < 1.2 * disk + 2**30:
+        raise SystemExit(f"not enough disk in {path.parent} for {path.name}: about {disk / 1e9:.1f} GB needed, "
+                         f"{free / 1e9:.1f} GB free; free space or set {CACHE_ENV}")
     available = psutil.virtual_memory().available
     if ram > 0.8 * available:
         raise SystemExit(f"generating {path.name} needs about {ram / 1e9:.1f} GB of RAM, "
                          f"{available / 1e9:.1f} GB available; choose fewer layers")
-    import torch
-
-    from streamconv.testing import make_parallel
-
-    print(f"generating {path} ({weight_bytes(model) / 1e9:.2f} GB, {tp} TP ranks), once", flush=True)
+    print(f"generating {path} ({what}), once", flush=True)
     partial = path.with_name(path.name + ".partial")
-    make_parallel(partial, model, tp=tp, kind="nemo", dtype=torch.bfloat16, optimizer=False)
+    write(partial)
     partial.rename(path)
     return path

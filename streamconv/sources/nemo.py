@@ -77,7 +77,8 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
             members = {_normal(m.name): m for m in regular}
             weights = _weights_members(path, [_normal(m.name) for m in regular])  # a name stored twice is refused
             config = _read(path, tar.extractfile(members[CONFIG]), CONFIG) if CONFIG in members else None
-            tokenizer = _tokenizer_member(path, config, list(members))
+            cfg = _parse_config(path, config) if config is not None else None
+            tokenizer = _tokenizer_member(cfg, list(members))
             tokenizer = _read(path, tar.extractfile(members[tokenizer]), tokenizer) if tokenizer else None
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
@@ -91,7 +92,7 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
             raise ConversionError(f"{path} is truncated ({name!r} ends past the end of the file); "
                                   "copy or download it again")
         loaded[rank] = (torch_zip.load(path, member.offset_data, member.size, mapping), path)
-    return _assemble(path, loaded, config, tokenizer)
+    return _assemble(path, loaded, cfg, tokenizer)
 
 
 def _open_folder(path: str) -> Checkpoint:
@@ -103,11 +104,12 @@ def _open_folder(path: str) -> Checkpoint:
     files = {rank: os.path.join(path, WEIGHTS) if name == WEIGHTS else _rank_file(path, name)
              for rank, name in weights.items()}
     config = _read_file(path, CONFIG, follow=True) if os.path.lexists(os.path.join(path, CONFIG)) else None
-    name = _tokenizer_member(path, config, names)
+    cfg = _parse_config(path, config) if config is not None else None
+    name = _tokenizer_member(cfg, names)
     # The tokenizer's bytes are copied into the output (which may be published): through a symbolic link only
     # when sentencepiece can check that they are a tokenizer (converter.py copies nothing else).
     tokenizer = _read_file(path, name, follow=sentencepiece_available()) if name else None
-    checkpoint = _assemble(path, {rank: (torch_zip.load(file), file) for rank, file in files.items()}, config,
+    checkpoint = _assemble(path, {rank: (torch_zip.load(file), file) for rank, file in files.items()}, cfg,
                            tokenizer)
     if name and tokenizer is None:
         checkpoint.note = f"{name!r} is a symbolic link: not copied without sentencepiece to check it"
@@ -189,8 +191,9 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
                         os.fsync(out.fileno())
         if not temps:
             _weights_members(path, [])  # refuses: no weights
-        tokenizer = _tokenizer_member(path, config, list(artifacts))
-        checkpoint = _assemble(path, {rank: (torch_zip.load(t), t) for rank, t in temps.items()}, config,
+        cfg = _parse_config(path, config) if config is not None else None
+        tokenizer = _tokenizer_member(cfg, list(artifacts))
+        checkpoint = _assemble(path, {rank: (torch_zip.load(t), t) for rank, t in temps.items()}, cfg,
                                artifacts.get(tokenizer) if tokenizer else None)
         for mapped in checkpoint.files:
             mapped.descriptor()  # opened before the unlink below
@@ -227,13 +230,13 @@ def _is_artifact(name: str) -> bool:
     return name.endswith(".model") and "/" not in name
 
 
-def _tokenizer_member(path: str, config: bytes | None, names: list[str]) -> str | None:
+def _tokenizer_member(cfg: Any, names: list[str]) -> str | None:
     """The SentencePiece model artifact: the one the cfg names (`nemo:<hex>_tokenizer.model`), else the
     only top-level `.model` file."""
     candidates = [name for name in names if _is_artifact(name)]
-    if config is not None:
+    if cfg is not None:
         try:
-            model = _parse_config(path, config).tokenizer.model
+            model = cfg.tokenizer.model
         except Exception:  # no tokenizer section, or an interpolation that does not resolve
             model = None
         if isinstance(model, str) and model.removeprefix("nemo:") in candidates:
@@ -241,12 +244,11 @@ def _tokenizer_member(path: str, config: bytes | None, names: list[str]) -> str 
     return candidates[0] if len(candidates) == 1 else None
 
 
-def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], config: bytes | None,
-              tokenizer: bytes | None) -> Checkpoint:
-    """One Checkpoint from every rank's unpickled weights (bare state_dict or Lightning dict) and file."""
+def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, tokenizer: bytes | None) -> Checkpoint:
+    """One Checkpoint from every rank's unpickled weights (bare state_dict or Lightning dict) and file, with
+    the cfg from model_config.yaml (None: rank 0's Lightning hyper_parameters, if any)."""
     ranks: dict[Rank, dict] = {}
     by_file: dict[str, dict[str, Any]] = {}  # the ranks inside one plain tar share its mapping
-    cfg = _parse_config(path, config) if config is not None else None
     config_name = CONFIG
     for rank, (payload, file) in sorted(loaded.items()):
         if not isinstance(payload, Mapping):

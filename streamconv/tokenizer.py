@@ -8,6 +8,7 @@ neither its vocabulary size nor the tokenizer can be checked.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -29,8 +30,11 @@ def sentencepiece_available() -> bool:
 def vocab_size(model: bytes) -> int | None:
     """The number of pieces in a SentencePiece model; None without the sentencepiece package or for a
     file it cannot read (the conversion then falls back to --vocab-size or GPT-SW3's 64000)."""
-    if not sentencepiece_available():
-        return None
+    return _pieces(model) if sentencepiece_available() else None
+
+
+@functools.lru_cache(maxsize=4)  # asked for the plan, the summary and the copy: the model is parsed once
+def _pieces(model: bytes) -> int | None:
     import sentencepiece
 
     try:

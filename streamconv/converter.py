@@ -18,6 +18,8 @@ import torch
 
 from streamconv import tokenizer
 from streamconv.errors import ConversionError
+from streamconv.head_start import HeadStart
+from streamconv.output import check_save_path, fsync, publish, staging_folder
 from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
@@ -108,14 +110,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return None
     if dtype not in DTYPE_NAMES:
         raise ConversionError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
-    return DTYPE_NAMES[dtype]
-
-
-def check_save_path(save_path: str, overwrite: bool) -> None:
-    if os.path.exists(save_path) and not os.path.isdir(save_path):
-        raise ConversionError(f"save path {save_path} exists and is not a folder; choose another --save-path")
-    if os.path.isdir(save_path) and os.listdir(save_path) and not overwrite:
-        raise ConversionError(f"save path {save_path} is not empty; pass --overwrite to replace its contents")
+    return getattr(torch, DTYPE_NAMES[dtype].removeprefix("torch."))
 
 
 def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | None, vocab_size: int | None,
@@ -170,6 +165,7 @@ def convert(
     dry_run: bool = False,
     progress: bool = False,
     before_write: Callable[[Plan], None] | None = None,
+    head_start: HeadStart | None = None,
 ) -> ConversionResult:
     """Convert a NeMo-Megatron GPT-SW3 `.ckpt` or `.nemo` into a Hugging Face GPT-2 folder of sharded safetensors.
 
@@ -177,6 +173,8 @@ def convert(
     `vocab_size`, the vocabulary is its size (with sentencepiece installed), else GPT-SW3's 64000.
     Raises ConversionError, before anything is written, for any problem with the input or arguments.
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
+    `head_start` (the CLI's, see head_start.py) is adopted when it matches the plan, else discarded;
+    the caller closes it.
     """
     started = time.perf_counter()
     save_path = os.fspath(save_path)
@@ -205,15 +203,18 @@ def convert(
             result.peak_rss = peak_rss()
             return result
 
-        os.makedirs(parent, exist_ok=True)
-        free = shutil.disk_usage(parent).free
-        if free < plan.file_bytes:
-            raise ConversionError(
-                f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
-                "free some space or choose another --save-path"
-            )
-
-        staging = _staging_folder(save_path)
+        head = head_start if head_start is not None and head_start.adopt(plan, checkpoint) else None
+        if head is None:  # (an adopted head start checked the free space before writing)
+            if head_start is not None:
+                head_start.close()
+            os.makedirs(parent, exist_ok=True)
+            free = shutil.disk_usage(parent).free
+            if free < plan.file_bytes:
+                raise ConversionError(
+                    f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
+                    "free some space or choose another --save-path"
+                )
+        staging = head.staging if head is not None else staging_folder(save_path)
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         try:
             _write_config(staging, config)
@@ -228,7 +229,7 @@ def convert(
             bar = _progress_bar(plan.total_size, enabled=progress)
             stream_started = time.perf_counter()
             try:
-                stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
+                stream(plan, checkpoint, staging, dev, on_bytes=bar.update, head=head)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
@@ -245,11 +246,13 @@ def convert(
                     json.dump(plan.index(), f, indent=2, sort_keys=True)
                     f.write("\n")
             for name in os.listdir(staging):  # the shards are fsynced already; config, index and tokenizer files
-                _fsync(os.path.join(staging, name))
-            _fsync(staging)
-            _publish(staging, save_path)
+                fsync(os.path.join(staging, name))
+            fsync(staging)
+            publish(staging, save_path)
         finally:
             background.shutdown(wait=True)
+            if head is not None:
+                head.close()  # its thread, stopped before its folder goes
             shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()
@@ -296,44 +299,3 @@ def _progress_bar(total: int, enabled: bool):
         total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="converting",
         file=sys.stderr, disable=not enabled, dynamic_ncols=True,
     )
-
-
-def _staging_folder(save_path: str) -> str:
-    """A fresh sibling of the target on the same filesystem, so the final rename is atomic.
-
-    Staging folders of earlier runs that died (their process is gone) are removed first.
-    """
-    import psutil
-
-    parent, name = os.path.split(os.path.abspath(save_path))
-    prefix = f".{name}.streamconv-tmp-"
-    for entry in os.listdir(parent):
-        if entry.startswith(prefix):
-            pid = entry[len(prefix):]
-            if not (pid.isdigit() and psutil.pid_exists(int(pid))):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-    staging = os.path.join(parent, f"{prefix}{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.mkdir(staging)
-    return staging
-
-
-def _publish(staging: str, save_path: str) -> None:
-    """Move the finished folder into place; an old folder being overwritten survives until then."""
-    old = None
-    if os.path.isdir(save_path):
-        old = f"{staging}-old"
-        os.rename(save_path, old)
-    os.rename(staging, save_path)
-    _fsync(os.path.dirname(os.path.abspath(save_path)))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: str) -> None:
-    """fsync a file or a folder (its entries), so that what the rename publishes survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

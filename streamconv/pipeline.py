@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from streamconv.recipes.gpt_sw3 import Arrangement
 from streamconv.safetensors_writer import ShardWriter
 from streamconv.sources import Checkpoint
 from streamconv.sources.parallel import Split
+
+if TYPE_CHECKING:
+    from streamconv.head_start import HeadStart
 
 CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
 BUFFERS = 2  # output buffers: one being filled while the other is written
@@ -72,16 +76,23 @@ def stream(
     directory: str,
     device: torch.device,
     on_bytes: Callable[[int], None] = lambda n: None,
+    head: HeadStart | None = None,
 ) -> None:
-    """Write every shard of the plan into `directory`."""
-    specs = plan.tensors
+    """Write every shard of the plan into `directory`; after an adopted `head` start, the rest of them."""
+    done = head.count if head is not None else 0  # tensors at the start of the first shard
+    specs = plan.tensors[done:]
     following = dict(zip(map(id, specs), [*specs[1:], None], strict=True))
-    with _Stream(plan, checkpoint, device, on_bytes) as run:
+    with _Stream(plan, checkpoint, device, on_bytes, head) as run:
         if specs:
             run.read_ahead(specs[0])
-        for shard in plan.shards:
-            writer = run.open(os.path.join(directory, shard.filename), shard)
-            for spec in shard.tensors:
+        for i, shard in enumerate(plan.shards):
+            if i == 0 and head is not None:  # its copies come first; then this writer goes on
+                writer = head.writer
+                run.writers.append(writer)
+                run.writes.put(lambda: on_bytes(head.wait()))
+            else:
+                writer = run.open(os.path.join(directory, shard.filename), shard)
+            for spec in shard.tensors[done if i == 0 else 0 :]:
                 if following[id(spec)] is not None:  # the next tensor is read while this one is arranged
                     run.read_ahead(following[id(spec)])
                 run.move(spec, writer)
@@ -159,8 +170,8 @@ class _Stream:
     """The state one conversion's threads share: buffers, the arranger, the writer thread, open shards."""
 
     def __init__(self, plan: Plan, checkpoint: Checkpoint, device: torch.device,
-                 on_bytes: Callable[[int], None]) -> None:
-        self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
+                 on_bytes: Callable[[int], None], head: HeadStart | None) -> None:
+        self.plan, self.checkpoint, self.device, self.on_bytes, self.head = plan, checkpoint, device, on_bytes, head
         size = buffer_bytes(plan, checkpoint)
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(BUFFERS if size else 0):
@@ -175,6 +186,8 @@ class _Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.head is not None:  # after a failure its thread may still be writing to the first shard
+            self.head.stop()
         self.writes.stop()
         self.reader.shutdown(wait=True, cancel_futures=True)
         self.arranger.close()
@@ -204,8 +217,8 @@ class _Stream:
                     def copy(part: torch.Tensor = part, where: tuple[int, int] | None = where) -> None:
                         if where is None:
                             writer.append(part)
-                        else:  # file to file inside the kernel; `part` only if the kernel can't
-                            writer.append_from_file(*where, part)
+                        else:  # file to file inside the kernel
+                            writer.append_from_file(*where, part.nbytes)
                         checkpoint.release(part)
                         self.on_bytes(part.nbytes)
 

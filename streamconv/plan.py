@@ -9,20 +9,29 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamconv.errors import ConversionError
 from streamconv.recipes.gpt_sw3 import TensorRecipe
 
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
+if TYPE_CHECKING:
+    import torch
+
+# Keyed by str(dtype), so that a plan can be made before torch is imported (see head_start.py), from the
+# dtype names a checkpoint's pickle gives, and compared byte for byte with the plan made after.
+_DTYPES = {  # name -> (safetensors dtype, bytes per element)
+    "torch.float32": ("F32", 4),
+    "torch.float16": ("F16", 2),
+    "torch.bfloat16": ("BF16", 2),
+    "torch.float64": ("F64", 8),
 }
 
-DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}  # --dtype choices
+
+
+def safetensors_dtype(dtype: torch.dtype | str) -> str:
+    """'BF16' for torch.bfloat16 or its name 'torch.bfloat16'."""
+    return _DTYPES[str(dtype)][0]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -53,7 +62,7 @@ class TensorSpec:
     """One output tensor and where its bytes go: `begin`/`end` are offsets in its shard's data section."""
 
     recipe: TensorRecipe
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a name ('torch.bfloat16') only in a plan made before torch is imported
     begin: int
     end: int
 
@@ -118,7 +127,7 @@ def safetensors_header(tensors: list[TensorSpec]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     for t in tensors:
         header[t.name] = {
-            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "dtype": safetensors_dtype(t.dtype),
             "shape": list(t.recipe.shape),
             "data_offsets": [t.begin, t.end],
         }
@@ -127,14 +136,14 @@ def safetensors_header(tensors: list[TensorSpec]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-def make_plan(recipes: list[TensorRecipe], dtypes: list[torch.dtype], shard_size: int) -> Plan:
+def make_plan(recipes: list[TensorRecipe], dtypes: list[torch.dtype] | list[str], shard_size: int) -> Plan:
     """Assign tensors to shards greedily in recipe order (huggingface_hub's rule), then lay out each shard."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     for r, dtype in zip(recipes, dtypes, strict=True):
-        if dtype not in SAFETENSORS_DTYPES:
+        if str(dtype) not in _DTYPES:
             raise ConversionError(f"source tensor {r.source} has dtype {dtype}, which streamconv does not convert")
-    sizes = {r.name: _numel(r.shape) * d.itemsize for r, d in zip(recipes, dtypes, strict=True)}
+    sizes = {r.name: _numel(r.shape) * _DTYPES[str(d)][1] for r, d in zip(recipes, dtypes, strict=True)}
     by_name = {r.name: (r, d) for r, d in zip(recipes, dtypes, strict=True)}
     split = split_state_dict_into_shards_factory(
         {r.name: r for r in recipes},  # the splitter only needs sizes, never tensors

@@ -14,12 +14,15 @@ import ctypes
 import ctypes.util
 import errno
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamconv.plan import Shard, TensorSpec
 
+if TYPE_CHECKING:
+    import torch
+
 WINDOW = 64 * 2**20
+_READ_BYTES = 8 * 2**20  # a read-and-write copy's piece, where the kernel cannot copy between the files
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -38,16 +41,22 @@ class ShardWriter:
         self._flushed = 0  # file offset up to which writeback has been started
         self._write(memoryview(shard.header))
 
+    @property
+    def written(self) -> int:
+        """Bytes of tensor data written so far."""
+        return self._file_pos - len(self.shard.header)
+
     def append(self, data: torch.Tensor) -> None:
         """Append a contiguous CPU tensor's bytes."""
+        import torch
+
         flat = data.reshape(-1).view(torch.uint8)
         self._write(memoryview(flat.numpy()))
 
-    def append_from_file(self, source_fd: int, offset: int, same_bytes: torch.Tensor) -> None:
-        """Append bytes of another file, copied inside the kernel (copy_file_range: they never enter
-        this process). `same_bytes` holds the same bytes, written instead where the kernel can't."""
+    def append_from_file(self, source_fd: int, offset: int, count: int) -> None:
+        """Append `count` bytes of another file at `offset`, copied inside the kernel (copy_file_range: they
+        never enter this process); read and written in pieces where the kernel can't."""
         global _copy_file_range_works
-        count = same_bytes.nbytes
         while count and _copy_file_range_works:
             try:
                 n = os.copy_file_range(source_fd, self._fd, count, offset)
@@ -61,14 +70,18 @@ class ShardWriter:
             offset += n
             count -= n
             self._advanced(n)
-        if count:
-            self.append(same_bytes.reshape(-1).view(torch.uint8)[same_bytes.nbytes - count :])
+        while count:
+            data = os.pread(source_fd, min(count, _READ_BYTES), offset)
+            if not data:
+                raise OSError(errno.EIO, f"checkpoint ended {count} bytes early while copying")
+            self._write(memoryview(data))
+            offset += len(data)
+            count -= len(data)
 
     def finish_tensor(self, spec: TensorSpec) -> None:
         """Check that the bytes written so far end where the plan put this tensor's end."""
-        written = self._file_pos - len(self.shard.header)
-        if written != spec.end:
-            raise RuntimeError(f"{spec.name}: wrote up to byte {written}, plan says {spec.end}")
+        if self.written != spec.end:
+            raise RuntimeError(f"{spec.name}: wrote up to byte {self.written}, plan says {spec.end}")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -77,6 +90,12 @@ class ShardWriter:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+    def discard(self) -> None:
+        """Close without fsync: the file is about to be deleted."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _write(self, view: memoryview) -> None:
         while view.nbytes:  # os.write may write less than asked (Linux caps one call near 2 GiB)

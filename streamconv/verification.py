@@ -19,7 +19,7 @@ import torch
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
 from streamconv.pipeline import arrange_source, source_of
-from streamconv.plan import SAFETENSORS_DTYPES, TensorSpec
+from streamconv.plan import TensorSpec, safetensors_dtype
 from streamconv.sources import Checkpoint, open_checkpoint
 
 
@@ -65,9 +65,9 @@ def _verify(checkpoint: Checkpoint, save_path: str, dtype: str | torch.dtype | N
             spec = expected.get(name)
             if spec is None:
                 problems.append(f"{file}: unexpected tensor {name}")
-            elif (dtype_name, shape) != (SAFETENSORS_DTYPES[spec.dtype], list(spec.recipe.shape)):
+            elif (dtype_name, shape) != (safetensors_dtype(spec.dtype), list(spec.recipe.shape)):
                 problems.append(
-                    f"{name}: {dtype_name} {shape} on disk, expected {SAFETENSORS_DTYPES[spec.dtype]} "
+                    f"{name}: {dtype_name} {shape} on disk, expected {safetensors_dtype(spec.dtype)} "
                     f"{list(spec.recipe.shape)}"
                 )
     problems += [f"{name}: missing from the output" for name in expected if name not in found]

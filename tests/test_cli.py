@@ -1,11 +1,14 @@
 """The command line: spellings, dry run, structure, summary, and one-line errors with exit code 2."""
 
 import os
+import signal
+import time
 from collections import OrderedDict
 
 import pytest
 import torch
 
+from streamconv import cli
 from streamconv.testing import SyntheticModel, make_checkpoint, nemo_config
 from tests.conftest import run_cli
 
@@ -148,3 +151,16 @@ def test_demo(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "max abs diff 0.0 -> OK" in proc.stdout
     assert sorted(os.listdir(tmp_path / "demo")) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("sig,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])
+def test_signal_during_the_torch_import_is_held_then_raised(sig, raised):
+    """A signal that lands while torch imports numpy would raise inside torch, which discards the error."""
+    before = signal.getsignal(sig)
+    reached = False
+    with pytest.raises(raised), cli.signals_held():
+        os.kill(os.getpid(), sig)
+        time.sleep(0.05)  # the handler has run by now, and raised nothing here
+        reached = True
+    assert reached
+    assert signal.getsignal(sig) is before

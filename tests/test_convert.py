@@ -208,7 +208,7 @@ def test_failure_while_arranging_stops_the_writer(bf16_ckpt, tmp_path, monkeypat
 
 
 def test_pass_through_without_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
-    """Where the kernel cannot copy between the files, pass-through tensors are written from the mapping."""
+    """Where the kernel cannot copy between the files, pass-through tensors are read and written in pieces."""
     import errno
 
     from streamconv import safetensors_writer
@@ -247,3 +247,4 @@ def test_pass_through_uses_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
     rearranged = m.n_layer * (3 * h * h + h * h + 2 * 4 * h * h + 3 * h) * 2
     total = streamconv.convert(bf16_ckpt.path, "unused", vocab_size=1000, dry_run=True).bytes
     assert sum(copied) == total - rearranged
+

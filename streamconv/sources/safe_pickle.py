@@ -18,7 +18,7 @@ import pickle
 import typing
 from typing import Any
 
-import torch
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 def _omegaconf() -> dict[str, Any]:
@@ -35,29 +35,31 @@ def _omegaconf() -> dict[str, Any]:
     }
 
 
+def plain_allowed() -> dict[str, Any]:
+    """The part of the allow-list that needs no torch: containers, plain values, OmegaConf's config."""
+    return {
+        "collections.OrderedDict": collections.OrderedDict,
+        "collections.defaultdict": collections.defaultdict,
+        "typing.Any": typing.Any,
+        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, bool, str)},
+        **_omegaconf(),
+    }
+
+
 def _allowed() -> dict[str, Any]:
     """The allow-list. torch resolves storage classes (`torch.*Storage`) itself, before asking here."""
-    allowed: dict[str, Any] = {
+    import torch
+
+    return {
         # tensors, as torch.save writes them
         "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": torch._utils._rebuild_tensor_v3,
         "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
         "torch.Size": torch.Size,
         "torch.device": torch.device,
-        # containers and plain values
-        "collections.OrderedDict": collections.OrderedDict,
-        "collections.defaultdict": collections.defaultdict,
-        "typing.Any": typing.Any,
-        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, bool, str)},
+        **{f"torch.{name}": getattr(torch, name) for name in DTYPES},  # e.g. "torch.bfloat16"
+        **plain_allowed(),
     }
-    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                  torch.int16, torch.int8, torch.uint8, torch.bool):
-        allowed[str(dtype)] = dtype  # e.g. "torch.bfloat16"
-    allowed.update(_omegaconf())
-    return allowed
-
-
-ALLOWED: dict[str, Any] = {}
 
 
 class Placeholder:
@@ -94,19 +96,28 @@ def placeholder_class(name: str) -> type[Placeholder]:
 class Unpickler(pickle.Unpickler):
     """`find_class` from the allow-list; anything else becomes a placeholder class (never imported)."""
 
+    _allowed: dict[str, Any] = {}
+
+    @classmethod
+    def allowed(cls) -> dict[str, Any]:
+        """The allow-list, made on first use (it imports torch and OmegaConf)."""
+        if not Unpickler._allowed:
+            Unpickler._allowed = _allowed()
+        return Unpickler._allowed
+
     def find_class(self, module: str, name: str) -> Any:
-        if not ALLOWED:
-            ALLOWED.update(_allowed())
         # protocol 2 (torch.save's default) writes Python 2 names such as __builtin__.dict
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        found = ALLOWED.get(f"{module}.{name}")
+        found = self.allowed().get(f"{module}.{name}")
         return found if found is not None else placeholder_class(f"{module}.{name}")
 
 
 def refused_global(obj: Any) -> str | None:
     """The name of the first placeholder found anywhere inside `obj` (containers and object state)."""
+    import torch
+
     seen: set[int] = set()
     stack = [obj]
     while stack:

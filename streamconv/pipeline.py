@@ -4,8 +4,9 @@ Three things overlap, each bounded:
 - reading: while a tensor is arranged, a read-ahead thread has the kernel read the next tensor's
   source bytes (MADV_WILLNEED); they land in the page cache, not in this process;
 - arranging: source rows, read in chunks of at most CHUNK_BYTES, are placed into one of BUFFERS
-  reusable output buffers sized for the largest tensor that needs rearranging; each chunk's pages are
-  handed back (`Checkpoint.release`) as soon as it has been consumed;
+  reusable output buffers sized for the largest tensor that needs rearranging (a small one, such as the
+  QKV bias, gets memory of its own instead of holding up a buffer); each chunk's pages are handed back
+  (`Checkpoint.release`) as soon as it has been consumed;
 - writing: a writer thread appends finished buffers to the shard files in plan order; tensors that
   pass through unchanged are copied file to file inside the kernel (copy_file_range), never entering
   this process.
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
 BUFFERS = 2  # output buffers: one being filled while the other is written
-WRITE_QUEUE = 4  # pending writes of pass-through chunks
+WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or views of the file
+SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer, are not put in a buffer
 
 
 def passes_through(spec: TensorSpec, source: torch.Tensor | Split) -> bool:
@@ -53,21 +55,29 @@ def arranges_on_device(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def arranged_sizes(plan: Plan, checkpoint: Checkpoint) -> list[int]:
+    """Bytes of each output tensor that must be rearranged or cast."""
+    return [t.nbytes for t in plan.tensors if not passes_through(t, checkpoint.tensors[t.recipe.source])]
+
+
 def buffer_bytes(plan: Plan, checkpoint: Checkpoint) -> int:
     """Size of each reusable output buffer: the largest tensor that must be rearranged or cast."""
-    sizes = [
-        t.nbytes
-        for t in plan.tensors
-        if not passes_through(t, checkpoint.tensors[t.recipe.source])
-    ]
-    return max(sizes, default=0)
+    return max(arranged_sizes(plan, checkpoint), default=0)
+
+
+def is_small(nbytes: int, buffer: int) -> bool:
+    """A rearranged tensor that gets memory of its own: holding a whole buffer for it would stall the
+    arranging of the next large tensor until the writer has caught up."""
+    return nbytes <= SMALL_BYTES and 64 * nbytes <= buffer
 
 
 def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
     """Predicted resident bytes on top of the interpreter and torch: the output buffers, the chunk being
-    arranged and the chunk being written."""
+    arranged, the chunk being written and the small rearranged tensors that may wait to be written."""
     largest = max((t.nbytes for t in plan.tensors), default=0)
-    return BUFFERS * buffer_bytes(plan, checkpoint) + 2 * min(CHUNK_BYTES, largest)
+    buffer = buffer_bytes(plan, checkpoint)
+    small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
+    return BUFFERS * buffer + 2 * min(CHUNK_BYTES, largest) + sum(small[:WRITE_QUEUE])
 
 
 def stream(
@@ -172,7 +182,7 @@ class _Stream:
     def __init__(self, plan: Plan, checkpoint: Checkpoint, device: torch.device,
                  on_bytes: Callable[[int], None], head: HeadStart | None) -> None:
         self.plan, self.checkpoint, self.device, self.on_bytes, self.head = plan, checkpoint, device, on_bytes, head
-        size = buffer_bytes(plan, checkpoint)
+        size = self.buffer = buffer_bytes(plan, checkpoint)
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(BUFFERS if size else 0):
             self.free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
@@ -223,10 +233,13 @@ class _Stream:
                         self.on_bytes(part.nbytes)
 
                     self.writes.put(copy)
+                if where is None:  # a strided part copied into memory: one such copy at a time
+                    self.writes.drain()
             self.writes.put(lambda: writer.finish_tensor(spec))
             return
 
-        host = self.writes.take(self.free)
+        small = is_small(spec.nbytes, self.buffer)
+        host = torch.empty(spec.nbytes, dtype=torch.uint8) if small else self.writes.take(self.free)
         target = host if self.scratch is None else self.scratch
         out = target[: spec.nbytes].view(spec.dtype).view(spec.recipe.arrangement.out_shape)
         arrange_source(self.arranger, out, source, spec.recipe.arrangement, checkpoint.release)
@@ -236,7 +249,8 @@ class _Stream:
         def write() -> None:
             writer.append(host[: spec.nbytes])
             writer.finish_tensor(spec)
-            self.free.put(host)
+            if not small:
+                self.free.put(host)
             self.on_bytes(spec.nbytes)
 
         self.writes.put(write)
@@ -280,6 +294,13 @@ class _WriteBehind:
                 return free.get(timeout=0.1)
             except queue.Empty:
                 continue
+
+    def drain(self) -> None:
+        """Wait until every job queued so far has run."""
+        done = threading.Event()
+        self.put(done.set)
+        while not done.wait(0.1):
+            self._check()
 
     def finish(self) -> None:
         """Wait until every queued job has run; raise the writer's error if there was one."""

@@ -248,3 +248,26 @@ def test_pass_through_uses_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
     total = streamconv.convert(bf16_ckpt.path, "unused", vocab_size=1000, dry_run=True).bytes
     assert sum(copied) == total - rearranged
 
+
+def test_strided_tensors_in_the_checkpoint(bf16_ckpt, tmp_path, monkeypatch):
+    """torch.save keeps views as they are: strided sources convert like contiguous ones, and a strided
+    pass-through tensor (copied into memory) is written before the next one is copied."""
+    payload = torch.load(bf16_ckpt.path, weights_only=False)
+    sd = payload["state_dict"]
+    for key in ("model.language_model.embedding.position_embeddings.weight",
+                "model.language_model.embedding.word_embeddings.weight",
+                "model.language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"):
+        sd[key] = sd[key].t().contiguous().t()
+        assert not sd[key].is_contiguous()
+    path = tmp_path / "strided.ckpt"
+    torch.save(payload, path)
+    drains = []
+    real = pipeline._WriteBehind.drain
+    monkeypatch.setattr(pipeline._WriteBehind, "drain", lambda self: drains.append(1) or real(self))
+    streamconv.convert(path, tmp_path / "hf", vocab_size=1000)
+    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    actual = read_output(tmp_path / "hf")
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    assert len(drains) == 2  # wte and wpe

@@ -66,6 +66,7 @@ def test_dry_run_predicts_working_memory(checkpoints):
 
     c = checkpoints("mem_12", SyntheticModel(**WIDE, n_layer=12), optimizer=False)
     result = streamconv.convert(c.path, "unused", dry_run=True, vocab_size=WIDE["vocab_size"])
-    # two output buffers, the chunk being arranged and the chunk being written: each one MLP weight here
-    assert result.working_memory == 4 * LARGEST
+    # two output buffers, the chunk being arranged and the chunk being written: each one MLP weight here;
+    # plus the QKV biases, which are rearranged in memory of their own (3 x n_embd bf16 each, 12 layers)
+    assert result.working_memory == 4 * LARGEST + 12 * 3 * WIDE["n_embd"] * 2
     assert torch.bfloat16 == result.plan.tensors[0].dtype

@@ -171,10 +171,11 @@ def convert(
 
     The tokenizer is the SentencePiece model at `tokenizer_path`, else the one a `.nemo` ships; without
     `vocab_size`, the vocabulary is its size (with sentencepiece installed), else GPT-SW3's 64000.
-    Raises ConversionError, before anything is written, for any problem with the input or arguments.
+    Raises ConversionError, before anything is written (but a head start's copies, removed), for any problem
+    with the input or arguments.
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
-    `head_start` (the CLI's, see head_start.py) is adopted when it matches the plan, else discarded;
-    the caller closes it.
+    `head_start` (the CLI's, see head_start.py) is adopted when it matches the plan, else closed and discarded
+    here; the caller closes it in any case (closing twice is harmless).
     """
     started = time.perf_counter()
     save_path = os.fspath(save_path)

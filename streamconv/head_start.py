@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from streamconv.output import check_save_path, staging_folder
 from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
 from streamconv.safetensors_writer import ShardWriter
-from streamconv.sources import torch_zip
+from streamconv.sources import safe_pickle, torch_zip
 
 if TYPE_CHECKING:
     from streamconv.sources import Checkpoint
@@ -31,9 +32,9 @@ PIECE = 64 * 2**20  # bytes per kernel copy: the thread checks for a stop betwee
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def begin(checkpoint_path: str, save_path: str, *, shard_size: str | int = "5GB", dtype: str = "auto",
-          vocab_size: int | None = None, num_heads: int | None = None, tokenizer_path: str | None = None,
-          overwrite: bool = False) -> HeadStart | None:
+def begin(checkpoint_path: str | os.PathLike[str], save_path: str | os.PathLike[str], *,
+          shard_size: str | int = "5GB", dtype: str = "auto", vocab_size: int | None = None,
+          num_heads: int | None = None, tokenizer_path: str | None = None, overwrite: bool = False) -> HeadStart | None:
     """Start copying, or None where a head start cannot apply: the input is not a single torch zip file
     (a `.nemo` or a folder of ranks), or the vocabulary depends on a tokenizer still to be read."""
     if tokenizer_path is not None and vocab_size is None:
@@ -56,7 +57,7 @@ class HeadStart:
     def __init__(self, checkpoint_path: str, save_path: str, shard_size: str | int, dtype: str,
                  vocab_size: int | None, num_heads: int | None, overwrite: bool) -> None:
         self._request = (checkpoint_path, save_path, shard_size, dtype, vocab_size, num_heads, overwrite)
-        self.plan: Plan | None = None  # None once planned: no head start
+        self.plan: Plan | None = None  # still None once `_planned` is set: there is no head start
         self.staging: str | None = None
         self.writer: ShardWriter | None = None
         self.leading: list[tuple[TensorSpec, int]] = []  # the first shard's leading copies, file offsets
@@ -103,9 +104,13 @@ class HeadStart:
         """Plan, stage and open; the source's descriptor, or None when there is nothing to copy."""
         path, save_path, shard_size, dtype, vocab_size, num_heads, overwrite = self._request
         payload = torch_zip.peek(path)
-        hparams = payload.get("hyper_parameters")
-        cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
-        tensors = {k: v for k, v in payload["state_dict"].items() if isinstance(v, torch_zip.StoredTensor)}
+        if not isinstance(payload, Mapping) or not isinstance(payload.get("state_dict"), Mapping):
+            return None
+        state_dict, hparams = payload["state_dict"], payload.get("hyper_parameters")
+        if safe_pickle.refused_global(state_dict) or safe_pickle.refused_global(hparams):
+            return None  # the conversion refuses it: copy nothing
+        cfg = hparams.get("cfg") if isinstance(hparams, Mapping) else None
+        tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch_zip.StoredTensor)}
         if cfg is None and num_heads is None:
             return None
 
@@ -132,13 +137,18 @@ class HeadStart:
         self.staging = staging_folder(save_path)  # removed by close() unless adopted, as the writer's file
         self.writer = ShardWriter(os.path.join(self.staging, plan.shards[0].filename), plan.shards[0])
         fd = os.open(path, os.O_RDONLY)
-        self._source = os.fstat(fd)
+        try:
+            self._source = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
         self.plan, self.leading = plan, leading
         return fd
 
     def adopt(self, plan: Plan, checkpoint: Checkpoint) -> bool:
-        """Whether the conversion's own `plan` starts as this one, with each copied tensor passing through
-        from the same offset of the same file. If so the staging folder and first shard are the conversion's."""
+        """Whether the conversion's own `plan` starts as this one (and needs as much space, which the head
+        start checked), with each copied tensor passing through from the same offset of the same file.
+        If so the staging folder and the first shard are the conversion's."""
         from streamconv.pipeline import passes_through, source_of
         from streamconv.sources.parallel import Split
 
@@ -146,7 +156,7 @@ class HeadStart:
         if self.plan is None:
             return False
         ours, theirs = self.plan.shards[0], plan.shards[0]
-        if (ours.filename, ours.header) != (theirs.filename, theirs.header):
+        if (ours.filename, ours.header, self.plan.file_bytes) != (theirs.filename, theirs.header, plan.file_bytes):
             return False
         for (_, offset), spec in zip(self.leading, theirs.tensors, strict=False):
             source = source_of(spec, checkpoint)
@@ -173,9 +183,10 @@ class HeadStart:
         self._thread.join()
 
     def close(self) -> None:
-        """Stop; close the writer if the conversion did not; unless adopted, remove everything written."""
+        """Stop; close the writer if the conversion did not; remove the staging folder if it is still there
+        (a published conversion has renamed it away)."""
         self.stop()
         if self.writer is not None:
             self.writer.discard()
-        if not self._adopted and self.staging is not None:
+        if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)

@@ -10,7 +10,8 @@ Three things overlap, each bounded:
 - writing: a writer thread appends finished buffers to the shard files in plan order; tensors that
   pass through unchanged are copied file to file inside the kernel (copy_file_range), never entering
   this process.
-So memory holds at most BUFFERS output buffers plus a couple of read chunks, whatever the model size.
+So memory holds at most BUFFERS output buffers, a couple of read chunks and a few small tensors, whatever
+the model size. (A strided source, which torch.save can keep, is also copied whole into memory when reached.)
 A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
 """
 
@@ -73,11 +74,12 @@ def is_small(nbytes: int, buffer: int) -> bool:
 
 def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
     """Predicted resident bytes on top of the interpreter and torch: the output buffers, the chunk being
-    arranged, the chunk being written and the small rearranged tensors that may wait to be written."""
+    arranged, the chunk being written and the small rearranged tensors that may wait to be written (a full
+    queue, the one being written and the one being arranged)."""
     largest = max((t.nbytes for t in plan.tensors), default=0)
     buffer = buffer_bytes(plan, checkpoint)
     small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
-    return BUFFERS * buffer + 2 * min(CHUNK_BYTES, largest) + sum(small[:WRITE_QUEUE])
+    return BUFFERS * buffer + 2 * min(CHUNK_BYTES, largest) + sum(small[: WRITE_QUEUE + 2])
 
 
 def stream(
@@ -196,13 +198,15 @@ class _Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.head is not None:  # after a failure its thread may still be writing to the first shard
-            self.head.stop()
-        self.writes.stop()
-        self.reader.shutdown(wait=True, cancel_futures=True)
-        self.arranger.close()
-        for writer in self.writers:  # after a failure; closing twice is harmless
-            writer.close()
+        try:
+            if self.head is not None:  # after a failure its thread may still be writing to the first shard
+                self.head.stop()
+        finally:  # (even after a second Ctrl-C: no writer is closed while the writer thread may use it)
+            self.writes.stop()
+            self.reader.shutdown(wait=True, cancel_futures=True)
+            self.arranger.close()
+            for writer in self.writers:  # after a failure; closing twice is harmless
+                writer.close()
 
     def read_ahead(self, spec: TensorSpec) -> None:
         for part in parts_of(source_of(spec, self.checkpoint)):

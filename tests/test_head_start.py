@@ -68,7 +68,10 @@ def test_peek_runs_no_code_from_the_pickle(tmp_path):
     peeked = torch_zip.peek(str(path))
     assert type(peeked["state_dict"]["model.evil"]).__name__ == "Refused"
     assert not sentinel.exists()
-    # the head start copies nothing into an output the conversion refuses
+    # the head start copies nothing for a checkpoint the conversion refuses
+    head = head_start.begin(path, tmp_path / "out")
+    head.close()
+    assert head.plan is None and head.writer is None
     assert main(["--checkpoint-path", str(path), "--save-path", str(tmp_path / "out"), "--quiet"]) == 2
     assert sorted(os.listdir(tmp_path)) == ["in.ckpt"] and not sentinel.exists()
 
@@ -175,3 +178,59 @@ def test_conversion_failing_mid_copy_stops_the_head_start_first(ckpt, tmp_path, 
         head.close()
     assert len(calls) == stopped_at
     assert sorted(os.listdir(tmp_path)) == ["in.ckpt"]
+
+
+def _torch_zip(path, pickled: bytes, storage: bytes = bytes(16)) -> str:
+    """A torch zip file with this data.pkl and one storage, "0" (as torch.save lays them out)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickled)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", storage)
+    return str(path)
+
+
+def _tensor_pickle(offset=0, size=(2,), stride=(1,), build=None) -> bytes:
+    """{'w': a float32 tensor of storage "0" (4 elements)}, via torch's own rebuild global; `build` adds a
+    BUILD (state) on the storage-type global or on the rebuild global, as a hostile pickle could."""
+    import pickle
+    from collections import OrderedDict
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (Storage(), offset, size, stride, False, OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+
+    import io
+
+    out = io.BytesIO()
+    Pickler(out, protocol=2).dump({"w": Tensor()})
+    data = out.getvalue()
+    if build == "storage type":  # FloatStorage's stand-in told it holds bfloat16, for every later peek
+        data = data[:2] + b"ctorch\nFloatStorage\n]X\x08\x00\x00\x00bfloat16ab0" + data[2:]
+    if build == "rebuild":  # the v2 stand-in told it is v3
+        data = data[:2] + b"ctorch._utils\n_rebuild_tensor_v2\n(NK\x01tb0" + data[2:]
+    return data
+
+
+@pytest.mark.parametrize("case,kwargs", [
+    ("negative offset", {"offset": -1}),
+    ("past the storage", {"offset": 3}),
+    ("strided past the storage", {"size": (2,), "stride": (4,)}),
+    ("negative stride", {"size": (2,), "stride": (-1,)}),
+    ("state of a stand-in", {"build": "storage type"}),
+    ("state of a rebuild stand-in", {"build": "rebuild"}),
+])
+def test_peek_refuses_tensors_outside_their_storage_and_state_changes(tmp_path, case, kwargs):
+    good = torch_zip.peek(_torch_zip(tmp_path / "good.ckpt", _tensor_pickle()))["w"]
+    assert good == torch_zip.StoredTensor("torch.float32", (2,), good.offset, True)
+    with pytest.raises(ConversionError, match="damaged"):
+        torch_zip.peek(_torch_zip(tmp_path / "bad.ckpt", _tensor_pickle(**kwargs)))
+    assert torch_zip.peek(_torch_zip(tmp_path / "again.ckpt", _tensor_pickle()))["w"] == good  # nothing changed

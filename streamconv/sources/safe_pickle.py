@@ -1,8 +1,8 @@
 """A restricted unpickler for torch checkpoints that never imports or calls anything off a list.
 
 A checkpoint's pickle names the globals it needs; a normal unpickler imports and calls them, which is
-how a checkpoint runs code. Here `find_class` answers from `ALLOWED` (what tensors, containers and
-NeMo's OmegaConf config are built from) and nothing else: every other global becomes an inert
+how a checkpoint runs code. Here `find_class` answers from the allow-list (`Unpickler.allowed`: what
+tensors, containers and NeMo's OmegaConf config are built from) and nothing else: every other global becomes an inert
 placeholder class that records its name and ignores whatever it is called with. Nothing is imported.
 
 Lightning checkpoints carry objects beside the weights (callbacks, loop state, optimizer wrappers) that
@@ -18,7 +18,8 @@ import pickle
 import typing
 from typing import Any
 
-DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+DTYPES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+          "uint8": 1, "bool": 1}  # the tensor dtypes a checkpoint may hold (torch.<name>), bytes per element
 
 
 def _omegaconf() -> dict[str, Any]:
@@ -115,14 +116,15 @@ class Unpickler(pickle.Unpickler):
 
 
 def refused_global(obj: Any) -> str | None:
-    """The name of the first placeholder found anywhere inside `obj` (containers and object state)."""
-    import torch
+    """The name of the first placeholder found anywhere inside `obj` (containers and object state).
 
+    Needs no torch: a tensor's state (its `__dict__`) is empty, so it is passed over like any object.
+    """
     seen: set[int] = set()
     stack = [obj]
     while stack:
         item = stack.pop()
-        if id(item) in seen or isinstance(item, torch.Tensor | str | bytes | int | float | bool | type(None)):
+        if id(item) in seen or isinstance(item, str | bytes | int | float | bool | type(None)):
             continue
         seen.add(id(item))
         if isinstance(item, Placeholder):
@@ -138,3 +140,13 @@ def refused_global(obj: Any) -> str | None:
         if isinstance(state, dict) and not isinstance(item, type):
             stack.extend(state.values())
     return None
+
+
+def storage_id(saved_id: Any) -> tuple[Any, str, int]:
+    """(storage type, key, element count) from a pickle's persistent id, as torch.save writes it."""
+    if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] not in ("storage", b"storage"):
+        raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r:.80}")
+    _, storage_type, key, _location, numel = saved_id
+    if not isinstance(numel, int) or numel < 0:
+        raise pickle.UnpicklingError(f"unexpected storage size {numel!r:.80}")
+    return storage_type, str(key), numel

@@ -81,15 +81,13 @@ class _Unpickler(safe_pickle.Unpickler):
         return super().find_class(module, name)
 
     def persistent_load(self, saved_id: Any) -> Any:
-        if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] not in ("storage", b"storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r:.80}")
         import torch
 
-        _, storage_type, key, _location, numel = saved_id
+        storage_type, key, numel = safe_pickle.storage_id(saved_id)
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
-        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int):
+        if not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f"unexpected storage {storage_type!r:.80}")
-        return self.storage_for(str(key), dtype, numel)
+        return self.storage_for(key, dtype, numel)
 
 
 def map_file(path: str) -> torch.UntypedStorage:
@@ -155,17 +153,22 @@ def _unpickle(path: str, unpickler: pickle.Unpickler) -> Any:
 
 # ---- without torch -------------------------------------------------------------------------------------
 
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1}
 _STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
                    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
                    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
                    "UntypedStorage": "uint8"}
 
 
-@dataclass(frozen=True)
+def _refuse_state(self: object, state: Any) -> None:
+    """BUILD on a stand-in: refused, so that no pickle can change one (they are shared between peeks)."""
+    raise pickle.UnpicklingError(f"a pickle tried to set the state of {type(self).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
 class StoredTensor:
     """A tensor as the pickle describes it, read without torch: dtype name, shape and file offset."""
+
+    __setstate__ = _refuse_state
 
     dtype: str  # as str(torch.dtype) gives it: 'torch.bfloat16'
     shape: tuple[int, ...]
@@ -174,45 +177,83 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        n = _ITEMSIZE[self.dtype.removeprefix("torch.")]
+        n = safe_pickle.DTYPES[self.dtype.removeprefix("torch.")]
         for d in self.shape:
             n *= d
         return n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Stored:
     """A storage: its dtype name and its bytes [start, end) in the file."""
+
+    __setstate__ = _refuse_state
 
     dtype: str
     start: int
     end: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _StorageType:
+    __setstate__ = _refuse_state
+
     dtype: str
 
 
-def _stored_tensor(storage: _Stored, storage_offset: int, size: tuple, stride: tuple,
-                   dtype: str | None = None) -> StoredTensor:
-    dtype = dtype or storage.dtype
-    shape, expected, contiguous = tuple(size), 1, True
-    for d, s in zip(reversed(shape), reversed(tuple(stride)), strict=True):
+def _naturals(values: Any) -> tuple[int, ...]:
+    values = tuple(values)
+    if not all(type(v) is int and v >= 0 for v in values):
+        raise pickle.UnpicklingError(f"unexpected sizes or strides {values!r:.80}")
+    return values
+
+
+def _stored_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: Any = None) -> StoredTensor:
+    """What torch._utils._rebuild_tensor_v2/v3 would make, checked to lie inside its storage."""
+    dtype = storage.dtype if dtype is None else dtype
+    if not isinstance(storage, _Stored) or dtype not in safe_pickle.DTYPES:
+        raise pickle.UnpicklingError("unexpected tensor storage or dtype")
+    (storage_offset,), shape, strides = _naturals((storage_offset,)), _naturals(size), _naturals(stride)
+    if len(shape) != len(strides):
+        raise pickle.UnpicklingError("a tensor's sizes and strides differ in length")
+    itemsize, expected, contiguous, last = safe_pickle.DTYPES[dtype], 1, True, storage_offset
+    for d, s in zip(reversed(shape), reversed(strides), strict=True):
         contiguous = contiguous and (d == 1 or s == expected)
         expected *= d
-    tensor = StoredTensor(f"torch.{dtype}", shape, storage.start + storage_offset * _ITEMSIZE[dtype], contiguous)
-    if contiguous and tensor.offset + tensor.nbytes > storage.end:
+        last += (d - 1) * s
+    if 0 not in shape and storage.start + (last + 1) * itemsize > storage.end:
         raise pickle.UnpicklingError("a tensor ends past its storage")
-    return tensor
+    return StoredTensor(f"torch.{dtype}", shape, storage.start + storage_offset * itemsize, contiguous)
+
+
+class _Rebuild:
+    """torch's tensor-building globals, as stand-ins with no state a pickle could change (no __dict__)."""
+
+    __slots__ = ("_with_dtype",)
+    __setstate__ = _refuse_state
+
+    def __init__(self, with_dtype: bool) -> None:
+        self._with_dtype = with_dtype
+
+    def __call__(self, storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> StoredTensor:
+        dtype = rest[2] if self._with_dtype and len(rest) > 2 else None  # v3: requires_grad, hooks, dtype
+        return _stored_tensor(storage, storage_offset, size, stride, dtype)
+
+
+class _Parameter:
+    """torch._utils._rebuild_parameter: the tensor it wraps."""
+
+    __slots__ = ()
+    __setstate__ = _refuse_state
+
+    def __call__(self, data: Any, *rest: Any) -> Any:
+        return data
 
 
 _PEEK_ALLOWED: dict[str, Any] = {
-    "torch._utils._rebuild_tensor_v2": lambda storage, offset, size, stride, *_: _stored_tensor(
-        storage, offset, size, stride),
-    "torch._utils._rebuild_tensor_v3": lambda storage, offset, size, stride, _grad, _hooks, dtype, *_: _stored_tensor(
-        storage, offset, size, stride, dtype),
-    "torch._utils._rebuild_parameter": lambda data, *_: data,
+    "torch._utils._rebuild_tensor_v2": _Rebuild(with_dtype=False),
+    "torch._utils._rebuild_tensor_v3": _Rebuild(with_dtype=True),
+    "torch._utils._rebuild_parameter": _Parameter(),
     "torch.Size": tuple,
     "torch.device": str,
     **{f"torch.{name}": name for name in safe_pickle.DTYPES},  # a dtype stands as its name
@@ -236,13 +277,11 @@ class _PeekUnpickler(safe_pickle.Unpickler):
         return cls._peek_allowed
 
     def persistent_load(self, saved_id: Any) -> Any:
-        if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] not in ("storage", b"storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r:.80}")
-        _, storage_type, key, _location, numel = saved_id
-        start, length = self.members.get(str(key), (None, 0))
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or start is None:
+        storage_type, key, numel = safe_pickle.storage_id(saved_id)
+        start, length = self.members.get(key, (None, 0))
+        if not isinstance(storage_type, _StorageType) or start is None:
             raise pickle.UnpicklingError(f"unexpected storage {saved_id!r:.80}")
-        end = self.offset + start + min(length, numel * _ITEMSIZE[storage_type.dtype])
+        end = self.offset + start + min(length, numel * safe_pickle.DTYPES[storage_type.dtype])
         return _Stored(storage_type.dtype, self.offset + start, end)
 
 

@@ -216,6 +216,9 @@ def convert(
                     "free some space or choose another --save-path"
                 )
         staging = head.staging if head is not None else staging_folder(save_path)
+        if head is not None:  # the conversion began before torch was imported, the bytes moved meanwhile
+            started = head.started
+            notes.append(f"{_size(head.leading[-1][0].end)} copied while torch was imported")
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         try:
             _write_config(staging, config)
@@ -228,7 +231,7 @@ def convert(
                 tokenizer.save(staging, checkpoint.tokenizer, config)
                 checked = background.submit(tokenizer.check, staging, config)
             bar = _progress_bar(plan.total_size, enabled=progress)
-            stream_started = time.perf_counter()
+            stream_started = head.copy_started if head is not None else time.perf_counter()
             try:
                 stream(plan, checkpoint, staging, dev, on_bytes=bar.update, head=head)
             except OSError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,8 @@ class HeadStart:
     def __init__(self, checkpoint_path: str, save_path: str, shard_size: str | int, dtype: str,
                  vocab_size: int | None, num_heads: int | None, overwrite: bool) -> None:
         self._request = (checkpoint_path, save_path, shard_size, dtype, vocab_size, num_heads, overwrite)
+        self.started = time.perf_counter()  # before torch is imported: where an adopting conversion's time starts
+        self.copy_started: float | None = None
         self.plan: Plan | None = None  # still None once `_planned` is set: there is no head start
         self.staging: str | None = None
         self.writer: ShardWriter | None = None
@@ -81,6 +84,7 @@ class HeadStart:
     def _run(self) -> None:
         try:
             fd = self._prepare()
+            self.copy_started = time.perf_counter()
         except Exception:  # the conversion meets the same problem and names it
             self.plan = None
             fd = None

@@ -91,6 +91,8 @@ def test_adopted_head_start_gives_the_same_files(ckpt, tmp_path):
         "transformer.h.0.ln_1.bias"][: head.count]
     assert head.count >= 1 and head.writer.written == head.leading[-1][0].end
     assert result.shards > 1
+    assert f"{head.writer.written / 1e3:.1f} kB copied while torch was imported" in result.summary()
+    assert head.copy_started >= head.started and result.seconds >= result.stream_seconds > 0
     assert files_of(tmp_path / "out") == files_of(plain)
     assert sorted(os.listdir(tmp_path)) == ["in.ckpt", "out", "plain"]
 

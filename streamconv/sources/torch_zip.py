@@ -72,10 +72,10 @@ class _Unpickler(safe_pickle.Unpickler):
         import torch
 
         if module == "torch" and name == "UntypedStorage":
-            return torch.UntypedStorage
+            return self.hand(torch.UntypedStorage)
         if module == "torch" and name.endswith("Storage"):
             try:
-                return torch.serialization.StorageType(name)
+                return self.hand(torch.serialization.StorageType(name))
             except KeyError:
                 pass
         return super().find_class(module, name)

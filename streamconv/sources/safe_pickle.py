@@ -118,7 +118,8 @@ class Unpickler(pickle._Unpickler):
     def load_build(self) -> None:
         target = self.stack[-2]  # (the state is on top)
         if id(target) in self._handed:
-            raise pickle.UnpicklingError(f"the pickle tries to change {getattr(target, '__qualname__', target)!s:.60}")
+            name = getattr(target, "__qualname__", type(target).__name__)
+            raise pickle.UnpicklingError(f"the pickle tries to change {name:.60}, which streamconv refuses")
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build

@@ -160,7 +160,8 @@ _STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfS
 
 
 def _refuse_state(self: object, state: Any) -> None:
-    """BUILD on a stand-in: refused, so that no pickle can change one (they are shared between peeks)."""
+    """BUILD on a record made from the pickle: refused, so that its offsets stay the ones checked.
+    (BUILD on the stand-ins for torch's globals is refused like that on any allow-listed global.)"""
     raise pickle.UnpicklingError(f"a pickle tried to set the state of {type(self).__name__}")
 
 
@@ -196,8 +197,6 @@ class _Stored:
 
 @dataclass(frozen=True, slots=True)
 class _StorageType:
-    __setstate__ = _refuse_state
-
     dtype: str
 
 
@@ -227,10 +226,9 @@ def _stored_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dt
 
 
 class _Rebuild:
-    """torch's tensor-building globals, as stand-ins with no state a pickle could change (no __dict__)."""
+    """torch's tensor-building globals, as stand-ins (v2, or v3 which also names the dtype)."""
 
     __slots__ = ("_with_dtype",)
-    __setstate__ = _refuse_state
 
     def __init__(self, with_dtype: bool) -> None:
         self._with_dtype = with_dtype
@@ -244,7 +242,6 @@ class _Parameter:
     """torch._utils._rebuild_parameter: the tensor it wraps."""
 
     __slots__ = ()
-    __setstate__ = _refuse_state
 
     def __call__(self, data: Any, *rest: Any) -> Any:
         return data

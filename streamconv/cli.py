@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             return run_verify(args)
         head = None
         try:
-            if not args.dry_run:
-                from streamconv.head_start import begin
+            # held from before the head start's thread runs (until `head` is set, nothing would close it)
+            with signals_held():
+                if not args.dry_run:
+                    from streamconv.head_start import begin
 
-                with signals_held():  # a signal once the thread runs but before `head` is set would skip close()
                     head = begin(args.checkpoint_path, args.save_path, shard_size=args.shard_size,
                                  dtype=args.dtype, vocab_size=args.vocab_size, num_heads=args.num_heads,
                                  tokenizer_path=args.tokenizer, overwrite=args.overwrite)
-            with signals_held():
                 from streamconv.converter import convert  # imports torch, while the head start copies
 
             result = convert(

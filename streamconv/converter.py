@@ -123,20 +123,9 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | Non
         )
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
-    shapes = {k: tuple(t.shape) for k, t in checkpoint.tensors.items()}
-    dims = gpt_sw3.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads)
-    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[gpt_sw3.EMBEDDING][0])
+    dims, recipes = gpt_sw3.checked_recipes(checkpoint.hparam, checkpoint.tensors, vocab_size, num_heads)
     for r in recipes:
-        source = checkpoint.tensors.get(r.source)
-        if source is None:
-            raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
-        if tuple(source.shape) != r.source_shape:
-            missing = f"; with {len(source.parts)} tensor-parallel ranks found, is one missing?" \
-                if isinstance(source, Split) else ""
-            raise ConversionError(
-                f"source tensor {r.source!r} has shape {tuple(source.shape)}, expected {r.source_shape} "
-                f"from the checkpoint's cfg{missing}"
-            )
+        source = checkpoint.tensors[r.source]
         if isinstance(source, Split) and r.rows is None:
             sliced = r.arrangement.view[split_view_axis(r.source_shape, r.arrangement.view, source.axis)]
             if sliced % len(source.parts):
@@ -204,8 +193,11 @@ def convert(
             result.peak_rss = peak_rss()
             return result
 
-        head = head_start if head_start is not None and head_start.adopt(plan, checkpoint) else None
-        if head is None:  # (an adopted head start checked the free space before writing)
+        if head_start is not None and head_start.adopt(plan, checkpoint):  # it checked the free space
+            head, staging, started = head_start, head_start.staging, head_start.started  # (before torch)
+            notes.append(f"{_size(head.leading[-1][0].end)} copied while torch was imported")
+        else:
+            head = None
             if head_start is not None:
                 head_start.close()
             os.makedirs(parent, exist_ok=True)
@@ -215,10 +207,7 @@ def convert(
                     f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
                     "free some space or choose another --save-path"
                 )
-        staging = head.staging if head is not None else staging_folder(save_path)
-        if head is not None:  # the conversion began before torch was imported, the bytes moved meanwhile
-            started = head.started
-            notes.append(f"{_size(head.leading[-1][0].end)} copied while torch was imported")
+            staging = staging_folder(save_path)
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         try:
             _write_config(staging, config)

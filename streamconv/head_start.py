@@ -66,15 +66,11 @@ class HeadStart:
         self.leading: list[tuple[TensorSpec, int]] = []  # the first shard's leading copies, file offsets
         self._source: os.stat_result | None = None
         self._error: BaseException | None = None
-        self._adopted = False
+        self.adopted = False  # set by adopt(): the staging folder and first shard are the conversion's
         self._planned = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="streamconv-head-start", daemon=True)
         self._thread.start()
-
-    @property
-    def adopted(self) -> bool:
-        return self._adopted
 
     @property
     def count(self) -> int:
@@ -115,23 +111,17 @@ class HeadStart:
             return None  # the conversion refuses it: copy nothing
         cfg = hparams.get("cfg") if isinstance(hparams, Mapping) else None
         tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch_zip.StoredTensor)}
-        if cfg is None and num_heads is None:
-            return None
 
         def hparam(key: str, default: Any = None) -> Any:
             return default if cfg is None else cfg.get(key, default)
 
-        shapes = {k: t.shape for k, t in tensors.items()}
-        dims = gpt_sw3.read_dims(hparam, shapes, vocab_size, num_heads)
-        recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[gpt_sw3.EMBEDDING][0])
-        if any(tensors[r.source].shape != r.source_shape for r in recipes):
-            return None
+        _, recipes = gpt_sw3.checked_recipes(hparam, tensors, vocab_size, num_heads)
         dtypes = [DTYPE_NAMES.get(dtype) or tensors[r.source].dtype for r in recipes]
         plan = make_plan(recipes, dtypes, parse_size(shard_size))
         leading = []
         for spec in plan.shards[0].tensors:
-            source, perm = tensors[spec.recipe.source], spec.recipe.arrangement.perm
-            if perm != tuple(range(len(perm))) or spec.dtype != source.dtype or not source.contiguous:
+            source = tensors[spec.recipe.source]
+            if spec.recipe.arrangement.moves or spec.dtype != source.dtype or not source.contiguous:
                 break
             leading.append((spec, source.offset))
         check_save_path(save_path, overwrite)
@@ -169,7 +159,7 @@ class HeadStart:
             where = checkpoint.file_offset(source)
             if where is None or where[1] != offset or not os.path.samestat(os.fstat(where[0]), self._source):
                 return False
-        self._adopted = True
+        self.adopted = True
         return True
 
     def wait(self) -> int:

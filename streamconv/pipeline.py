@@ -45,9 +45,8 @@ SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer,
 def passes_through(spec: TensorSpec, source: torch.Tensor | Split) -> bool:
     """True when the output bytes are the source bytes, slice after slice (no permutation, no cast, any
     tensor-parallel slices stacked on rows): no device needs them."""
-    perm = spec.recipe.arrangement.perm
     stacked = not isinstance(source, Split) or source.axis == 0
-    return perm == tuple(range(len(perm))) and spec.dtype == source.dtype and stacked
+    return not spec.recipe.arrangement.moves and spec.dtype == source.dtype and stacked
 
 
 def arranges_on_device(device: torch.device) -> bool:

@@ -263,9 +263,9 @@ class _PeekUnpickler(safe_pickle.Unpickler):
 
     _peek_allowed: dict[str, Any] = {}
 
-    def __init__(self, data: bytes, members: dict[str, tuple[int, int]], offset: int) -> None:
+    def __init__(self, data: bytes, members: dict[str, tuple[int, int]]) -> None:
         super().__init__(io.BytesIO(data))
-        self.members, self.offset = members, offset
+        self.members = members
 
     @classmethod
     def allowed(cls) -> dict[str, Any]:
@@ -278,8 +278,7 @@ class _PeekUnpickler(safe_pickle.Unpickler):
         start, length = self.members.get(key, (None, 0))
         if not isinstance(storage_type, _StorageType) or start is None:
             raise pickle.UnpicklingError(f"unexpected storage {saved_id!r:.80}")
-        end = self.offset + start + min(length, numel * safe_pickle.DTYPES[storage_type.dtype])
-        return _Stored(storage_type.dtype, self.offset + start, end)
+        return _Stored(storage_type.dtype, start, start + min(length, numel * safe_pickle.DTYPES[storage_type.dtype]))
 
 
 def peek(path: str) -> Any:
@@ -288,7 +287,7 @@ def peek(path: str) -> Any:
     Raises ConversionError as `load` does. Reads the zip directory and the pickle, no tensor bytes.
     """
     members, data = _members(path, 0, None)
-    return _unpickle(path, _PeekUnpickler(data, members, 0))
+    return _unpickle(path, _PeekUnpickler(data, members))
 
 
 def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[str, tuple[int, int]], bytes, bytes]:

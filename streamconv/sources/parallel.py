@@ -79,8 +79,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
                                   "TP x PP ranks); copy the missing rank's files next to the others")
     for key, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
         said = hparam(key)
-        whole = isinstance(said, int) and not isinstance(said, bool) or isinstance(said, float) and said.is_integer()
-        if said is not None and not whole:
+        if said is not None and not gpt_sw3.is_whole(said):
             raise ConversionError(f"the cfg of {path} says {key} {said!r}, not a whole number; fix the cfg")
         if said is not None and said != found:
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """Import torch only when the converter is actually used (keeps `--help` fast)."""
+    """Import the converter only when it is used (keeps `--help` fast)."""
     if name in ("convert", "ConversionResult"):
         from streamconv import converter as module
 

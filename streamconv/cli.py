@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
 
 from streamconv.errors import ConversionError
 
@@ -75,28 +73,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while torch is imported; raise for them right after.
-
-    torch's C extension imports numpy and discards any Python error raised meanwhile, so the exception a
-    signal raises there vanished and the conversion went on (seen with SIGTERM 0.25 s into a run).
-    """
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if held:
-        raise KeyboardInterrupt if held[0] == signal.SIGINT else Terminated
-
-
 def run_verify(args: argparse.Namespace) -> int:
-    with signals_held():
-        from streamconv.verification import verify
+    from streamconv.verification import verify
 
     problems = verify(args.checkpoint_path, args.save_path, dtype=args.dtype, vocab_size=args.vocab_size,
                       num_heads=args.num_heads, tokenizer_path=args.tokenizer)
@@ -122,36 +100,22 @@ def main(argv: list[str] | None = None) -> int:
             raise ConversionError("both --checkpoint-path and --save-path are required (or try --demo)")
         if args.verify:
             return run_verify(args)
-        head = None
-        try:
-            # held from before the head start's thread runs (until `head` is set, nothing would close it)
-            with signals_held():
-                if not args.dry_run:
-                    from streamconv.head_start import begin
+        from streamconv.converter import convert
 
-                    head = begin(args.checkpoint_path, args.save_path, shard_size=args.shard_size,
-                                 dtype=args.dtype, vocab_size=args.vocab_size, num_heads=args.num_heads,
-                                 tokenizer_path=args.tokenizer, overwrite=args.overwrite)
-                from streamconv.converter import convert  # imports torch, while the head start copies
-
-            result = convert(
-                args.checkpoint_path,
-                args.save_path,
-                device=args.device,
-                shard_size=args.shard_size,
-                dtype=args.dtype,
-                vocab_size=args.vocab_size,
-                num_heads=args.num_heads,
-                tokenizer_path=args.tokenizer,
-                overwrite=args.overwrite,
-                dry_run=args.dry_run,
-                progress=not args.quiet,
-                before_write=print_structure if args.print_checkpoint_structure else None,
-                head_start=head,
-            )
-        finally:
-            if head is not None:
-                head.close()
+        result = convert(
+            args.checkpoint_path,
+            args.save_path,
+            device=args.device,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            vocab_size=args.vocab_size,
+            num_heads=args.num_heads,
+            tokenizer_path=args.tokenizer,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=not args.quiet,
+            before_write=print_structure if args.print_checkpoint_structure else None,
+        )
         if args.dry_run:
             print_plan(result)
         print(result.summary())
@@ -172,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The `streamconv` command: main(), then exit without tearing the interpreter down.
 
-    By then the output is fsynced and renamed into place and every file is closed; unloading torch's
-    modules only costs time (0.9 s of a 6.8 s cold conversion of the medium benchmark, measured).
+    By then the output is fsynced and renamed into place and every file is closed; unloading the modules
+    (torch's, after a cast, a GPU run or --demo) only costs time.
     """
     code = main()
     sys.stdout.flush()

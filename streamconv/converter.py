@@ -6,25 +6,29 @@ import contextlib
 import errno
 import json
 import os
+import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamconv import tokenizer
 from streamconv.errors import ConversionError
-from streamconv.head_start import HeadStart
 from streamconv.output import check_save_path, fsync, publish, staging_folder
-from streamconv.pipeline import split_view_axis, stream, working_memory
+from streamconv.pipeline import arranges_with_torch, source_of, split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
 from streamconv.sources import Checkpoint, open_checkpoint
 from streamconv.sources.parallel import Split
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,7 +41,7 @@ class ConversionResult:
     save_path: str
     plan: Plan
     config: dict
-    working_memory: int  # predicted bytes on top of the interpreter and torch
+    working_memory: int  # predicted bytes on top of the interpreter
     dry_run: bool
     seconds: float = 0.0  # the whole call, from opening the checkpoint to the rename
     stream_seconds: float = 0.0  # moving tensor bytes only
@@ -60,7 +64,7 @@ class ConversionResult:
         if self.dry_run:
             return (
                 f"dry run: {self.tensors} tensors -> {self.shards} shard(s), {_size(self.bytes)}; "
-                f"predicted working memory {_size(self.working_memory)} plus the Python/torch baseline; "
+                f"predicted working memory {_size(self.working_memory)} plus the Python baseline; "
                 "nothing written"
             )
         rate = self.bytes / self.stream_seconds / 1e9 if self.stream_seconds > 0 else float("inf")
@@ -84,36 +88,68 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConversionError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
+def resolve_device(device: str | torch.device) -> str:
+    """'cpu', 'cuda' or 'cuda:N', checked; torch is imported only for CUDA."""
+    name = str(device)
+    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
         raise ConversionError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
+    if name != "cpu":
+        import_torch()
+        import torch
+
         if not torch.cuda.is_available():
             raise ConversionError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        index = int(name.split(":")[1]) if ":" in name else None
+        if index is not None and index >= torch.cuda.device_count():
             raise ConversionError(
                 f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; use cuda:0 to "
                 f"cuda:{torch.cuda.device_count() - 1}"
             )
-    return dev
+    return name
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """None keeps each source tensor's dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
+    """The output dtype's name ('torch.bfloat16'); None keeps each source tensor's dtype."""
+    if dtype is None or dtype == "auto":
         return None
+    if str(dtype) in DTYPE_NAMES.values():  # a torch.dtype, or its name
+        return str(dtype)
     if dtype not in DTYPE_NAMES:
         raise ConversionError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
-    return getattr(torch, DTYPE_NAMES[dtype].removeprefix("torch."))
+    return DTYPE_NAMES[dtype]
 
 
-def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | None, vocab_size: int | None,
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM; deliver them right after, to the handlers there were.
+
+    torch's C extension imports numpy and discards any Python error raised meanwhile, so the exception a
+    signal raised during `import torch` vanished and the conversion went on (seen with SIGTERM 0.25 s into
+    a run). Only the main thread can set handlers; elsewhere this holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in dict.fromkeys(held):
+        signal.raise_signal(sig)
+
+
+def import_torch() -> None:
+    """Import torch, for a cast or a GPU (1.5 to 2.5 s cold: a CPU conversion without a cast never does)."""
+    if "torch" not in sys.modules:
+        with signals_held():
+            import torch  # noqa: F401
+
+
+def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab_size: int | None,
                num_heads: int | None = None) -> tuple[Plan, dict]:
     """Recipes checked against the checkpoint's tensors, output dtypes, the shard plan and the HF config."""
     if checkpoint.hparams is None and num_heads is None:
@@ -136,7 +172,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: torch.dtype | Non
                 )
     dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in recipes]
     plan = make_plan(recipes, dtypes, shard_size)
-    config = gpt_sw3.hf_config(checkpoint.hparam, dims, str(dtypes[0]).removeprefix("torch."))
+    config = gpt_sw3.hf_config(checkpoint.hparam, dims, dtypes[0].removeprefix("torch."))
     return plan, config
 
 
@@ -154,17 +190,14 @@ def convert(
     dry_run: bool = False,
     progress: bool = False,
     before_write: Callable[[Plan], None] | None = None,
-    head_start: HeadStart | None = None,
 ) -> ConversionResult:
     """Convert a NeMo-Megatron GPT-SW3 `.ckpt` or `.nemo` into a Hugging Face GPT-2 folder of sharded safetensors.
 
     The tokenizer is the SentencePiece model at `tokenizer_path`, else the one a `.nemo` ships; without
     `vocab_size`, the vocabulary is its size (with sentencepiece installed), else GPT-SW3's 64000.
-    Raises ConversionError, before anything is written (but a head start's copies, removed), for any problem
-    with the input or arguments.
+    Raises ConversionError, before anything is written, for any problem with the input or arguments.
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
-    `head_start` (the CLI's, see head_start.py) is adopted when it matches the plan, else closed and discarded
-    here; the caller closes it in any case (closing twice is harmless).
+    torch is imported only for `device` cuda or a `dtype` that casts.
     """
     started = time.perf_counter()
     save_path = os.fspath(save_path)
@@ -193,21 +226,16 @@ def convert(
             result.peak_rss = peak_rss()
             return result
 
-        if head_start is not None and head_start.adopt(plan, checkpoint):  # it checked the free space
-            head, staging, started = head_start, head_start.staging, head_start.started  # (before torch)
-            notes.append(f"{_size(head.leading[-1][0].end)} copied while torch was imported")
-        else:
-            head = None
-            if head_start is not None:
-                head_start.close()
-            os.makedirs(parent, exist_ok=True)
-            free = shutil.disk_usage(parent).free
-            if free < plan.file_bytes:
-                raise ConversionError(
-                    f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
-                    "free some space or choose another --save-path"
-                )
-            staging = staging_folder(save_path)
+        os.makedirs(parent, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if free < plan.file_bytes:
+            raise ConversionError(
+                f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
+                "free some space or choose another --save-path"
+            )
+        if any(arranges_with_torch(t, source_of(t, checkpoint), dev) for t in plan.tensors):
+            import_torch()  # here, not mid-stream: see signals_held
+        staging = staging_folder(save_path)
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         try:
             _write_config(staging, config)
@@ -220,9 +248,9 @@ def convert(
                 tokenizer.save(staging, checkpoint.tokenizer, config)
                 checked = background.submit(tokenizer.check, staging, config)
             bar = _progress_bar(plan.total_size, enabled=progress)
-            stream_started = head.copy_started if head is not None else time.perf_counter()
+            stream_started = time.perf_counter()
             try:
-                stream(plan, checkpoint, staging, dev, on_bytes=bar.update, head=head)
+                stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
@@ -244,8 +272,6 @@ def convert(
             publish(staging, save_path)
         finally:
             background.shutdown(wait=True)
-            if head is not None:
-                head.close()  # its thread, stopped before its folder goes
             shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()

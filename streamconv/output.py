@@ -1,7 +1,4 @@
-"""The output folder: checked before anything is written, staged beside the target, renamed into place.
-
-No torch here: the head start (head_start.py) stages its first shard before torch is imported.
-"""
+"""The output folder: checked before anything is written, staged beside the target, renamed into place."""
 
 from __future__ import annotations
 

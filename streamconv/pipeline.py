@@ -13,6 +13,8 @@ Three things overlap, each bounded:
 So memory holds at most BUFFERS output buffers, a couple of read chunks and a few small tensors, whatever
 the model size. (A strided source, which torch.save can keep, is also copied whole into memory when reached.)
 A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
+Bytes are moved as numpy arrays of integers of the elements' width; torch is imported only for a cast or
+a GPU (`arranges_with_torch`).
 """
 
 from __future__ import annotations
@@ -22,19 +24,16 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Any
 
-import torch
+import numpy as np
 
-from streamconv.arrange import Arranger
+from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.recipes.gpt_sw3 import Arrangement
 from streamconv.safetensors_writer import ShardWriter
-from streamconv.sources import Checkpoint
+from streamconv.sources.lightning import BITS, Checkpoint, SourceTensor
 from streamconv.sources.parallel import Split
-
-if TYPE_CHECKING:
-    from streamconv.head_start import HeadStart
 
 CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
 BUFFERS = 2  # output buffers: one being filled while the other is written
@@ -42,17 +41,22 @@ WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or v
 SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer, are not put in a buffer
 
 
-def passes_through(spec: TensorSpec, source: torch.Tensor | Split) -> bool:
+def passes_through(spec: TensorSpec, source: SourceTensor | Split) -> bool:
     """True when the output bytes are the source bytes, slice after slice (no permutation, no cast, any
     tensor-parallel slices stacked on rows): no device needs them."""
     stacked = not isinstance(source, Split) or source.axis == 0
     return not spec.recipe.arrangement.moves and spec.dtype == source.dtype and stacked
 
 
-def arranges_on_device(device: torch.device) -> bool:
+def arranges_on_device(device: str) -> bool:
     """Whether tensors are arranged in a scratch buffer on the device, then copied back into a host buffer
     (every device but the CPU, which arranges straight into the host buffer)."""
-    return device.type != "cpu"
+    return device != "cpu"
+
+
+def arranges_with_torch(spec: TensorSpec, source: SourceTensor | Split, device: str) -> bool:
+    """A cast, or a GPU: torch arranges it (numpy moves bits, it cannot cast bfloat16)."""
+    return arranges_on_device(device) or spec.dtype != source.dtype
 
 
 def arranged_sizes(plan: Plan, checkpoint: Checkpoint) -> list[int]:
@@ -85,25 +89,18 @@ def stream(
     plan: Plan,
     checkpoint: Checkpoint,
     directory: str,
-    device: torch.device,
+    device: str,
     on_bytes: Callable[[int], None] = lambda n: None,
-    head: HeadStart | None = None,
 ) -> None:
-    """Write every shard of the plan into `directory`; after an adopted `head` start, the rest of them."""
-    done = head.count if head is not None else 0  # tensors at the start of the first shard
-    specs = plan.tensors[done:]
+    """Write every shard of the plan into `directory`."""
+    specs = plan.tensors
     following = dict(zip(map(id, specs), [*specs[1:], None], strict=True))
-    with _Stream(plan, checkpoint, device, on_bytes, head) as run:
+    with _Stream(plan, checkpoint, device, on_bytes) as run:
         if specs:
             run.read_ahead(specs[0])
-        for i, shard in enumerate(plan.shards):
-            if i == 0 and head is not None:  # its copies come first; then this writer goes on
-                writer = head.writer
-                run.writers.append(writer)
-                run.writes.put(lambda: on_bytes(head.wait()))
-            else:
-                writer = run.open(os.path.join(directory, shard.filename), shard)
-            for spec in shard.tensors[done if i == 0 else 0 :]:
+        for shard in plan.shards:
+            writer = run.open(os.path.join(directory, shard.filename), shard)
+            for spec in shard.tensors:
                 if following[id(spec)] is not None:  # the next tensor is read while this one is arranged
                     run.read_ahead(following[id(spec)])
                 run.move(spec, writer)
@@ -111,28 +108,26 @@ def stream(
         run.writes.finish()
 
 
-def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> torch.Tensor | Split:
+def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> SourceTensor | Split:
     """The source tensor (or tensor-parallel slices) of an output tensor, less any padding rows."""
     source = checkpoint.tensors[spec.recipe.source]
-    if spec.recipe.rows is None:
-        return source
-    return source.first_rows(spec.recipe.rows) if isinstance(source, Split) else source[: spec.recipe.rows]
+    return source if spec.recipe.rows is None else source.first_rows(spec.recipe.rows)
 
 
-def parts_of(source: torch.Tensor | Split) -> tuple[torch.Tensor, ...]:
-    """The source tensors to read, in order: the tensor itself, or its tensor-parallel slices."""
-    return source.parts if isinstance(source, Split) else (source,)
+def parts_of(source: SourceTensor | Split) -> tuple[np.ndarray, ...]:
+    """The source bytes to read, in order: the tensor's, or its tensor-parallel slices'."""
+    return tuple(p.bits for p in source.parts) if isinstance(source, Split) else (source.bits,)
 
 
-def pieces(source: torch.Tensor | Split) -> Iterator[torch.Tensor]:
+def pieces(source: SourceTensor | Split) -> Iterator[np.ndarray]:
     """`parts_of(source)`, each made contiguous (torch.save can keep strided views) only when it is reached."""
     for part in parts_of(source):
-        yield part if part.is_contiguous() else part.contiguous()
+        yield part if part.flags.c_contiguous else np.ascontiguousarray(part)
 
 
-def row_chunks(view: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def row_chunks(view: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) pieces of at most CHUNK_BYTES along the first axis."""
-    step = max(1, CHUNK_BYTES // max(1, view[0].numel() * view.element_size()))
+    step = max(1, CHUNK_BYTES // max(1, view[0].nbytes))
     for start in range(0, view.shape[0], step):
         yield start, view[start : start + step]
 
@@ -151,8 +146,27 @@ def split_view_axis(shape: tuple[int, ...], view: tuple[int, ...], axis: int) ->
     raise ValueError(f"axis {axis} out of range for shape {shape}")
 
 
-def arrange_source(arranger: Arranger, out: torch.Tensor, source: torch.Tensor | Split, arrangement: Arrangement,
-                   release: Callable[[torch.Tensor], None]) -> None:
+def arrange_into(host: np.ndarray, spec: TensorSpec, source: SourceTensor | Split, device: str,
+                 arranger: Arranger, release: Callable[[np.ndarray], None], scratch: Any = None) -> None:
+    """Arrange (and cast) `source` as `spec` says into the first `spec.nbytes` bytes of `host`: in place with
+    numpy, or with torch on `device` through `scratch` (a torch uint8 buffer there, None on the CPU)."""
+    arrangement = spec.recipe.arrangement
+    if not arranges_with_torch(spec, source, device):
+        out = host[: spec.nbytes].view(BITS[spec.itemsize]).reshape(arrangement.out_shape)
+        arrange_source(arranger, out, source, arrangement, release)
+        return
+    import torch
+
+    with_torch = TorchArranger(device, source.dtype)
+    target = torch.from_numpy(host) if scratch is None else scratch
+    out = target[: spec.nbytes].view(torch_dtype(spec.dtype)).view(arrangement.out_shape)
+    arrange_source(with_torch, out, source, arrangement, release)
+    if scratch is not None:
+        torch.from_numpy(host[: spec.nbytes]).copy_(scratch[: spec.nbytes])
+
+
+def arrange_source(arranger: Arranger | TorchArranger, out: Any, source: SourceTensor | Split,
+                   arrangement: Arrangement, release: Callable[[np.ndarray], None]) -> None:
     """Place a source tensor, or each tensor-parallel slice of one, into `out` (shaped as the output),
     CHUNK_BYTES of source rows at a time, handing each chunk to `release` once consumed."""
     for target, view in _targets(out, source, arrangement):
@@ -161,34 +175,40 @@ def arrange_source(arranger: Arranger, out: torch.Tensor, source: torch.Tensor |
             release(part)
 
 
-def _targets(out: torch.Tensor, source: torch.Tensor | Split,
-             arrangement: Arrangement) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _targets(out: Any, source: SourceTensor | Split, arrangement: Arrangement) -> Iterator[tuple[Any, np.ndarray]]:
     """(where in `out`, source viewed as the arrangement expects) for the tensor or each of its slices."""
     if not isinstance(source, Split):
-        yield out, next(pieces(source)).view(arrangement.view)
+        yield out, next(pieces(source)).reshape(arrangement.view)
         return
     view_axis = split_view_axis(tuple(source.shape), arrangement.view, source.axis)
     local = list(arrangement.view)
     local[view_axis] = -1  # this slice's share of the sliced axis
     out_axis, at = arrangement.perm.index(view_axis), 0
     for part in pieces(source):
-        view = part.view(local)
-        yield out.narrow(out_axis, at, view.shape[view_axis]), view
+        view = part.reshape(local)
+        yield narrow(out, out_axis, at, view.shape[view_axis]), view
         at += view.shape[view_axis]
 
 
 class _Stream:
     """The state one conversion's threads share: buffers, the arranger, the writer thread, open shards."""
 
-    def __init__(self, plan: Plan, checkpoint: Checkpoint, device: torch.device,
-                 on_bytes: Callable[[int], None], head: HeadStart | None) -> None:
-        self.plan, self.checkpoint, self.device, self.on_bytes, self.head = plan, checkpoint, device, on_bytes, head
+    def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None]) -> None:
+        self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
         size = self.buffer = buffer_bytes(plan, checkpoint)
-        self.free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(BUFFERS if size else 0):
-            self.free.put(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
-        self.scratch = torch.empty(size, dtype=torch.uint8, device=device) if arranges_on_device(device) else None
-        self.arranger = Arranger(device)
+        self.free: queue.Queue[np.ndarray] = queue.Queue()
+        self.scratch = None
+        if arranges_on_device(device):  # pinned host buffers: copies from a GPU run at full speed
+            import torch
+
+            self.scratch = torch.empty(size, dtype=torch.uint8, device=device)
+            for _ in range(BUFFERS if size else 0):
+                pinned = torch.empty(size, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
+                self.free.put(pinned.numpy())
+        else:
+            for _ in range(BUFFERS if size else 0):
+                self.free.put(np.empty(size, dtype=np.uint8))
+        self.arranger = Arranger()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
         self.writes = _WriteBehind(WRITE_QUEUE)
         self.writers: list[ShardWriter] = []
@@ -197,19 +217,15 @@ class _Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            if self.head is not None:  # after a failure its thread may still be writing to the first shard
-                self.head.stop()
-        finally:  # (even after a second Ctrl-C: no writer is closed while the writer thread may use it)
-            self.writes.stop()
-            self.reader.shutdown(wait=True, cancel_futures=True)
-            self.arranger.close()
-            for writer in self.writers:  # after a failure; closing twice is harmless
-                writer.close()
+        self.writes.stop()  # no writer is closed while the writer thread may use it
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.arranger.close()
+        for writer in self.writers:  # after a failure; closing twice is harmless
+            writer.close()
 
     def read_ahead(self, spec: TensorSpec) -> None:
         for part in parts_of(source_of(spec, self.checkpoint)):
-            if part.is_contiguous():  # a strided one is copied whole when it is reached anyway
+            if part.flags.c_contiguous:  # a strided one is copied whole when it is reached anyway
                 self.reader.submit(self.checkpoint.prefetch, part)
 
     def open(self, path: str, shard: Shard) -> ShardWriter:
@@ -227,7 +243,7 @@ class _Stream:
                 for _, part in row_chunks(piece):
                     where = checkpoint.file_offset(part)
 
-                    def copy(part: torch.Tensor = part, where: tuple[int, int] | None = where) -> None:
+                    def copy(part: np.ndarray = part, where: tuple[int, int] | None = where) -> None:
                         if where is None:
                             writer.append(part)
                         else:  # file to file inside the kernel
@@ -242,12 +258,8 @@ class _Stream:
             return
 
         small = is_small(spec.nbytes, self.buffer)
-        host = torch.empty(spec.nbytes, dtype=torch.uint8) if small else self.writes.take(self.free)
-        target = host if self.scratch is None else self.scratch
-        out = target[: spec.nbytes].view(spec.dtype).view(spec.recipe.arrangement.out_shape)
-        arrange_source(self.arranger, out, source, spec.recipe.arrangement, checkpoint.release)
-        if self.scratch is not None:
-            host[: spec.nbytes].copy_(self.scratch[: spec.nbytes])
+        host = np.empty(spec.nbytes, dtype=np.uint8) if small else self.writes.take(self.free)
+        arrange_into(host, spec, source, self.device, self.arranger, checkpoint.release, self.scratch)
 
         def write() -> None:
             writer.append(host[: spec.nbytes])
@@ -289,7 +301,7 @@ class _WriteBehind:
             except queue.Full:
                 continue
 
-    def take(self, free: queue.Queue[torch.Tensor]) -> torch.Tensor:
+    def take(self, free: queue.Queue[np.ndarray]) -> np.ndarray:
         """A free output buffer, waiting for the writer to hand one back."""
         while True:
             self._check()

@@ -9,16 +9,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from streamconv.errors import ConversionError
 from streamconv.recipes.gpt_sw3 import TensorRecipe
 
-if TYPE_CHECKING:
-    import torch
-
-# Keyed by str(dtype), so that a plan can be made before torch is imported (see head_start.py), from the
-# dtype names a checkpoint's pickle gives, and compared byte for byte with the plan made after.
+# Keyed by the dtype names a checkpoint's pickle gives (str(torch.dtype)): streamconv plans without torch.
 _DTYPES = {  # name -> (safetensors dtype, bytes per element)
     "torch.float32": ("F32", 4),
     "torch.float16": ("F16", 2),
@@ -29,8 +24,8 @@ _DTYPES = {  # name -> (safetensors dtype, bytes per element)
 DTYPE_NAMES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}  # --dtype choices
 
 
-def safetensors_dtype(dtype: torch.dtype | str) -> str:
-    """'BF16' for torch.bfloat16 or its name 'torch.bfloat16'."""
+def safetensors_dtype(dtype: str) -> str:
+    """'BF16' for 'torch.bfloat16'."""
     return _DTYPES[str(dtype)][0]
 
 _UNITS = {
@@ -62,13 +57,17 @@ class TensorSpec:
     """One output tensor and where its bytes go: `begin`/`end` are offsets in its shard's data section."""
 
     recipe: TensorRecipe
-    dtype: torch.dtype | str  # a name ('torch.bfloat16') only in a plan made before torch is imported
+    dtype: str  # 'torch.bfloat16'
     begin: int
     end: int
 
     @property
     def name(self) -> str:
         return self.recipe.name
+
+    @property
+    def itemsize(self) -> int:
+        return _DTYPES[self.dtype][1]
 
     @property
     def nbytes(self) -> int:
@@ -136,7 +135,7 @@ def safetensors_header(tensors: list[TensorSpec]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-def make_plan(recipes: list[TensorRecipe], dtypes: list[torch.dtype] | list[str], shard_size: int) -> Plan:
+def make_plan(recipes: list[TensorRecipe], dtypes: list[str], shard_size: int) -> Plan:
     """Assign tensors to shards greedily in recipe order (huggingface_hub's rule), then lay out each shard."""
     from huggingface_hub import split_state_dict_into_shards_factory
 

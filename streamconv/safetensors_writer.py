@@ -1,7 +1,7 @@
 """Writes a safetensors file whose header is known up front: header first, then tensor bytes in order.
 
 The plan fixed every offset, so bytes are appended as they arrive and the writer only checks that each
-tensor ends exactly where the plan says. Data goes from the tensor's own memory to the kernel: no copy.
+tensor ends exactly where the plan says. Data goes from the array's own memory to the kernel: no copy.
 
 Write-behind: every WINDOW bytes the kernel is told to start writing that window to disk, and the window
 before it is waited for and dropped from the page cache. The disk then works during the whole
@@ -14,12 +14,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from streamconv.plan import Shard, TensorSpec
-
-if TYPE_CHECKING:
-    import torch
 
 WINDOW = 64 * 2**20
 _READ_BYTES = 8 * 2**20  # a read-and-write copy's piece, where the kernel cannot copy between the files
@@ -46,12 +44,9 @@ class ShardWriter:
         """Bytes of tensor data written so far."""
         return self._file_pos - len(self.shard.header)
 
-    def append(self, data: torch.Tensor) -> None:
-        """Append a contiguous CPU tensor's bytes."""
-        import torch
-
-        flat = data.reshape(-1).view(torch.uint8)
-        self._write(memoryview(flat.numpy()))
+    def append(self, data: np.ndarray) -> None:
+        """Append a contiguous array's bytes."""
+        self._write(memoryview(data.reshape(-1).view(np.uint8)))
 
     def append_from_file(self, source_fd: int, offset: int, count: int) -> None:
         """Append `count` bytes of another file at `offset`, copied inside the kernel (copy_file_range: they

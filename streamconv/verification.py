@@ -12,15 +12,18 @@ import json
 import mmap
 import os
 import struct
-import warnings
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from streamconv.arrange import Arranger
-from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
-from streamconv.pipeline import arrange_source, source_of
+from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, import_torch, read_tokenizer, resolve_dtype
+from streamconv.pipeline import arrange_into, arranges_with_torch, source_of
 from streamconv.plan import TensorSpec, safetensors_dtype
 from streamconv.sources import Checkpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 
 def verify(
@@ -140,23 +143,21 @@ def _read_header(path: str) -> tuple[list[str], dict[str, tuple[str, list[int], 
 def _compare_bytes(checkpoint: Checkpoint, save_path: str, expected: dict[str, TensorSpec],
                    found: dict[str, tuple[str, int, int]]) -> list[str]:
     problems = []
-    arranger = Arranger(torch.device("cpu"))
+    arranger = Arranger()
     maps: dict[str, mmap.mmap] = {}
-    buffer = torch.empty(max(s.nbytes for s in expected.values()), dtype=torch.uint8)
+    buffer = np.empty(max(s.nbytes for s in expected.values()), dtype=np.uint8)
+    if any(arranges_with_torch(spec, source_of(spec, checkpoint), "cpu") for spec in expected.values()):
+        import_torch()
     try:
         for name, spec in expected.items():
             file, begin, end = found[name]
             if file not in maps:
                 with open(os.path.join(save_path, file), "rb") as f:
                     maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            arrangement = spec.recipe.arrangement
-            out = buffer[: spec.nbytes].view(spec.dtype).view(arrangement.out_shape)
-            arrange_source(arranger, out, source_of(spec, checkpoint), arrangement, checkpoint.release)
-            with warnings.catch_warnings():  # the mapping is read-only, and only read
-                warnings.simplefilter("ignore", UserWarning)
-                on_disk = torch.frombuffer(maps[file], dtype=torch.uint8, count=end - begin, offset=begin)
-            if not torch.equal(on_disk, buffer[: spec.nbytes]):
-                first = int((on_disk != buffer[: spec.nbytes]).nonzero()[0])
+            arrange_into(buffer, spec, source_of(spec, checkpoint), "cpu", arranger, checkpoint.release)
+            on_disk = np.frombuffer(maps[file], dtype=np.uint8, count=end - begin, offset=begin)
+            if not np.array_equal(on_disk, buffer[: spec.nbytes]):
+                first = int(np.flatnonzero(on_disk != buffer[: spec.nbytes])[0])
                 problems.append(f"{name}: bytes differ from the converted source (first at byte {first} "
                                 f"of the tensor, file offset {begin + first} in {file})")
             del on_disk

@@ -1,11 +1,13 @@
-"""The tiled, threaded CPU arrangement against torch's plain permuted copy."""
+"""The CPU arrangement (numpy strips over threads, on raw bits) and the torch one against torch's permuted copy."""
 
+import numpy as np
 import pytest
 import torch
 
 from streamconv import arrange
-from streamconv.arrange import Arranger
+from streamconv.arrange import Arranger, TorchArranger
 from streamconv.recipes.gpt_sw3 import Arrangement
+from streamconv.sources.lightning import BITS
 
 
 def arrangements():
@@ -13,18 +15,23 @@ def arrangements():
     return [
         (Arrangement("transpose", (f, h), (1, 0)), torch.bfloat16),
         (Arrangement("transpose", (h, f), (1, 0)), torch.float32),
+        (Arrangement("transpose", (7, 5), (1, 0)), torch.float16),
         (Arrangement("qkv_weight", (heads, 3, hd, h), (3, 1, 0, 2)), torch.bfloat16),
         (Arrangement("qkv_bias", (heads, 3, hd), (1, 0, 2)), torch.float16),
         (Arrangement("copy", (f, h), (0, 1)), torch.bfloat16),
     ]
 
 
-@pytest.mark.parametrize("tile_bytes", [1, 200, 2**20])
+def bits(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.view(getattr(torch, BITS[tensor.element_size()].__name__)).numpy()
+
+
+@pytest.mark.parametrize("strip_rows", [1, 3, 16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
-def test_tiles_equal_plain_permute(monkeypatch, tile_bytes, threads, chunk_rows):
-    monkeypatch.setattr(arrange, "TILE_BYTES", tile_bytes)
-    arranger = Arranger(torch.device("cpu"), threads=threads)
+def test_strips_equal_torch_permute(monkeypatch, strip_rows, threads, chunk_rows):
+    monkeypatch.setattr(arrange, "STRIP_ROWS", strip_rows)
+    arranger = Arranger(threads=threads)
     gen = torch.Generator().manual_seed(0)
     try:
         for arrangement, dtype in arrangements():
@@ -32,17 +39,18 @@ def test_tiles_equal_plain_permute(monkeypatch, tile_bytes, threads, chunk_rows)
             expected = source.permute(arrangement.perm).contiguous()
             out = torch.full(arrangement.out_shape, float("nan"), dtype=dtype)
             for start in range(0, source.shape[0], chunk_rows):
-                arranger.arrange(out, source[start : start + chunk_rows], arrangement, start)
+                arranger.arrange(bits(out), bits(source[start : start + chunk_rows]), arrangement, start)
             assert torch.equal(out, expected), arrangement.name
     finally:
         arranger.close()
 
 
-def test_cast_while_arranging():
-    arranger = Arranger(torch.device("cpu"), threads=2)
+@pytest.mark.parametrize("chunk_rows", [3, 40])
+def test_torch_arranger_casts_while_arranging(chunk_rows):
     a = Arrangement("transpose", (40, 24), (1, 0))
     source = torch.randn(40, 24).to(torch.bfloat16)
     out = torch.empty(24, 40, dtype=torch.float32)
-    arranger.arrange(out, source, a, 0)
-    arranger.close()
+    arranger = TorchArranger("cpu", "torch.bfloat16")
+    for start in range(0, 40, chunk_rows):
+        arranger.arrange(out, bits(source[start : start + chunk_rows]), a, start)
     assert torch.equal(out, source.t().float())

@@ -1,5 +1,5 @@
 """The CUDA path gives the same bytes as the CPU path (skipped where torch sees no GPU); its flow (device scratch
-buffer, copy back to the host buffer, the untiled permute) is also run on the CPU, everywhere."""
+buffer, arranged by torch, copied back to the host buffer) is also run on the CPU, everywhere."""
 
 import os
 
@@ -35,9 +35,9 @@ def test_cuda_device_index(bf16_ckpt, tmp_path):
 @pytest.mark.parametrize("source_kind", ["ckpt", "tp2pp2"])
 @pytest.mark.parametrize("dtype", [None, "fp32"])
 def test_device_flow_on_the_cpu_gives_the_same_bytes(bf16_ckpt, tmp_path, monkeypatch, source_kind, dtype):
-    """What --device cuda does, minus the transfers: arrange into a scratch buffer with the plain permute, copy
-    it into the host buffer, write that. TP slices included."""
-    from streamconv import arrange, pipeline
+    """What --device cuda does, minus the transfers: arrange into a scratch buffer with torch, copy it into the
+    host buffer, write that. TP slices included."""
+    from streamconv import pipeline
     from streamconv.testing import SyntheticModel, make_parallel
 
     if source_kind == "ckpt":
@@ -55,7 +55,6 @@ def test_device_flow_on_the_cpu_gives_the_same_bytes(bf16_ckpt, tmp_path, monkey
         scratches.append(self.scratch)
 
     monkeypatch.setattr(pipeline, "arranges_on_device", lambda device: True)
-    monkeypatch.setattr(arrange, "_tileable", lambda *args: False)
     monkeypatch.setattr(pipeline._Stream, "__init__", recording_init)
     streamconv.convert(path, actual, vocab_size=vocab, dtype=dtype, shard_size="100KB")
     monkeypatch.undo()

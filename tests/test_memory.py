@@ -1,7 +1,7 @@
 """Peak memory of a real conversion, measured as the child process's ru_maxrss (touched mmap pages count).
 
 The checkpoints are dozens of times larger than their largest tensor. The bound is derived from the
-largest tensor, on top of a baseline measured the same way on a tiny checkpoint (interpreter, torch and
+largest tensor, on top of a baseline measured the same way on a tiny checkpoint (interpreter, numpy and
 the converter's own imports).
 """
 
@@ -69,4 +69,4 @@ def test_dry_run_predicts_working_memory(checkpoints):
     # two output buffers, the chunk being arranged and the chunk being written: each one MLP weight here;
     # plus the QKV biases, which are rearranged in memory of their own (3 x n_embd bf16 each, 12 layers)
     assert result.working_memory == 4 * LARGEST + 12 * 3 * WIDE["n_embd"] * 2
-    assert torch.bfloat16 == result.plan.tensors[0].dtype
+    assert result.plan.tensors[0].dtype == str(torch.bfloat16)

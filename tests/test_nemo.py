@@ -95,13 +95,15 @@ def test_cli_convert_and_verify(nemos, tmp_path, kind):
 
 
 def test_plain_nemo_is_read_in_place(nemos):
+    expected = torch.load(io.BytesIO(nemo_members(nemos["plain"].path)["model_weights.ckpt"]), weights_only=False)
     checkpoint = streamconv.sources.open_checkpoint(nemos["plain"].path)
     try:
         assert [m.file for m in checkpoint.files] == [nemos["plain"].path]
-        for tensor in checkpoint.tensors.values():  # offsets point into the tar: copy_file_range copies from it
-            fd, offset = checkpoint.file_offset(tensor)
-            raw = os.pread(fd, tensor.nbytes, offset)
-            assert raw == tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        assert checkpoint.tensors.keys() == expected.keys()
+        for name, source in checkpoint.tensors.items():  # offsets point into the tar: copy_file_range copies from it
+            fd, offset = checkpoint.file_offset(source.bits)
+            raw = os.pread(fd, source.nbytes, offset)
+            assert raw == expected[name].contiguous().view(torch.uint8).numpy().tobytes(), name
     finally:
         checkpoint.close()
 

@@ -82,4 +82,4 @@ def test_plan_order_is_layer_by_layer(bf16_ckpt):
     assert names[-2:] == ["transformer.ln_f.weight", "transformer.ln_f.bias"]
     layers = [int(n.split(".")[2]) for n in names if n.startswith("transformer.h.")]
     assert layers == sorted(layers) and len(names) == 2 + 12 * 3 + 2
-    assert all(t.dtype == torch.bfloat16 for t in result.plan.tensors)
+    assert all(t.dtype == str(torch.bfloat16) for t in result.plan.tensors)

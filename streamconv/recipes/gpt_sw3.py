@@ -175,8 +175,7 @@ def checked_recipes(hparam: Any, tensors: Mapping[str, Any], vocab_size: int | N
                     num_heads: int | None = None) -> tuple[Dims, list[TensorRecipe]]:
     """The dimensions and every output recipe, each source tensor checked to be there with its shape.
 
-    `tensors` maps state_dict keys to anything with a `shape`: torch tensors, tensor-parallel `Split`s, or
-    the `StoredTensor`s read before torch is imported, so the head start plans from here as `convert` does.
+    `tensors` maps state_dict keys to anything with a `shape` (source tensors, tensor-parallel `Split`s).
     """
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     dims = read_dims(hparam, shapes, vocab_size, num_heads)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """Import the readers (and torch) on first use: `torch_zip.peek` runs before torch is imported."""
+    """Import the readers (and numpy) on first use: `streamconv --help` needs neither."""
     if name in __all__:
         from streamconv.sources import lightning
 

@@ -1,24 +1,27 @@
-"""PyTorch Lightning `.ckpt` files as NeMo-Megatron writes them.
+"""PyTorch Lightning `.ckpt` files as NeMo-Megatron writes them, opened without torch.
 
-The file is opened by `torch_zip.load`, as `torch.load(mmap=True)` would: tensors are views into one private
-mapping of the whole file, so nothing is read until it is touched, and optimizer state is never touched.
-The pickle is read by `safe_pickle`, which builds only allow-listed classes and turns every other global into an inert
-placeholder, so a checkpoint cannot run code; placeholders inside `state_dict` or `hyper_parameters` are
-refused by name. Pages of the mapping stay resident once touched; `Checkpoint.release` hands them back
-after a tensor has been consumed, which is what keeps memory bounded.
+`torch_zip.load` reads the pickle (by `safe_pickle`, which builds only allow-listed classes and turns every
+other global into an inert placeholder, so a checkpoint cannot run code) and describes each tensor by
+where its bytes lie. The file is then mapped once, read-only, and each tensor becomes a numpy view into
+the mapping: nothing is read until it is touched, and optimizer state is never touched. Placeholders
+inside `state_dict` or `hyper_parameters` are refused by name. Pages of the mapping stay resident once
+touched; `Checkpoint.release` hands them back after a tensor has been consumed, which is what keeps
+memory bounded.
+
+numpy has no bfloat16, so a tensor's elements are viewed as integers of the same width (`bits`), its
+dtype kept by name; the bytes are what is copied, so nothing is lost. torch is needed only to cast or to
+use a GPU (pipeline.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from streamconv.errors import ConversionError
 from streamconv.sources import safe_pickle, torch_zip
@@ -26,35 +29,83 @@ from streamconv.sources import safe_pickle, torch_zip
 # torch.save(..., _use_new_zipfile_serialization=False): a pickle stream starting with torch's magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ZIP_MAGIC = b"PK\x03\x04"
+BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # element width -> the integers that hold its bits
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class SourceTensor:
+    """A checkpoint tensor: its elements as integers of their width (a view into the file mapping), and
+    its dtype name ('torch.bfloat16')."""
+
+    bits: np.ndarray
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def first_rows(self, rows: int) -> SourceTensor:
+        return SourceTensor(self.bits[:rows], self.dtype)
+
+
+def address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
 class MappedFile:
-    """One file whose tensors are views into a private mapping of it (a .ckpt, a .nemo, a rank's weights)."""
+    """One file (a .ckpt, a .nemo, a rank's weights) mapped once, read-only; its tensors are views into it."""
 
-    file: str
-    start: int  # address range of the mapping the tensors live in
-    end: int
-    base: int | None  # address of file offset 0 in that mapping, when /proc/self/maps tells
-    fd: int | None = None  # a read-only descriptor, opened on first use (copies inside the kernel)
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.fd = os.open(file, os.O_RDONLY)  # also for copies inside the kernel
+        try:  # (a file torch_zip.load has read is not empty)
+            self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.start = address(np.frombuffer(self.map, np.uint8))
+        self.end = self.start + len(self.map)
 
-    def holds(self, tensor: torch.Tensor) -> bool:
-        start = tensor.data_ptr()
-        return tensor.device.type == "cpu" and self.start <= start and start + tensor.nbytes <= self.end
+    def tensor(self, stored: torch_zip.StoredTensor) -> SourceTensor:
+        itemsize = stored.itemsize
+        bits = np.ndarray(stored.shape, BITS[itemsize], buffer=self.map, offset=stored.offset,
+                          strides=[s * itemsize for s in stored.strides])
+        return SourceTensor(bits, stored.dtype)
 
-    def descriptor(self) -> int:
-        if self.fd is None:
-            self.fd = os.open(self.file, os.O_RDONLY)
-        return self.fd
+    def holds(self, array: np.ndarray) -> bool:
+        start = address(array)
+        return self.start <= start and start + array.nbytes <= self.end
+
+    def advise(self, array: np.ndarray, advice: int) -> None:
+        """madvise over the whole pages spanned by a contiguous view into the mapping.
+
+        The mapping is read-only, so MADV_DONTNEED only forgets pages: touching them again re-reads the
+        file (from the page cache). Widening to whole pages is harmless: a neighbouring tensor sharing an
+        edge page faults it back in.
+        """
+        if array.nbytes:
+            begin = address(array) - self.start
+            page = begin - begin % mmap.PAGESIZE
+            self.map.madvise(advice, page, begin + array.nbytes - page)
+
+    def close(self) -> None:
+        """Close the descriptor; the mapping goes with the last view into it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass
 class Checkpoint:
-    """A NeMo checkpoint opened lazily: `tensors` maps state_dict keys to mmap-backed tensors, or to
-    `Split`s (slices on tensor-parallel ranks, in `sources/parallel.py`) of a model saved in parts."""
+    """A NeMo checkpoint opened lazily: `tensors` maps state_dict keys to `SourceTensor`s, or to `Split`s
+    (slices on tensor-parallel ranks, in `sources/parallel.py`) of a model saved in parts."""
 
     path: str
-    tensors: Mapping[str, Any]  # torch.Tensor, or Split for a tensor-parallel model
+    tensors: Mapping[str, Any]  # SourceTensor, or Split for a tensor-parallel model
     hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict), None if absent; read through `hparam`
     files: list[MappedFile] = field(default_factory=list)
     config_name: str = "'hyper_parameters.cfg' entry"  # where the cfg comes from, for error messages
@@ -68,39 +119,37 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Close the descriptors opened for kernel copies (the mappings go with the tensors)."""
+        """Close the files (the mappings go with the last views into them)."""
         for mapped in self.files:
-            if mapped.fd is not None:
-                os.close(mapped.fd)
-                mapped.fd = None
-        self.tensors, self.files = {}, []  # the mappings go once no other reference holds a tensor
+            mapped.close()
+        self.tensors, self.files = {}, []
 
-    def _file_of(self, tensor: torch.Tensor) -> MappedFile | None:
-        return next((m for m in self.files if m.holds(tensor)), None)
+    def _file_of(self, array: np.ndarray) -> MappedFile | None:
+        return next((m for m in self.files if m.holds(array)), None)
 
-    def file_offset(self, tensor: torch.Tensor) -> tuple[int, int] | None:
-        """(descriptor, offset) of a tensor's bytes in its checkpoint file (None if not in a mapping)."""
-        mapped = self._file_of(tensor)
-        if mapped is None or mapped.base is None:
-            return None
-        return mapped.descriptor(), tensor.data_ptr() - mapped.base
+    def file_offset(self, array: np.ndarray) -> tuple[int, int] | None:
+        """(descriptor, offset) of a contiguous view's bytes in its checkpoint file (None if not in a mapping)."""
+        mapped = self._file_of(array)
+        return None if mapped is None else (mapped.fd, address(array) - mapped.start)
 
-    def release(self, tensor: torch.Tensor) -> None:
-        """Hand back the pages behind a consumed source tensor (a view into one of the file mappings)."""
-        if self._file_of(tensor) is not None:
-            _madvise(tensor, mmap.MADV_DONTNEED)
+    def release(self, array: np.ndarray) -> None:
+        """Hand back the pages behind a consumed view into one of the file mappings."""
+        mapped = self._file_of(array)
+        if mapped is not None:
+            mapped.advise(array, mmap.MADV_DONTNEED)
 
-    def prefetch(self, tensor: torch.Tensor) -> None:
-        """Have the kernel read a tensor's bytes into the page cache (not into this process).
+    def prefetch(self, array: np.ndarray) -> None:
+        """Have the kernel read a contiguous view's bytes into the page cache (not into this process).
 
         One MADV_WILLNEED reads at most the device's readahead window (a few MB), so a large tensor is
         asked for slice by slice. The reads complete asynchronously; this returns once they are queued.
         """
-        if self._file_of(tensor) is None:
+        mapped = self._file_of(array)
+        if mapped is None:
             return
-        flat = tensor.reshape(-1).view(torch.uint8)
-        for start in range(0, flat.numel(), _READAHEAD_SLICE):
-            _madvise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
+        flat = array.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _READAHEAD_SLICE):
+            mapped.advise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
 
     def hparam(self, key: str, default: Any = None) -> Any:
         """One hyper-parameter, with OmegaConf interpolations such as `${.encoder_seq_length}` resolved."""
@@ -139,46 +188,16 @@ def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
     hparams = payload.get("hyper_parameters")
     refuse(path, "hyper_parameters", hparams)
     cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
-    return checkpoint_from_state_dict(path, payload["state_dict"], cfg)
-
-
-def checkpoint_from_state_dict(path: str, state_dict: Mapping, cfg: Any, file: str | None = None,
-                               config_name: str | None = None) -> Checkpoint:
-    """A Checkpoint over an unpickled, mmap-backed state_dict of the file `file` (default `path`)."""
-    tensors = tensors_of(path, state_dict)
-    return Checkpoint(path=path, tensors=tensors, hparams=cfg, files=[mapped_file(file or path, tensors)],
-                      config_name=config_name or Checkpoint.config_name)
-
-
-def tensors_of(path: str, state_dict: Mapping) -> dict[str, torch.Tensor]:
-    """The tensors of an unpickled state_dict, refused if it holds anything not on the allow-list."""
+    state_dict = payload["state_dict"]
     refuse(path, "state_dict", state_dict)
-    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    mapped = MappedFile(path)
+    return Checkpoint(path=path, tensors=tensors_of(state_dict, mapped), hparams=cfg, files=[mapped])
 
 
-def mapped_file(file: str, tensors: Mapping[str, torch.Tensor]) -> MappedFile:
-    """The mapping of `file` that `tensors` (loaded by torch_zip.load) are views into."""
-    storages = [t.untyped_storage() for t in tensors.values()]
-    if not storages:
-        return MappedFile(file, 0, 0, None)
-    start = min(s.data_ptr() for s in storages)
-    end = max(s.data_ptr() + s.nbytes() for s in storages)
-    return MappedFile(file, start, end, _file_base(file, start))
-
-
-def _file_base(path: str, address: int) -> int | None:
-    """The address that file offset 0 of `path` has in the mapping holding `address` (Linux)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= address < end and len(fields) == 6:
-                    same = os.path.samefile(fields[5].strip(), path)
-                    return start - int(fields[2], 16) if same else None
-    except (OSError, ValueError):
-        pass
-    return None
+def tensors_of(state_dict: Mapping, mapped: MappedFile) -> dict[str, SourceTensor]:
+    """The tensors of a state_dict read by torch_zip.load from `mapped`'s file, as views into the mapping
+    (check it with `refuse` first)."""
+    return {k: mapped.tensor(v) for k, v in state_dict.items() if isinstance(v, torch_zip.StoredTensor)}
 
 
 def _check_container(path: str) -> None:
@@ -207,23 +226,4 @@ def refuse(path: str, entry: str, obj: Any) -> None:
         )
 
 
-_PAGE = mmap.PAGESIZE
 _READAHEAD_SLICE = 4 * 2**20
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def _madvise(tensor: torch.Tensor, advice: int) -> None:
-    """madvise over the whole pages spanned by a contiguous tensor in the checkpoint's file mapping.
-
-    The mapping is private and never written, so MADV_DONTNEED only forgets pages: touching them again
-    re-reads the file (from the page cache). Never use it on anonymous memory, where it zeroes data.
-    Widening to whole pages is harmless: a neighbouring tensor sharing an edge page faults it back in.
-    """
-    if tensor.numel() == 0:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.nbytes
-    start &= ~(_PAGE - 1)
-    end = (end + _PAGE - 1) & ~(_PAGE - 1)
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from streamconv.errors import ConversionError
 from streamconv.sources import parallel, torch_zip
-from streamconv.sources.lightning import Checkpoint, mapped_file, refuse, tensors_of
+from streamconv.sources.lightning import Checkpoint, MappedFile, refuse, tensors_of
 from streamconv.tokenizer import sentencepiece_available
 
 WEIGHTS = "model_weights.ckpt"
@@ -84,14 +84,13 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
                               "copy or download it again") from None
     size = os.path.getsize(path)
-    mapping = torch_zip.map_file(path)  # one mapping of the archive for every rank's weights
     loaded = {}
     for rank, name in weights.items():
         member = members[name]
         if member.offset_data + member.size > size:
             raise ConversionError(f"{path} is truncated ({name!r} ends past the end of the file); "
                                   "copy or download it again")
-        loaded[rank] = (torch_zip.load(path, member.offset_data, member.size, mapping), path)
+        loaded[rank] = (torch_zip.load(path, member.offset_data, member.size), path)  # one mapping for all
     return _assemble(path, loaded, cfg, tokenizer)
 
 
@@ -195,8 +194,6 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
         tokenizer = _tokenizer_member(cfg, list(artifacts))
         checkpoint = _assemble(path, {rank: (torch_zip.load(t), t) for rank, t in temps.items()}, cfg,
                                artifacts.get(tokenizer) if tokenizer else None)
-        for mapped in checkpoint.files:
-            mapped.descriptor()  # opened before the unlink below
         checkpoint.note = f"{len(temps)} weights file(s) were extracted from the gzip archive into temporary " \
                           "files, now removed"
         return checkpoint
@@ -247,8 +244,7 @@ def _tokenizer_member(cfg: Any, names: list[str]) -> str | None:
 def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, tokenizer: bytes | None) -> Checkpoint:
     """One Checkpoint from every rank's unpickled weights (bare state_dict or Lightning dict) and file, with
     the cfg from model_config.yaml (None: rank 0's Lightning hyper_parameters, if any)."""
-    ranks: dict[Rank, dict] = {}
-    by_file: dict[str, dict[str, Any]] = {}  # the ranks inside one plain tar share its mapping
+    state_dicts: dict[Rank, tuple[Mapping, str]] = {}
     config_name = CONFIG
     for rank, (payload, file) in sorted(loaded.items()):
         if not isinstance(payload, Mapping):
@@ -261,12 +257,20 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
             refuse(path, "hyper_parameters", hparams)
             cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
             config_name = Checkpoint.config_name
-        ranks[rank] = tensors_of(path, payload["state_dict"] if lightning else payload)
-        by_file.setdefault(file, {}).update({f"{rank}{k}": v for k, v in ranks[rank].items()})
-    files = [mapped_file(file, tensors) for file, tensors in by_file.items()]
-    checkpoint = Checkpoint(path=path, tensors={}, hparams=cfg, files=files, config_name=config_name,
-                            tokenizer=tokenizer)
-    checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam)
+        state_dicts[rank] = (payload["state_dict"] if lightning else payload, file)
+        refuse(path, "state_dict", state_dicts[rank][0])
+    files: dict[str, MappedFile] = {}  # the ranks inside one plain tar share its mapping
+    try:
+        for _, file in state_dicts.values():
+            files[file] = files.get(file) or MappedFile(file)
+        ranks = {rank: tensors_of(state_dict, files[file]) for rank, (state_dict, file) in state_dicts.items()}
+        checkpoint = Checkpoint(path=path, tensors={}, hparams=cfg, files=list(files.values()),
+                                config_name=config_name, tokenizer=tokenizer)
+        checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam)
+    except BaseException:
+        for mapped in files.values():
+            mapped.close()
+        raise
     return checkpoint
 
 

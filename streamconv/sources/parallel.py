@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from streamconv.errors import ConversionError
 from streamconv.recipes import gpt_sw3
+from streamconv.sources.lightning import SourceTensor
 
 RANK_FOLDER = re.compile(r"mp_rank_([0-9]{2,})|tp_rank_([0-9]{2,})_pp_rank_([0-9]{3,})")
 
@@ -38,17 +37,17 @@ def rank_name(rank: tuple[int, int], pp: int) -> str:
 class Split:
     """One logical tensor stored as slices on TP ranks, concatenated along `axis` in rank order."""
 
-    parts: tuple[torch.Tensor, ...]
+    parts: tuple[SourceTensor, ...]
     axis: int
 
     @property
-    def shape(self) -> torch.Size:
+    def shape(self) -> tuple[int, ...]:
         shape = list(self.parts[0].shape)
         shape[self.axis] = sum(p.shape[self.axis] for p in self.parts)
-        return torch.Size(shape)
+        return tuple(shape)
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> str:
         return self.parts[0].dtype
 
     @property
@@ -60,12 +59,12 @@ class Split:
         parts, left = [], rows
         for part in self.parts:
             if left > 0:
-                parts.append(part[:left])
+                parts.append(part.first_rows(left))
                 left -= parts[-1].shape[0]
         return Split(tuple(parts), self.axis)
 
 
-def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], hparam: Any) -> dict[str, Any]:
+def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]], hparam: Any) -> dict[str, Any]:
     """One state_dict, in global names, from every rank's state_dict; `hparam(key)` reads the cfg.
 
     Raises ConversionError for a missing rank, ranks that disagree on names or shapes, or a cfg whose
@@ -106,7 +105,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
     return merged
 
 
-def _layer_count(path: str, state_dict: Mapping[str, torch.Tensor], rank: str) -> int:
+def _layer_count(path: str, state_dict: Mapping[str, SourceTensor], rank: str) -> int:
     ids = sorted({gpt_sw3.layer_id(k) for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
     if ids != list(range(len(ids))):
         raise ConversionError(f"{path}: rank {rank} holds layers {ids[0]}..{ids[-1]} ({len(ids)} in all), not "
@@ -121,15 +120,15 @@ def _global_name(key: str, first_layer: int) -> str:
     return f"{gpt_sw3.LAYER_PREFIX}{gpt_sw3.layer_id(key) + first_layer}.{rest}"
 
 
-def _merge_slices(path: str, key: str, slices: list[torch.Tensor | None], p: int, pp: int) -> Any:
+def _merge_slices(path: str, key: str, slices: list[SourceTensor | None], p: int, pp: int) -> Any:
     for t, part in enumerate(slices):
         if part is None:
             raise ConversionError(f"{path}: rank {rank_name((t, p), pp)} lacks {key!r}, which rank "
                                   f"{rank_name((0, p), pp)} holds; are the ranks from the same checkpoint?")
         if part.shape != slices[0].shape or part.dtype != slices[0].dtype:
             raise ConversionError(
-                f"{path}: {key!r} is {slices[0].dtype} {tuple(slices[0].shape)} on rank {rank_name((0, p), pp)} "
-                f"but {part.dtype} {tuple(part.shape)} on rank {rank_name((t, p), pp)}; are the ranks from "
+                f"{path}: {key!r} is {slices[0].dtype} {slices[0].shape} on rank {rank_name((0, p), pp)} "
+                f"but {part.dtype} {part.shape} on rank {rank_name((t, p), pp)}; are the ranks from "
                 "the same checkpoint?")
     axis = gpt_sw3.tp_split_axis(key)
     if len(slices) == 1 or axis is None:

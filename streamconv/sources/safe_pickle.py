@@ -36,30 +36,15 @@ def _omegaconf() -> dict[str, Any]:
     }
 
 
-def plain_allowed() -> dict[str, Any]:
-    """The part of the allow-list that needs no torch: containers, plain values, OmegaConf's config."""
+def _allowed() -> dict[str, Any]:
+    """The allow-list: containers, plain values, OmegaConf's config. (torch_zip adds stand-ins for torch's
+    tensor-building globals, which build nothing but a description of where the bytes lie.)"""
     return {
         "collections.OrderedDict": collections.OrderedDict,
         "collections.defaultdict": collections.defaultdict,
         "typing.Any": typing.Any,
         **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, bool, str)},
         **_omegaconf(),
-    }
-
-
-def _allowed() -> dict[str, Any]:
-    """The allow-list. torch resolves storage classes (`torch.*Storage`) itself, before asking here."""
-    import torch
-
-    return {
-        # tensors, as torch.save writes them
-        "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
-        "torch._utils._rebuild_tensor_v3": torch._utils._rebuild_tensor_v3,
-        "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
-        "torch.Size": torch.Size,
-        "torch.device": torch.device,
-        **{f"torch.{name}": getattr(torch, name) for name in DTYPES},  # e.g. "torch.bfloat16"
-        **plain_allowed(),
     }
 
 
@@ -126,7 +111,7 @@ class Unpickler(pickle._Unpickler):
 
     @classmethod
     def allowed(cls) -> dict[str, Any]:
-        """The allow-list, made on first use (it imports torch and OmegaConf)."""
+        """The allow-list, made on first use (it imports OmegaConf)."""
         if not Unpickler._allowed:
             Unpickler._allowed = _allowed()
         return Unpickler._allowed
@@ -143,7 +128,6 @@ class Unpickler(pickle._Unpickler):
 def refused_global(obj: Any) -> str | None:
     """The name of the first placeholder found anywhere inside `obj` (containers and object state).
 
-    Needs no torch: a tensor's state (its `__dict__`) is empty, so it is passed over like any object.
     """
     seen: set[int] = set()
     stack = [obj]

@@ -1,15 +1,11 @@
-"""Unpickle a torch zip checkpoint, a whole `.ckpt` or one at a byte range of a larger file, mmap-backed.
+"""Read a torch zip checkpoint, a whole `.ckpt` or one at a byte range of a larger file, without torch.
 
 A plain `.nemo` is a tar; its `model_weights.ckpt` member is a torch zip file stored contiguously inside
-it. torch.load only opens whole files, so this does what `torch.load(mmap=True)` does, at an offset:
-zipfile locates the members through a window onto the range, the WHOLE file is mapped once (private,
-as torch does), and the pickle's persistent ids become typed storages sliced out of that mapping.
-Tensors are then views into the mapping exactly as with torch.load, so `Checkpoint.release`,
-`prefetch` and `file_offset` work unchanged (offsets are into the outer file). The pickle is read by
-`safe_pickle.Unpickler`: nothing off its allow-list is imported or called.
-
-`peek` reads the same pickle without torch, each tensor described by a `StoredTensor`: enough to plan a
-conversion while torch is still being imported (head_start.py).
+it, so both are read the same way: zipfile locates the members through a window onto the range, and the
+pickle is read by `safe_pickle.Unpickler`, nothing off its allow-list imported or called. torch's
+tensor-building globals are replaced by stand-ins that describe each tensor as a `StoredTensor`: dtype
+name, shape, strides and the file offset of its first element, checked to lie inside its storage. No
+tensor byte is read here; `sources.lightning` maps the file and views those bytes in place.
 """
 
 from __future__ import annotations
@@ -21,13 +17,10 @@ import struct
 import sys
 import zipfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from streamconv.errors import ConversionError
 from streamconv.sources import safe_pickle
-
-if TYPE_CHECKING:
-    import torch
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: signature .. name length, extra length
 
@@ -61,68 +54,6 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-class _Unpickler(safe_pickle.Unpickler):
-    """The restricted unpickler, plus torch's storage type names and storages from the mapping."""
-
-    def __init__(self, data: bytes, storage_for: Any) -> None:
-        super().__init__(io.BytesIO(data))
-        self.storage_for = storage_for
-
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        if module == "torch" and name == "UntypedStorage":
-            return self.hand(torch.UntypedStorage)
-        if module == "torch" and name.endswith("Storage"):
-            try:
-                return self.hand(torch.serialization.StorageType(name))
-            except KeyError:
-                pass
-        return super().find_class(module, name)
-
-    def persistent_load(self, saved_id: Any) -> Any:
-        import torch
-
-        storage_type, key, numel = safe_pickle.storage_id(saved_id)
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
-        if not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError(f"unexpected storage {storage_type!r:.80}")
-        return self.storage_for(key, dtype, numel)
-
-
-def map_file(path: str) -> torch.UntypedStorage:
-    """A private, read-only-in-practice mapping of the whole file, as torch.load(mmap=True) makes."""
-    import torch
-
-    return torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
-
-
-def load(path: str, offset: int = 0, size: int | None = None, mapping: torch.UntypedStorage | None = None) -> Any:
-    """The object pickled in the torch zip file at [offset, offset + size) of `path`, tensors mmap-backed.
-
-    `mapping` (from `map_file(path)`) lets several checkpoints inside one file share one mapping.
-    Raises ConversionError (one line) for a damaged or truncated zip, compressed members or big-endian data.
-    """
-    import torch
-
-    members, data = _members(path, offset, size)
-    mapping = map_file(path) if mapping is None else mapping
-    loaded: dict[str, torch.storage.TypedStorage] = {}
-
-    def storage_for(key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
-        if key not in loaded:
-            nbytes = numel * torch._utils._element_size(dtype)
-            start, length = members.get(key, (None, 0))
-            if start is None or nbytes > length:
-                raise ConversionError(f"{path}: storage {key!r} is missing or shorter than its tensor; "
-                                      "the checkpoint is damaged, copy or download it again")
-            loaded[key] = torch.storage.TypedStorage(
-                wrap_storage=mapping[offset + start : offset + start + nbytes], dtype=dtype, _internal=True)
-        return loaded[key]
-
-    return _unpickle(path, _Unpickler(data, storage_for))
-
-
 def _members(path: str, offset: int, size: int | None) -> tuple[dict[str, tuple[int, int]], bytes]:
     """Storage key -> (start, length) relative to `offset`, and the data.pkl bytes, of the zip at the range."""
     file_size = os.path.getsize(path)
@@ -151,8 +82,6 @@ def _unpickle(path: str, unpickler: pickle.Unpickler) -> Any:
                               "copy or download it again") from None
 
 
-# ---- without torch -------------------------------------------------------------------------------------
-
 _STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
                    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
                    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
@@ -167,21 +96,34 @@ def _refuse_state(self: object, state: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StoredTensor:
-    """A tensor as the pickle describes it, read without torch: dtype name, shape and file offset."""
+    """A tensor as the pickle describes it: dtype name, shape, strides (in elements) and file offset."""
 
     __setstate__ = _refuse_state
 
     dtype: str  # as str(torch.dtype) gives it: 'torch.bfloat16'
     shape: tuple[int, ...]
+    strides: tuple[int, ...]
     offset: int  # where element 0 lies in the file
-    contiguous: bool
+
+    @property
+    def itemsize(self) -> int:
+        return safe_pickle.DTYPES[self.dtype.removeprefix("torch.")]
 
     @property
     def nbytes(self) -> int:
-        n = safe_pickle.DTYPES[self.dtype.removeprefix("torch.")]
+        n = self.itemsize
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def contiguous(self) -> bool:
+        expected = 1
+        for d, s in zip(reversed(self.shape), reversed(self.strides), strict=True):
+            if d != 1 and s != expected:
+                return False
+            expected *= d
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,14 +157,12 @@ def _stored_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dt
     (storage_offset,), shape, strides = _naturals((storage_offset,)), _naturals(size), _naturals(stride)
     if len(shape) != len(strides):
         raise pickle.UnpicklingError("a tensor's sizes and strides differ in length")
-    itemsize, expected, contiguous, last = safe_pickle.DTYPES[dtype], 1, True, storage_offset
-    for d, s in zip(reversed(shape), reversed(strides), strict=True):
-        contiguous = contiguous and (d == 1 or s == expected)
-        expected *= d
+    itemsize, last = safe_pickle.DTYPES[dtype], storage_offset
+    for d, s in zip(shape, strides, strict=True):
         last += (d - 1) * s
     if 0 not in shape and storage.start + (last + 1) * itemsize > storage.end:
         raise pickle.UnpicklingError("a tensor ends past its storage")
-    return StoredTensor(f"torch.{dtype}", shape, storage.start + storage_offset * itemsize, contiguous)
+    return StoredTensor(f"torch.{dtype}", shape, strides, storage.start + storage_offset * itemsize)
 
 
 class _Rebuild:
@@ -247,7 +187,7 @@ class _Parameter:
         return data
 
 
-_PEEK_ALLOWED: dict[str, Any] = {
+_TORCH_STAND_INS: dict[str, Any] = {
     "torch._utils._rebuild_tensor_v2": _Rebuild(with_dtype=False),
     "torch._utils._rebuild_tensor_v3": _Rebuild(with_dtype=True),
     "torch._utils._rebuild_parameter": _Parameter(),
@@ -258,36 +198,38 @@ _PEEK_ALLOWED: dict[str, Any] = {
 }
 
 
-class _PeekUnpickler(safe_pickle.Unpickler):
+class _Unpickler(safe_pickle.Unpickler):
     """The restricted unpickler with torch's tensor-building globals replaced by `StoredTensor` makers."""
 
-    _peek_allowed: dict[str, Any] = {}
+    _with_torch: dict[str, Any] = {}
 
-    def __init__(self, data: bytes, members: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, data: bytes, members: dict[str, tuple[int, int]], offset: int) -> None:
         super().__init__(io.BytesIO(data))
-        self.members = members
+        self.members, self.offset = members, offset
 
     @classmethod
     def allowed(cls) -> dict[str, Any]:
-        if not cls._peek_allowed:
-            cls._peek_allowed = {**safe_pickle.plain_allowed(), **_PEEK_ALLOWED}
-        return cls._peek_allowed
+        if not cls._with_torch:
+            cls._with_torch = {**safe_pickle.Unpickler.allowed(), **_TORCH_STAND_INS}
+        return cls._with_torch
 
     def persistent_load(self, saved_id: Any) -> Any:
         storage_type, key, numel = safe_pickle.storage_id(saved_id)
         start, length = self.members.get(key, (None, 0))
         if not isinstance(storage_type, _StorageType) or start is None:
             raise pickle.UnpicklingError(f"unexpected storage {saved_id!r:.80}")
+        start += self.offset
         return _Stored(storage_type.dtype, start, start + min(length, numel * safe_pickle.DTYPES[storage_type.dtype]))
 
 
-def peek(path: str) -> Any:
-    """The object pickled in the torch zip file `path`, each tensor a `StoredTensor`; torch is not imported.
+def load(path: str, offset: int = 0, size: int | None = None) -> Any:
+    """The object pickled in the torch zip file at [offset, offset + size) of `path`, each tensor a
+    `StoredTensor` (offsets into `path`). Reads the zip directory and the pickle, no tensor bytes.
 
-    Raises ConversionError as `load` does. Reads the zip directory and the pickle, no tensor bytes.
+    Raises ConversionError (one line) for a damaged or truncated zip, compressed members or big-endian data.
     """
-    members, data = _members(path, 0, None)
-    return _unpickle(path, _PeekUnpickler(data, members))
+    members, data = _members(path, offset, size)
+    return _unpickle(path, _Unpickler(data, members, offset))
 
 
 def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[str, tuple[int, int]], bytes, bytes]:

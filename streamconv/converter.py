@@ -137,9 +137,9 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    for sig in dict.fromkeys(held):
-        signal.raise_signal(sig)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
+        if held:  # the first one: its handler may raise
+            signal.raise_signal(held[0])
 
 
 def import_torch() -> None:
@@ -311,10 +311,21 @@ def _write_config(folder: str, config: dict) -> None:
         f.write("\n")
 
 
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress_bar(total: int, enabled: bool):
+    """tqdm's bar on stderr; with --quiet, not even tqdm's import (0.1 s of a cold start)."""
+    if not enabled:
+        return _NoProgress()
     from tqdm import tqdm
 
     return tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="converting",
-        file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+        file=sys.stderr, dynamic_ncols=True,
     )

@@ -76,7 +76,7 @@ def is_small(nbytes: int, buffer: int) -> bool:
 
 
 def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
-    """Predicted resident bytes on top of the interpreter and torch: the output buffers, the chunk being
+    """Predicted resident bytes on top of the interpreter: the output buffers, the chunk being
     arranged, the chunk being written and the small rearranged tensors that may wait to be written (a full
     queue, the one being written and the one being arranged)."""
     largest = max((t.nbytes for t in plan.tensors), default=0)
@@ -127,7 +127,7 @@ def pieces(source: SourceTensor | Split) -> Iterator[np.ndarray]:
 
 def row_chunks(view: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) pieces of at most CHUNK_BYTES along the first axis."""
-    step = max(1, CHUNK_BYTES // max(1, view[0].nbytes))
+    step = max(1, CHUNK_BYTES // max(1, view.nbytes // max(1, len(view))))
     for start in range(0, view.shape[0], step):
         yield start, view[start : start + step]
 

@@ -170,3 +170,14 @@ def test_signal_during_the_torch_import_is_held_then_raised(sig, raised):
         assert signal.getsignal(sig) is handler
     finally:
         signal.signal(sig, before)
+
+
+def test_a_signal_held_through_a_failure_is_still_delivered():
+    """If the import fails meanwhile, the held Ctrl-C still stops the run (the failure is its context)."""
+    from streamconv.converter import signals_held
+
+    with pytest.raises(KeyboardInterrupt) as info, signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        raise ImportError("torch is broken")
+    assert isinstance(info.value.__context__, ImportError)

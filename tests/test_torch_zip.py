@@ -114,6 +114,9 @@ def _tensor_pickle(offset=0, size=(2,), stride=(1,), build=None) -> bytes:
     ("past the storage", {"offset": 3}),
     ("strided past the storage", {"size": (2,), "stride": (4,)}),
     ("negative stride", {"size": (2,), "stride": (-1,)}),
+    ("empty, past the storage", {"offset": 100, "size": (0,)}),
+    ("overlapping, larger than the storage", {"size": (8,), "stride": (0,)}),
+    ("too many dimensions", {"size": (1,) * 33, "stride": (1,) * 33}),
     ("state of a stand-in", {"build": "storage type"}),
     ("state of a rebuild stand-in", {"build": "rebuild"}),
 ])

@@ -72,8 +72,12 @@ class MappedFile:
 
     def tensor(self, stored: torch_zip.StoredTensor) -> SourceTensor:
         itemsize = stored.itemsize
-        bits = np.ndarray(stored.shape, BITS[itemsize], buffer=self.map, offset=stored.offset,
-                          strides=[s * itemsize for s in stored.strides])
+        try:  # (torch_zip checked that it lies inside its storage, and the storage inside the file)
+            bits = np.ndarray(stored.shape, BITS[itemsize], buffer=self.map, offset=stored.offset,
+                              strides=[s * itemsize for s in stored.strides])
+        except ValueError as exc:
+            raise ConversionError(f"{self.file}: a tensor lies outside the file ({exc}); the checkpoint is "
+                                  "damaged, copy or download it again") from None
         return SourceTensor(bits, stored.dtype)
 
     def holds(self, array: np.ndarray) -> bool:

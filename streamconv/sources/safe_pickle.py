@@ -2,8 +2,9 @@
 
 A checkpoint's pickle names the globals it needs; a normal unpickler imports and calls them, which is
 how a checkpoint runs code. Here `find_class` answers from the allow-list (`Unpickler.allowed`: what
-tensors, containers and NeMo's OmegaConf config are built from) and nothing else: every other global becomes an inert
-placeholder class that records its name and ignores whatever it is called with. Nothing is imported.
+containers and NeMo's OmegaConf config are built from; `torch_zip` adds inert stand-ins for torch's tensor
+globals) and nothing else: every other global becomes an inert placeholder class that records its name and
+ignores whatever it is called with. Nothing is imported.
 
 Lightning checkpoints carry objects beside the weights (callbacks, loop state, optimizer wrappers) that
 may name other classes; as placeholders they load harmlessly and are never used. The reader then
@@ -126,9 +127,7 @@ class Unpickler(pickle._Unpickler):
 
 
 def refused_global(obj: Any) -> str | None:
-    """The name of the first placeholder found anywhere inside `obj` (containers and object state).
-
-    """
+    """The name of the first placeholder found anywhere inside `obj` (containers and object state)."""
     seen: set[int] = set()
     stack = [obj]
     while stack:

@@ -22,6 +22,7 @@ from typing import Any
 from streamconv.errors import ConversionError
 from streamconv.sources import safe_pickle
 
+_MAX_DIMS = 32  # numpy's limit is 64; a weight has at most 4
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: signature .. name length, extra length
 
 
@@ -116,14 +117,6 @@ class StoredTensor:
             n *= d
         return n
 
-    @property
-    def contiguous(self) -> bool:
-        expected = 1
-        for d, s in zip(reversed(self.shape), reversed(self.strides), strict=True):
-            if d != 1 and s != expected:
-                return False
-            expected *= d
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +148,18 @@ def _stored_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dt
     if not isinstance(storage, _Stored) or dtype not in safe_pickle.DTYPES:
         raise pickle.UnpicklingError("unexpected tensor storage or dtype")
     (storage_offset,), shape, strides = _naturals((storage_offset,)), _naturals(size), _naturals(stride)
-    if len(shape) != len(strides):
-        raise pickle.UnpicklingError("a tensor's sizes and strides differ in length")
+    if len(shape) != len(strides) or len(shape) > _MAX_DIMS:
+        raise pickle.UnpicklingError(f"a tensor has {len(shape)} sizes and {len(strides)} strides")
     itemsize, last = safe_pickle.DTYPES[dtype], storage_offset
     for d, s in zip(shape, strides, strict=True):
         last += (d - 1) * s
-    if 0 not in shape and storage.start + (last + 1) * itemsize > storage.end:
+    offset, span = storage.start + storage_offset * itemsize, storage.end - storage.start
+    tensor = StoredTensor(f"torch.{dtype}", shape, strides, offset)
+    if offset > storage.end or (0 not in shape and storage.start + (last + 1) * itemsize > storage.end):
         raise pickle.UnpicklingError("a tensor ends past its storage")
-    return StoredTensor(f"torch.{dtype}", shape, strides, storage.start + storage_offset * itemsize)
+    if tensor.nbytes > span:  # overlapping elements (stride 0): a copy of it could be any size
+        raise pickle.UnpicklingError("a tensor has more elements than its storage")
+    return tensor
 
 
 class _Rebuild:
@@ -256,7 +253,7 @@ def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[st
                     raise zipfile.BadZipFile(f"bad local header for {info.filename}")
                 fields = _LOCAL_HEADER.unpack(header)
                 start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
-                if start + info.file_size > size:
+                if start < 0 or start + info.file_size > size:
                     raise zipfile.BadZipFile(f"{info.filename} ends past the end of the checkpoint")
                 members[info.filename[len(prefix + "data/"):]] = (start, info.file_size)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:

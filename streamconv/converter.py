@@ -143,7 +143,7 @@ def signals_held() -> Iterator[None]:
 
 
 def import_torch() -> None:
-    """Import torch, for a cast or a GPU (1.5 to 2.5 s cold: a CPU conversion without a cast never does)."""
+    """Import torch, for a cast or a GPU (about 1.7 s cold: a CPU conversion without a cast never does)."""
     if "torch" not in sys.modules:
         with signals_held():
             import torch  # noqa: F401

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from streamconv import tokenizer
 from streamconv.errors import ConversionError
 from streamconv.output import check_save_path, fsync, publish, staging_folder
-from streamconv.pipeline import arranges_with_torch, source_of, split_view_axis, stream, working_memory
+from streamconv.pipeline import needs_torch, split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -233,7 +233,7 @@ def convert(
                 f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
                 "free some space or choose another --save-path"
             )
-        if any(arranges_with_torch(t, source_of(t, checkpoint), dev) for t in plan.tensors):
+        if needs_torch(plan.tensors, checkpoint, dev):
             import_torch()  # here, not mid-stream: see signals_held
         staging = staging_folder(save_path)
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,6 +57,11 @@ def arranges_on_device(device: str) -> bool:
 def arranges_with_torch(spec: TensorSpec, source: SourceTensor | Split, device: str) -> bool:
     """A cast, or a GPU: torch arranges it (numpy moves bits, it cannot cast bfloat16)."""
     return arranges_on_device(device) or spec.dtype != source.dtype
+
+
+def needs_torch(specs: Iterable[TensorSpec], checkpoint: Checkpoint, device: str) -> bool:
+    """Whether any of these output tensors is arranged with torch (a cast, or a GPU)."""
+    return any(arranges_with_torch(t, source_of(t, checkpoint), device) for t in specs)
 
 
 def arranged_sizes(plan: Plan, checkpoint: Checkpoint) -> list[int]:

@@ -86,12 +86,6 @@ class ShardWriter:
                 os.close(self._fd)
                 self._fd = -1
 
-    def discard(self) -> None:
-        """Close without fsync: the file is about to be deleted."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
     def _write(self, view: memoryview) -> None:
         while view.nbytes:  # os.write may write less than asked (Linux caps one call near 2 GiB)
             n = os.write(self._fd, view)

@@ -18,7 +18,7 @@ import numpy as np
 
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, import_torch, read_tokenizer, resolve_dtype
-from streamconv.pipeline import arrange_into, arranges_with_torch, source_of
+from streamconv.pipeline import arrange_into, needs_torch, source_of
 from streamconv.plan import TensorSpec, safetensors_dtype
 from streamconv.sources import Checkpoint, open_checkpoint
 
@@ -146,7 +146,7 @@ def _compare_bytes(checkpoint: Checkpoint, save_path: str, expected: dict[str, T
     arranger = Arranger()
     maps: dict[str, mmap.mmap] = {}
     buffer = np.empty(max(s.nbytes for s in expected.values()), dtype=np.uint8)
-    if any(arranges_with_torch(spec, source_of(spec, checkpoint), "cpu") for spec in expected.values()):
+    if needs_torch(expected.values(), checkpoint, "cpu"):
         import_torch()
     try:
         for name, spec in expected.items():

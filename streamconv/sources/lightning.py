@@ -192,15 +192,19 @@ def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
     hparams = payload.get("hyper_parameters")
     refuse(path, "hyper_parameters", hparams)
     cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
-    state_dict = payload["state_dict"]
-    refuse(path, "state_dict", state_dict)
     mapped = MappedFile(path)
-    return Checkpoint(path=path, tensors=tensors_of(state_dict, mapped), hparams=cfg, files=[mapped])
+    try:
+        tensors = tensors_of(path, payload["state_dict"], mapped)
+    except BaseException:
+        mapped.close()
+        raise
+    return Checkpoint(path=path, tensors=tensors, hparams=cfg, files=[mapped])
 
 
-def tensors_of(state_dict: Mapping, mapped: MappedFile) -> dict[str, SourceTensor]:
-    """The tensors of a state_dict read by torch_zip.load from `mapped`'s file, as views into the mapping
-    (check it with `refuse` first)."""
+def tensors_of(path: str, state_dict: Mapping, mapped: MappedFile) -> dict[str, SourceTensor]:
+    """The tensors of a state_dict read by torch_zip.load from `mapped`'s file, as views into the mapping;
+    refused if the state_dict holds anything not on the allow-list."""
+    refuse(path, "state_dict", state_dict)
     return {k: mapped.tensor(v) for k, v in state_dict.items() if isinstance(v, torch_zip.StoredTensor)}
 
 

@@ -258,12 +258,12 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
             cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
             config_name = Checkpoint.config_name
         state_dicts[rank] = (payload["state_dict"] if lightning else payload, file)
-        refuse(path, "state_dict", state_dicts[rank][0])
     files: dict[str, MappedFile] = {}  # the ranks inside one plain tar share its mapping
     try:
         for _, file in state_dicts.values():
-            files[file] = files.get(file) or MappedFile(file)
-        ranks = {rank: tensors_of(state_dict, files[file]) for rank, (state_dict, file) in state_dicts.items()}
+            if file not in files:
+                files[file] = MappedFile(file)
+        ranks = {rank: tensors_of(path, state_dict, files[file]) for rank, (state_dict, file) in state_dicts.items()}
         checkpoint = Checkpoint(path=path, tensors={}, hparams=cfg, files=list(files.values()),
                                 config_name=config_name, tokenizer=tokenizer)
         checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam)

@@ -55,34 +55,6 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def _members(path: str, offset: int, size: int | None) -> tuple[dict[str, tuple[int, int]], bytes]:
-    """Storage key -> (start, length) relative to `offset`, and the data.pkl bytes, of the zip at the range."""
-    file_size = os.path.getsize(path)
-    size = file_size - offset if size is None else size
-    if offset + size > file_size:
-        raise ConversionError(f"{path} is truncated (the checkpoint inside it ends past the end of the file)")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        members, data, byteorder = _read_directory(path, fd, offset, size)
-    finally:
-        os.close(fd)
-    if byteorder not in (b"", sys.byteorder.encode()):
-        raise ConversionError(f"{path}: the checkpoint was saved {byteorder.decode(errors='replace')}-endian, "
-                              f"this machine is {sys.byteorder}-endian; re-save it on a matching machine")
-    return members, data
-
-
-def _unpickle(path: str, unpickler: pickle.Unpickler) -> Any:
-    try:
-        return unpickler.load()
-    except ConversionError:
-        raise
-    except Exception as exc:  # a damaged pickle can fail in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"cannot read checkpoint {path}: it is damaged ({reason}); "
-                              "copy or download it again") from None
-
-
 _STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
                    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
                    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
@@ -116,7 +88,6 @@ class StoredTensor:
         for d in self.shape:
             n *= d
         return n
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +169,7 @@ _TORCH_STAND_INS: dict[str, Any] = {
 class _Unpickler(safe_pickle.Unpickler):
     """The restricted unpickler with torch's tensor-building globals replaced by `StoredTensor` makers."""
 
-    _with_torch: dict[str, Any] = {}
+    _with_stand_ins: dict[str, Any] = {}
 
     def __init__(self, data: bytes, members: dict[str, tuple[int, int]], offset: int) -> None:
         super().__init__(io.BytesIO(data))
@@ -206,9 +177,9 @@ class _Unpickler(safe_pickle.Unpickler):
 
     @classmethod
     def allowed(cls) -> dict[str, Any]:
-        if not cls._with_torch:
-            cls._with_torch = {**safe_pickle.Unpickler.allowed(), **_TORCH_STAND_INS}
-        return cls._with_torch
+        if not cls._with_stand_ins:
+            cls._with_stand_ins = {**safe_pickle.Unpickler.allowed(), **_TORCH_STAND_INS}
+        return cls._with_stand_ins
 
     def persistent_load(self, saved_id: Any) -> Any:
         storage_type, key, numel = safe_pickle.storage_id(saved_id)
@@ -225,8 +196,26 @@ def load(path: str, offset: int = 0, size: int | None = None) -> Any:
 
     Raises ConversionError (one line) for a damaged or truncated zip, compressed members or big-endian data.
     """
-    members, data = _members(path, offset, size)
-    return _unpickle(path, _Unpickler(data, members, offset))
+    file_size = os.path.getsize(path)
+    size = file_size - offset if size is None else size
+    if offset + size > file_size:
+        raise ConversionError(f"{path} is truncated (the checkpoint inside it ends past the end of the file)")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        members, data, byteorder = _read_directory(path, fd, offset, size)
+    finally:
+        os.close(fd)
+    if byteorder not in (b"", sys.byteorder.encode()):
+        raise ConversionError(f"{path}: the checkpoint was saved {byteorder.decode(errors='replace')}-endian, "
+                              f"this machine is {sys.byteorder}-endian; re-save it on a matching machine")
+    try:
+        return _Unpickler(data, members, offset).load()
+    except ConversionError:
+        raise
+    except Exception as exc:  # a damaged pickle can fail in many ways
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"cannot read checkpoint {path}: it is damaged ({reason}); "
+                              "copy or download it again") from None
 
 
 def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[str, tuple[int, int]], bytes, bytes]:

@@ -53,7 +53,7 @@ class Arranger:
         """Write `part` (rows `start:` of the source, viewed as `arrangement.view`) into `out`."""
         perm = arrangement.perm
         dst = narrow(out, perm.index(0), start, part.shape[0])
-        if not _tileable(part, dst, perm):
+        if not _tileable(part, perm):
             np.copyto(dst, part.transpose(perm))
             return
         # a strip: source rows [r, r + STRIP_ROWS) of one matrix part[lead], each lead axis an index
@@ -73,9 +73,9 @@ class Arranger:
             future.result()
 
 
-def _tileable(part: np.ndarray, dst: np.ndarray, perm: tuple[int, ...]) -> bool:
+def _tileable(part: np.ndarray, perm: tuple[int, ...]) -> bool:
     """Matrices whose last axis becomes the first (Conv1D transposes, QKV), read in strips."""
-    return len(perm) >= 2 and perm[0] == len(perm) - 1 and part.dtype == dst.dtype and part.flags.c_contiguous
+    return len(perm) >= 2 and perm[0] == len(perm) - 1 and part.flags.c_contiguous
 
 
 class TorchArranger:

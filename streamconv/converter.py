@@ -159,7 +159,20 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         )
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
-    dims, recipes = gpt_sw3.checked_recipes(checkpoint.hparam, checkpoint.tensors, vocab_size, num_heads)
+    shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
+    dims = gpt_sw3.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads)
+    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[gpt_sw3.EMBEDDING][0])
+    for r in recipes:  # every shape first, then how tensor-parallel slices divide
+        if r.source not in shapes:
+            raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
+        if shapes[r.source] != r.source_shape:
+            source = checkpoint.tensors[r.source]
+            missing = f"; with {len(source.parts)} tensor-parallel ranks found, is one missing?" \
+                if isinstance(source, Split) else ""
+            raise ConversionError(
+                f"source tensor {r.source!r} has shape {shapes[r.source]}, expected {r.source_shape} "
+                f"from the checkpoint's cfg{missing}"
+            )
     for r in recipes:
         source = checkpoint.tensors[r.source]
         if isinstance(source, Split) and r.rows is None:

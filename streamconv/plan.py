@@ -26,7 +26,7 @@ DTYPE_NAMES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch
 
 def safetensors_dtype(dtype: str) -> str:
     """'BF16' for 'torch.bfloat16'."""
-    return _DTYPES[str(dtype)][0]
+    return _DTYPES[dtype][0]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -140,9 +140,9 @@ def make_plan(recipes: list[TensorRecipe], dtypes: list[str], shard_size: int) -
     from huggingface_hub import split_state_dict_into_shards_factory
 
     for r, dtype in zip(recipes, dtypes, strict=True):
-        if str(dtype) not in _DTYPES:
+        if dtype not in _DTYPES:
             raise ConversionError(f"source tensor {r.source} has dtype {dtype}, which streamconv does not convert")
-    sizes = {r.name: _numel(r.shape) * _DTYPES[str(d)][1] for r, d in zip(recipes, dtypes, strict=True)}
+    sizes = {r.name: _numel(r.shape) * _DTYPES[d][1] for r, d in zip(recipes, dtypes, strict=True)}
     by_name = {r.name: (r, d) for r, d in zip(recipes, dtypes, strict=True)}
     split = split_state_dict_into_shards_factory(
         {r.name: r for r in recipes},  # the splitter only needs sizes, never tensors

@@ -12,7 +12,6 @@ permute the axes by `perm`. Output bytes are the permuted view, read in row-majo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,28 +168,6 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
     if dims.vocab <= 0:
         raise ConversionError(f"--vocab-size must be positive, got {dims.vocab}")
     return dims
-
-
-def checked_recipes(hparam: Any, tensors: Mapping[str, Any], vocab_size: int | None = None,
-                    num_heads: int | None = None) -> tuple[Dims, list[TensorRecipe]]:
-    """The dimensions and every output recipe, each source tensor checked to be there with its shape.
-
-    `tensors` maps state_dict keys to anything with a `shape` (source tensors, tensor-parallel `Split`s).
-    """
-    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    dims = read_dims(hparam, shapes, vocab_size, num_heads)
-    recipes = tensor_recipes(dims, embedding_rows=shapes[EMBEDDING][0])
-    for r in recipes:
-        if r.source not in shapes:
-            raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
-        if shapes[r.source] != r.source_shape:
-            parts = getattr(tensors[r.source], "parts", None)  # the slices of a tensor-parallel Split
-            missing = f"; with {len(parts)} tensor-parallel ranks found, is one missing?" if parts else ""
-            raise ConversionError(
-                f"source tensor {r.source!r} has shape {shapes[r.source]}, expected {r.source_shape} "
-                f"from the checkpoint's cfg{missing}"
-            )
-    return dims, recipes
 
 
 def tensor_recipes(dims: Dims, embedding_rows: int) -> list[TensorRecipe]:

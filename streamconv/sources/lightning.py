@@ -25,6 +25,7 @@ import numpy as np
 
 from streamconv.errors import ConversionError
 from streamconv.sources import safe_pickle, torch_zip
+from streamconv.sources.hparams import Config
 
 # torch.save(..., _use_new_zipfile_serialization=False): a pickle stream starting with torch's magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -110,7 +111,7 @@ class Checkpoint:
 
     path: str
     tensors: Mapping[str, Any]  # SourceTensor, or Split for a tensor-parallel model
-    hparams: Any  # the `cfg` mapping (OmegaConf DictConfig or dict), None if absent; read through `hparam`
+    hparams: Config | None  # the cfg, None if absent; read through `hparam`
     files: list[MappedFile] = field(default_factory=list)
     config_name: str = "'hyper_parameters.cfg' entry"  # where the cfg comes from, for error messages
     note: str = ""  # said in the summary, e.g. that a gzip archive was extracted
@@ -156,15 +157,8 @@ class Checkpoint:
             mapped.advise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
 
     def hparam(self, key: str, default: Any = None) -> Any:
-        """One hyper-parameter, with OmegaConf interpolations such as `${.encoder_seq_length}` resolved."""
-        if self.hparams is None:
-            return default
-        try:
-            return self.hparams.get(key, default)
-        except Exception as exc:  # an interpolation that cannot be resolved
-            raise ConversionError(
-                f"hyper-parameter {key!r} in {self.path} cannot be read ({exc}); fix the checkpoint's cfg"
-            ) from None
+        """One hyper-parameter, with interpolations such as `${.encoder_seq_length}` resolved."""
+        return default if self.hparams is None else self.hparams.get(key, default)
 
 
 def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
@@ -189,9 +183,7 @@ def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
         raise ConversionError(
             f"{path} has no 'state_dict' entry; expected a NeMo/Lightning .ckpt with state_dict and hyper_parameters"
         )
-    hparams = payload.get("hyper_parameters")
-    refuse(path, "hyper_parameters", hparams)
-    cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
+    cfg = lightning_cfg(path, payload)
     mapped = MappedFile(path)
     try:
         tensors = tensors_of(path, payload["state_dict"], mapped)
@@ -223,6 +215,13 @@ def _check_container(path: str) -> None:
         )
     if not head.startswith(_ZIP_MAGIC):
         raise ConversionError(f"{path} is not a torch checkpoint (no zip header); check --checkpoint-path")
+
+
+def lightning_cfg(path: str, payload: Mapping) -> Config | None:
+    """The cfg in a Lightning checkpoint's `hyper_parameters` (NeMo's DictConfig({'cfg': ...})), if any."""
+    hparams = payload.get("hyper_parameters")
+    refuse(path, "hyper_parameters", hparams)
+    return Config.of(hparams, ("cfg",), f"{path} (hyper_parameters)")
 
 
 def refuse(path: str, entry: str, obj: Any) -> None:

@@ -26,7 +26,8 @@ from typing import IO, Any
 
 from streamconv.errors import ConversionError
 from streamconv.sources import parallel, torch_zip
-from streamconv.sources.lightning import Checkpoint, MappedFile, refuse, tensors_of
+from streamconv.sources.hparams import Config
+from streamconv.sources.lightning import Checkpoint, MappedFile, lightning_cfg, refuse, tensors_of
 from streamconv.tokenizer import sentencepiece_available
 
 WEIGHTS = "model_weights.ckpt"
@@ -233,8 +234,8 @@ def _tokenizer_member(cfg: Any, names: list[str]) -> str | None:
     candidates = [name for name in names if _is_artifact(name)]
     if cfg is not None:
         try:
-            model = cfg.tokenizer.model
-        except Exception:  # no tokenizer section, or an interpolation that does not resolve
+            model = cfg.get("tokenizer.model")
+        except ConversionError:  # an interpolation that does not resolve: the tokenizer is looked for by name
             model = None
         if isinstance(model, str) and model.removeprefix("nemo:") in candidates:
             return model.removeprefix("nemo:")
@@ -253,9 +254,7 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
                                   "state_dict; is this a NeMo checkpoint?")
         lightning = isinstance(payload.get("state_dict"), Mapping)
         if cfg is None and lightning and rank == (0, 0):
-            hparams = payload.get("hyper_parameters")
-            refuse(path, "hyper_parameters", hparams)
-            cfg = hparams.get("cfg") if hasattr(hparams, "get") else None
+            cfg = lightning_cfg(path, payload)
             config_name = Checkpoint.config_name
         state_dicts[rank] = (payload["state_dict"] if lightning else payload, file)
     files: dict[str, MappedFile] = {}  # the ranks inside one plain tar share its mapping
@@ -282,20 +281,17 @@ def _read(path: str, f: IO[bytes] | None, name: str) -> bytes:
     return text
 
 
-def _parse_config(path: str, text: bytes) -> Any:
-    """yaml.safe_load (no objects built), then OmegaConf so `${...}` interpolations resolve key by key."""
+def _parse_config(path: str, text: bytes) -> Config | None:
+    """yaml.safe_load (no objects built, aliases kept as shared references), read key by key as data."""
     import yaml
-    from omegaconf import OmegaConf
 
     try:
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise ValueError("not a mapping")
-        return OmegaConf.create(data)
-    except Exception as exc:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except Exception as exc:  # any YAML error, or a nesting too deep to parse
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"{path}: {CONFIG} cannot be read ({reason}); fix or remove it and pass "
+        raise ConversionError(f"{path}: {CONFIG} cannot be read ({reason[:200]}); fix or remove it and pass "
                               "--num-heads") from None
+    return Config.of(data, (), f"{path} ({CONFIG})")
 
 
 def _normal(name: str) -> str:

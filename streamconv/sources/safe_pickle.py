@@ -24,17 +24,10 @@ DTYPES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "
 
 
 def _omegaconf() -> dict[str, Any]:
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.base import ContainerMetadata, Metadata
-    from omegaconf.nodes import AnyNode
+    """OmegaConf's classes, as the inert stand-ins `hparams` reads the cfg from (OmegaConf is never imported)."""
+    from streamconv.sources.hparams import STAND_INS
 
-    return {
-        "omegaconf.dictconfig.DictConfig": DictConfig,
-        "omegaconf.listconfig.ListConfig": ListConfig,
-        "omegaconf.base.ContainerMetadata": ContainerMetadata,
-        "omegaconf.base.Metadata": Metadata,
-        "omegaconf.nodes.AnyNode": AnyNode,
-    }
+    return dict(STAND_INS)
 
 
 def _allowed() -> dict[str, Any]:
@@ -112,7 +105,7 @@ class Unpickler(pickle._Unpickler):
 
     @classmethod
     def allowed(cls) -> dict[str, Any]:
-        """The allow-list, made on first use (it imports OmegaConf)."""
+        """The allow-list, made on first use."""
         if not Unpickler._allowed:
             Unpickler._allowed = _allowed()
         return Unpickler._allowed

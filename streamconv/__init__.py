@@ -14,15 +14,22 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """Import the converter only when it is used (keeps `--help` fast)."""
-    if name in ("convert", "ConversionResult"):
-        from streamconv import converter as module
+    """Import the converter only when it is used (keeps `--help` fast). `convert` and `verify` here are the
+    Python API: their errors name keyword arguments (`vocab_size=`) where the command line's name flags."""
+    from streamconv.errors import python_api
 
-        return getattr(module, name)
+    if name == "convert":
+        from streamconv.converter import convert
+
+        return python_api(convert)
+    if name == "ConversionResult":
+        from streamconv.converter import ConversionResult
+
+        return ConversionResult
     if name == "verify":
         from streamconv.verification import verify
 
-        return verify
+        return python_api(verify)
     if name == "ConversionError":
         from streamconv.errors import ConversionError
 

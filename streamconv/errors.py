@@ -1,5 +1,46 @@
 """The one exception type users see: a problem with the input or the request, worded as a fix."""
 
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The command line's flags and the Python API's keyword arguments for the same setting.
+KEYWORDS = {"--checkpoint-path": "checkpoint_path", "--save-path": "save_path", "--shard-size": "shard_size",
+            "--device": "device", "--dtype": "dtype", "--vocab-size": "vocab_size", "--tokenizer": "tokenizer_path",
+            "--num-heads": "num_heads", "--overwrite": "overwrite=True", "--dry-run": "dry_run=True"}
+_FLAG = re.compile(r"(--[a-z][a-z-]*)(?: (N|[0-9]+)\b)?")
+
 
 class ConversionError(Exception):
     """Bad input or arguments. The CLI prints the message as one line and exits with code 2."""
+
+
+def _keywords(message: str) -> str:
+    """`message` with each flag worded as the keyword argument: '--vocab-size 256' -> 'vocab_size=256'."""
+    def word(match: re.Match[str]) -> str:
+        keyword = KEYWORDS.get(match.group(1))
+        if keyword is None:
+            return match.group(0)
+        return f"{keyword}={match.group(2)}" if match.group(2) else keyword
+
+    return _FLAG.sub(word, message)
+
+
+def python_api(function: F) -> F:
+    """For `streamconv.convert` and `streamconv.verify`: errors name keyword arguments, not flags.
+
+    The command line calls the function itself (`__wrapped__`), whose messages name the flags.
+    """
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ConversionError as exc:
+            raise ConversionError(_keywords(str(exc))) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -38,7 +38,7 @@ INDEX_NAME = "model.safetensors.index.json"
 class ConversionResult:
     """What a conversion did; `summary()` is the line the CLI prints at the end."""
 
-    save_path: str
+    save_path: str | None  # None: a dry run without one
     plan: Plan
     config: dict
     working_memory: int  # predicted bytes on top of the interpreter

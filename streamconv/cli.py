@@ -36,17 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for checkpoints without hyper_parameters.cfg (overrides the cfg)")
     p.add_argument("--print-checkpoint-structure", action="store_true",
-                   help="print every output tensor with its shape, dtype and source")
+                   help="print every output tensor with its shape, dtype and source; without --save-path, "
+                   "only that")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, shards, bytes, predicted memory) and write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that holds only a model folder's files (config.json, "
+                   "safetensors, tokenizer files, README.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors and the summary line")
     p.add_argument("--demo", action="store_true",
                    help="build a small GPT-SW3-style checkpoint, convert it and check the logits")
     p.add_argument("--verify", action="store_true",
                    help="instead of converting, check that SAVE_PATH is exactly the conversion of SRC (exit 1 if not)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="store_true", help="print streamconv's version and exit")
     return p
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own (run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("streamconv")
+    except PackageNotFoundError:
+        from streamconv import __version__
+
+        return __version__
 
 
 def print_structure(plan) -> None:
@@ -90,13 +107,20 @@ def run_verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.version:
+        print(f"streamconv {version()}")
+        return 0
+    structure_only = args.print_checkpoint_structure and not args.save_path and not args.verify
     try:
         if args.demo:
+            if args.checkpoint_path:
+                raise ConversionError("--demo builds its own checkpoint; drop --checkpoint-path, or drop --demo to "
+                                      f"convert {args.checkpoint_path}")
             from streamconv.demo import run_demo
 
             return run_demo(args.save_path, device=args.device, shard_size=args.shard_size,
                             overwrite=args.overwrite, quiet=args.quiet)
-        if not args.checkpoint_path or not args.save_path:
+        if not args.checkpoint_path or not (args.save_path or structure_only):
             raise ConversionError("both --checkpoint-path and --save-path are required (or try --demo)")
         if args.verify:
             return run_verify(args)
@@ -112,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             num_heads=args.num_heads,
             tokenizer_path=args.tokenizer,
             overwrite=args.overwrite,
-            dry_run=args.dry_run,
+            dry_run=args.dry_run or structure_only,
             progress=not args.quiet,
             before_write=print_structure if args.print_checkpoint_structure else None,
         )
+        if structure_only:
+            return 0
         if args.dry_run:
             print_plan(result)
         print(result.summary())

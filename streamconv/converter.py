@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from streamconv import tokenizer
 from streamconv.errors import ConversionError
-from streamconv.output import check_save_path, fsync, publish, staging_folder
+from streamconv.output import claimed, fsync, publish, staging_folder
 from streamconv.pipeline import needs_torch, split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
@@ -38,7 +38,7 @@ INDEX_NAME = "model.safetensors.index.json"
 class ConversionResult:
     """What a conversion did; `summary()` is the line the CLI prints at the end."""
 
-    save_path: str
+    save_path: str | None  # None: a dry run without one
     plan: Plan
     config: dict
     working_memory: int  # predicted bytes on top of the interpreter
@@ -191,7 +191,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
 
 def convert(
     checkpoint_path: str | os.PathLike[str],
-    save_path: str | os.PathLike[str],
+    save_path: str | os.PathLike[str] | None,
     *,
     device: str | torch.device = "cpu",
     shard_size: str | int = "5GB",
@@ -210,19 +210,24 @@ def convert(
     `vocab_size`, the vocabulary is its size (with sentencepiece installed), else GPT-SW3's 64000.
     Raises ConversionError, before anything is written, for any problem with the input or arguments.
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
-    torch is imported only for `device` cuda or a `dtype` that casts.
+    torch is imported only for `device` cuda or a `dtype` that casts. A dry run needs no `save_path`.
+    The save path is checked (see output.check_save_path) and locked before anything is read.
     """
     started = time.perf_counter()
-    save_path = os.fspath(save_path)
+    if save_path is None and not dry_run:
+        raise ConversionError("a save path is needed to convert (only a dry run goes without)")
+    save_path = os.fspath(save_path) if save_path is not None else None
     dev = resolve_device(device)
     limit = parse_size(shard_size)
     out_dtype = resolve_dtype(dtype)
-    if not dry_run:
-        check_save_path(save_path, overwrite)
-    parent = os.path.dirname(os.path.abspath(save_path))
+    inputs = [os.fspath(p) for p in (checkpoint_path, tokenizer_path) if p is not None]
+    parent = os.path.dirname(os.path.realpath(save_path)) if save_path is not None else ""
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
-    model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
-    with open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None, say) as checkpoint:
+    with contextlib.ExitStack() as stack:
+        target = None if dry_run else stack.enter_context(claimed(save_path, overwrite, inputs))
+        model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
+        checkpoint = stack.enter_context(open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None,
+                                                         say))
         if model is not None:
             checkpoint.tokenizer = model
         plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
@@ -239,7 +244,6 @@ def convert(
             result.peak_rss = peak_rss()
             return result
 
-        os.makedirs(parent, exist_ok=True)
         free = shutil.disk_usage(parent).free
         if free < plan.file_bytes:
             raise ConversionError(
@@ -248,8 +252,9 @@ def convert(
             )
         if needs_torch(plan.tensors, checkpoint, dev):
             import_torch()  # here, not mid-stream: see signals_held
-        staging = staging_folder(save_path)
+        staging = staging_folder(target)
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
+        bar = _NoProgress()
         try:
             _write_config(staging, config)
             checked = None
@@ -262,15 +267,7 @@ def convert(
                 checked = background.submit(tokenizer.check, staging, config)
             bar = _progress_bar(plan.total_size, enabled=progress)
             stream_started = time.perf_counter()
-            try:
-                stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise
-                raise ConversionError(
-                    f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
-                    f"{_size(plan.file_bytes)}, free space or raise the limit and run again"
-                ) from None
+            stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
             result.stream_seconds = time.perf_counter() - stream_started
             bar.close()
             if checked is not None:
@@ -282,14 +279,28 @@ def convert(
             for name in os.listdir(staging):  # the shards are fsynced already; config, index and tokenizer files
                 fsync(os.path.join(staging, name))
             fsync(staging)
-            publish(staging, save_path)
+            publish(staging, target, save_path, overwrite)
+        except OSError as exc:
+            raise _write_error(exc, save_path, staging, plan) from None
         finally:
+            bar.close()  # before any message: an interrupted bar would be glued to it, and redrawn after it
             background.shutdown(wait=True)
             shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()
         result.note = "; ".join(notes)
         return result
+
+
+def _write_error(exc: OSError, save_path: str, staging: str, plan: Plan) -> BaseException:
+    """The one line for a write that failed: the disk full or a size limit, or the folder deleted; else `exc`."""
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return ConversionError(f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
+                               f"{_size(plan.file_bytes)}, free space or raise the limit and run again")
+    if not os.path.isdir(staging):
+        return ConversionError(f"the folder being written, {staging}, was deleted during the conversion (or a "
+                               f"folder above it); nothing was written to {save_path}: run again")
+    return exc
 
 
 def read_tokenizer(path: str) -> bytes:

@@ -9,12 +9,18 @@ import tempfile
 import torch
 
 from streamconv.converter import convert
+from streamconv.output import check_save_path
 from streamconv.testing import SyntheticModel, make_checkpoint
 
 
 def run_demo(save_path: str | None = None, *, device: str = "cpu", shard_size: str = "5GB",
              overwrite: bool = False, quiet: bool = False) -> int:
-    """Returns 0 when the converted model's logits equal the source model's exactly, else 1."""
+    """Returns 0 when the converted model's logits equal the source model's exactly, else 1.
+
+    `save_path` is checked before anything is built, as a conversion checks it.
+    """
+    if save_path is not None:
+        check_save_path(save_path, overwrite)
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 

@@ -53,27 +53,39 @@ def test_dry_run_writes_nothing(bf16_ckpt, tmp_path):
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
-def test_print_checkpoint_structure(bf16_ckpt, tmp_path):
-    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", tmp_path / "hf", "--vocab-size", "1000",
-                   "--print-checkpoint-structure", "--quiet")
+@pytest.mark.parametrize("save", [True, False])
+def test_print_checkpoint_structure(bf16_ckpt, tmp_path, save):
+    """With a save path it prints, then converts (as the reference script); without one it only prints."""
+    ckpt_folder = sorted(os.listdir(os.path.dirname(bf16_ckpt.path)))
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, *(["--save-path", tmp_path / "hf"] if save else []),
+                   "--vocab-size", "1000", "--print-checkpoint-structure", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     qkv = next(line for line in lines if line.startswith("transformer.h.0.attn.c_attn.weight"))
     assert "64x192" in qkv and "bfloat16" in qkv and "query_key_value.weight" in qkv
     assert sum(line.startswith("transformer.") for line in lines) == 40
+    assert lines[-1].startswith("converted 40 tensors") == save and len(lines) == 40 + save
+    assert os.listdir(tmp_path) == (["hf"] if save else [])
+    assert sorted(os.listdir(os.path.dirname(bf16_ckpt.path))) == ckpt_folder
 
 
 def test_overwrite(bf16_ckpt, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("old")
     assert_one_line_error(run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out), "not empty",
                           "--overwrite")
-    assert os.listdir(out) == ["old.txt"]
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    (out / "old.txt").write_text("old")  # not a model folder's: --overwrite refuses too (tests/test_output_safety.py)
+    assert_one_line_error(run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--overwrite"),
+                          "(old.txt)")
+    (out / "old.txt").unlink()
     proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--vocab-size", "1000",
                    "--overwrite", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() != b"old"
 
 
 def save_broken(path, drop=None, **changes):
@@ -151,6 +163,33 @@ def test_demo(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "max abs diff 0.0 -> OK" in proc.stdout
     assert sorted(os.listdir(tmp_path / "demo")) == ["config.json", "model.safetensors"]
+
+
+def test_demo_refuses_a_non_empty_save_path_before_building(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_cli("--demo", "--quiet", "--save-path", tmp_path)
+    assert_one_line_error(proc, "not empty", "(notes.txt)")
+    assert proc.stdout == ""  # no checkpoint built, nothing converted
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_demo_refuses_a_checkpoint_path(tmp_path):
+    proc = run_cli("--demo", "--checkpoint-path", tmp_path / "x.ckpt", "--save-path", tmp_path / "out")
+    assert_one_line_error(proc, "--demo builds its own checkpoint", "--checkpoint-path")
+    assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_version():
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["version"]
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == f"streamconv {declared}\n"
+    import streamconv
+
+    assert streamconv.__version__ == declared
 
 
 @pytest.mark.parametrize("sig,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])

@@ -175,7 +175,7 @@ def test_failed_overwrite_keeps_the_old_folder(bf16_ckpt, tmp_path, monkeypatch)
 
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "keep.txt").write_text("previous model")
+    (out / "config.json").write_text("previous model")  # a model folder's file: --overwrite may replace it
 
     def failing_append(self, data):
         raise OSError(5, "Input/output error")
@@ -183,7 +183,8 @@ def test_failed_overwrite_keeps_the_old_folder(bf16_ckpt, tmp_path, monkeypatch)
     monkeypatch.setattr(ShardWriter, "append", failing_append)
     with pytest.raises(OSError):
         streamconv.convert(bf16_ckpt.path, out, vocab_size=1000, overwrite=True)
-    assert os.listdir(tmp_path) == ["hf"] and os.listdir(out) == ["keep.txt"]
+    assert os.listdir(tmp_path) == ["hf"] and os.listdir(out) == ["config.json"]
+    assert (out / "config.json").read_text() == "previous model"
 
 
 def test_failure_while_arranging_stops_the_writer(bf16_ckpt, tmp_path, monkeypatch):

@@ -191,10 +191,10 @@ def test_verify_catches_a_flipped_byte_and_a_missing_tensor(small, tmp_path):
 WIDE = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=24)
 
 
-def start_conversion(ckpt, out, **popen):
+def start_conversion(ckpt, out, *args, quiet=True, **popen):
     return subprocess.Popen(
         [sys.executable, "-m", "streamconv", "--checkpoint-path", ckpt, "--save-path", out,
-         "--vocab-size", "2048", "--quiet"],
+         "--vocab-size", "2048", *(["--quiet"] if quiet else []), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
     )
 

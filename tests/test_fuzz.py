@@ -70,6 +70,8 @@ class Mutant:
 class Outcome:
     kind: str  # "converted", "refused" or a failure: "traceback", "exit 1", "timeout", "memory", ...
     detail: str = ""
+    rss: int = 0  # the conversion's peak RSS, bytes
+    seconds: float = 0.0  # and its wall time
 
     @property
     def ok(self) -> bool:
@@ -420,42 +422,51 @@ class Run:
     code: int | None  # None: killed at the timeout
     maxrss: int
     stderr: str
+    seconds: float = 0.0
 
 
 def run_capped(command: list[str], timeout: float = TIMEOUT_S) -> Run:
     """Run `command` under the caps; the whole process group is killed at `timeout`."""
     launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(AS_CAP), str(int(timeout) + 5), *command]
+    start = time.perf_counter()
     proc = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        return Run(None, 0, err.decode(errors="replace"))
-    stderr = err.decode(errors="replace")
+        return Run(None, 0, err.decode(errors="replace"), timeout)
+    stderr, seconds = err.decode(errors="replace"), time.perf_counter() - start
     try:
         record = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return Run(proc.returncode if proc.returncode else -1, 0, stderr + f"\n[launcher failed: {out!r}]")
-    return Run(record["code"], record["maxrss"], stderr)
+        return Run(proc.returncode or -1, 0, stderr + f"\n[launcher failed: {out!r}]", seconds)
+    return Run(record["code"], record["maxrss"], stderr, seconds)
 
 
 def check(path: str, save: str, tool: tuple[str, ...] = STREAMCONV, timeout: float = TIMEOUT_S) -> Outcome:
     """Convert `path` to `save` (a new name in the folder that holds only `path`) and judge what happened."""
-    folder = os.path.dirname(path)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).digest()
     args = ["--checkpoint-path", path, "--save-path", save, "--vocab-size", VOCAB]
     run = run_capped([*tool, *args, "--quiet"], timeout)
+    outcome = judge(run, path, save, digest, lambda: run_capped([*tool, *args, "--verify"], timeout))
+    outcome.rss, outcome.seconds = run.maxrss, run.seconds
+    return outcome
+
+
+def judge(run: Run, path: str, save: str, digest: bytes, verify) -> Outcome:
+    """What the conversion `run` of `path` (whose bytes had `digest`) to `save` did; `verify()` runs --verify."""
+    folder = os.path.dirname(path)
     bound = RSS_BASE + RSS_PER_INPUT_BYTE * os.path.getsize(path)
     lines = run.stderr.strip().splitlines()
     left = sorted(set(os.listdir(folder)) - {os.path.basename(path), os.path.basename(save)})
     if run.code is None:
-        return Outcome("timeout", f"still running after {timeout} s")
+        return Outcome("timeout", f"still running after {run.seconds} s")
+    if run.maxrss > bound or "MemoryError" in run.stderr:
+        return Outcome("memory", f"peak RSS {run.maxrss >> 20} MB (bound {bound >> 20} MB); {run.stderr}")
     if "Traceback" in run.stderr:
         return Outcome("traceback", run.stderr)
-    if run.maxrss > bound or "MemoryError" in run.stderr:
-        return Outcome("memory", f"peak RSS {run.maxrss >> 20} MB (bound {bound >> 20} MB); {run.stderr[-2000:]}")
     if left:
         return Outcome("leftovers", f"exit {run.code} left {left} beside the save path; {run.stderr[-2000:]}")
     with open(path, "rb") as f:
@@ -471,7 +482,7 @@ def check(path: str, save: str, tool: tuple[str, ...] = STREAMCONV, timeout: flo
         return Outcome("signal" if run.code < 0 else f"exit {run.code}", run.stderr or "(no stderr)")
     if not os.path.isdir(save):
         return Outcome("output missing", f"exit 0 but no folder at {save}")
-    verified = run_capped([*tool, *args, "--verify"], timeout)
+    verified = verify()
     if verified.code != 0:
         return Outcome("verify failed", f"--verify exit {verified.code}; {verified.stderr[-2000:]}")
     return Outcome("converted")
@@ -479,12 +490,11 @@ def check(path: str, save: str, tool: tuple[str, ...] = STREAMCONV, timeout: flo
 
 def group_key(outcome: Outcome) -> str:
     """Failures of one cause share a key: the kind, the exception type and the innermost frame."""
-    if outcome.kind != "traceback":
-        return outcome.kind
     frames = re.findall(r'File "([^"]+)", line \d+, in (\S+)', outcome.detail)
+    if not frames:
+        return outcome.kind
     last = outcome.detail.strip().splitlines()[-1]
-    where = f" in {os.path.basename(frames[-1][0])}:{frames[-1][1]}" if frames else ""
-    return f"traceback {last.split(':')[0]}{where}"
+    return f"{outcome.kind} {last.split(':')[0]} in {os.path.basename(frames[-1][0])}:{frames[-1][1]}"
 
 
 def seeds() -> list[int]:
@@ -531,7 +541,10 @@ def test_mutants_convert_and_verify_or_are_refused_in_one_line(bases, tmp_path):
         groups.setdefault(group_key(failure[2]), []).append(failure)
     summary = (f"fuzz: {len(results)} mutants in {wall:.1f} s: {counts['converted']} converted and verified, "
                f"{counts['refused']} refused in one line, {len(failures)} failures "
-               f"({', '.join(f'{k} {n}' for k, n in sorted(counts.items()) if k not in ('converted', 'refused'))})")
+               f"({', '.join(f'{k} {n}' for k, n in sorted(counts.items()) if k not in ('converted', 'refused'))}); "
+               f"largest peak RSS {max(o.rss for _, _, o in results) / 2**20:.0f} MB (bound {RSS_BASE >> 20} MB + "
+               f"{RSS_PER_INPUT_BYTE} x the input), slowest conversion {max(o.seconds for _, _, o in results):.1f} s "
+               f"(timeout {TIMEOUT_S} s)")
     lines = [summary] + [f"  {len(g)} x {key} (e.g. seeds {[s for s, _, _ in g[:5]]})\n    {report(*g[0])}"
                          for key, g in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
     print("\n".join(line.splitlines()[0] for line in lines))  # the details come with the failure

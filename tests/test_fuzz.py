@@ -18,6 +18,7 @@ lengths, methods, flags, types set to 0, the maximum, a random or a special valu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -310,6 +311,21 @@ def mutate_tar(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     return bytes(buf), f"{where}: {what}"
 
 
+def mutate_members(rng: random.Random, members: list[tuple[tarfile.TarInfo, bytes]]) -> str:
+    """Drop, duplicate or rename one member of the tar (a .nemo without its yaml, with two weights, ...)."""
+    i = rng.randrange(len(members))
+    info, data = members[i]
+    op = rng.choice(("drop", "duplicate", "rename"))
+    if op == "drop":
+        del members[i]
+        return f"drop member {info.name}"
+    if op == "duplicate":
+        members.insert(rng.randrange(len(members) + 1), (copy.copy(info), data))
+        return f"duplicate member {info.name}"
+    old, info.name = info.name, rng.choice(NAMES).decode() or "."
+    return f"rename member {old} to {info.name}"
+
+
 def retar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     """A plain tar of `members` in order, as NeMo's tarfile writes it (PAX format, fractional mtime)."""
     out = io.BytesIO()
@@ -383,11 +399,14 @@ def make_mutant(seed: int, bases: dict[str, bytes]) -> Mutant:
     if base != "nemo":
         data, what = mutate_zip_pickle(rng, data) if target == "pickle" else mutate_zip_headers(rng, data, target)
         return Mutant(seed, base, target, what, data, ".ckpt")
-    if target == "tar":
+    if target == "tar" and rng.random() < 0.85:
         data, what = mutate_tar(rng, data)
         return Mutant(seed, base, target, what, data, ".nemo")
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
+    if target == "tar":
+        what = mutate_members(rng, members)
+        return Mutant(seed, base, target, what, retar(members), ".nemo")
     name = "./model_config.yaml" if target == "yaml" else "./model_weights.ckpt"
     i = next(k for k, (m, _) in enumerate(members) if m.name == name)
     if target == "yaml":

@@ -39,6 +39,28 @@ _COPY_CHUNK = 16 * 2**20
 _TEMP_PREFIX = ".streamconv-nemo-"
 
 Rank = tuple[int, int]
+_MAX_TAR_HEADER = 2**20  # a PAX or GNU long-name header (names and a few records: real ones are under 1 kB)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing an extended header whose size field is huge: tarfile would read it
+    into memory whole (a 30 kB file can say 8 GiB)."""
+
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_header_size()
+        return super()._proc_pax(tarfile)
+
+    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_header_size()
+        return super()._proc_gnulong(tarfile)
+
+    def _check_header_size(self) -> None:
+        if not 0 <= self.size <= _MAX_TAR_HEADER:
+            raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
+
+
+# What tarfile raises on damaged headers, besides its own errors: numbers that do not parse or fit.
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, OverflowError, UnicodeError)
 
 
 def is_nemo(path: str) -> bool:
@@ -73,7 +95,7 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
     if gzipped:
         return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), say)
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(path, "r:", tarinfo=_BoundedTarInfo) as tar:
             regular = [m for m in tar.getmembers() if m.isreg() and not m.issparse()]
             members = {_normal(m.name): m for m in regular}
             weights = _weights_members(path, [_normal(m.name) for m in regular])  # a name stored twice is refused
@@ -81,7 +103,7 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
             cfg = _parse_config(path, config) if config is not None else None
             tokenizer = _tokenizer_member(cfg, list(members))
             tokenizer = _read(path, tar.extractfile(members[tokenizer]), tokenizer) if tokenizer else None
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except _TAR_ERRORS as exc:
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
                               "copy or download it again") from None
     size = os.path.getsize(path)
@@ -162,7 +184,7 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
     config = None
     artifacts: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|gz") as tar:
+        with tarfile.open(path, "r|gz", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 name = _normal(member.name)
                 rank = weights_rank(name)
@@ -198,7 +220,7 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
         checkpoint.note = f"{len(temps)} weights file(s) were extracted from the gzip archive into temporary " \
                           "files, now removed"
         return checkpoint
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+    except (*_TAR_ERRORS, zlib.error) as exc:
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
                               "copy or download it again") from None
     finally:

@@ -16,6 +16,7 @@ import pickle
 import struct
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ from streamconv.errors import ConversionError
 from streamconv.sources import safe_pickle
 
 _MAX_DIMS = 32  # numpy's limit is 64; a weight has at most 4
+# data.pkl describes the tensors, not their bytes: a 48-layer Lightning checkpoint with optimizer state has a
+# 283 kB one. 256 MiB leaves room for far larger models and keeps a hostile one from filling memory.
+_MAX_PICKLE = 256 * 2**20
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: signature .. name length, extra length
 
 
@@ -227,9 +231,11 @@ def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[st
             if not pickles:
                 raise ConversionError(f"{path}: the weights are a zip file but not a torch checkpoint (no data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
-            data = archive.read(pickles[0])
             names = set(archive.namelist())
-            byteorder = archive.read(prefix + "byteorder") if prefix + "byteorder" in names else b""
+            data = _read_small(path, archive, archive.getinfo(pickles[0]), _MAX_PICKLE)
+            byteorder = b""
+            if prefix + "byteorder" in names:
+                byteorder = _read_small(path, archive, archive.getinfo(prefix + "byteorder"), 64)
             members: dict[str, tuple[int, int]] = {}
             for info in archive.infolist():
                 if not info.filename.startswith(prefix + "data/"):
@@ -245,7 +251,22 @@ def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[st
                 if start < 0 or start + info.file_size > size:
                     raise zipfile.BadZipFile(f"{info.filename} ends past the end of the checkpoint")
                 members[info.filename[len(prefix + "data/"):]] = (start, info.file_size)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except NotImplementedError as exc:  # zip features torch never writes: versions, encryption, methods
+        raise ConversionError(f"{path}: its torch checkpoint uses zip features torch never writes ({exc}); "
+                              "it is damaged or not a torch checkpoint, copy or download it again") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, zlib.error, struct.error) as exc:
         raise ConversionError(f"{path}: its torch checkpoint is truncated or damaged ({exc}); "
                               "copy or download it again") from None
     return members, data, byteorder
+
+
+def _read_small(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member that torch writes stored, unencrypted and small (data.pkl, byteorder), checked before it is
+    read: a compressed one could inflate to any size."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x41:  # (0x1: encrypted, 0x40: strong)
+        raise ConversionError(f"{path}: {info.filename!r} is compressed or encrypted; torch writes it stored, "
+                              "so this is not a checkpoint torch.save wrote: re-save it with torch.save")
+    if info.file_size > limit:
+        raise ConversionError(f"{path}: {info.filename!r} is {info.file_size} bytes, more than the {limit} a "
+                              "checkpoint's needs; it is damaged or not a torch checkpoint")
+    return archive.read(info)

@@ -399,9 +399,11 @@ def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None
     problems = folder.problems
     model = given if given is not None else shipped
     if model is None:
-        if tokenizer.CONFIG_FILE not in folder.entries:
+        if tokenizer.CONFIG_FILE not in folder.entries and tokenizer.MODEL_FILE not in folder.entries:
             return set()
-        problems.add(f"{tokenizer.MODEL_FILE}: missing ({tokenizer.CONFIG_FILE} is there: a conversion writes both)")
+        if tokenizer.MODEL_FILE not in folder.entries:  # (else it could not be read: said)
+            problems.add(f"{tokenizer.MODEL_FILE}: missing ({tokenizer.CONFIG_FILE} is there: a conversion "
+                         "writes both)")
     elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None:
         if given is not None:
             return set()  # a conversion copies no tokenizer that sentencepiece cannot read
@@ -459,18 +461,12 @@ def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSp
             mapping = maps[stored.file]
             if mapping is None or stored.end > len(mapping):  # unreadable, or truncated (said)
                 continue
-            on_disk = np.frombuffer(mapping, dtype=np.uint8)
-            at = stored.begin
-            for chunk in _converted(spec, sources[spec.name], buffer, arranger, checkpoint):
-                first = _first_difference(chunk, on_disk[at : at + chunk.nbytes])
-                _drop(mapping, at, chunk.nbytes)
-                if first is not None:
-                    folder.problems.add(
-                        f"{spec.name}: bytes differ from the converted source (first at byte "
-                        f"{at - stored.begin + first} of the tensor, file offset {at + first} in "
-                        f"{_shown(stored.file)})")
-                    break
-                at += chunk.nbytes
+            chunks = _converted(spec, sources[spec.name], buffer, arranger, checkpoint)
+            first = _first_difference(chunks, mapping, stored.begin, checkpoint)
+            if first is not None:
+                folder.problems.add(f"{spec.name}: bytes differ from the converted source (first at byte "
+                                    f"{first - stored.begin} of the tensor, file offset {first} in "
+                                    f"{_shown(stored.file)})")
     finally:
         arranger.close()
 
@@ -503,17 +499,23 @@ def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arra
         yield buffer[start : min(start + CHUNK_BYTES, spec.nbytes)]
 
 
-def _first_difference(expected: np.ndarray, actual: np.ndarray) -> int | None:
-    for start in range(0, expected.nbytes, COMPARE_BYTES):
-        a, b = expected[start : start + COMPARE_BYTES], actual[start : start + COMPARE_BYTES]
-        if not np.array_equal(a, b):
-            return start + int(np.flatnonzero(a != b)[0])
+def _first_difference(chunks: Iterator[np.ndarray], mapping: mmap.mmap, begin: int,
+                      checkpoint: Checkpoint) -> int | None:
+    """The file position of the first byte where the output differs from `chunks`, which it holds from
+    `begin` on; None if none. COMPARE_BYTES are compared at a time, and the pages of both sides handed
+    back after each (whole pages: a neighbour's edge page faults back in from the page cache)."""
+    on_disk = np.frombuffer(mapping, dtype=np.uint8)
+    at = begin
+    for chunk in chunks:
+        for start in range(0, chunk.nbytes, COMPARE_BYTES):
+            expected = chunk[start : start + COMPARE_BYTES]
+            actual = on_disk[at : at + expected.nbytes]
+            differ = not np.array_equal(expected, actual)
+            first = at + int(np.flatnonzero(expected != actual)[0]) if differ else None
+            checkpoint.release(expected)  # (a no-op for the arranged buffer)
+            page = at - at % mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_DONTNEED, page, at + expected.nbytes - page)
+            if differ:
+                return first
+            at += expected.nbytes
     return None
-
-
-def _drop(mapping: mmap.mmap, begin: int, length: int) -> None:
-    """Hand back the pages of a compared range of an output file's mapping (whole pages: a neighbour's edge
-    page faults back in from the page cache)."""
-    if length:
-        page = begin - begin % mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, page, begin + length - page)

@@ -43,14 +43,18 @@ def _pieces(model: bytes) -> int | None:
         return None
 
 
+def settings(config: dict) -> dict:
+    """`tokenizer_config.json` for a model's config: GPTSw3Tokenizer, its length and special tokens."""
+    return {"tokenizer_class": "GPTSw3Tokenizer", "model_max_length": config["n_positions"],
+            **special_tokens(config["n_embd"])}
+
+
 def save(folder: str, model: bytes, config: dict) -> None:
-    """Write `spiece.model` and a `tokenizer_config.json` naming GPTSw3Tokenizer and its special tokens."""
+    """Write `spiece.model` and its `tokenizer_config.json`."""
     with open(os.path.join(folder, MODEL_FILE), "wb") as f:
         f.write(model)
-    settings = {"tokenizer_class": "GPTSw3Tokenizer", "model_max_length": config["n_positions"],
-                **special_tokens(config["n_embd"])}
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(settings, f, indent=2)
+        json.dump(settings(config), f, indent=2)
         f.write("\n")
 
 

@@ -1,9 +1,17 @@
 """`streamconv --verify`: re-read a checkpoint and a converted folder and compare them bit for bit.
 
-The expected folder is derived again from the checkpoint (names, shapes, dtypes, config); every output
-tensor is recomputed from the source with the same arrangement code and compared with the bytes on
-disk. Memory stays bounded as in conversion: one recomputed tensor, one read chunk, and the pages of
-the output tensor being compared, each handed back when done.
+The settings a conversion was given are read from what the output records (config.json's vocab_size,
+n_head and dtype, the shipped spiece.model) unless given again; the expected folder is then derived from
+the checkpoint with them, and every output tensor is recomputed from the source with the conversion's
+own code and compared with the bytes on disk. So a setting read from the output cannot hide a wrong
+tensor: the bytes must still be those of the conversion with that setting.
+
+Every file is checked: config, index, headers, tokenizer files, and anything a conversion would not have
+written. The output folder is read as untrusted: bounded JSON, no links followed, and a malformed file is
+a problem line, never a traceback. Memory stays bounded as in conversion: a tensor that passes through
+unchanged is compared chunk by chunk straight from the source mapping; one that is rearranged or cast is
+arranged into one buffer (the largest such tensor) and compared in chunks; the pages of both sides are
+handed back after each chunk.
 """
 
 from __future__ import annotations
@@ -11,19 +19,30 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import reprlib
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from streamconv import tokenizer
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, import_torch, read_tokenizer, resolve_dtype
-from streamconv.pipeline import arrange_into, needs_torch, source_of
-from streamconv.plan import TensorSpec, safetensors_dtype
+from streamconv.errors import ConversionError
+from streamconv.pipeline import CHUNK_BYTES, arrange_into, needs_torch, passes_through, pieces, row_chunks, source_of
+from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
 from streamconv.sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
     import torch
+
+JSON_LIMIT = 16 * 2**20  # config, index, a shard header: a conversion writes kilobytes (GPT-SW3 40B: 75 kB)
+MAX_PROBLEMS = 1000  # lines kept; a damaged folder can hold millions
+COMPARE_BYTES = 2**20  # compared at once (numpy's comparison allocates a bool per byte)
+ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+SINGLE = "model.safetensors"
 
 
 def verify(
@@ -35,141 +54,468 @@ def verify(
     num_heads: int | None = None,
     tokenizer_path: str | os.PathLike[str] | None = None,
 ) -> list[str]:
-    """Every difference between `save_path` and the conversion of `checkpoint_path`; empty if none."""
+    """Every difference between `save_path` and the conversion of `checkpoint_path`; empty if none.
+
+    Settings not given are those the output records. Raises ConversionError only for input that cannot
+    be read at all (no such folder, a checkpoint that does not open).
+    """
     save_path = os.fspath(save_path)
-    parent = os.path.dirname(os.path.abspath(save_path))
+    if not os.path.isdir(save_path):
+        raise ConversionError(f"{save_path} is not a folder; --save-path names the converted model's folder")
+    out_dtype = resolve_dtype(dtype)
     model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
+    parent = os.path.dirname(os.path.abspath(save_path))
+    problems = _Problems()
     with open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None) as checkpoint:
         if model is not None:  # it may set the vocabulary size, as in conversion
             checkpoint.tokenizer = model
-        return _verify(checkpoint, save_path, dtype, vocab_size, num_heads)
+        _verify(checkpoint, _Folder(save_path, problems), out_dtype, vocab_size, num_heads)
+    return problems.lines()
 
 
-def _verify(checkpoint: Checkpoint, save_path: str, dtype: str | torch.dtype | None, vocab_size: int | None,
-            num_heads: int | None) -> list[str]:
-    plan, config = build_plan(checkpoint, 2**62, resolve_dtype(dtype), vocab_size, num_heads)
-    expected = {t.name: t for t in plan.tensors}
-    problems: list[str] = []
+class _Problems:
+    """One line per problem, the first MAX_PROBLEMS kept, then how many more there were."""
 
-    problems += _check_config(save_path, config)
-    files, index_problems = _shard_files(save_path)
-    problems += index_problems
-    found: dict[str, tuple[str, int, int]] = {}  # name -> (file, absolute begin, absolute end)
-    total = 0
-    for file in files:
-        header_problems, tensors = _read_header(os.path.join(save_path, file))
-        problems += [f"{file}: {p}" for p in header_problems]
-        for name, (dtype_name, shape, begin, end) in tensors.items():
-            total += end - begin
-            if name in found:
-                problems.append(f"{name}: stored twice ({found[name][0]} and {file})")
-                continue
-            found[name] = (file, begin, end)
-            spec = expected.get(name)
-            if spec is None:
-                problems.append(f"{file}: unexpected tensor {name}")
-            elif (dtype_name, shape) != (safetensors_dtype(spec.dtype), list(spec.recipe.shape)):
-                problems.append(
-                    f"{name}: {dtype_name} {shape} on disk, expected {safetensors_dtype(spec.dtype)} "
-                    f"{list(spec.recipe.shape)}"
-                )
-    problems += [f"{name}: missing from the output" for name in expected if name not in found]
-    if os.path.exists(os.path.join(save_path, INDEX_NAME)):
-        index = _load_json(os.path.join(save_path, INDEX_NAME))
-        if index.get("metadata", {}).get("total_size") != total:
-            problems.append(f"{INDEX_NAME}: total_size {index.get('metadata', {}).get('total_size')}, "
-                            f"the shards hold {total} bytes")
-        for name, file in index.get("weight_map", {}).items():
-            if found.get(name, (file,))[0] != file:
-                problems.append(f"{INDEX_NAME}: maps {name} to {file}, but it is in {found[name][0]}")
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+        self.more = 0
 
-    if not problems:
-        problems += _compare_bytes(checkpoint, save_path, expected, found)
-    return problems
+    def add(self, line: str) -> None:
+        if len(self.kept) < MAX_PROBLEMS:
+            self.kept.append(line)
+        else:
+            self.more += 1
+
+    def lines(self) -> list[str]:
+        return self.kept + ([f"... and {self.more} more problems"] if self.more else [])
 
 
-def _check_config(save_path: str, config: dict) -> list[str]:
-    path = os.path.join(save_path, CONFIG_NAME)
-    if not os.path.exists(path):
-        return [f"{CONFIG_NAME}: missing"]
-    written = _load_json(path)
-    return [f"{CONFIG_NAME}: {key} is {written.get(key)!r}, expected {value!r}"
-            for key, value in config.items() if written.get(key) != value]
+def _shown(text: str) -> str:
+    """A name from the output, as one short line."""
+    return text if text.isprintable() and len(text) <= 200 else reprlib.repr(text)
 
 
-def _shard_files(save_path: str) -> tuple[list[str], list[str]]:
-    present = sorted(f for f in os.listdir(save_path) if f.endswith(".safetensors"))
-    if os.path.exists(os.path.join(save_path, INDEX_NAME)):
-        listed = sorted(set(_load_json(os.path.join(save_path, INDEX_NAME)).get("weight_map", {}).values()))
-        problems = [f"{INDEX_NAME}: names {f}, which is missing" for f in listed if f not in present]
-        problems += [f"{f}: not named in {INDEX_NAME}" for f in present if f not in listed]
-        return [f for f in listed if f in present], problems
-    if present != ["model.safetensors"]:
-        return present, [f"expected model.safetensors alone (no index), found {present or 'no shards'}"]
-    return present, []
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
-def _read_header(path: str) -> tuple[list[str], dict[str, tuple[str, list[int], int, int]]]:
-    """Parse a safetensors header; offsets returned are absolute file positions."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            return ["shorter than a safetensors header"], {}
-        (length,) = struct.unpack("<Q", raw)
-        if 8 + length > size:
-            return [f"header length {length} runs past the end of the file"], {}
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Folder:
+    """The output folder's entries, read without following links (nor waiting on a pipe); problems go to
+    `problems`."""
+
+    def __init__(self, path: str, problems: _Problems) -> None:
+        self.path, self.problems = path, problems
+        self.said: set[str] = set()
         try:
-            header = json.loads(f.read(length))
-        except ValueError as exc:
-            return [f"header is not JSON ({exc})"], {}
-    problems = []
-    if header.pop("__metadata__", None) != {"format": "pt"}:
-        problems.append('metadata is not {"format": "pt"}')
-    start = 8 + length
-    tensors = {k: (v["dtype"], v["shape"], start + v["data_offsets"][0], start + v["data_offsets"][1])
-               for k, v in header.items()}
-    spans = sorted((b, e) for _, _, b, e in tensors.values())
-    end = start
-    for b, e in spans:
-        if b != end:
-            problems.append(f"data has a gap or overlap at byte {b}")
-        end = e
-    if end != size:
-        problems.append(f"file is {size} bytes, its tensors end at {end}")
-    return problems, tensors
+            with os.scandir(path) as entries:  # name -> 'file', 'folder' or 'link or special file'
+                self.entries = {e.name: "file" if e.is_file(follow_symlinks=False) else
+                                "folder" if e.is_dir(follow_symlinks=False) else "link or special file"
+                                for e in entries}
+        except OSError as exc:
+            raise ConversionError(f"cannot read the folder {path} ({exc.strerror}); check --save-path") from None
+
+    def readable(self, name: str) -> bool:
+        """Whether `name` is a regular file here; if it is something else, that is said (once)."""
+        kind = self.entries.get(name)
+        if kind not in (None, "file") and name not in self.said:
+            self.said.add(name)
+            self.problems.add(f"{_shown(name)}: a {kind}, not a regular file")
+        return kind == "file"
+
+    def join(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        """The file's bytes, or None (a problem said) if it is absent, not a file, too large or unreadable."""
+        if not self.readable(name):
+            return None
+        try:
+            with open(self.join(name), "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            self.problems.add(f"{_shown(name)}: cannot be read ({exc.strerror})")
+            return None
+        if len(data) > limit:
+            self.problems.add(f"{_shown(name)}: larger than {limit} bytes, far more than a conversion writes")
+            return None
+        return data
+
+    def json_object(self, name: str) -> dict | None:
+        """A JSON object file, or None: absent (said if `name` is config.json), or not one (said)."""
+        if name not in self.entries:
+            if name == CONFIG_NAME:
+                self.problems.add(f"{CONFIG_NAME}: missing")
+            return None
+        data = self.read(name, JSON_LIMIT)
+        value = _parse_json(data, name, self.problems) if data is not None else NOT_JSON
+        if value is NOT_JSON:
+            return None
+        if not isinstance(value, dict):
+            self.problems.add(f"{name}: {_kind(value)}, not a JSON object")
+            return None
+        return value
 
 
-def _compare_bytes(checkpoint: Checkpoint, save_path: str, expected: dict[str, TensorSpec],
-                   found: dict[str, tuple[str, int, int]]) -> list[str]:
-    problems = []
-    arranger = Arranger()
-    maps: dict[str, mmap.mmap] = {}
-    buffer = np.empty(max(s.nbytes for s in expected.values()), dtype=np.uint8)
-    if needs_torch(expected.values(), checkpoint, "cpu"):
-        import_torch()
+NOT_JSON = object()
+
+
+def _parse_json(data: bytes, where: str, problems: _Problems) -> Any:
+    """The JSON value, or NOT_JSON (said)."""
     try:
-        for name, spec in expected.items():
-            file, begin, end = found[name]
-            if file not in maps:
-                with open(os.path.join(save_path, file), "rb") as f:
-                    maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            arrange_into(buffer, spec, source_of(spec, checkpoint), "cpu", arranger, checkpoint.release)
-            on_disk = np.frombuffer(maps[file], dtype=np.uint8, count=end - begin, offset=begin)
-            if not np.array_equal(on_disk, buffer[: spec.nbytes]):
-                first = int(np.flatnonzero(on_disk != buffer[: spec.nbytes])[0])
-                problems.append(f"{name}: bytes differ from the converted source (first at byte {first} "
-                                f"of the tensor, file offset {begin + first} in {file})")
-            del on_disk
-            page = begin & ~(mmap.PAGESIZE - 1)
-            maps[file].madvise(mmap.MADV_DONTNEED, page, end - page)
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # (a UnicodeDecodeError is a ValueError)
+        problems.add(f"{where}: not JSON ({str(exc)[:200]})")
+        return NOT_JSON
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A tensor as a shard header describes it; `begin` and `end` are positions in the file."""
+
+    file: str
+    dtype: str
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_size: int | None,
+            num_heads: int | None) -> None:
+    problems = folder.problems
+    written = folder.json_object(CONFIG_NAME)
+    recorded = written or {}
+    given = checkpoint.tokenizer  # --tokenizer, else the one the source ships
+    shipped = folder.read(tokenizer.MODEL_FILE, tokenizer.MAX_BYTES)
+    if given is None:  # converted with --tokenizer: the output is its record
+        checkpoint.tokenizer = shipped
+    settings = _settings(checkpoint, recorded, vocab_size, num_heads, problems)
+    if settings is None:  # config.json's settings do not fit, and the tensors cannot be checked without: said
+        return
+    vocab_size, num_heads = settings
+    plan, _ = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads)
+
+    index = folder.json_object(INDEX_NAME)
+    shards = _shard_files(folder, index)
+    found, total, complete = _read_headers(folder, shards, {t.name for t in plan.tensors})
+    if dtype is None:  # converted with --dtype: config.json records it, and every tensor has it
+        dtype = _recorded_cast(recorded, {s.dtype for s in found.values()})
+    plan, config = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads)
+
+    if written is not None:
+        _check_config(written, config, problems)
+    sharded = INDEX_NAME in folder.entries
+    expected_files = {CONFIG_NAME, INDEX_NAME, *shards, *_check_tokenizer(folder, given, shipped, config)}
+    for name, kind in sorted(folder.entries.items()):
+        if name not in expected_files:
+            what = f"not named in {INDEX_NAME}" if name.endswith(".safetensors") and sharded else \
+                "not written by a conversion"
+            problems.add(f"{_shown(name)}{'/' if kind == 'folder' else ''}: {what}")
+    if index is not None:
+        _check_index(index, found, total, problems)
+    compared = _check_tensors(plan, found, complete, problems)
+    _compare_bytes(checkpoint, folder, compared, found)
+
+
+def _positive(value: Any) -> int | None:
+    return value if _is_int(value) and value > 0 else None
+
+
+def _settings(checkpoint: Checkpoint, recorded: dict, vocab_size: int | None, num_heads: int | None,
+              problems: _Problems) -> tuple[int | None, int | None] | None:
+    """vocab_size and num_heads as given, else as config.json records them if the checkpoint takes them
+    (else that is a problem, and the defaults are tried: None if they do not fit either)."""
+    read = (vocab_size if vocab_size is not None else _positive(recorded.get("vocab_size")),
+            num_heads if num_heads is not None else _positive(recorded.get("n_head")))
+    if read == (vocab_size, num_heads):
+        return read
+    try:
+        build_plan(checkpoint, 2**62, None, *read)
+        return read
+    except ConversionError as exc:
+        problems.add(f"{CONFIG_NAME}: its vocab_size {read[0]} and n_head {read[1]} do not fit the checkpoint "
+                     f"({exc})")
+    try:
+        build_plan(checkpoint, 2**62, None, vocab_size, num_heads)
+        return vocab_size, num_heads
+    except ConversionError:
+        return None
+
+
+def _recorded_cast(recorded: dict, stored: set[str]) -> str | None:
+    """The --dtype a conversion was given, if config.json names one and every stored tensor has it."""
+    name = recorded.get("dtype", recorded.get("torch_dtype"))
+    full = f"torch.{name}" if isinstance(name, str) else None
+    return full if full in DTYPE_NAMES.values() and stored == {safetensors_dtype(full)} else None
+
+
+def _check_config(written: dict, config: dict, problems: _Problems) -> None:
+    wanted = {**config, "model_type": "gpt2"}
+    for key, value in wanted.items():
+        if type(written.get(key)) is not type(value) or written.get(key) != value:
+            problems.add(f"{CONFIG_NAME}: {key} is {reprlib.repr(written.get(key))}, expected {value!r}")
+    for key in written:
+        if key not in wanted and key != "transformers_version":
+            problems.add(f"{CONFIG_NAME}: {_shown(key)} is not written by a conversion")
+    if not isinstance(written.get("transformers_version", ""), str):
+        problems.add(f"{CONFIG_NAME}: transformers_version is not a string")
+
+
+def _shard_files(folder: _Folder, index: dict | None) -> list[str]:
+    """The shard files to read: model.safetensors alone, or those the index names (all present ones if it
+    cannot be read)."""
+    problems = folder.problems
+    if INDEX_NAME not in folder.entries:
+        if SINGLE not in folder.entries:
+            problems.add(f"{SINGLE}: missing (and no {INDEX_NAME})")
+            return []
+        return [SINGLE]
+    weight_map = index.get("weight_map") if index is not None else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        if index is not None:
+            problems.add(f"{INDEX_NAME}: weight_map is not an object of file names")
+        return sorted(f for f in folder.entries if f.endswith(".safetensors"))
+    listed = sorted(set(weight_map.values()))
+    names = [f"model-{i:05d}-of-{len(listed):05d}.safetensors" for i in range(1, len(listed) + 1)]
+    if listed != names or len(listed) < 2:
+        problems.add(f"{INDEX_NAME}: names {reprlib.repr(listed)}; a conversion writes an index only for two or "
+                     "more shards model-0000i-of-0000N.safetensors")
+    for file in listed:
+        if file not in folder.entries:
+            problems.add(f"{INDEX_NAME}: names {_shown(file)}, which is missing")
+    return [f for f in listed if f in folder.entries]
+
+
+def _read_headers(folder: _Folder, files: list[str], names: set[str]) -> tuple[dict[str, _Stored], int, bool]:
+    """The stored tensors a conversion writes (`names`), by name, the bytes all tensors hold and whether every
+    header could be read; every other tensor, a tensor stored twice and a malformed header is a problem."""
+    found: dict[str, _Stored] = {}
+    total, complete = 0, True
+    for file in files:
+        entries = _read_header(folder, file)
+        complete = complete and entries is not None
+        for name, stored in entries or []:
+            total += stored.end - stored.begin
+            if name not in names:
+                folder.problems.add(f"{_shown(file)}: unexpected tensor {_shown(name)}")
+            elif name in found:
+                folder.problems.add(f"{name}: stored twice ({_shown(found[name].file)} and {_shown(file)})")
+            else:
+                found[name] = stored
+    return found, total, complete
+
+
+def _read_header(folder: _Folder, file: str) -> list[tuple[str, _Stored]] | None:
+    """The well-formed entries of a safetensors header (None if it cannot be read); what is wrong with the
+    file goes to the problems."""
+    problems, label = folder.problems, _shown(file)
+    if not folder.readable(file):
+        return None
+    try:
+        with open(folder.join(file), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                problems.add(f"{label}: shorter than a safetensors header")
+                return None
+            (length,) = struct.unpack("<Q", raw)
+            if length > JSON_LIMIT or 8 + length > size:
+                problems.add(f"{label}: header length {length} runs past the end of the file or past {JSON_LIMIT} "
+                             "bytes (a conversion writes far less)")
+                return None
+            data = f.read(length)
+    except OSError as exc:
+        problems.add(f"{label}: cannot be read ({exc.strerror})")
+        return None
+    header = _parse_json(data, f"{label}: header", problems)
+    if header is NOT_JSON:
+        return None
+    if not isinstance(header, dict):
+        problems.add(f"{label}: header is {_kind(header)}, not a JSON object")
+        return None
+    if header.pop("__metadata__", None) != {"format": "pt"}:
+        problems.add(f'{label}: metadata is not {{"format": "pt"}}')
+    start = 8 + length
+    stored = []
+    for name, entry in header.items():
+        wrong = _entry_problem(entry)
+        if wrong:
+            problems.add(f"{label}: tensor {_shown(name)}: {wrong}")
+            continue
+        begin, end = entry["data_offsets"]
+        stored.append((name, _Stored(file, entry["dtype"], entry["shape"], start + begin, start + end)))
+    end = start
+    for begin, stop in sorted((s.begin, s.end) for _, s in stored):
+        if begin != end:
+            problems.add(f"{label}: data has a gap or overlap at byte {begin}")
+            break
+        end = stop
+    if end != size:
+        problems.add(f"{label}: file is {size} bytes, its tensors end at {end}")
+    return stored
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one header entry, None if nothing."""
+    if not isinstance(entry, dict):
+        return f"{_kind(entry)}, not a JSON object"
+    missing = [k for k in ENTRY_FIELDS if k not in entry]
+    if missing or len(entry) != len(ENTRY_FIELDS):
+        return f"lacks {', '.join(missing)}" if missing else "has fields other than dtype, shape and data_offsets"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(entry["dtype"], str):
+        return f"dtype is {_kind(entry['dtype'])}, not a string"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        return "shape is not a list of sizes"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) \
+            or not 0 <= offsets[0] <= offsets[1]:
+        return "data_offsets are not two increasing integers"
+    return None
+
+
+def _check_index(index: dict, found: dict[str, _Stored], total: int, problems: _Problems) -> None:
+    if index.get("metadata") != {"total_size": total}:
+        problems.add(f"{INDEX_NAME}: metadata is {reprlib.repr(index.get('metadata'))}, expected "
+                     f"{{'total_size': {total}}} (the bytes the shards hold)")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        return  # said by _shard_files
+    for name, file in weight_map.items():
+        if name not in found:
+            problems.add(f"{INDEX_NAME}: maps {_shown(name)}, which no shard holds as written by a conversion")
+        elif found[name].file != file:
+            problems.add(f"{INDEX_NAME}: maps {name} to {reprlib.repr(file)}, but it is in {_shown(found[name].file)}")
+    for name in found:
+        if name not in weight_map:
+            problems.add(f"{INDEX_NAME}: does not map {name}")
+
+
+def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None, config: dict) -> set[str]:
+    """Check the tokenizer files a conversion writes and return their names (none without a tokenizer)."""
+    problems = folder.problems
+    model = given if given is not None else shipped
+    if model is None:
+        if tokenizer.CONFIG_FILE not in folder.entries and tokenizer.MODEL_FILE not in folder.entries:
+            return set()
+        if tokenizer.MODEL_FILE not in folder.entries:  # (else it could not be read: said)
+            problems.add(f"{tokenizer.MODEL_FILE}: missing ({tokenizer.CONFIG_FILE} is there: a conversion "
+                         "writes both)")
+    elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None:
+        if given is not None:
+            return set()  # a conversion copies no tokenizer that sentencepiece cannot read
+        problems.add(f"{tokenizer.MODEL_FILE}: not a SentencePiece model that sentencepiece can load")
+    elif tokenizer.MODEL_FILE not in folder.entries:
+        problems.add(f"{tokenizer.MODEL_FILE}: missing (a conversion ships the tokenizer)")
+    elif shipped is not None and shipped != model:
+        problems.add(f"{tokenizer.MODEL_FILE}: differs from the checkpoint's tokenizer (or --tokenizer's)")
+    settings = folder.json_object(tokenizer.CONFIG_FILE)
+    if tokenizer.CONFIG_FILE not in folder.entries:
+        problems.add(f"{tokenizer.CONFIG_FILE}: missing (a conversion writes it with the tokenizer)")
+    elif settings is not None and settings != tokenizer.settings(config):
+        problems.add(f"{tokenizer.CONFIG_FILE}: is {reprlib.repr(settings)}, expected {tokenizer.settings(config)}")
+    return {tokenizer.MODEL_FILE, tokenizer.CONFIG_FILE}
+
+
+def _check_tensors(plan: Plan, found: dict[str, _Stored], complete: bool, problems: _Problems) -> list[TensorSpec]:
+    """The output tensors whose dtype, shape and size on disk are right; each other one is a problem (those
+    missing in one line if a header could not be read: they may be behind it)."""
+    right = []
+    missing = [spec.name for spec in plan.tensors if spec.name not in found]
+    if missing and not complete:
+        problems.add(f"{len(missing)} of {len(plan.tensors)} tensors are not in the shards whose header could be "
+                     f"read ({missing[0]}, ...)")
+    for spec in plan.tensors:
+        stored = found.get(spec.name)
+        expected = (safetensors_dtype(spec.dtype), list(spec.recipe.shape))
+        if stored is None:
+            if complete:
+                problems.add(f"{spec.name}: missing from the output")
+        elif (stored.dtype, stored.shape) != expected:
+            problems.add(f"{spec.name}: {_shown(stored.dtype)} {reprlib.repr(stored.shape)} on disk, expected "
+                         f"{expected[0]} {expected[1]}")
+        elif stored.end - stored.begin != spec.nbytes:
+            problems.add(f"{spec.name}: {stored.end - stored.begin} bytes on disk, expected {spec.nbytes}")
+        else:
+            right.append(spec)
+    return right
+
+
+def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSpec], found: dict[str, _Stored]) -> None:
+    """Compare each tensor's bytes on disk with the converted source's, a chunk at a time."""
+    maps: dict[str, mmap.mmap | None] = {}  # unmapped when the last view goes
+    sources = {spec.name: source_of(spec, checkpoint) for spec in specs}
+    arranged = [s.nbytes for s in specs if not passes_through(s, sources[s.name])]
+    buffer = np.empty(max(arranged, default=0), dtype=np.uint8)  # touched only as far as it is used
+    if needs_torch(specs, checkpoint, "cpu"):
+        import_torch()
+    arranger = Arranger()
+    try:
+        for spec in specs:
+            stored = found[spec.name]
+            if stored.file not in maps:
+                maps[stored.file] = _map(folder, stored.file)
+            mapping = maps[stored.file]
+            if mapping is None or stored.end > len(mapping):  # unreadable, or truncated (said)
+                continue
+            chunks = _converted(spec, sources[spec.name], buffer, arranger, checkpoint)
+            first = _first_difference(chunks, mapping, stored.begin, checkpoint)
+            if first is not None:
+                folder.problems.add(f"{spec.name}: bytes differ from the converted source (first at byte "
+                                    f"{first - stored.begin} of the tensor, file offset {first} in "
+                                    f"{_shown(stored.file)})")
     finally:
         arranger.close()
-        for m in maps.values():
-            m.close()
-    return problems
 
 
-def _load_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def _map(folder: _Folder, file: str) -> mmap.mmap | None:
+    try:
+        with open(folder.join(file), "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # (an empty file cannot be mapped: said with its header)
+        if isinstance(exc, OSError):
+            folder.problems.add(f"{_shown(file)}: cannot be read ({exc.strerror})")
+        return None
+
+
+def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arranger,
+               checkpoint: Checkpoint) -> Iterator[np.ndarray]:
+    """The bytes a conversion writes for `spec`, at most CHUNK_BYTES at a time: a tensor that passes through
+    straight from the source mapping (each chunk's pages handed back once compared), any other arranged
+    into `buffer` as the conversion arranges it."""
+    if passes_through(spec, source):
+        for piece in pieces(source):
+            for _, part in row_chunks(piece):
+                try:
+                    yield part.reshape(-1).view(np.uint8)
+                finally:
+                    checkpoint.release(part)
+        return
+    arrange_into(buffer, spec, source, "cpu", arranger, checkpoint.release)
+    for start in range(0, spec.nbytes, CHUNK_BYTES):
+        yield buffer[start : min(start + CHUNK_BYTES, spec.nbytes)]
+
+
+def _first_difference(chunks: Iterator[np.ndarray], mapping: mmap.mmap, begin: int,
+                      checkpoint: Checkpoint) -> int | None:
+    """The file position of the first byte where the output differs from `chunks`, which it holds from
+    `begin` on; None if none. COMPARE_BYTES are compared at a time, and the pages of both sides handed
+    back after each (whole pages: a neighbour's edge page faults back in from the page cache)."""
+    on_disk = np.frombuffer(mapping, dtype=np.uint8)
+    at = begin
+    for chunk in chunks:
+        for start in range(0, chunk.nbytes, COMPARE_BYTES):
+            expected = chunk[start : start + COMPARE_BYTES]
+            actual = on_disk[at : at + expected.nbytes]
+            differ = not np.array_equal(expected, actual)
+            first = at + int(np.flatnonzero(expected != actual)[0]) if differ else None
+            checkpoint.release(expected)  # (a no-op for the arranged buffer)
+            page = at - at % mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_DONTNEED, page, at + expected.nbytes - page)
+            if differ:
+                return first
+            at += expected.nbytes
+    return None

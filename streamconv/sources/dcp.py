@@ -58,7 +58,7 @@ def _record(name: str, fields: tuple[str, ...] = ()) -> type[_Record]:
     return type(name, (_Record,), {"tuple_fields": fields})
 
 
-def _named(kind: str, names: set[str]) -> Any:
+def _named(kind: str, names: set[Any]) -> Any:
     """A stand-in for a function that rebuilds a value from its name (a layout, a memory format, a
     path): it returns the name, checked against `names` when given."""
     def rebuild(*args: Any) -> str:
@@ -69,7 +69,7 @@ def _named(kind: str, names: set[str]) -> Any:
 
 
 _TENSOR_PROPERTIES = _record("TensorProperties", ("dtype", "layout", "requires_grad", "memory_format", "pin_memory"))
-_MEM_FORMAT = _named("memory format", {0, 1, 2})  # type: ignore[arg-type]
+_MEM_FORMAT = _named("memory format", {0, 1, 2})
 _LAYOUTS = {"torch.strided", "torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr",
             "torch.sparse_bsc", "torch._mkldnn", "torch.jagged"}
 # dtypes stand as their names; a weight must have one of safe_pickle.DTYPES, other tensors may have any
@@ -157,6 +157,9 @@ def read_metadata(folder: str) -> DcpIndex:
     chunks that do not tile their tensor exactly.
     """
     path = os.path.join(folder, ".metadata")
+    if not os.path.lexists(path):
+        raise ConversionError(f"{path} not found: not a torch distributed checkpoint")
+    _file_size(folder, path, ".metadata")  # (a regular file inside the folder)
     metadata = _load(path)
     fields = metadata.state
     tensors, skipped = _entries(path, fields.get("state_dict_metadata"))
@@ -201,8 +204,6 @@ def _load(path: str) -> _Record:
     try:
         with open(path, "rb") as f:
             metadata = _Unpickler(f).load()
-    except FileNotFoundError:
-        raise ConversionError(f"{path} not found: not a torch distributed checkpoint") from None
     except OSError as exc:
         raise ConversionError(f"cannot read {path}: {exc.strerror}") from None
     except Exception as exc:  # a damaged pickle can fail in many ways
@@ -319,7 +320,7 @@ def _file_size(folder: str, path: str, name: str) -> int:
     try:
         st = os.stat(real)
     except FileNotFoundError:
-        raise ConversionError(f"{file} is missing (.metadata names it); the checkpoint is incomplete, "
+        raise ConversionError(f"{file} is missing ({path} names it); the checkpoint is incomplete, "
                               "copy all of its files") from None
     except OSError as exc:
         raise ConversionError(f"cannot read {file}: {exc.strerror}") from None
@@ -343,7 +344,7 @@ def _check_tiling(path: str, fqn: str, shape: tuple[int, ...], boxes: list[Box])
     nonempty = [b for b in boxes if 0 not in b[1]]
     if 0 in shape:
         return
-    budget = [16 * (len(nonempty) + 1) * (len(shape) + 1)]
+    budget = [16 * (len(nonempty) + 1) * (len(shape) + 1) + 200_000]
 
     def tiles(group: list[Box], corner: tuple[int, ...]) -> None:
         """`group` (the chunks spanning the slab that starts at `corner`) tiles the remaining dimensions."""
@@ -365,7 +366,7 @@ def _check_tiling(path: str, fqn: str, shape: tuple[int, ...], boxes: list[Box])
                 active.append(starts[following])
                 following += 1
             if not active:
-                raise fail(f"leave a gap at {[*corner, lo]}")
+                raise fail(f"leave a gap at {[*corner, lo] + [0] * (len(shape) - dim - 1)}")
             tiles(active, (*corner, lo))
 
     tiles(nonempty, ())

@@ -321,5 +321,9 @@ def test_a_hostile_metadata_runs_nothing_and_is_refused_by_name(single, tmp_path
     save_metadata(folder, metadata)
     assert "reference to posix.system" in refusal(folder)
     assert not (tmp_path / "pwned").exists()
+    metadata.planner_data = None
+    metadata.state_dict_metadata["model.a"].chunks[0].offsets = ("x", 0)
+    save_metadata(folder, metadata)
+    assert "is damaged (a chunk offset of 'model.a' is ('x', 0))" in refusal(folder)
     save_metadata(folder, {"state_dict_metadata": {}})  # not torch's Metadata at all
     assert "holds a dict, not torch's checkpoint Metadata" in refusal(folder)

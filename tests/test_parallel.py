@@ -162,7 +162,7 @@ def test_without_sentencepiece_the_tokenizer_is_copied_unchecked(parallel, tmp_p
     assert "tokenizer copied as spiece.model but not checked" in result.summary()
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "spiece.model",
                                                    "tokenizer_config.json"]
-    with pytest.raises(streamconv.ConversionError, match="pass --vocab-size 1024 or less"):
+    with pytest.raises(streamconv.ConversionError, match="pass vocab_size=1024 or less"):
         streamconv.convert(source.path, tmp_path / "hf2")  # falls back to GPT-SW3's 64000 rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import reprlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,6 +15,16 @@ KEYWORDS = {"--checkpoint-path": "checkpoint_path", "--save-path": "save_path", 
             "--device": "device", "--dtype": "dtype", "--vocab-size": "vocab_size", "--tokenizer": "tokenizer_path",
             "--num-heads": "num_heads", "--overwrite": "overwrite=True", "--dry-run": "dry_run=True"}
 _FLAG = re.compile(r"(--[a-z][a-z-]*)(?: (N|[0-9]+)\b)?")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def describe(value: Any) -> str:
+    """A short repr of an untrusted value: bounded in length and depth, never the whole structure (a few bytes
+    of pickle can stand for nested lists of 2**40 elements, whose full repr would never finish)."""
+    return _REPR.repr(value)
 
 
 class ConversionError(Exception):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 
 GPT_SW3_VOCAB_SIZE = 64000
 
@@ -116,7 +116,7 @@ def number(key: str, value: Any, kind: type) -> Any:
     """A cfg value as an int or float, or a one-line error naming the key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and not is_whole(value):
         wanted = "a whole number" if kind is int else "a number"
-        raise ConversionError(f"hyper-parameter {key!r} is {value!r}, not {wanted}; fix the checkpoint's cfg")
+        raise ConversionError(f"hyper-parameter {key!r} is {describe(value)}, not {wanted}; fix the checkpoint's cfg")
     return kind(value)
 
 

@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.sources import safe_pickle, torch_zip
 
 _MAX_DIMS = 32
@@ -47,7 +47,7 @@ class _Record:
         if isinstance(state, tuple) and self.tuple_fields and len(state) == len(self.tuple_fields):
             state = dict(zip(self.tuple_fields, state, strict=True))
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}: {state!r:.80}")
+            raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}: {describe(state)}")
         self.state, self.built = state, True
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -63,7 +63,7 @@ def _named(kind: str, names: set[Any]) -> Any:
     path): it returns the name, checked against `names` when given."""
     def rebuild(*args: Any) -> str:
         if not all(isinstance(a, str | int) for a in args) or (names and (len(args) != 1 or args[0] not in names)):
-            raise pickle.UnpicklingError(f"unexpected {kind} {args!r:.80}")
+            raise pickle.UnpicklingError(f"unexpected {kind} {describe(args)}")
         return "/".join(map(str, args))
     return rebuild
 
@@ -230,7 +230,7 @@ def _is(record: Any, name: str) -> bool:
 def _naturals(path: str, values: Any, what: str) -> tuple[int, ...]:
     if not isinstance(values, tuple | list) or len(values) > _MAX_DIMS \
             or not all(type(v) is int and v >= 0 for v in values):
-        raise _damaged(path, f"{what} is {values!r:.80}")
+        raise _damaged(path, f"{what} is {describe(values)}")
     return tuple(values)
 
 
@@ -244,7 +244,7 @@ def _entries(path: str, entries: Any) -> tuple[dict[str, tuple[str, tuple[int, .
     tensors, skipped = {}, []
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
-            raise _damaged(path, f"a key is {fqn!r:.80}")
+            raise _damaged(path, f"a key is {describe(fqn)}")
         if _is(entry, "BytesStorageMetadata") or (_is(entry, "TensorStorageMetadata") and not is_weight(fqn)):
             skipped.append(fqn)
             continue
@@ -294,10 +294,10 @@ def _place(folder: str, path: str, fqn: str, info: _Record, sizes: dict[str, int
     transforms = info.get("transform_descriptors")
     if transforms:
         raise ConversionError(f"{path}: the chunk of {fqn!r} is stored through stream transforms "
-                              f"{list(transforms)!r:.100} (such as compression), which streamconv does not read; "
+                              f"{describe(list(transforms))} (such as compression), which streamconv does not read; "
                               "save the checkpoint without them")
     if not isinstance(name, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-        raise _damaged(path, f"the storage of {fqn!r} is {info.state!r:.80}")
+        raise _damaged(path, f"the storage of {fqn!r} is {describe(info.state)}")
     if name not in sizes:
         sizes[name] = _file_size(folder, path, name)
     if offset + length > sizes[name]:
@@ -310,7 +310,7 @@ def _file_size(folder: str, path: str, name: str) -> int:
     """The size of the chunk file `name`, refused unless it is a regular file inside `folder`."""
     parts = name.split("/")
     if not name or "\\" in name or "\0" in name or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
-        raise ConversionError(f"{path} names the chunk file {name!r:.100}, which is not a file name inside the "
+        raise ConversionError(f"{path} names the chunk file {describe(name)}, which is not a file name inside the "
                               "checkpoint folder; streamconv refuses it, do not trust this checkpoint")
     file = os.path.join(folder, name)
     real, root = os.path.realpath(file), os.path.realpath(folder)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.recipes import gpt_sw3
 from streamconv.sources.lightning import SourceTensor
 
@@ -79,7 +79,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
     for key, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
         said = hparam(key)
         if said is not None and not gpt_sw3.is_whole(said):
-            raise ConversionError(f"the cfg of {path} says {key} {said!r}, not a whole number; fix the cfg")
+            raise ConversionError(f"the cfg of {path} says {key} {describe(said)}, not a whole number; fix the cfg")
         if said is not None and said != found:
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
                                   "is a rank missing, or the cfg from another run?")

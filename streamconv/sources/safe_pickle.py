@@ -19,6 +19,8 @@ import pickle
 import typing
 from typing import Any
 
+from streamconv.errors import describe
+
 DTYPES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
           "uint8": 1, "bool": 1}  # the tensor dtypes a checkpoint may hold (torch.<name>), bytes per element
 
@@ -73,35 +75,165 @@ def placeholder_class(name: str) -> type[Placeholder]:
     return type("Refused", (Placeholder,), {"global_name": name})
 
 
+# What one pickle may make the unpickler do. A checkpoint's pickle describes tensors and a config: a 24-layer
+# Lightning .ckpt with Adam state runs about 46,000 opcodes (tests/test_pickle_bounds.py). Each limit leaves a
+# margin of over 50 x and keeps a small hostile file from taking minutes or gigabytes.
+MAX_OPCODES = 8_000_000  # each makes at most one object (about 100 bytes with its memo entry): under 1 GB
+MAX_WORK = 32_000_000  # elements copied or hashed by the calls and insertions the pickle asks for
+MAX_TUPLE = 65_536  # elements of a tuple counted through the tuples it holds, shared ones each time (one hash)
+MAX_DEPTH = 64  # tuples inside tuples (hashing recurses in C)
+_SCALARS = (str, bytes, int, float, bool, type(None))
+_COERCIONS = (str, int, float, bool)  # called on a container, these walk it (str of shared lists: 2**40 steps)
+
+
+class Refused(pickle.UnpicklingError):
+    """The pickle asks for more than a checkpoint ever needs: damaged, or built to hang or fill memory."""
+
+
+class _Dispatch(dict):
+    def __missing__(self, code: int) -> Any:
+        raise pickle.UnpicklingError(f"unknown pickle opcode {code:#04x}")
+
+
+def _counted(load: Any) -> Any:
+    def step(self: Unpickler) -> None:
+        self.opcodes += 1
+        if self.opcodes > MAX_OPCODES:
+            raise Refused(f"runs more than {MAX_OPCODES} opcodes")
+        load(self)
+
+    return step
+
+
 class Unpickler(pickle._Unpickler):
     """`find_class` from the allow-list; anything else becomes a placeholder class (never imported).
 
     The allow-listed classes and functions are shared by the whole process, so a pickle may not change them:
     BUILD (set an object's state) on one of them is refused. That is why this is the pure-Python unpickler,
     whose opcodes can be overridden (the C one offers no hook); it reads a 283 kB Lightning pickle in 44 ms
-    instead of 25.
+    instead of 25. The same hooks bound the work: opcodes counted, every call and every insertion into a dict
+    or set charged by the elements it copies or hashes, tuples weighed as they are made (memo references
+    let a few bytes stand for a tuple of 2**40 elements, whose every hash would walk them all), and the
+    coercions (`str`, `int`, ...) applied to plain values only.
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: dict[int, Any]  # set below the class: every opcode counted, these overrides used
     _allowed: dict[str, Any] = {}
 
     def __init__(self, file: Any) -> None:
         super().__init__(file)
         self._handed: set[int] = set()  # ids of the allow-listed objects this pickle was given
+        self.opcodes = self.work = 0
+        self._tuples: dict[int, tuple[Any, int, int]] = {}  # id -> (the tuple, its weight, its depth)
 
     def hand(self, obj: Any) -> Any:
         """`obj`, an allow-listed global, recorded as one the pickle must not change."""
         self._handed.add(id(obj))
         return obj
 
+    def charge(self, n: int) -> None:
+        self.work += n
+        if self.work > MAX_WORK:
+            raise Refused(f"asks for more than {MAX_WORK} steps of work")
+
+    def _weight(self, obj: Any) -> tuple[int, int]:
+        """(elements a hash of `obj` walks, its tuple depth); a tuple made by a call is weighed once, here."""
+        if type(obj) not in (tuple, frozenset):
+            return 1, 0
+        known = self._tuples.get(id(obj))
+        if known is not None and known[0] is obj:
+            return known[1], known[2]
+        self.charge(len(obj))
+        weight, depth = 1, 0
+        for item in obj:
+            w, d = self._weight(item)
+            weight, depth = weight + w, max(depth, d)
+        if weight > MAX_TUPLE or depth >= MAX_DEPTH:
+            raise Refused(f"builds a tuple of more than {min(weight, MAX_TUPLE)} elements or {depth + 1} levels")
+        self._tuples[id(obj)] = (obj, weight, depth + 1)
+        return weight, depth + 1
+
+    def _keys_weight(self, keys: Any) -> int:
+        return sum(self._weight(k)[0] for k in keys)
+
+    def _check_call(self, func: Any, args: Any, kwargs: Any = None) -> None:
+        """Charge a call by what its arguments hold; refuse a coercion of anything but a plain value."""
+        if not isinstance(args, tuple) or not isinstance(kwargs or {}, dict):
+            raise pickle.UnpicklingError("a call's arguments are not a tuple")
+        values = [*args, *(kwargs or {}).values()]
+        if func in _COERCIONS and not all(isinstance(v, _SCALARS) for v in values):
+            raise Refused(f"applies {func.__name__} to a container")
+        self.charge(1 + len(values))
+        for value in values:
+            if isinstance(value, dict):
+                self.charge(len(value) + self._keys_weight(value))
+            elif isinstance(value, list | tuple | set | frozenset):
+                self.charge(self._keys_weight(value))
+
+    def _made(self) -> None:
+        """Weigh what a call or an opcode just put on the stack, if it is a tuple."""
+        self._weight(self.stack[-1])
+
     def load_build(self) -> None:
-        target = self.stack[-2]  # (the state is on top)
+        target, state = self.stack[-2], self.stack[-1]
         if id(target) in self._handed:
             name = getattr(target, "__qualname__", type(target).__name__)
             raise pickle.UnpicklingError(f"the pickle tries to change {name:.60}, which streamconv refuses")
+        self.charge(1 + (len(state) if isinstance(state, dict | tuple) else 0))
         super().load_build()
 
-    dispatch[pickle.BUILD[0]] = load_build
+    def load_reduce(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        super().load_reduce()
+        self._made()
+
+    def load_newobj(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        super().load_newobj()
+        self._made()
+
+    def load_newobj_ex(self) -> None:
+        self._check_call(self.stack[-3], self.stack[-2], self.stack[-1])
+        super().load_newobj_ex()
+        self._made()
+
+    def _instantiate(self, klass: Any, args: Any) -> None:
+        self._check_call(klass, tuple(args))
+        super()._instantiate(klass, args)
+        self._made()
+
+    def load_tuple(self) -> None:
+        super().load_tuple()
+        self._made()
+
+    def load_tuple1(self) -> None:
+        super().load_tuple1()
+        self._made()
+
+    def load_tuple2(self) -> None:
+        super().load_tuple2()
+        self._made()
+
+    def load_tuple3(self) -> None:
+        super().load_tuple3()
+        self._made()
+
+    def load_frozenset(self) -> None:
+        self.charge(self._keys_weight(self.stack))  # (after MARK, the stack holds just the items)
+        super().load_frozenset()
+        self._made()
+
+    def load_setitem(self) -> None:
+        self.charge(self._weight(self.stack[-2])[0])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        self.charge(self._keys_weight(self.stack[0::2]))
+        super().load_setitems()
+
+    def load_additems(self) -> None:
+        self.charge(self._keys_weight(self.stack))
+        super().load_additems()
 
     @classmethod
     def allowed(cls) -> dict[str, Any]:
@@ -117,6 +249,15 @@ class Unpickler(pickle._Unpickler):
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self.allowed().get(f"{module}.{name}")
         return self.hand(found) if found is not None else placeholder_class(f"{module}.{name}")
+
+
+_OVERRIDDEN = {pickle.BUILD: "load_build", pickle.REDUCE: "load_reduce", pickle.NEWOBJ: "load_newobj",
+               pickle.NEWOBJ_EX: "load_newobj_ex", pickle.TUPLE: "load_tuple", pickle.TUPLE1: "load_tuple1",
+               pickle.TUPLE2: "load_tuple2", pickle.TUPLE3: "load_tuple3", pickle.FROZENSET: "load_frozenset",
+               pickle.SETITEM: "load_setitem", pickle.SETITEMS: "load_setitems", pickle.ADDITEMS: "load_additems"}
+Unpickler.dispatch = _Dispatch({code: _counted(getattr(Unpickler, _OVERRIDDEN[bytes([code])])
+                                               if bytes([code]) in _OVERRIDDEN else load)
+                                for code, load in pickle._Unpickler.dispatch.items()})
 
 
 def refused_global(obj: Any) -> str | None:
@@ -146,8 +287,10 @@ def refused_global(obj: Any) -> str | None:
 def storage_id(saved_id: Any) -> tuple[Any, str, int]:
     """(storage type, key, element count) from a pickle's persistent id, as torch.save writes it."""
     if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] not in ("storage", b"storage"):
-        raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r:.80}")
+        raise pickle.UnpicklingError(f"unexpected persistent id {describe(saved_id)}")
     _, storage_type, key, _location, numel = saved_id
+    if not isinstance(key, str | int) or isinstance(key, bool):
+        raise pickle.UnpicklingError(f"unexpected storage key {describe(key)}")
     if not isinstance(numel, int) or numel < 0:
-        raise pickle.UnpicklingError(f"unexpected storage size {numel!r:.80}")
+        raise pickle.UnpicklingError(f"unexpected storage size {describe(numel)}")
     return storage_type, str(key), numel

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.sources import safe_pickle
 
 _MAX_DIMS = 32  # numpy's limit is 64; a weight has at most 4
@@ -113,7 +113,7 @@ class _StorageType:
 def _naturals(values: Any) -> tuple[int, ...]:
     values = tuple(values)
     if not all(type(v) is int and v >= 0 for v in values):
-        raise pickle.UnpicklingError(f"unexpected sizes or strides {values!r:.80}")
+        raise pickle.UnpicklingError(f"unexpected sizes or strides {describe(values)}")
     return values
 
 
@@ -189,7 +189,8 @@ class _Unpickler(safe_pickle.Unpickler):
         storage_type, key, numel = safe_pickle.storage_id(saved_id)
         start, length = self.members.get(key, (None, 0))
         if not isinstance(storage_type, _StorageType) or start is None:
-            raise pickle.UnpicklingError(f"unexpected storage {saved_id!r:.80}")
+            raise pickle.UnpicklingError(f"a tensor's storage {key[:40]!r} is not in the archive, or not a "
+                                         "storage type torch writes")
         start += self.offset
         return _Stored(storage_type.dtype, start, start + min(length, numel * safe_pickle.DTYPES[storage_type.dtype]))
 
@@ -216,10 +217,22 @@ def load(path: str, offset: int = 0, size: int | None = None) -> Any:
         return _Unpickler(data, members, offset).load()
     except ConversionError:
         raise
+    except safe_pickle.Refused as exc:
+        raise ConversionError(f"cannot read checkpoint {path}: its pickle {exc}, more than any checkpoint needs; "
+                              "it is damaged or hostile: do not trust this file") from None
     except Exception as exc:  # a damaged pickle can fail in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"cannot read checkpoint {path}: it is damaged ({reason}); "
+        raise ConversionError(f"cannot read checkpoint {path}: it is damaged ({reason_of(exc)}); "
                               "copy or download it again") from None
+
+
+def reason_of(exc: BaseException) -> str:
+    """What went wrong, in a few words: the exception's first line, named by its type unless it is pickle's."""
+    if isinstance(exc, EOFError):
+        return "the pickle ends before its STOP"
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    if isinstance(exc, pickle.UnpicklingError):
+        return text or "not a pickle"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[str, tuple[int, int]], bytes, bytes]:

@@ -15,9 +15,10 @@ def test_python_errors_name_keyword_arguments(bf16_ckpt, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(streamconv.ConversionError, match="overwrite=True") as raised:
         streamconv.convert(bf16_ckpt.path, tmp_path / "full", vocab_size=1000)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "out", vocab_size=1000)
     with pytest.raises(streamconv.ConversionError) as raised:
-        streamconv.verify(bf16_ckpt.path, tmp_path / "out", num_heads=3)
-    assert "num_heads" in str(raised.value) and "--" not in str(raised.value), raised.value
+        streamconv.verify(bf16_ckpt.path, tmp_path / "out", tokenizer_path=tmp_path / "missing.model")
+    assert "check tokenizer_path" in str(raised.value) and "--" not in str(raised.value), raised.value
 
 
 def test_the_command_line_names_flags(bf16_ckpt, tmp_path):

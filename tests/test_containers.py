@@ -6,6 +6,7 @@ import tarfile
 import zipfile
 
 import pytest
+import torch
 
 from streamconv.testing import SyntheticModel, make_checkpoint, make_nemo
 from tests.conftest import run_cli
@@ -119,3 +120,37 @@ def test_a_pax_header_that_says_gigabytes_is_not_read_into_memory(nemo_members, 
     proc = convert(tmp_path, bytes(data), ".nemo")
     assert_one_line_error(proc, "an extended header of 8589934080 bytes")
 
+
+
+def test_a_small_stride_0_tensor_converts_as_torch_reads_it(tmp_path):
+    """torch.save keeps `torch.ones(1).expand(h)` as one element with stride 0; torch.load reads it."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "in.ckpt"
+    make_checkpoint(path, SMALL, optimizer=False)
+    checkpoint = torch.load(path, weights_only=False)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("layers.0.input_layernorm.weight"))
+    checkpoint["state_dict"][key] = torch.full((1,), 1.5, dtype=torch.bfloat16).expand(SMALL.n_embd)
+    torch.save(checkpoint, path)
+    assert torch.load(path, weights_only=False)["state_dict"][key].stride() == (0,)
+    proc = run_cli("--checkpoint-path", path, "--save-path", tmp_path / "out", "--quiet", "--vocab-size", "256")
+    assert proc.returncode == 0, proc.stderr
+    written = load_file(tmp_path / "out" / "model.safetensors")["transformer.h.0.ln_1.weight"]
+    assert torch.equal(written, torch.full((SMALL.n_embd,), 1.5, dtype=torch.bfloat16))
+    assert run_cli("--verify", "--checkpoint-path", path, "--save-path", tmp_path / "out").returncode == 0
+
+
+@pytest.mark.parametrize("layout", ["plain", "gzip", "extracted"])
+def test_legacy_weights_inside_a_nemo_are_named_legacy(tmp_path, layout):
+    folder = tmp_path / "nemo"
+    make_nemo(folder, SMALL, extracted=True)
+    weights = torch.load(folder / "model_weights.ckpt", weights_only=False)
+    torch.save(weights, folder / "model_weights.ckpt", _use_new_zipfile_serialization=False)
+    path = folder
+    if layout != "extracted":
+        path = tmp_path / "in.nemo"
+        with tarfile.open(path, "w:gz" if layout == "gzip" else "w") as tar:
+            tar.add(folder, arcname=".")
+    proc = convert(tmp_path, path.read_bytes(), ".nemo") if layout != "extracted" else run_cli(
+        "--checkpoint-path", path, "--save-path", tmp_path / "out", "--quiet")
+    assert_one_line_error(proc, "model_weights.ckpt", "legacy (pre-1.6) format", "torch.save(torch.load(")

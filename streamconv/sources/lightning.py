@@ -27,9 +27,6 @@ from streamconv.errors import ConversionError
 from streamconv.sources import safe_pickle, torch_zip
 from streamconv.sources.hparams import Config
 
-# torch.save(..., _use_new_zipfile_serialization=False): a pickle stream starting with torch's magic number.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-_ZIP_MAGIC = b"PK\x03\x04"
 BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # element width -> the integers that hold its bits
 
 
@@ -201,20 +198,11 @@ def tensors_of(path: str, state_dict: Mapping, mapped: MappedFile) -> dict[str, 
 
 
 def _check_container(path: str) -> None:
-    """Name the common ways a file is not a readable torch zip checkpoint, before unpickling anything."""
+    """A missing file or a folder, named before anything is read (torch_zip.load names what is inside)."""
     if not os.path.exists(path):
         raise ConversionError(f"checkpoint not found: {path}; check --checkpoint-path")
     if os.path.isdir(path):
         raise ConversionError(f"checkpoint path is a directory: {path}; pass the .ckpt file inside it")
-    with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
-    if head.startswith(_LEGACY_MAGIC):
-        raise ConversionError(
-            f"{path} uses torch's legacy (pre-1.6) format, which cannot be memory-mapped; re-save it in a "
-            "trusted environment with torch.save(torch.load(path, weights_only=False), new_path)"
-        )
-    if not head.startswith(_ZIP_MAGIC):
-        raise ConversionError(f"{path} is not a torch checkpoint (no zip header); check --checkpoint-path")
 
 
 def lightning_cfg(path: str, payload: Mapping) -> Config | None:

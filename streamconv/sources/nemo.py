@@ -113,7 +113,7 @@ def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] 
         if member.offset_data + member.size > size:
             raise ConversionError(f"{path} is truncated ({name!r} ends past the end of the file); "
                                   "copy or download it again")
-        loaded[rank] = (torch_zip.load(path, member.offset_data, member.size), path)  # one mapping for all
+        loaded[rank] = (torch_zip.load(path, member.offset_data, member.size, f"{path} ({name})"), path)
     return _assemble(path, loaded, cfg, tokenizer)
 
 
@@ -215,8 +215,8 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
             _weights_members(path, [])  # refuses: no weights
         cfg = _parse_config(path, config) if config is not None else None
         tokenizer = _tokenizer_member(cfg, list(artifacts))
-        checkpoint = _assemble(path, {rank: (torch_zip.load(t), t) for rank, t in temps.items()}, cfg,
-                               artifacts.get(tokenizer) if tokenizer else None)
+        loaded = {rank: (torch_zip.load(t, label=f"{path} ({seen[rank]})"), t) for rank, t in temps.items()}
+        checkpoint = _assemble(path, loaded, cfg, artifacts.get(tokenizer) if tokenizer else None)
         checkpoint.note = f"{len(temps)} weights file(s) were extracted from the gzip archive into temporary " \
                           "files, now removed"
         return checkpoint

@@ -24,9 +24,15 @@ from streamconv.errors import ConversionError, describe
 from streamconv.sources import safe_pickle
 
 _MAX_DIMS = 32  # numpy's limit is 64; a weight has at most 4
+# A stride-0 view (a norm weight saved as torch.ones(1).expand(h)) is copied whole when it is reached: up to
+# the size of one read chunk (pipeline.CHUNK_BYTES), which the memory bound already counts.
+_MAX_REPEATED = 64 * 2**20
 # data.pkl describes the tensors, not their bytes: a 48-layer Lightning checkpoint with optimizer state has a
 # 283 kB one. 256 MiB leaves room for far larger models and keeps a hostile one from filling memory.
 _MAX_PICKLE = 256 * 2**20
+# torch.save(..., _use_new_zipfile_serialization=False): a pickle stream starting with torch's magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: signature .. name length, extra length
 
 
@@ -110,6 +116,10 @@ class _StorageType:
     dtype: str
 
 
+class _Repeated(pickle.UnpicklingError):
+    """A valid tensor streamconv will not copy: a large stride-0 view."""
+
+
 def _naturals(values: Any) -> tuple[int, ...]:
     values = tuple(values)
     if not all(type(v) is int and v >= 0 for v in values):
@@ -132,8 +142,9 @@ def _stored_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dt
     tensor = StoredTensor(f"torch.{dtype}", shape, strides, offset)
     if offset > storage.end or (0 not in shape and storage.start + (last + 1) * itemsize > storage.end):
         raise pickle.UnpicklingError("a tensor ends past its storage")
-    if tensor.nbytes > span:  # overlapping elements (stride 0): a copy of it could be any size
-        raise pickle.UnpicklingError("a tensor has more elements than its storage")
+    if tensor.nbytes > max(span, _MAX_REPEATED):  # a copy of a stride-0 view could be any size
+        raise _Repeated(f"a tensor of {tensor.nbytes} bytes repeats the {span} bytes of its storage (a "
+                              "stride of 0, as torch's expand() makes); re-save it with .contiguous()")
     return tensor
 
 
@@ -195,11 +206,12 @@ class _Unpickler(safe_pickle.Unpickler):
         return _Stored(storage_type.dtype, start, start + min(length, numel * safe_pickle.DTYPES[storage_type.dtype]))
 
 
-def load(path: str, offset: int = 0, size: int | None = None) -> Any:
+def load(path: str, offset: int = 0, size: int | None = None, label: str | None = None) -> Any:
     """The object pickled in the torch zip file at [offset, offset + size) of `path`, each tensor a
     `StoredTensor` (offsets into `path`). Reads the zip directory and the pickle, no tensor bytes.
 
-    Raises ConversionError (one line) for a damaged or truncated zip, compressed members or big-endian data.
+    Raises ConversionError (one line) for torch's legacy format, a damaged or truncated zip, compressed
+    members or big-endian data. `label` names the checkpoint in messages (a member of a `.nemo`).
     """
     file_size = os.path.getsize(path)
     size = file_size - offset if size is None else size
@@ -207,6 +219,7 @@ def load(path: str, offset: int = 0, size: int | None = None) -> Any:
         raise ConversionError(f"{path} is truncated (the checkpoint inside it ends past the end of the file)")
     fd = os.open(path, os.O_RDONLY)
     try:
+        _check_head(label or path, os.pread(fd, len(_LEGACY_MAGIC), offset))
         members, data, byteorder = _read_directory(path, fd, offset, size)
     finally:
         os.close(fd)
@@ -217,6 +230,8 @@ def load(path: str, offset: int = 0, size: int | None = None) -> Any:
         return _Unpickler(data, members, offset).load()
     except ConversionError:
         raise
+    except _Repeated as exc:
+        raise ConversionError(f"{path}: {exc}") from None
     except safe_pickle.Refused as exc:
         raise ConversionError(f"cannot read checkpoint {path}: its pickle {exc}, more than any checkpoint needs; "
                               "it is damaged or hostile: do not trust this file") from None
@@ -233,6 +248,17 @@ def reason_of(exc: BaseException) -> str:
     if isinstance(exc, pickle.UnpicklingError):
         return text or "not a pickle"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_head(label: str, head: bytes) -> None:
+    """Name the common ways the bytes are not a torch zip checkpoint, before reading its directory."""
+    if head.startswith(_LEGACY_MAGIC):
+        raise ConversionError(
+            f"{label} uses torch's legacy (pre-1.6) format, which cannot be memory-mapped; re-save it in a "
+            "trusted environment with torch.save(torch.load(path, weights_only=False), new_path)"
+        )
+    if not head.startswith(_ZIP_MAGIC):
+        raise ConversionError(f"{label} is not a torch checkpoint (no zip header); check --checkpoint-path")
 
 
 def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[str, tuple[int, int]], bytes, bytes]:

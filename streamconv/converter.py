@@ -222,12 +222,12 @@ def convert(
     out_dtype = resolve_dtype(dtype)
     inputs = [os.fspath(p) for p in (checkpoint_path, tokenizer_path) if p is not None]
     parent = os.path.dirname(os.path.realpath(save_path)) if save_path is not None else ""
-    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+    bar_for = (lambda description, total: _progress_bar(total, True, description)) if progress else None
     with contextlib.ExitStack() as stack:
         target = None if dry_run else stack.enter_context(claimed(save_path, overwrite, inputs))
         model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
         checkpoint = stack.enter_context(open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None,
-                                                         say))
+                                                         bar_for))
         if model is not None:
             checkpoint.tokenizer = model
         plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
@@ -343,13 +343,13 @@ class _NoProgress:
         pass
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, description: str = "converting"):
     """tqdm's bar on stderr; with --quiet, not even tqdm's import (0.1 s of a cold start)."""
     if not enabled:
         return _NoProgress()
     from tqdm import tqdm
 
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="converting",
+        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=description,
         file=sys.stderr, dynamic_ncols=True,
     )

@@ -159,17 +159,17 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
-                    say: Callable[[str], None] | None = None) -> Checkpoint:
+                    progress: Callable[[str, int], Any] | None = None) -> Checkpoint:
     """Open a Lightning `.ckpt` or a `.nemo` (archive or extracted folder) without reading any weights.
 
-    `scratch` is the folder a gzip `.nemo`'s weights are extracted into (the output's parent); `say`
-    receives progress notes for the user.
+    `scratch` is the folder a gzip `.nemo`'s weights are extracted into (the output's parent);
+    `progress(description, total bytes)` makes the bar the extraction is shown by.
     """
     from streamconv.sources import nemo
 
     path = os.fspath(path)
     if nemo.is_nemo(path):
-        return nemo.open_nemo(path, scratch, say)
+        return nemo.open_nemo(path, scratch, progress)
     _check_container(path)
     payload = torch_zip.load(path)
 

@@ -39,6 +39,7 @@ _COPY_CHUNK = 16 * 2**20
 _TEMP_PREFIX = ".streamconv-nemo-"
 
 Rank = tuple[int, int]
+Progress = Callable[[str, int], Any]  # (description, total bytes) -> a bar with update(n) and close()
 _MAX_TAR_HEADER = 2**20  # a PAX or GNU long-name header (names and a few records: real ones are under 1 kB)
 
 
@@ -83,17 +84,17 @@ def weights_rank(name: str) -> Rank | None:
     return parallel.rank_of(folder) if file == WEIGHTS else None
 
 
-def open_nemo(path: str, scratch: str | None = None, say: Callable[[str], None] | None = None) -> Checkpoint:
+def open_nemo(path: str, scratch: str | None = None, progress: Progress | None = None) -> Checkpoint:
     """Open a `.nemo` archive, an extracted one or a folder of rank `.ckpt` files, reading no weights.
 
-    A gzip archive's weights are extracted first (said through `say`).
+    A gzip archive's weights are extracted first, shown by a `progress(description, total bytes)` bar.
     """
     if os.path.isdir(path):
         return _open_folder(path)
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped:
-        return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), say)
+        return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), progress)
     try:
         with tarfile.open(path, "r:", tarinfo=_BoundedTarInfo) as tar:
             regular = [m for m in tar.getmembers() if m.isreg() and not m.issparse()]
@@ -168,7 +169,7 @@ def _rank_file(path: str, folder: str) -> str:
     return os.path.join(inner, ckpts[0])
 
 
-def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Checkpoint:
+def _open_gzip(path: str, scratch: str, progress: Progress | None) -> Checkpoint:
     """Decompress each weights member into an unlinked temporary file in `scratch` and open those.
 
     Extracts left by runs that were killed meanwhile (their process is gone) are removed first.
@@ -202,15 +203,21 @@ def _open_gzip(path: str, scratch: str, say: Callable[[str], None] | None) -> Ch
                     if free < member.size:
                         raise ConversionError(f"not enough free space in {scratch} to extract {name!r} from the "
                                               f"gzip archive {path}: need {member.size} bytes, have {free}")
-                    if say is not None:
-                        say(f"{path} is gzip-compressed: extracting {name!r} ({member.size / 1e9:.3f} GB) "
-                            f"into a temporary file in {scratch}")
                     fd, temps[rank] = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".ckpt",
                                                        dir=scratch)
-                    with os.fdopen(fd, "wb") as out:
-                        shutil.copyfileobj(tar.extractfile(member), out, _COPY_CHUNK)
-                        out.flush()
-                        os.fsync(out.fileno())
+                    bar = progress(f"extracting {name} (gzip)", member.size) if progress else None
+                    try:
+                        with os.fdopen(fd, "wb") as out:
+                            source = tar.extractfile(member)
+                            while chunk := source.read(_COPY_CHUNK):
+                                out.write(chunk)
+                                if bar is not None:
+                                    bar.update(len(chunk))
+                            out.flush()
+                            os.fsync(out.fileno())
+                    finally:
+                        if bar is not None:
+                            bar.close()
         if not temps:
             _weights_members(path, [])  # refuses: no weights
         cfg = _parse_config(path, config) if config is not None else None

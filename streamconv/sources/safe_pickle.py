@@ -202,22 +202,6 @@ class Unpickler(pickle._Unpickler):
         super()._instantiate(klass, args)
         self._made()
 
-    def load_tuple(self) -> None:
-        super().load_tuple()
-        self._made()
-
-    def load_tuple1(self) -> None:
-        super().load_tuple1()
-        self._made()
-
-    def load_tuple2(self) -> None:
-        super().load_tuple2()
-        self._made()
-
-    def load_tuple3(self) -> None:
-        super().load_tuple3()
-        self._made()
-
     def load_frozenset(self) -> None:
         self.charge(self._keys_weight(self.stack))  # (after MARK, the stack holds just the items)
         super().load_frozenset()
@@ -251,13 +235,28 @@ class Unpickler(pickle._Unpickler):
         return self.hand(found) if found is not None else placeholder_class(f"{module}.{name}")
 
 
+def _weighed(load: Any) -> Any:
+    """An opcode that makes a tuple, followed by weighing it."""
+    def step(self: Unpickler) -> None:
+        load(self)
+        self._made()
+
+    return step
+
+
 _OVERRIDDEN = {pickle.BUILD: "load_build", pickle.REDUCE: "load_reduce", pickle.NEWOBJ: "load_newobj",
-               pickle.NEWOBJ_EX: "load_newobj_ex", pickle.TUPLE: "load_tuple", pickle.TUPLE1: "load_tuple1",
-               pickle.TUPLE2: "load_tuple2", pickle.TUPLE3: "load_tuple3", pickle.FROZENSET: "load_frozenset",
+               pickle.NEWOBJ_EX: "load_newobj_ex", pickle.FROZENSET: "load_frozenset",
                pickle.SETITEM: "load_setitem", pickle.SETITEMS: "load_setitems", pickle.ADDITEMS: "load_additems"}
-Unpickler.dispatch = _Dispatch({code: _counted(getattr(Unpickler, _OVERRIDDEN[bytes([code])])
-                                               if bytes([code]) in _OVERRIDDEN else load)
-                                for code, load in pickle._Unpickler.dispatch.items()})
+_TUPLES = (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3)
+
+
+def _step(code: bytes, load: Any) -> Any:
+    if code in _OVERRIDDEN:
+        load = getattr(Unpickler, _OVERRIDDEN[code])
+    return _counted(_weighed(load) if code in _TUPLES else load)
+
+
+Unpickler.dispatch = _Dispatch({code: _step(bytes([code]), load) for code, load in pickle._Unpickler.dispatch.items()})
 
 
 def refused_global(obj: Any) -> str | None:

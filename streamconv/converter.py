@@ -244,7 +244,10 @@ def convert(
             result.peak_rss = peak_rss()
             return result
 
-        free = shutil.disk_usage(parent).free
+        try:
+            free = shutil.disk_usage(parent).free
+        except FileNotFoundError:
+            raise _deleted(parent, save_path) from None
         if free < plan.file_bytes:
             raise ConversionError(
                 f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
@@ -252,7 +255,10 @@ def convert(
             )
         if needs_torch(plan.tensors, checkpoint, dev):
             import_torch()  # here, not mid-stream: see signals_held
-        staging = staging_folder(target)
+        try:
+            staging = staging_folder(target)
+        except FileNotFoundError:
+            raise _deleted(parent, save_path) from None
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         bar = _NoProgress()
         try:
@@ -298,9 +304,13 @@ def _write_error(exc: OSError, save_path: str, staging: str, plan: Plan) -> Base
         return ConversionError(f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
                                f"{_size(plan.file_bytes)}, free space or raise the limit and run again")
     if not os.path.isdir(staging):
-        return ConversionError(f"the folder being written, {staging}, was deleted during the conversion (or a "
-                               f"folder above it); nothing was written to {save_path}: run again")
+        return _deleted(staging, save_path)
     return exc
+
+
+def _deleted(folder: str, save_path: str) -> ConversionError:
+    return ConversionError(f"the folder {folder} was deleted during the conversion (or a folder above it); "
+                           f"nothing was written to {save_path}: run again")
 
 
 def read_tokenizer(path: str) -> bytes:

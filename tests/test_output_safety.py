@@ -255,3 +255,12 @@ def test_ctrl_c_closes_the_progress_bar_before_its_line(checkpoints, tmp_path):
     stderr = proc.stderr.read()
     assert "converting" in stderr  # the bar was drawn
     assert stderr.endswith("\nstreamconv: interrupted; nothing was written\n"), repr(stderr[-300:])
+
+
+def test_the_parent_folder_deleted_after_planning_is_one_error(bf16_ckpt, tmp_path):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    with pytest.raises(streamconv.ConversionError, match="was deleted during the conversion"):
+        streamconv.convert(bf16_ckpt.path, parent / "out", vocab_size=1000,
+                           before_write=lambda plan: shutil.rmtree(parent))
+    assert not parent.exists()

@@ -17,7 +17,14 @@ KEYWORDS = {"--checkpoint-path": "checkpoint_path", "--save-path": "save_path", 
 _FLAG = re.compile(r"(--[a-z][a-z-]*)(?: (N|[0-9]+)\b)?")
 
 
-_REPR = reprlib.Repr()
+class _Short(reprlib.Repr):
+    def repr_int(self, value: int, level: int) -> str:  # repr() of an int over 4,300 digits raises
+        if value.bit_length() > 256:
+            return f"<an integer of {value.bit_length()} bits>"
+        return super().repr_int(value, level)
+
+
+_REPR = _Short()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 

@@ -55,6 +55,7 @@ def convert(tmp_path, data: bytes, suffix: str = ".ckpt"):
     ("byteorder", {"method": 8}, "compressed or encrypted"),
     ("byteorder", {"flags": 0x1}, "compressed or encrypted"),
     ("data/0", {"method": 99}, "compressed"),
+    ("data.pkl", {"compressed": 2**28}, "compressed or encrypted"),  # zipfile would read 256 MB whole
 ])
 def test_zip_fields_torch_never_writes_are_one_line(ckpt_bytes, tmp_path, member, fields, fragment):
     proc = convert(tmp_path, patch_central(ckpt_bytes, member, **fields))

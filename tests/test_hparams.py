@@ -188,3 +188,18 @@ def test_a_parent_loop_is_never_followed(tmp_path):
     with open_checkpoint(path) as checkpoint:
         assert isinstance(checkpoint.hparams, Config)
         assert checkpoint.hparam("max_position_embeddings") == SMALL.n_positions
+
+
+@pytest.mark.parametrize("cfg, fragments", [
+    ({"hidden_size": "${" + " " * 1_000_000}, ["'hidden_size'", "more than 65536 characters"]),  # no backtracking
+    ({"hidden_size": 10**400}, ["'hidden_size'", "<an integer of 1329 bits>", "not a whole number"]),
+    ({"layernorm_epsilon": 10**400}, ["'layernorm_epsilon'", "not a number"]),
+    ({"hidden_size": "a${.big}", "big": 10**5000}, ["'hidden_size'", "inside the string"]),  # str() would raise
+])
+def test_huge_values_are_one_line(tmp_path, cfg, fragments):
+    """Pickled as plain dicts: OmegaConf itself takes minutes to create some of these."""
+    plain = OmegaConf.to_container(nemo_config(SMALL, "bf16").cfg)
+    path = with_hparams(tmp_path / "in.ckpt", {"cfg": {**plain, **cfg}})
+    proc = run_bounded("--checkpoint-path", path, "--save-path", tmp_path / "out")
+    assert_one_line_error(proc, *fragments)
+    assert len(proc.stderr) < 1000

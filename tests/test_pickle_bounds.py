@@ -57,8 +57,9 @@ def many_copies() -> list:
     (lambda: Applies(frozenset, [shared_tuples(40)]), "builds a tuple of more than"),
     (lambda: DictItems([(chained_tuples(200), 1)]), "levels"),  # hashing recurses in C
     (many_copies, "steps of work"),
+    (lambda: [Applies(list, "x" * 1_000_000) for _ in range(200)], "steps of work"),  # 8 MB of list per call
     (lambda: [None] * 9_000_000, "opcodes"),  # one opcode a byte: 9 MB of pickle for 9 million objects
-], ids=["str", "dict-key", "frozenset", "deep-tuple", "copies", "opcodes"])
+], ids=["str", "dict-key", "frozenset", "deep-tuple", "copies", "string-copies", "opcodes"])
 def test_a_hostile_pickle_beside_the_weights_is_refused_quickly(tmp_path, make, fragment):
     proc = run_bounded("--checkpoint-path", with_loops(tmp_path, make()), "--save-path", tmp_path / "out")
     assert_one_line_error(proc, fragment, "do not trust this file")

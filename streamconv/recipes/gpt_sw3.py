@@ -109,12 +109,15 @@ def layer_id(key: str) -> int:
 
 def is_whole(value: Any) -> bool:
     """An int, or a float with nothing after the point (YAML may write 2.0); not a bool."""
-    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) >= 2**63:
+        return False
+    return isinstance(value, int) or value.is_integer()
 
 
 def number(key: str, value: Any, kind: type) -> Any:
     """A cfg value as an int or float, or a one-line error naming the key."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and not is_whole(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) >= 2**63 \
+            or kind is int and not is_whole(value):
         wanted = "a whole number" if kind is int else "a number"
         raise ConversionError(f"hyper-parameter {key!r} is {describe(value)}, not {wanted}; fix the checkpoint's cfg")
     return kind(value)

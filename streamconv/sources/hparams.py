@@ -24,7 +24,7 @@ _MAX_STRING = 65_536  # characters of a string built by interpolation
 _MISSING = "???"  # OmegaConf's mandatory-missing value
 _INTERPOLATION = re.compile(r"\\\$\{|\$\{([^${}]*)\}")
 _KEY = re.compile(r"[^.\[\]]+|\[[^\]]*\]")
-_RESOLVER = re.compile(r"\$\{\s*([^${}:\s]*)\s*:")
+_RESOLVER = re.compile(r"\$\{\s*+([^${}:\s]*+)\s*+:")  # possessive: no backtracking on long runs of blanks
 
 
 class _Node:
@@ -132,6 +132,8 @@ class Config:
 
     def _interpolate(self, text: str, parent: tuple[Any, ...], key: str, depth: int) -> Any:
         """`text` with each `${...}` replaced; a string that is one interpolation takes the value's type."""
+        if len(text) > _MAX_STRING:
+            raise self._error(key, f"is a string of more than {_MAX_STRING} characters with an interpolation")
         resolver = _RESOLVER.search(text)
         if resolver is not None:
             self._refuse_resolver(resolver.group(1), key)
@@ -147,7 +149,8 @@ class Config:
                 pieces.append("${")
             else:
                 value = self._follow(match.group(1), parent, key, depth)
-                if isinstance(value, dict | list) or value is None:
+                huge = isinstance(value, int) and value.bit_length() > 64  # (str() of 4,300 digits raises)
+                if huge or not isinstance(value, str | int | float | bool):
                     raise self._error(key, f"puts {_kind(value)} inside the string {_short(text)}")
                 pieces.append(str(value))
             last = match.end()

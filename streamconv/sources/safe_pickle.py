@@ -169,6 +169,8 @@ class Unpickler(pickle._Unpickler):
                 self.charge(len(value) + self._keys_weight(value))
             elif isinstance(value, list | tuple | set | frozenset):
                 self.charge(self._keys_weight(value))
+            elif isinstance(value, str | bytes | bytearray):  # list(s), str(b), frozenset(s): each element made
+                self.charge(4 * len(value))
 
     def _made(self) -> None:
         """Weigh what a call or an opcode just put on the stack, if it is a tuple."""

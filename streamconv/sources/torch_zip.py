@@ -302,7 +302,8 @@ def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[st
 def _read_small(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
     """A member that torch writes stored, unencrypted and small (data.pkl, byteorder), checked before it is
     read: a compressed one could inflate to any size."""
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x41:  # (0x1: encrypted, 0x40: strong)
+    stored = info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size
+    if not stored or info.flag_bits & 0x41:  # (0x1: encrypted, 0x40: strong encryption)
         raise ConversionError(f"{path}: {info.filename!r} is compressed or encrypted; torch writes it stored, "
                               "so this is not a checkpoint torch.save wrote: re-save it with torch.save")
     if info.file_size > limit:

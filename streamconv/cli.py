@@ -151,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"streamconv: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # the machine, not the input: a permission, a failing disk, a file gone
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"streamconv: error: {exc.strerror or exc}{where}; nothing was written: check the paths and the "
+              "disk, then run again (--debug shows where it happened)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("streamconv: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ import fcntl
 import fnmatch
 import os
 import platform
+import re
 import shutil
 import stat
 import sys
@@ -31,6 +32,9 @@ MODEL_FILES = frozenset({
 })
 MODEL_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _MARK = ".streamconv-"  # in the names of streamconv's hidden staging folders, lock files and scratch files
+# What streamconv itself leaves: staging and old folders of a save path, its lock, a gzip .nemo's scratch files.
+_LEFTOVER_FOLDER = re.compile(r"\..+\.streamconv-(tmp|old)-[0-9]+")
+_LEFTOVER_FILE = re.compile(r"\..+\.streamconv-lock|\.streamconv-nemo-[0-9]+-.*\.ckpt")
 
 
 def check_save_path(save_path: str, overwrite: bool, inputs: Iterable[str | None] = ()) -> str:
@@ -53,7 +57,14 @@ def check_save_path(save_path: str, overwrite: bool, inputs: Iterable[str | None
                                   "outside it")
     if os.path.lexists(target) and not os.path.isdir(target):
         raise ConversionError(f"save path {save_path} exists and is not a folder; choose another --save-path")
-    entries = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    if os.path.ismount(target):
+        raise ConversionError(f"save path {save_path} is a mount point, which cannot be replaced in one step; "
+                              f"choose a folder inside it, e.g. {os.path.join(save_path, 'model')}")
+    try:
+        entries = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    except OSError as exc:
+        raise ConversionError(f"cannot list the save path {save_path} ({exc.strerror}); choose another "
+                              "--save-path") from None
     foreign = [entry for entry in entries if not _ours(target, entry)]
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
@@ -85,14 +96,14 @@ def _inside(inner: str, outer: str) -> bool:
 
 def _ours(folder: str, entry: str) -> bool:
     """A model folder's own file (not a folder), or one of streamconv's hidden leftovers."""
-    if entry.startswith(".") and _MARK in entry:
-        return True
     try:
-        if stat.S_ISDIR(os.lstat(os.path.join(folder, entry)).st_mode):
-            return False
+        is_folder = stat.S_ISDIR(os.lstat(os.path.join(folder, entry)).st_mode)
     except FileNotFoundError:  # gone meanwhile
         return True
-    return entry in MODEL_FILES or any(fnmatch.fnmatchcase(entry, p) for p in MODEL_PATTERNS)
+    if is_folder:
+        return _LEFTOVER_FOLDER.fullmatch(entry) is not None
+    return (entry in MODEL_FILES or _LEFTOVER_FILE.fullmatch(entry) is not None
+            or any(fnmatch.fnmatchcase(entry, p) for p in MODEL_PATTERNS))
 
 
 @contextlib.contextmanager
@@ -173,11 +184,15 @@ def _recover(target: str) -> None:
     and is put back there.
     """
     old, tmp = _hidden(target, "old-"), _hidden(target, "tmp-")
-    for path in sorted(os.path.join(os.path.dirname(target), e) for e in os.listdir(os.path.dirname(target))):
-        if path.startswith(old) and not os.path.lexists(target):
-            os.rename(path, target)
-        elif path.startswith((old, tmp)):
-            shutil.rmtree(path, ignore_errors=True)
+    try:
+        for path in sorted(os.path.join(os.path.dirname(target), e) for e in os.listdir(os.path.dirname(target))):
+            if path.startswith(old) and not os.path.lexists(target):
+                os.rename(path, target)
+            elif path.startswith((old, tmp)):
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError as exc:
+        raise ConversionError(f"cannot clean up beside {target} ({exc.strerror}: {exc.filename}); check the "
+                              "folder's permissions") from None
 
 
 def staging_folder(target: str) -> str:
@@ -191,22 +206,29 @@ def staging_folder(target: str) -> str:
 def publish(staging: str, target: str, save_path: str, overwrite: bool) -> None:
     """Swap the finished folder into place, then remove the old one (left at the staging name).
 
-    The target is checked again first: one that appeared meanwhile (another program wrote it) is refused
-    without --overwrite, and one that is no longer a model folder is refused with it.
+    Without --overwrite the kernel itself refuses a target that is no longer empty (rename(2) replaces only an
+    empty folder), so nothing another program wrote meanwhile is ever replaced. With it, the target is checked
+    again and, once swapped out, checked once more: if another program wrote into it after all, it is swapped
+    back and nothing is replaced.
     """
     parent = os.path.dirname(target)
-    if not os.path.lexists(target):
+    written = ConversionError(f"save path {save_path} was written by another program during the conversion; "
+                              "nothing was replaced: choose another --save-path")
+    if not os.path.lexists(target) or not overwrite:
         try:
-            _rename(staging, target, RENAME_NOREPLACE)
-        except FileExistsError:
-            pass  # it appeared just now: checked below
+            if os.path.lexists(target):
+                os.rename(staging, target)  # over an empty folder only
+            else:
+                _rename(staging, target, RENAME_NOREPLACE)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+            if not overwrite:
+                raise written from None
         else:
             fsync(parent)
             return
-    if os.path.isdir(target) and os.listdir(target) and not overwrite:
-        raise ConversionError(f"save path {save_path} was written by another program during the conversion; "
-                              "nothing was replaced: choose another --save-path")
-    check_save_path(save_path, overwrite=True)
+    check_save_path(target, overwrite=True)
     try:
         _rename(staging, target, RENAME_EXCHANGE)
     except OSError as exc:
@@ -218,6 +240,9 @@ def publish(staging: str, target: str, save_path: str, overwrite: bool) -> None:
         fsync(parent)
         shutil.rmtree(old, ignore_errors=True)
         return
+    if any(not _ours(staging, entry) for entry in os.listdir(staging)):  # (the old folder, now)
+        _rename(staging, target, RENAME_EXCHANGE)
+        raise written
     fsync(parent)
     shutil.rmtree(staging, ignore_errors=True)
 

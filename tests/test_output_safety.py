@@ -264,3 +264,20 @@ def test_the_parent_folder_deleted_after_planning_is_one_error(bf16_ckpt, tmp_pa
         streamconv.convert(bf16_ckpt.path, parent / "out", vocab_size=1000,
                            before_write=lambda plan: shutil.rmtree(parent))
     assert not parent.exists()
+
+
+def test_a_hidden_folder_that_only_looks_like_streamconvs_is_not_replaced(bf16_ckpt, tmp_path):
+    out = tmp_path / "out"
+    (out / ".notes.streamconv-mine").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--vocab-size", "1000", "--overwrite")
+    assert_one_line_error(proc, ".notes.streamconv-mine")
+    assert (out / ".notes.streamconv-mine").is_dir()
+
+
+def test_a_mount_point_is_refused_before_anything_is_read(bf16_ckpt, tmp_path):
+    mount = next((m for m in ("/proc", "/sys", "/dev/shm") if os.path.ismount(m)), None)
+    if mount is None:
+        pytest.skip("no mount point to try")
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", mount, "--vocab-size", "1000")
+    assert_one_line_error(proc, "is a mount point", os.path.join(mount, "model"))

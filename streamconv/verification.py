@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import reprlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 from streamconv import tokenizer
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, import_torch, read_tokenizer, resolve_dtype
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.pipeline import CHUNK_BYTES, arrange_into, needs_torch, passes_through, pieces, row_chunks, source_of
 from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -92,7 +91,7 @@ class _Problems:
 
 def _shown(text: str) -> str:
     """A name from the output, as one short line."""
-    return text if text.isprintable() and len(text) <= 200 else reprlib.repr(text)
+    return text if text.isprintable() and len(text) <= 200 else describe(text)
 
 
 def _kind(value: Any) -> str:
@@ -257,7 +256,7 @@ def _check_config(written: dict, config: dict, problems: _Problems) -> None:
     wanted = {**config, "model_type": "gpt2"}
     for key, value in wanted.items():
         if type(written.get(key)) is not type(value) or written.get(key) != value:
-            problems.add(f"{CONFIG_NAME}: {key} is {reprlib.repr(written.get(key))}, expected {value!r}")
+            problems.add(f"{CONFIG_NAME}: {key} is {describe(written.get(key))}, expected {value!r}")
     for key in written:
         if key not in wanted and key != "transformers_version":
             problems.add(f"{CONFIG_NAME}: {_shown(key)} is not written by a conversion")
@@ -282,7 +281,7 @@ def _shard_files(folder: _Folder, index: dict | None) -> list[str]:
     listed = sorted(set(weight_map.values()))
     names = [f"model-{i:05d}-of-{len(listed):05d}.safetensors" for i in range(1, len(listed) + 1)]
     if listed != names or len(listed) < 2:
-        problems.add(f"{INDEX_NAME}: names {reprlib.repr(listed)}; a conversion writes an index only for two or "
+        problems.add(f"{INDEX_NAME}: names {describe(listed)}; a conversion writes an index only for two or "
                      "more shards model-0000i-of-0000N.safetensors")
     for file in listed:
         if file not in folder.entries:
@@ -379,7 +378,7 @@ def _entry_problem(entry: Any) -> str | None:
 
 def _check_index(index: dict, found: dict[str, _Stored], total: int, problems: _Problems) -> None:
     if index.get("metadata") != {"total_size": total}:
-        problems.add(f"{INDEX_NAME}: metadata is {reprlib.repr(index.get('metadata'))}, expected "
+        problems.add(f"{INDEX_NAME}: metadata is {describe(index.get('metadata'))}, expected "
                      f"{{'total_size': {total}}} (the bytes the shards hold)")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
@@ -388,7 +387,7 @@ def _check_index(index: dict, found: dict[str, _Stored], total: int, problems: _
         if name not in found:
             problems.add(f"{INDEX_NAME}: maps {_shown(name)}, which no shard holds as written by a conversion")
         elif found[name].file != file:
-            problems.add(f"{INDEX_NAME}: maps {name} to {reprlib.repr(file)}, but it is in {_shown(found[name].file)}")
+            problems.add(f"{INDEX_NAME}: maps {name} to {describe(file)}, but it is in {_shown(found[name].file)}")
     for name in found:
         if name not in weight_map:
             problems.add(f"{INDEX_NAME}: does not map {name}")
@@ -416,7 +415,7 @@ def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None
     if tokenizer.CONFIG_FILE not in folder.entries:
         problems.add(f"{tokenizer.CONFIG_FILE}: missing (a conversion writes it with the tokenizer)")
     elif settings is not None and settings != tokenizer.settings(config):
-        problems.add(f"{tokenizer.CONFIG_FILE}: is {reprlib.repr(settings)}, expected {tokenizer.settings(config)}")
+        problems.add(f"{tokenizer.CONFIG_FILE}: is {describe(settings)}, expected {tokenizer.settings(config)}")
     return {tokenizer.MODEL_FILE, tokenizer.CONFIG_FILE}
 
 
@@ -435,7 +434,7 @@ def _check_tensors(plan: Plan, found: dict[str, _Stored], complete: bool, proble
             if complete:
                 problems.add(f"{spec.name}: missing from the output")
         elif (stored.dtype, stored.shape) != expected:
-            problems.add(f"{spec.name}: {_shown(stored.dtype)} {reprlib.repr(stored.shape)} on disk, expected "
+            problems.add(f"{spec.name}: {_shown(stored.dtype)} {describe(stored.shape)} on disk, expected "
                          f"{expected[0]} {expected[1]}")
         elif stored.end - stored.begin != spec.nbytes:
             problems.add(f"{spec.name}: {stored.end - stored.begin} bytes on disk, expected {spec.nbytes}")
@@ -446,7 +445,7 @@ def _check_tensors(plan: Plan, found: dict[str, _Stored], complete: bool, proble
 
 def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSpec], found: dict[str, _Stored]) -> None:
     """Compare each tensor's bytes on disk with the converted source's, a chunk at a time."""
-    maps: dict[str, mmap.mmap | None] = {}  # unmapped when the last view goes
+    maps: dict[str, mmap.mmap | None] = {}  # each shard mapped once, closed at the end (pages handed back)
     sources = {spec.name: source_of(spec, checkpoint) for spec in specs}
     arranged = [s.nbytes for s in specs if not passes_through(s, sources[s.name])]
     buffer = np.empty(max(arranged, default=0), dtype=np.uint8)  # touched only as far as it is used

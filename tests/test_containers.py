@@ -2,6 +2,8 @@
 
 import io
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -119,7 +121,7 @@ def test_a_pax_header_that_says_gigabytes_is_not_read_into_memory(nemo_members, 
     data[start + 148: start + 156] = b"%06o\0 " % (sum(data[start: start + 148]) + 256 + sum(data[start + 156:
                                                                                              start + 512]))
     proc = convert(tmp_path, bytes(data), ".nemo")
-    assert_one_line_error(proc, "an extended header of 8589934080 bytes")
+    assert_one_line_error(proc, "8589934080 bytes", "truncated or damaged")
 
 
 
@@ -155,3 +157,19 @@ def test_legacy_weights_inside_a_nemo_are_named_legacy(tmp_path, layout):
     proc = convert(tmp_path, path.read_bytes(), ".nemo") if layout != "extracted" else run_cli(
         "--checkpoint-path", path, "--save-path", tmp_path / "out", "--quiet")
     assert_one_line_error(proc, "model_weights.ckpt", "legacy (pre-1.6) format", "torch.save(torch.load(")
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+@pytest.mark.parametrize("size", ["-1", "9" * 30])
+def test_a_member_size_the_archive_cannot_hold_is_one_line(nemo_members, tmp_path, gzip, size):
+    """A gzip stream skips a member by reading it: a size of -1 or 10**30 read forever."""
+    path = tmp_path / "damaged.nemo"
+    path.write_bytes(rebuilt_nemo(nemo_members, {"size": size}, gzip))
+    proc = subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", str(path), "--save-path",
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=60)
+    assert_one_line_error(proc, "truncated or damaged")
+
+
+def test_an_encrypted_tensor_member_is_refused(ckpt_bytes, tmp_path):
+    """Its bytes would be ciphertext: viewed in place they would convert into wrong weights."""
+    assert_one_line_error(convert(tmp_path, patch_central(ckpt_bytes, "data/0", flags=0x1)), "data/0")

@@ -44,8 +44,11 @@ _MAX_TAR_HEADER = 2**20  # a PAX or GNU long-name header (names and a few record
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile's member header, refusing an extended header whose size field is huge: tarfile would read it
-    into memory whole (a 30 kB file can say 8 GiB)."""
+    """tarfile's member header, refusing sizes no real archive has: an extended header tarfile would read
+    into memory whole (a 30 kB file can say 8 GiB), and a member larger than the archive can hold (a gzip
+    stream skips a member by reading it: a size of 10**30, or of -1, would read forever)."""
+
+    max_size = 0  # what the archive can hold: set per archive by `_tar_info`
 
     def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
         self._check_header_size()
@@ -55,9 +58,27 @@ class _BoundedTarInfo(tarfile.TarInfo):
         self._check_header_size()
         return super()._proc_gnulong(tarfile)
 
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_size()
+        return super()._proc_member(tarfile)
+
+    def _apply_pax_info(self, pax_headers: dict, encoding: str, errors: str) -> None:
+        super()._apply_pax_info(pax_headers, encoding, errors)
+        self._check_size()
+
     def _check_header_size(self) -> None:
         if not 0 <= self.size <= _MAX_TAR_HEADER:
             raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
+
+    def _check_size(self) -> None:
+        if not 0 <= self.size <= self.max_size:
+            raise tarfile.HeaderError(f"a member of {self.size} bytes in an archive that can hold {self.max_size}")
+
+
+def _tar_info(path: str, gzipped: bool) -> type[_BoundedTarInfo]:
+    """The header class for this archive: no member larger than the file (deflate inflates at most 1032:1)."""
+    limit = os.path.getsize(path) * (1032 if gzipped else 1)
+    return type("BoundedTarInfo", (_BoundedTarInfo,), {"max_size": limit})
 
 
 # What tarfile raises on damaged headers, besides its own errors: numbers that do not parse or fit.
@@ -96,7 +117,7 @@ def open_nemo(path: str, scratch: str | None = None, progress: Progress | None =
     if gzipped:
         return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), progress)
     try:
-        with tarfile.open(path, "r:", tarinfo=_BoundedTarInfo) as tar:
+        with tarfile.open(path, "r:", tarinfo=_tar_info(path, gzipped=False)) as tar:
             regular = [m for m in tar.getmembers() if m.isreg() and not m.issparse()]
             members = {_normal(m.name): m for m in regular}
             weights = _weights_members(path, [_normal(m.name) for m in regular])  # a name stored twice is refused
@@ -185,7 +206,7 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None) -> Checkpoint
     config = None
     artifacts: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|gz", tarinfo=_BoundedTarInfo) as tar:
+        with tarfile.open(path, "r|gz", tarinfo=_tar_info(path, gzipped=True)) as tar:
             for member in tar:
                 name = _normal(member.name)
                 rank = weights_rank(name)

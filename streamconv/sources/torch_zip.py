@@ -279,7 +279,7 @@ def _read_directory(path: str, fd: int, offset: int, size: int) -> tuple[dict[st
             for info in archive.infolist():
                 if not info.filename.startswith(prefix + "data/"):
                     continue
-                if info.compress_type != zipfile.ZIP_STORED:
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x41:  # (encrypted: 0x1, 0x40)
                     raise ConversionError(f"{path}: member {info.filename!r} is compressed; torch writes "
                                           "checkpoints uncompressed, re-save it with torch.save")
                 header = os.pread(fd, _LOCAL_HEADER.size, offset + info.header_offset)

@@ -196,14 +196,14 @@ def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_si
     if settings is None:  # config.json's settings do not fit, and the tensors cannot be checked without: said
         return
     vocab_size, num_heads = settings
-    plan, _ = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads)
+    plan, config = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads)
 
     index = folder.json_object(INDEX_NAME)
     shards = _shard_files(folder, index)
-    found, total, complete = _read_headers(folder, shards, {t.name for t in plan.tensors})
-    if dtype is None:  # converted with --dtype: config.json records it, and every tensor has it
-        dtype = _recorded_cast(recorded, {s.dtype for s in found.values()})
-    plan, config = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads)
+    found, total, complete = _read_headers(folder, shards, {t.name for t in plan.tensors})  # (names: any dtype)
+    cast = _recorded_cast(recorded, {s.dtype for s in found.values()}) if dtype is None else None
+    if cast is not None:  # converted with --dtype: config.json records it, and every tensor has it
+        plan, config = build_plan(checkpoint, 2**62, cast, vocab_size, num_heads)
 
     if written is not None:
         _check_config(written, config, problems)
@@ -445,7 +445,7 @@ def _check_tensors(plan: Plan, found: dict[str, _Stored], complete: bool, proble
 
 def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSpec], found: dict[str, _Stored]) -> None:
     """Compare each tensor's bytes on disk with the converted source's, a chunk at a time."""
-    maps: dict[str, mmap.mmap | None] = {}  # each shard mapped once, closed at the end (pages handed back)
+    maps: dict[str, mmap.mmap | None] = {}  # each shard mapped once, for the whole comparison
     sources = {spec.name: source_of(spec, checkpoint) for spec in specs}
     arranged = [s.nbytes for s in specs if not passes_through(s, sources[s.name])]
     buffer = np.empty(max(arranged, default=0), dtype=np.uint8)  # touched only as far as it is used

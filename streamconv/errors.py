@@ -34,6 +34,12 @@ def describe(value: Any) -> str:
     return _REPR.repr(value)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ConversionError(Exception):
     """Bad input or arguments. The CLI prints the message as one line and exits with code 2."""
 

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 
+from streamconv.errors import first_line
 from streamconv.recipes.gpt_sw3 import special_tokens
 
 MODEL_FILE = "spiece.model"
@@ -68,8 +69,7 @@ def check(folder: str, config: dict) -> str:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # a damaged model file fails inside sentencepiece or transformers
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"tokenizer copied as {MODEL_FILE} but it does not load ({reason})"
+        return f"tokenizer copied as {MODEL_FILE} but it does not load ({first_line(exc)})"
     name, size = type(tokenizer).__name__, len(tokenizer)
     if size != config["vocab_size"]:
         return (f"tokenizer copied as {MODEL_FILE}: {name} of {size} tokens, but the model's vocabulary is "

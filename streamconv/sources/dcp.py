@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from streamconv.errors import ConversionError, describe
+from streamconv.errors import ConversionError, describe, first_line
 from streamconv.sources import safe_pickle, torch_zip
 
 _MAX_DIMS = 32
@@ -207,8 +207,7 @@ def _load(path: str) -> _Record:
     except OSError as exc:
         raise ConversionError(f"cannot read {path}: {exc.strerror}") from None
     except Exception as exc:  # a damaged pickle can fail in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"cannot read {path}: it is truncated or damaged ({reason:.200}); "
+        raise ConversionError(f"cannot read {path}: it is truncated or damaged ({first_line(exc):.200}); "
                               "copy the checkpoint again") from None
     name = safe_pickle.refused_global(metadata)
     if name is not None:

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, first_line
 from streamconv.sources import parallel, torch_zip
 from streamconv.sources.hparams import Config
 from streamconv.sources.lightning import Checkpoint, MappedFile, lightning_cfg, refuse, tensors_of
@@ -338,8 +338,7 @@ def _parse_config(path: str, text: bytes) -> Config | None:
     try:
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except Exception as exc:  # any YAML error, or a nesting too deep to parse
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"{path}: {CONFIG} cannot be read ({reason[:200]}); fix or remove it and pass "
+        raise ConversionError(f"{path}: {CONFIG} cannot be read ({first_line(exc)[:200]}); fix or remove it and pass "
                               "--num-heads") from None
     return Config.of(data, (), f"{path} ({CONFIG})")
 

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from streamconv.errors import ConversionError, describe
+from streamconv.errors import ConversionError, describe, first_line
 from streamconv.sources import safe_pickle
 
 _MAX_DIMS = 32  # numpy's limit is 64; a weight has at most 4
@@ -244,7 +244,7 @@ def reason_of(exc: BaseException) -> str:
     """What went wrong, in a few words: the exception's first line, named by its type unless it is pickle's."""
     if isinstance(exc, EOFError):
         return "the pickle ends before its STOP"
-    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    text = first_line(exc)[:160] if str(exc).strip() else ""
     if isinstance(exc, pickle.UnpicklingError):
         return text or "not a pickle"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,7 +25,7 @@ from streamconv.pipeline import needs_torch, split_view_axis, stream, working_me
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
 from streamconv.sources import Checkpoint, open_checkpoint
-from streamconv.sources.parallel import Split
+from streamconv.sources.records import Split
 
 if TYPE_CHECKING:
     import torch

@@ -68,3 +68,10 @@ def python_api(function: F) -> F:
             raise ConversionError(_keywords(str(exc))) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def is_whole(value: Any) -> bool:
+    """An int, or a float with nothing after the point (YAML may write 2.0); not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) >= 2**63:
+        return False
+    return isinstance(value, int) or value.is_integer()

@@ -32,8 +32,7 @@ from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.recipes.gpt_sw3 import Arrangement
 from streamconv.safetensors_writer import ShardWriter
-from streamconv.sources.lightning import BITS, Checkpoint, SourceTensor
-from streamconv.sources.parallel import Split
+from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split
 
 CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
 BUFFERS = 2  # output buffers: one being filled while the other is written

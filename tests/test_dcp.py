@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from streamconv.errors import ConversionError
 from streamconv.sources import dcp, torch_zip
-from streamconv.sources.lightning import BITS, MappedFile
+from streamconv.sources.records import BITS, MappedFile
 
 _SHARDED_WRITER = """
 import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp, torch.multiprocessing as mp

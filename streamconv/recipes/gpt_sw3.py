@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streamconv.errors import ConversionError, describe
+from streamconv.errors import ConversionError, describe, is_whole
 
 GPT_SW3_VOCAB_SIZE = 64000
 
@@ -24,26 +24,6 @@ POSITIONS = "model.language_model.embedding.position_embeddings.weight"
 FINAL_NORM = "model.language_model.encoder.final_layernorm"
 LAYER_PREFIX = "model.language_model.encoder.layers."
 LAYER = LAYER_PREFIX + "{i}."
-TIED_OUTPUT_COPY = "model.word_embeddings.weight"  # the last pipeline stage's copy of the tied embedding
-
-# Megatron's tensor parallelism: which axis of a tensor is sliced across TP ranks (name suffix -> axis).
-# Column-parallel layers split their output rows, row-parallel ones their input columns; the rest
-# (layer norms, position embeddings, row-parallel biases) is replicated on every rank.
-TP_SPLIT_AXIS = {
-    "word_embeddings.weight": 0,  # vocab-parallel
-    "self_attention.query_key_value.weight": 0,
-    "self_attention.query_key_value.bias": 0,
-    "mlp.dense_h_to_4h.weight": 0,
-    "mlp.dense_h_to_4h.bias": 0,
-    "self_attention.dense.weight": 1,
-    "mlp.dense_4h_to_h.weight": 1,
-}
-
-
-def tp_split_axis(name: str) -> int | None:
-    """The axis a state_dict tensor is sliced on across tensor-parallel ranks; None if replicated."""
-    return next((axis for suffix, axis in TP_SPLIT_AXIS.items() if name.endswith("." + suffix)), None)
-
 
 @dataclass(frozen=True)
 class Arrangement:
@@ -105,13 +85,6 @@ def layer_id(key: str) -> int:
     if not (local.isascii() and local.isdecimal()):
         raise ConversionError(f"unexpected state_dict key {key!r} (no layer number); is this a GPT checkpoint?")
     return int(local)
-
-
-def is_whole(value: Any) -> bool:
-    """An int, or a float with nothing after the point (YAML may write 2.0); not a bool."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) >= 2**63:
-        return False
-    return isinstance(value, int) or value.is_integer()
 
 
 def number(key: str, value: Any, kind: type) -> Any:

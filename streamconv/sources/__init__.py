@@ -1,5 +1,28 @@
-"""Readers that present a checkpoint as named lazy tensors plus its hyper-parameters."""
+"""Readers that present a checkpoint as named lazy tensors plus its hyper-parameters.
 
-from streamconv.sources.lightning import Checkpoint, open_checkpoint
+One module per container kind; none imports another. `open_checkpoint` recognises the input and dispatches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from streamconv.sources import lightning, nemo
+from streamconv.sources.records import Checkpoint
 
 __all__ = ["Checkpoint", "open_checkpoint"]
+
+
+def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
+                    progress: Callable[[str, int], Any] | None = None) -> Checkpoint:
+    """Open a Lightning `.ckpt` or a `.nemo` (archive or extracted folder) without reading any weights.
+
+    `scratch` is the folder a gzip `.nemo`'s weights are extracted into (the output's parent);
+    `progress(description, total bytes)` makes the bar the extraction is shown by.
+    """
+    path = os.fspath(path)
+    if nemo.is_nemo(path):
+        return nemo.open_nemo(path, scratch, progress)
+    return lightning.open_ckpt(path)

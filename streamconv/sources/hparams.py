@@ -14,9 +14,11 @@ environment is never read.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from streamconv.errors import ConversionError
+from streamconv.sources import safe_pickle
 
 _MAX_DEPTH = 32  # interpolations followed from one key (a chain or a loop)
 _MAX_STEPS = 10_000  # keys looked up while reading one hyper-parameter
@@ -211,3 +213,10 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return f"the string {_short(value)}"
     return f"a {type(value).__name__}"
+
+
+def lightning_cfg(path: str, payload: Mapping) -> Config | None:
+    """The cfg in a Lightning checkpoint's `hyper_parameters` (NeMo's DictConfig({'cfg': ...})), if any."""
+    hparams = payload.get("hyper_parameters")
+    safe_pickle.refuse(path, "hyper_parameters", hparams)
+    return Config.of(hparams, ("cfg",), f"{path} (hyper_parameters)")

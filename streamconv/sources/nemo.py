@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from streamconv.errors import ConversionError, first_line
-from streamconv.sources import parallel, torch_zip
-from streamconv.sources.hparams import Config
-from streamconv.sources.lightning import Checkpoint, MappedFile, lightning_cfg, refuse, tensors_of
+from streamconv.sources import parallel, safe_pickle, torch_zip
+from streamconv.sources.hparams import Config, lightning_cfg
+from streamconv.sources.records import Checkpoint, MappedFile, tensors_of
 from streamconv.tokenizer import sentencepiece_available
 
 WEIGHTS = "model_weights.ckpt"
@@ -299,7 +299,7 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
     config_name = CONFIG
     for rank, (payload, file) in sorted(loaded.items()):
         if not isinstance(payload, Mapping):
-            refuse(path, WEIGHTS, payload)
+            safe_pickle.refuse(path, WEIGHTS, payload)
             raise ConversionError(f"{path}: the weights of rank {rank} hold a {type(payload).__name__}, not a "
                                   "state_dict; is this a NeMo checkpoint?")
         lightning = isinstance(payload.get("state_dict"), Mapping)

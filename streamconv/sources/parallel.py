@@ -11,12 +11,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from streamconv.errors import ConversionError, describe
-from streamconv.recipes import gpt_sw3
-from streamconv.sources.lightning import SourceTensor
+from streamconv.errors import ConversionError, describe, is_whole
+from streamconv.sources.records import SourceTensor, Split
+
+# Megatron's tensor parallelism: which axis of a tensor is sliced across TP ranks (name suffix -> axis), in
+# the legacy names and in megatron-core's. Column-parallel layers split their output rows, row-parallel ones
+# their input columns; the rest (layer norms, position embeddings, row-parallel biases) is replicated.
+TP_SPLIT_AXIS = {
+    "word_embeddings.weight": 0,  # vocab-parallel
+    "output_layer.weight": 0,
+    "self_attention.query_key_value.weight": 0,
+    "self_attention.query_key_value.bias": 0,
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_qkv.bias": 0,
+    "mlp.dense_h_to_4h.weight": 0,
+    "mlp.dense_h_to_4h.bias": 0,
+    "mlp.linear_fc1.weight": 0,
+    "mlp.linear_fc1.bias": 0,
+    "self_attention.dense.weight": 1,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.dense_4h_to_h.weight": 1,
+    "mlp.linear_fc2.weight": 1,
+}
+TIED_OUTPUT_COPY = "model.word_embeddings.weight"  # the last pipeline stage's copy of the tied embedding (legacy)
+_LAYER_KEY = re.compile(r"(.*\.layers\.)([0-9]+)\.(.*)", re.DOTALL)  # a stage's layers count from 0
+
+
+def tp_split_axis(name: str) -> int | None:
+    """The axis a state_dict tensor is sliced on across tensor-parallel ranks; None if replicated."""
+    return next((axis for suffix, axis in TP_SPLIT_AXIS.items() if name.endswith("." + suffix)), None)
+
 
 RANK_FOLDER = re.compile(r"mp_rank_([0-9]{2,})|tp_rank_([0-9]{2,})_pp_rank_([0-9]{3,})")
 
@@ -33,37 +59,6 @@ def rank_name(rank: tuple[int, int], pp: int) -> str:
     return f"mp_rank_{rank[0]:02d}" if pp == 1 else f"tp_rank_{rank[0]:02d}_pp_rank_{rank[1]:03d}"
 
 
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One logical tensor stored as slices on TP ranks, concatenated along `axis` in rank order."""
-
-    parts: tuple[SourceTensor, ...]
-    axis: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = list(self.parts[0].shape)
-        shape[self.axis] = sum(p.shape[self.axis] for p in self.parts)
-        return tuple(shape)
-
-    @property
-    def dtype(self) -> str:
-        return self.parts[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
-
-    def first_rows(self, rows: int) -> Split:
-        """The first `rows` rows (axis 0) of the concatenation: vocabulary padding sits on the last ranks."""
-        parts, left = [], rows
-        for part in self.parts:
-            if left > 0:
-                parts.append(part.first_rows(left))
-                left -= parts[-1].shape[0]
-        return Split(tuple(parts), self.axis)
-
-
 def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]], hparam: Any) -> dict[str, Any]:
     """One state_dict, in global names, from every rank's state_dict; `hparam(key)` reads the cfg.
 
@@ -78,7 +73,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
                                   "TP x PP ranks); copy the missing rank's files next to the others")
     for key, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
         said = hparam(key)
-        if said is not None and not gpt_sw3.is_whole(said):
+        if said is not None and not is_whole(said):
             raise ConversionError(f"the cfg of {path} says {key} {describe(said)}, not a whole number; fix the cfg")
         if said is not None and said != found:
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
@@ -90,7 +85,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
         stage = {t: ranks[(t, p)] for t in range(tp)}
         layers = _layer_count(path, stage[0], rank_name((0, p), pp))
         for key in stage[0]:
-            if pp > 1 and p == pp - 1 and key == gpt_sw3.TIED_OUTPUT_COPY:
+            if pp > 1 and p == pp - 1 and key == TIED_OUTPUT_COPY:
                 continue  # GPT-2 ties the output layer to wte: the stage-0 embedding is the one kept
             name = _global_name(key, first_layer)
             if name in merged:
@@ -106,7 +101,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
 
 
 def _layer_count(path: str, state_dict: Mapping[str, SourceTensor], rank: str) -> int:
-    ids = sorted({gpt_sw3.layer_id(k) for k in state_dict if k.startswith(gpt_sw3.LAYER_PREFIX)})
+    ids = sorted({int(m.group(2)) for m in map(_LAYER_KEY.fullmatch, state_dict) if m is not None})
     if ids != list(range(len(ids))):
         raise ConversionError(f"{path}: rank {rank} holds layers {ids[0]}..{ids[-1]} ({len(ids)} in all), not "
                               "0, 1, 2, ...: every pipeline stage numbers its layers from 0; is the file damaged?")
@@ -114,10 +109,10 @@ def _layer_count(path: str, state_dict: Mapping[str, SourceTensor], rank: str) -
 
 
 def _global_name(key: str, first_layer: int) -> str:
-    if not key.startswith(gpt_sw3.LAYER_PREFIX) or first_layer == 0:
+    m = _LAYER_KEY.fullmatch(key)
+    if m is None or first_layer == 0:
         return key
-    rest = key[len(gpt_sw3.LAYER_PREFIX):].split(".", 1)[1]
-    return f"{gpt_sw3.LAYER_PREFIX}{gpt_sw3.layer_id(key) + first_layer}.{rest}"
+    return f"{m.group(1)}{int(m.group(2)) + first_layer}.{m.group(3)}"
 
 
 def _merge_slices(path: str, key: str, slices: list[SourceTensor | None], p: int, pp: int) -> Any:
@@ -130,7 +125,7 @@ def _merge_slices(path: str, key: str, slices: list[SourceTensor | None], p: int
                 f"{path}: {key!r} is {slices[0].dtype} {slices[0].shape} on rank {rank_name((0, p), pp)} "
                 f"but {part.dtype} {part.shape} on rank {rank_name((t, p), pp)}; are the ranks from "
                 "the same checkpoint?")
-    axis = gpt_sw3.tp_split_axis(key)
+    axis = tp_split_axis(key)
     if len(slices) == 1 or axis is None:
         return slices[0]  # replicated: rank 0's copy
     return Split(tuple(slices), axis)  # type: ignore[arg-type]

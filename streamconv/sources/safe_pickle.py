@@ -19,7 +19,7 @@ import pickle
 import typing
 from typing import Any
 
-from streamconv.errors import describe
+from streamconv.errors import ConversionError, describe
 
 DTYPES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
           "uint8": 1, "bool": 1}  # the tensor dtypes a checkpoint may hold (torch.<name>), bytes per element
@@ -295,3 +295,12 @@ def storage_id(saved_id: Any) -> tuple[Any, str, int]:
     if not isinstance(numel, int) or numel < 0:
         raise pickle.UnpicklingError(f"unexpected storage size {describe(numel)}")
     return storage_type, str(key), numel
+
+
+def refuse(path: str, entry: str, obj: Any) -> None:
+    name = refused_global(obj)
+    if name is not None:
+        raise ConversionError(
+            f"{path}: {entry} contains a pickled reference to {name}, which streamconv refuses to load "
+            "(only tensors, containers and OmegaConf configs are allowed); do not trust this file"
+        )

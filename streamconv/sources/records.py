@@ -1,0 +1,197 @@
+"""What every reader produces and the rest of streamconv consumes: lazy tensors as views into mapped files.
+
+A tensor's bytes stay in the checkpoint file: each `SourceTensor` is a numpy view into a read-only mapping of
+it (`MappedFile`), so nothing is read until it is touched, and nothing the conversion does not touch (optimizer
+state) is ever read. Pages of a mapping stay resident once touched; `Checkpoint.release` hands them back after
+a tensor has been consumed, which is what keeps memory bounded. A tensor stored in slices (tensor-parallel
+ranks, distributed-checkpoint chunks) is a `Split` of views, placed slice by slice by the pipeline.
+
+numpy has no bfloat16, so a tensor's elements are viewed as integers of the same width (`bits`), its dtype kept
+by name; the bytes are what is copied, so nothing is lost. This module imports no reader.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streamconv.errors import ConversionError
+from streamconv.sources import safe_pickle, torch_zip
+from streamconv.sources.hparams import Config
+
+BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # element width -> the integers that hold its bits
+
+
+@dataclass(frozen=True, eq=False)
+class SourceTensor:
+    """A checkpoint tensor: its elements as integers of their width (a view into the file mapping), and
+    its dtype name ('torch.bfloat16')."""
+
+    bits: np.ndarray
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def first_rows(self, rows: int) -> SourceTensor:
+        return SourceTensor(self.bits[:rows], self.dtype)
+
+
+def address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+class MappedFile:
+    """One file (a .ckpt, a .nemo, a rank's weights) mapped once, read-only; its tensors are views into it."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.fd = os.open(file, os.O_RDONLY)  # also for copies inside the kernel
+        try:  # (a file torch_zip.load has read is not empty)
+            self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.start = address(np.frombuffer(self.map, np.uint8))
+        self.end = self.start + len(self.map)
+
+    def tensor(self, stored: torch_zip.StoredTensor) -> SourceTensor:
+        itemsize = stored.itemsize
+        try:  # (torch_zip checked that it lies inside its storage, and the storage inside the file)
+            bits = np.ndarray(stored.shape, BITS[itemsize], buffer=self.map, offset=stored.offset,
+                              strides=[s * itemsize for s in stored.strides])
+        except ValueError as exc:
+            raise ConversionError(f"{self.file}: a tensor lies outside the file ({exc}); the checkpoint is "
+                                  "damaged, copy or download it again") from None
+        return SourceTensor(bits, stored.dtype)
+
+    def holds(self, array: np.ndarray) -> bool:
+        start = address(array)
+        return self.start <= start and start + array.nbytes <= self.end
+
+    def advise(self, array: np.ndarray, advice: int) -> None:
+        """madvise over the whole pages spanned by a contiguous view into the mapping.
+
+        The mapping is read-only, so MADV_DONTNEED only forgets pages: touching them again re-reads the
+        file (from the page cache). Widening to whole pages is harmless: a neighbouring tensor sharing an
+        edge page faults it back in.
+        """
+        if array.nbytes:
+            begin = address(array) - self.start
+            page = begin - begin % mmap.PAGESIZE
+            self.map.madvise(advice, page, begin + array.nbytes - page)
+
+    def close(self) -> None:
+        """Close the descriptor; the mapping goes with the last view into it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened lazily: `tensors` maps state_dict keys to `SourceTensor`s, or to `Split`s of a
+    tensor stored in slices."""
+
+    path: str
+    tensors: Mapping[str, Any]  # SourceTensor, or Split for a tensor-parallel model
+    hparams: Config | None  # the cfg, None if absent; read through `hparam`
+    files: list[MappedFile] = field(default_factory=list)
+    config_name: str = "'hyper_parameters.cfg' entry"  # where the cfg comes from, for error messages
+    note: str = ""  # said in the summary, e.g. that a gzip archive was extracted
+    tokenizer: bytes | None = None  # the SentencePiece model shipped with the checkpoint (a .nemo artifact)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the files (the mappings go with the last views into them)."""
+        for mapped in self.files:
+            mapped.close()
+        self.tensors, self.files = {}, []
+
+    def _file_of(self, array: np.ndarray) -> MappedFile | None:
+        return next((m for m in self.files if m.holds(array)), None)
+
+    def file_offset(self, array: np.ndarray) -> tuple[int, int] | None:
+        """(descriptor, offset) of a contiguous view's bytes in its checkpoint file (None if not in a mapping)."""
+        mapped = self._file_of(array)
+        return None if mapped is None else (mapped.fd, address(array) - mapped.start)
+
+    def release(self, array: np.ndarray) -> None:
+        """Hand back the pages behind a consumed view into one of the file mappings."""
+        mapped = self._file_of(array)
+        if mapped is not None:
+            mapped.advise(array, mmap.MADV_DONTNEED)
+
+    def prefetch(self, array: np.ndarray) -> None:
+        """Have the kernel read a contiguous view's bytes into the page cache (not into this process).
+
+        One MADV_WILLNEED reads at most the device's readahead window (a few MB), so a large tensor is
+        asked for slice by slice. The reads complete asynchronously; this returns once they are queued.
+        """
+        mapped = self._file_of(array)
+        if mapped is None:
+            return
+        flat = array.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _READAHEAD_SLICE):
+            mapped.advise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
+
+    def hparam(self, key: str, default: Any = None) -> Any:
+        """One hyper-parameter, with interpolations such as `${.encoder_seq_length}` resolved."""
+        return default if self.hparams is None else self.hparams.get(key, default)
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One logical tensor stored as slices (on tensor-parallel ranks, or as the chunks of a distributed
+    checkpoint), concatenated along `axis` in order."""
+
+    parts: tuple[SourceTensor, ...]
+    axis: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.parts[0].shape)
+        shape[self.axis] = sum(p.shape[self.axis] for p in self.parts)
+        return tuple(shape)
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def first_rows(self, rows: int) -> Split:
+        """The first `rows` rows (axis 0) of the concatenation: vocabulary padding sits on the last ranks."""
+        parts, left = [], rows
+        for part in self.parts:
+            if left > 0:
+                parts.append(part.first_rows(left))
+                left -= parts[-1].shape[0]
+        return Split(tuple(parts), self.axis)
+
+
+def tensors_of(path: str, state_dict: Mapping, mapped: MappedFile) -> dict[str, SourceTensor]:
+    """The tensors of a state_dict read by torch_zip.load from `mapped`'s file, as views into the mapping;
+    refused if the state_dict holds anything not on the allow-list."""
+    safe_pickle.refuse(path, "state_dict", state_dict)
+    return {k: mapped.tensor(v) for k, v in state_dict.items() if isinstance(v, torch_zip.StoredTensor)}
+
+
+_READAHEAD_SLICE = 4 * 2**20

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from streamconv.errors import ConversionError
 from streamconv.sources import dcp, torch_zip
-from streamconv.sources.records import BITS, MappedFile
+from streamconv.sources.records import BITS, MappedFile, check_tiling
 
 _SHARDED_WRITER = """
 import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp, torch.multiprocessing as mp
@@ -83,10 +83,10 @@ def torch_tensors(folder, tmp_path) -> dict[str, torch.Tensor]:
 
 def assembled(folder: str, tensor: dcp.DcpTensor) -> np.ndarray:
     """The global tensor's bits, put together from its chunks viewed in place in the .distcp files."""
-    chunks = [(c, dcp.chunk_tensor(folder, c)) for c in tensor.chunks]
-    out = np.zeros(tensor.shape, BITS[chunks[0][1].itemsize])
-    for chunk, stored in chunks:
-        mapped = MappedFile(os.path.join(folder, chunk.file))
+    chunks = [(c, *dcp.chunk_tensor(folder, c)) for c in tensor.chunks]
+    out = np.zeros(tensor.shape, BITS[chunks[0][2].itemsize])
+    for chunk, file, stored in chunks:
+        mapped = MappedFile(file)
         view = mapped.tensor(stored)
         assert mapped.holds(view.bits) and view.dtype == tensor.dtype
         out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))] = view.bits
@@ -131,8 +131,8 @@ def test_what_is_not_a_weight_is_never_read(single, tmp_path, monkeypatch):
             f.write(b"\xff" * length)
     opened = []
     real_load = torch_zip.load
-    monkeypatch.setattr(torch_zip, "load", lambda path, offset=0, size=None: (
-        opened.append((os.path.basename(path), offset)), real_load(path, offset, size))[1])
+    monkeypatch.setattr(torch_zip, "load", lambda path, offset=0, size=None, label=None: (
+        opened.append((os.path.basename(path), offset)), real_load(path, offset, size, label))[1])
     index = dcp.read_metadata(folder)
     for fqn, tensor in index.tensors.items():
         assert np.array_equal(assembled(folder, tensor), bits(expected[fqn]))
@@ -269,10 +269,10 @@ def boxes(*spans):
 def test_tiling_overlaps_that_add_up_to_the_volume_are_found():
     # the same row twice and no second row: the element count matches, the tiling does not
     with pytest.raises(ConversionError, match=r"overlap \(2 of them hold the element at \[0, 0\]\)"):
-        dcp._check_tiling("m", "t", (2, 2), boxes([(0, 1), (0, 2)], [(0, 1), (0, 2)]))
+        check_tiling("m", "t", (2, 2), boxes([(0, 1), (0, 2)], [(0, 1), (0, 2)]))
     # [0, 1] held twice, [1, 1] by none
     with pytest.raises(ConversionError, match=r"overlap \(2 of them hold the element at \[0, 1\]\)"):
-        dcp._check_tiling("m", "t", (2, 4), boxes([(0, 1), (0, 2)], [(0, 2), (2, 2)], [(1, 1), (0, 1)],
+        check_tiling("m", "t", (2, 4), boxes([(0, 1), (0, 2)], [(0, 2), (2, 2)], [(1, 1), (0, 1)],
                                                   [(0, 1), (1, 1)]))
 
 
@@ -280,7 +280,7 @@ def test_tiling_is_checked_in_bounded_time():
     # megatron-core's layout: 96 layers x 8 tensor-parallel slices of [96, 3h, h]
     grid = boxes(*[[(layer, 1), (tp * 48, 48), (0, 64)] for layer in range(96) for tp in range(8)])
     start = time.perf_counter()
-    dcp._check_tiling("m", "t", (96, 384, 64), grid)
+    check_tiling("m", "t", (96, 384, 64), grid)
     assert time.perf_counter() - start < 2
     # a staircase (valid, but each of its 2000 row slabs cuts all 2000 columns) and a pile of overlapping
     # chunks: refused, quickly
@@ -289,7 +289,7 @@ def test_tiling_is_checked_in_bounded_time():
     for shape, layout, expected in (((2000, 2000), stairs, "too irregularly"), ((20000, 1), pile, "overlap")):
         start = time.perf_counter()
         with pytest.raises(ConversionError, match=expected):
-            dcp._check_tiling("m", "t", shape, layout)
+            check_tiling("m", "t", shape, layout)
         assert time.perf_counter() - start < 5
 
 

@@ -14,17 +14,20 @@ weights and are several times their size).
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
-import stat
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from streamconv.errors import ConversionError, describe, first_line
 from streamconv.sources import safe_pickle, torch_zip
+from streamconv.sources.records import Box, Files, Folder, check_tiling
 
 _MAX_DIMS = 32
+METADATA = ".metadata"
+_MAX_METADATA = 2**30  # (the index of a large model and its optimizer state runs to many MB)
 
 
 class _Record:
@@ -135,7 +138,7 @@ class DcpTensor:
 
 @dataclass(frozen=True)
 class DcpIndex:
-    folder: str
+    files: Files
     tensors: dict[str, DcpTensor]  # the weights, by fqn
     skipped: tuple[str, ...]  # keys never read: optimizer state, rng state, _extra_state, bytes objects
     extra: dict[str, Any]  # other Metadata fields (megatron-core's `mcore_data`), as plain data
@@ -149,28 +152,29 @@ def is_weight(fqn: str) -> bool:
     return _NOT_WEIGHTS.search(fqn) is None
 
 
-def read_metadata(folder: str) -> DcpIndex:
-    """The weights of the distributed checkpoint in `folder`, read from its `.metadata` (no tensor bytes).
+def read_metadata(files: Files | str | os.PathLike[str]) -> DcpIndex:
+    """The weights of the distributed checkpoint in `files` (or a folder), read from its `.metadata` (no
+    tensor bytes).
 
     Refused (ConversionError, one line): a damaged or hostile `.metadata`, a chunk file that is missing, not
     a regular file or outside the folder, a chunk past its file's end or stored through stream transforms,
     chunks that do not tile their tensor exactly.
     """
-    path = os.path.join(folder, ".metadata")
-    if not os.path.lexists(path):
+    files = files if isinstance(files, Files) else Folder(os.fspath(files))
+    path = files.path(METADATA)
+    if not files.exists(METADATA):
         raise ConversionError(f"{path} not found: not a torch distributed checkpoint")
-    _file_size(folder, path, ".metadata")  # (a regular file inside the folder)
-    metadata = _load(path)
+    metadata = _load(path, files.read(METADATA, _MAX_METADATA))
     fields = metadata.state
     tensors, skipped = _entries(path, fields.get("state_dict_metadata"))
-    places = _places(folder, path, fields.get("storage_data"), tensors)
+    places = _places(files, path, fields.get("storage_data"), tensors)
     index: dict[str, DcpTensor] = {}
     for fqn, (dtype, shape, boxes) in tensors.items():
         if fqn not in places:  # (not a weight)
             continue
         if dtype.removeprefix("torch.") not in safe_pickle.DTYPES:
             raise ConversionError(f"{path}: weight {fqn!r} has dtype {dtype}, which streamconv does not convert")
-        _check_tiling(path, fqn, shape, boxes)
+        check_tiling(path, fqn, shape, boxes)
         chunks = []
         for offsets, sizes in boxes:
             place = places[fqn].get(offsets)
@@ -181,14 +185,16 @@ def read_metadata(folder: str) -> DcpIndex:
         index[fqn] = DcpTensor(fqn, dtype, shape, tuple(chunks))
     known = ("state_dict_metadata", "storage_data", "planner_data", "storage_meta", "version")
     extra = {k: v for k, v in fields.items() if k not in known}
-    return DcpIndex(folder, index, tuple(skipped), extra)
+    return DcpIndex(files, index, tuple(skipped), extra)
 
 
-def chunk_tensor(folder: str, chunk: Chunk) -> torch_zip.StoredTensor:
-    """The chunk's tensor as its torch.save archive describes it (offsets into `folder/chunk.file`),
-    checked against the metadata. Reads the archive's directory and pickle, no tensor bytes."""
-    path = os.path.join(folder, chunk.file)
-    stored = torch_zip.load(path, chunk.offset, chunk.length)
+def chunk_tensor(files: Files | str | os.PathLike[str], chunk: Chunk) -> tuple[str, torch_zip.StoredTensor]:
+    """The file holding the chunk, and the chunk's tensor as its torch.save archive describes it (offsets
+    into that file), checked against the metadata. Reads the archive's directory and pickle, no tensor bytes."""
+    files = files if isinstance(files, Files) else Folder(os.fspath(files))
+    path = files.path(chunk.file)
+    file, start, _ = files.locate(chunk.file)
+    stored = torch_zip.load(file, start + chunk.offset, chunk.length, path)
     if not isinstance(stored, torch_zip.StoredTensor):
         raise ConversionError(f"{path}: the chunk of {chunk.fqn!r} at byte {chunk.offset} holds a "
                               f"{type(stored).__name__}, not a tensor; the checkpoint is damaged")
@@ -196,16 +202,13 @@ def chunk_tensor(folder: str, chunk: Chunk) -> torch_zip.StoredTensor:
         raise ConversionError(f"{path}: the chunk of {chunk.fqn!r} at byte {chunk.offset} is a {stored.dtype} "
                               f"{list(stored.shape)}, but .metadata says {chunk.dtype} {list(chunk.sizes)}; "
                               "the checkpoint is damaged")
-    return stored
+    return file, stored
 
 
-def _load(path: str) -> _Record:
-    """The `Metadata` record pickled in `path`, refused if anything in it is off the allow-list."""
+def _load(path: str, data: bytes) -> _Record:
+    """The `Metadata` record pickled in `data` (`path`'s bytes), refused if anything in it is off the allow-list."""
     try:
-        with open(path, "rb") as f:
-            metadata = _Unpickler(f).load()
-    except OSError as exc:
-        raise ConversionError(f"cannot read {path}: {exc.strerror}") from None
+        metadata = _Unpickler(io.BytesIO(data)).load()
     except Exception as exc:  # a damaged pickle can fail in many ways
         raise ConversionError(f"cannot read {path}: it is truncated or damaged ({first_line(exc):.200}); "
                               "copy the checkpoint again") from None
@@ -231,9 +234,6 @@ def _naturals(path: str, values: Any, what: str) -> tuple[int, ...]:
             or not all(type(v) is int and v >= 0 for v in values):
         raise _damaged(path, f"{what} is {describe(values)}")
     return tuple(values)
-
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
 
 def _entries(path: str, entries: Any) -> tuple[dict[str, tuple[str, tuple[int, ...], list[Box]]], list[str]]:
@@ -267,9 +267,9 @@ def _entries(path: str, entries: Any) -> tuple[dict[str, tuple[str, tuple[int, .
     return tensors, skipped
 
 
-def _places(folder: str, path: str, storage: Any, tensors: dict) -> dict[str, dict[tuple[int, ...], tuple]]:
+def _places(files: Files, path: str, storage: Any, tensors: dict) -> dict[str, dict[tuple[int, ...], tuple]]:
     """fqn -> chunk offsets -> (file, offset, length), for the weights' chunks, each checked to lie inside
-    a regular file in `folder`. The other entries are not looked at."""
+    a regular file of the checkpoint. The other entries are not looked at."""
     if not isinstance(storage, dict):
         raise _damaged(path, "no storage_data")
     places: dict[str, dict[tuple[int, ...], tuple]] = {fqn: {} for fqn in tensors}
@@ -282,11 +282,11 @@ def _places(folder: str, path: str, storage: Any, tensors: dict) -> dict[str, di
         offsets = _naturals(path, key.get("offset"), f"a chunk offset of {key.get('fqn')!r}")
         if not _is(info, "_StorageInfo"):
             raise _damaged(path, f"the storage of {key.get('fqn')!r} is a {type(info).__name__}")
-        places[key.get("fqn")][offsets] = _place(folder, path, key.get("fqn"), info, sizes)
+        places[key.get("fqn")][offsets] = _place(files, path, key.get("fqn"), info, sizes)
     return places
 
 
-def _place(folder: str, path: str, fqn: str, info: _Record, sizes: dict[str, int]) -> tuple[str, int, int]:
+def _place(files: Files, path: str, fqn: str, info: _Record, sizes: dict[str, int]) -> tuple[str, int, int]:
     """(file, offset, length) of one chunk, checked: a plain name in the folder, a range inside the file,
     no stream transforms."""
     name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
@@ -297,75 +297,9 @@ def _place(folder: str, path: str, fqn: str, info: _Record, sizes: dict[str, int
                               "save the checkpoint without them")
     if not isinstance(name, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise _damaged(path, f"the storage of {fqn!r} is {describe(info.state)}")
-    if name not in sizes:
-        sizes[name] = _file_size(folder, path, name)
+    if not isinstance(name, str) or name not in sizes:
+        sizes[name] = files.locate(name)[2]
     if offset + length > sizes[name]:
-        raise ConversionError(f"{os.path.join(folder, name)} is truncated: .metadata puts a chunk of {fqn!r} at "
+        raise ConversionError(f"{files.path(name)} is truncated: .metadata puts a chunk of {fqn!r} at "
                               f"bytes {offset}..{offset + length}, the file has {sizes[name]}; copy it again")
     return name, offset, length
-
-
-def _file_size(folder: str, path: str, name: str) -> int:
-    """The size of the chunk file `name`, refused unless it is a regular file inside `folder`."""
-    parts = name.split("/")
-    if not name or "\\" in name or "\0" in name or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
-        raise ConversionError(f"{path} names the chunk file {describe(name)}, which is not a file name inside the "
-                              "checkpoint folder; streamconv refuses it, do not trust this checkpoint")
-    file = os.path.join(folder, name)
-    real, root = os.path.realpath(file), os.path.realpath(folder)
-    if os.path.commonpath([real, root]) != root:
-        raise ConversionError(f"{file} is a link to {real}, outside the checkpoint folder; streamconv refuses it "
-                              "(replace the link by the file)")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise ConversionError(f"{file} is missing ({path} names it); the checkpoint is incomplete, "
-                              "copy all of its files") from None
-    except OSError as exc:
-        raise ConversionError(f"cannot read {file}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConversionError(f"{file} is not a regular file; the checkpoint is damaged")
-    return st.st_size
-
-
-def _check_tiling(path: str, fqn: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
-    """Refuse chunks that leave a gap, overlap, or reach past the tensor. A sweep over the first dimension:
-    the chunks spanning each slab between consecutive chunk boundaries must tile the rest of the tensor
-    (checked the same way, one dimension down). Time about (chunks x dimensions) for a regular grid; a
-    layout that would take much longer is refused rather than checked slowly."""
-    def fail(what: str) -> ConversionError:
-        return ConversionError(f"{path}: the chunks of {fqn!r} {list(shape)} {what}; the checkpoint is damaged "
-                               "or incomplete, copy it again")
-
-    for offsets, sizes in boxes:
-        if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
-            raise fail(f"include one at {list(offsets)} of size {list(sizes)}, past the tensor's end")
-    nonempty = [b for b in boxes if 0 not in b[1]]
-    if 0 in shape:
-        return
-    budget = [16 * (len(nonempty) + 1) * (len(shape) + 1) + 200_000]
-
-    def tiles(group: list[Box], corner: tuple[int, ...]) -> None:
-        """`group` (the chunks spanning the slab that starts at `corner`) tiles the remaining dimensions."""
-        budget[0] -= len(group) + 1
-        if budget[0] < 0:
-            raise fail("are laid out too irregularly to check")
-        dim = len(corner)
-        if dim == len(shape):
-            if len(group) != 1:
-                raise fail(f"overlap ({len(group)} of them hold the element at {list(corner)})")
-            return
-        starts = sorted(group, key=lambda b: b[0][dim])
-        bounds = sorted({0, *(b[0][dim] for b in group), *(b[0][dim] + b[1][dim] for b in group)} - {shape[dim]})
-        active: list[Box] = []
-        following = 0
-        for lo in bounds:
-            active = [b for b in active if b[0][dim] + b[1][dim] > lo]
-            while following < len(starts) and starts[following][0][dim] == lo:
-                active.append(starts[following])
-                following += 1
-            if not active:
-                raise fail(f"leave a gap at {[*corner, lo] + [0] * (len(shape) - dim - 1)}")
-            tiles(active, (*corner, lo))
-
-    tiles(nonempty, ())

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.sources import safe_pickle, torch_zip
 from streamconv.sources.hparams import Config
 
@@ -195,3 +196,134 @@ def tensors_of(path: str, state_dict: Mapping, mapped: MappedFile) -> dict[str, 
 
 
 _READAHEAD_SLICE = 4 * 2**20
+
+
+class Files:
+    """The files of a checkpoint folder, wherever their bytes lie: a folder on disk (`Folder`), or the members
+    of a plain tar read in place (`sources/nemo.py`). Names are relative and '/'-separated; a name read from
+    the checkpoint is refused unless it is one of these files."""
+
+    label: str  # the folder or archive, for messages
+
+    def names(self) -> list[str]:
+        """Every regular file, to a depth of two folders."""
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        """Whether anything (a file, or something refused when it is located) has that name."""
+        raise NotImplementedError
+
+    def locate(self, name: str) -> tuple[str, int, int]:
+        """(the file to map, the offset of `name`'s bytes in it, their size); refused if there is no such file."""
+        raise NotImplementedError
+
+    def path(self, name: str) -> str:
+        """`name` as messages show it."""
+        return f"{self.label}/{name}"
+
+    def read(self, name: str, limit: int) -> bytes:
+        """The bytes of a small file, refused past `limit`."""
+        file, offset, size = self.locate(name)
+        if size > limit:
+            raise ConversionError(f"{self.path(name)} has {size} bytes, more than the {limit} such a file needs; "
+                                  "the checkpoint is damaged or hostile")
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise ConversionError(f"{self.path(name)} is truncated; copy the checkpoint again")
+        return data
+
+
+class Folder(Files):
+    """A checkpoint folder on disk: a file is refused unless it is a regular file inside it (a name with `..`
+    or a link out of the folder is named, never opened)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.label = root
+
+    def names(self) -> list[str]:
+        found = []
+        for top, folders, files in os.walk(self.root):
+            depth = os.path.relpath(top, self.root).count(os.sep) + (top != self.root)
+            if depth >= 2:
+                folders[:] = []
+            rel = os.path.relpath(top, self.root).replace(os.sep, "/")
+            found += [n if top == self.root else f"{rel}/{n}" for n in files
+                      if os.path.isfile(os.path.join(top, n)) and not os.path.islink(os.path.join(top, n))]
+        return sorted(found)
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(os.path.join(self.root, name))
+
+    def locate(self, name: str) -> tuple[str, int, int]:
+        parts = name.split("/") if isinstance(name, str) else []
+        if not parts or "\\" in name or "\0" in name or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
+            raise ConversionError(f"{self.label} names the file {describe(name)}, which is not a file name inside the "
+                                  "checkpoint folder; streamconv refuses it, do not trust this checkpoint")
+        file = os.path.join(self.root, name)
+        real, root = os.path.realpath(file), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise ConversionError(f"{file} is a link to {real}, outside the checkpoint folder; streamconv refuses it "
+                                  "(replace the link by the file)")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise ConversionError(f"{file} is missing; the checkpoint is incomplete, copy all of its files") from None
+        except OSError as exc:
+            raise ConversionError(f"cannot read {file}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConversionError(f"{file} is not a regular file; the checkpoint is damaged")
+        return real, 0, st.st_size
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) of a chunk in its tensor
+
+
+def check_tiling(path: str, fqn: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
+    """Refuse chunks that leave a gap, overlap, or reach past the tensor. A sweep over the first dimension:
+    the chunks spanning each slab between consecutive chunk boundaries must tile the rest of the tensor
+    (checked the same way, one dimension down). Time about (chunks x dimensions) for a regular grid; a
+    layout that would take much longer is refused rather than checked slowly."""
+    def fail(what: str) -> ConversionError:
+        return ConversionError(f"{path}: the chunks of {fqn!r} {list(shape)} {what}; the checkpoint is damaged "
+                               "or incomplete, copy it again")
+
+    for offsets, sizes in boxes:
+        if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+            raise fail(f"include one at {list(offsets)} of size {list(sizes)}, past the tensor's end")
+    nonempty = [b for b in boxes if 0 not in b[1]]
+    if 0 in shape:
+        return
+    budget = [16 * (len(nonempty) + 1) * (len(shape) + 1) + 200_000]
+
+    def tiles(group: list[Box], corner: tuple[int, ...]) -> None:
+        """`group` (the chunks spanning the slab that starts at `corner`) tiles the remaining dimensions."""
+        budget[0] -= len(group) + 1
+        if budget[0] < 0:
+            raise fail("are laid out too irregularly to check")
+        dim = len(corner)
+        if dim == len(shape):
+            if len(group) != 1:
+                raise fail(f"overlap ({len(group)} of them hold the element at {list(corner)})")
+            return
+        starts = sorted(group, key=lambda b: b[0][dim])
+        bounds = sorted({0, *(b[0][dim] for b in group), *(b[0][dim] + b[1][dim] for b in group)} - {shape[dim]})
+        active: list[Box] = []
+        following = 0
+        for lo in bounds:
+            active = [b for b in active if b[0][dim] + b[1][dim] > lo]
+            while following < len(starts) and starts[following][0][dim] == lo:
+                active.append(starts[following])
+                following += 1
+            if not active:
+                raise fail(f"leave a gap at {[*corner, lo] + [0] * (len(shape) - dim - 1)}")
+            tiles(active, (*corner, lo))
+
+    tiles(nonempty, ())

@@ -161,7 +161,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
     dims = gpt_sw3.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads)
-    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[gpt_sw3.EMBEDDING][0])
+    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[dims.names.embedding][0])
     for r in recipes:  # every shape first, then how tensor-parallel slices divide
         if r.source not in shapes:
             raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
@@ -180,7 +180,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
             if sliced % len(source.parts):
                 raise ConversionError(
                     f"source tensor {r.source!r} is sliced across {len(source.parts)} tensor-parallel ranks, which "
-                    f"do not divide its {sliced} {'heads' if 'query_key_value' in r.source else 'rows'}; check "
+                    f"do not divide its {sliced} {'heads' if r.arrangement.name.startswith('qkv') else 'rows'}; check "
                     "num_attention_heads (--num-heads) against the checkpoint"
                 )
     dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in recipes]

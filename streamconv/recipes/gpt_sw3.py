@@ -12,18 +12,73 @@ permute the axes by `perm`. Output bytes are the permuted view, read in row-majo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamconv.errors import ConversionError, describe, is_whole
 
 GPT_SW3_VOCAB_SIZE = 64000
 
-EMBEDDING = "model.language_model.embedding.word_embeddings.weight"
-POSITIONS = "model.language_model.embedding.position_embeddings.weight"
-FINAL_NORM = "model.language_model.encoder.final_layernorm"
-LAYER_PREFIX = "model.language_model.encoder.layers."
-LAYER = LAYER_PREFIX + "{i}."
+
+
+@dataclass(frozen=True)
+class Names:
+    """Where a naming scheme keeps each GPT-2 tensor: legacy NeMo's (`model.language_model.`) or megatron-core's
+    (`decoder.layers.N.`, under `model.` in NeMo 1.x, `module.` in NeMo 2.0, no prefix in Megatron-LM).
+    `layer` maps a GPT-2 layer tensor (its name below `transformer.h.N.`) to the source's, below `layers`."""
+
+    scheme: str
+    embedding: str
+    positions: str
+    final_norm: str
+    layers: str  # with {i}
+    layer: dict[str, str]
+    output_layer: str | None = None  # an untied output layer, which GPT-SW3 does not have
+
+    @property
+    def layer_prefix(self) -> str:
+        return self.layers.split("{i}")[0]
+
+
+def _legacy() -> Names:
+    prefix = "model.language_model."
+    return Names("legacy NeMo", prefix + "embedding.word_embeddings.weight",
+                 prefix + "embedding.position_embeddings.weight", prefix + "encoder.final_layernorm",
+                 prefix + "encoder.layers.{i}.", {
+                     "ln_1": "input_layernorm.", "attn.c_attn": "self_attention.query_key_value.",
+                     "attn.c_proj": "self_attention.dense.", "ln_2": "post_attention_layernorm.",
+                     "mlp.c_fc": "mlp.dense_h_to_4h.", "mlp.c_proj": "mlp.dense_4h_to_h."})
+
+
+def _mcore(prefix: str, fused_norms: bool) -> Names:
+    """megatron-core's names; its layer norms are fused into the next linear layer (`layer_norm_weight`) in
+    distributed checkpoints and Transformer Engine state_dicts, separate in the local spec's state_dicts."""
+    norms = {"ln_1": "self_attention.linear_qkv.layer_norm_", "ln_2": "mlp.linear_fc1.layer_norm_"} if fused_norms \
+        else {"ln_1": "input_layernorm.", "ln_2": "pre_mlp_layernorm."}
+    return Names("megatron-core", prefix + "embedding.word_embeddings.weight",
+                 prefix + "embedding.position_embeddings.weight", prefix + "decoder.final_layernorm",
+                 prefix + "decoder.layers.{i}.", {
+                     **norms, "attn.c_attn": "self_attention.linear_qkv.", "attn.c_proj": "self_attention.linear_proj.",
+                     "mlp.c_fc": "mlp.linear_fc1.", "mlp.c_proj": "mlp.linear_fc2."}, prefix + "output_layer.weight")
+
+
+SCHEMES = [_legacy(), *(_mcore(prefix, fused) for prefix in ("model.", "module.", "", "model.module.")
+                         for fused in (True, False))]
+
+
+def names_of(keys: Collection[str]) -> Names:
+    """The naming scheme of a state_dict: the one whose embedding and first layer norm it holds."""
+    for names in SCHEMES:
+        if names.embedding in keys and names.layers.format(i=0) + names.layer["ln_1"] + "weight" in keys:
+            return names
+    for names in SCHEMES:
+        if names.embedding in keys:
+            return names
+    raise ConversionError(f"the checkpoint holds no word embedding ({SCHEMES[0].embedding!r}, or megatron-core's "
+                          f"{SCHEMES[1].embedding.removeprefix('model.')!r}, plain or under model. or module.); is "
+                          "this a GPT checkpoint?")
+
 
 @dataclass(frozen=True)
 class Arrangement:
@@ -65,6 +120,7 @@ class Dims:
     ffn: int
     positions: int
     vocab: int
+    names: Names = field(default_factory=lambda: SCHEMES[0])  # the source's naming scheme
 
     @property
     def head_dim(self) -> int:
@@ -79,9 +135,9 @@ def _transpose(rows: int, cols: int) -> Arrangement:
     return Arrangement("transpose", (rows, cols), (1, 0))
 
 
-def layer_id(key: str) -> int:
-    """The layer number in a `...encoder.layers.<i>.` state_dict key."""
-    local = key[len(LAYER_PREFIX):].split(".")[0]
+def layer_id(key: str, names: Names) -> int:
+    """The layer number in a `...layers.<i>.` state_dict key."""
+    local = key[len(names.layer_prefix):].split(".")[0]
     if not (local.isascii() and local.isdecimal()):
         raise ConversionError(f"unexpected state_dict key {key!r} (no layer number); is this a GPT checkpoint?")
     return int(local)
@@ -100,15 +156,15 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
               num_heads: int | None = None) -> Dims:
     """Model dimensions from the NeMo cfg (`hparam(key)` reads one resolved value), checked against the
     tensor shapes. Without a cfg, every size but the head count is read from the shapes."""
-    if EMBEDDING not in shapes:
-        raise ConversionError(f"source tensor {EMBEDDING!r} is missing from the checkpoint's state_dict")
-    layer_ids = sorted({layer_id(k) for k in shapes if k.startswith(LAYER_PREFIX)})
-    h_to_4h = shapes.get(LAYER.format(i=0) + "mlp.dense_h_to_4h.weight")
+    names = names_of(shapes)
+    refuse_other_families(hparam, shapes, names)
+    layer_ids = sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
+    fc1 = shapes.get(names.layers.format(i=0) + names.layer["mlp.c_fc"] + "weight")
     inferred = {
-        "hidden_size": shapes[EMBEDDING][1],
+        "hidden_size": shapes[names.embedding][1],
         "num_layers": len(layer_ids),
-        "ffn_hidden_size": h_to_4h[0] if h_to_4h else None,
-        "encoder_seq_length": shapes[POSITIONS][0] if POSITIONS in shapes else None,
+        "ffn_hidden_size": fc1[0] if fc1 else None,
+        "encoder_seq_length": shapes[names.positions][0] if names.positions in shapes else None,
         "num_attention_heads": num_heads,
     }
     values = {}
@@ -129,6 +185,7 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
         ffn=values["ffn_hidden_size"],
         positions=values["encoder_seq_length"],
         vocab=GPT_SW3_VOCAB_SIZE if vocab_size is None else int(vocab_size),
+        names=names,
     )
     if dims.heads <= 0 or dims.hidden % dims.heads:
         raise ConversionError(
@@ -146,6 +203,44 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
     return dims
 
 
+def refuse_other_families(hparam: Any, shapes: dict[str, tuple[int, ...]], names: Names) -> None:
+    """Refuse, naming them, the features of a model GPT-2 cannot express (Llama-style models: grouped-query
+    attention, rotary positions, RMSNorm, a gated MLP, an untied output layer), from the tensors and the cfg."""
+    first = names.layers.format(i=0)
+    qkv, fc1, fc2 = (shapes.get(first + names.layer[r] + "weight") for r in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"))
+    hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
+    said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
+                                          "gated_linear_unit", "swiglu", "share_embeddings_and_output_weights",
+                                          "untie_embeddings_and_output_weights", "layernorm_zero_centered_gamma",
+                                          "apply_layernorm_1p")}
+    text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
+    features = []
+    if qkv is not None and hidden is not None and qkv[0] != 3 * hidden:
+        features.append(f"grouped-query attention ({qkv[0]} query/key/value rows for hidden size {hidden}, not "
+                        f"{3 * hidden})")
+    if text.get("position_embedding_type", "learned_absolute") != "learned_absolute":
+        features.append(f"{said['position_embedding_type']} position embeddings")
+    elif names.positions not in shapes and qkv is not None and names.scheme == "megatron-core":
+        features.append("no learned position embeddings (rotary?)")
+    if text.get("normalization", "layernorm") not in ("layernorm",) or said["layernorm_zero_centered_gamma"] is True \
+            or said["apply_layernorm_1p"] is True:
+        features.append(f"{said['normalization'] or 'zero-centred'} normalization")
+    elif first + names.layer["ln_1"] + "weight" in shapes and first + names.layer["ln_1"] + "bias" not in shapes:
+        features.append("layer norms without a bias (RMSNorm?)")
+    gated = said["gated_linear_unit"] is True or said["swiglu"] is True \
+        or text.get("activation", "gelu").endswith("glu")
+    if gated or (fc1 is not None and fc2 is not None and len(fc2) == 2 and fc1[0] == 2 * fc2[1]):
+        features.append(f"a gated MLP ({said['activation'] or 'SwiGLU'})")
+    elif text.get("activation", "gelu") != "gelu":
+        features.append(f"the activation {said['activation']}")
+    if said["share_embeddings_and_output_weights"] is False or said["untie_embeddings_and_output_weights"] is True \
+            or (names.output_layer is not None and names.output_layer in shapes):
+        features.append("an output layer untied from the word embedding")
+    if features:
+        raise ConversionError(f"this model has {', '.join(features)}: it is not a GPT-SW3 (GPT-2) model, and "
+                              "streamconv does not convert Llama-style models yet")
+
+
 def tensor_recipes(dims: Dims, embedding_rows: int) -> list[TensorRecipe]:
     """Every output tensor, in the order they are written: embeddings, then layer by layer, then ln_f."""
     if dims.vocab > embedding_rows:
@@ -153,43 +248,48 @@ def tensor_recipes(dims: Dims, embedding_rows: int) -> list[TensorRecipe]:
             f"vocabulary size {dims.vocab} is larger than the {embedding_rows} embedding rows in the checkpoint; "
             f"pass --vocab-size {embedding_rows} or less (the default is GPT-SW3's {GPT_SW3_VOCAB_SIZE})"
         )
-    h, f, heads, hd = dims.hidden, dims.ffn, dims.heads, dims.head_dim
+    h, f, heads, hd, names = dims.hidden, dims.ffn, dims.heads, dims.head_dim, dims.names
     out = [
-        TensorRecipe("transformer.wte.weight", EMBEDDING, (embedding_rows, h), (dims.vocab, h),
+        TensorRecipe("transformer.wte.weight", names.embedding, (embedding_rows, h), (dims.vocab, h),
                      _copy((dims.vocab, h)), rows=dims.vocab),
-        TensorRecipe("transformer.wpe.weight", POSITIONS, (dims.positions, h), (dims.positions, h),
+        TensorRecipe("transformer.wpe.weight", names.positions, (dims.positions, h), (dims.positions, h),
                      _copy((dims.positions, h))),
     ]
     for i in range(dims.layers):
-        src, dst = LAYER.format(i=i), f"transformer.h.{i}."
+        dst = f"transformer.h.{i}."
 
-        def vector(name: str, source: str, n: int) -> TensorRecipe:
-            return TensorRecipe(dst + name, src + source, (n,), (n,), _copy((n,)))  # noqa: B023
+        def source(tensor: str) -> str:
+            """The source name of the GPT-2 layer tensor `tensor` ('attn.c_attn.weight')."""
+            module, field = tensor.rsplit(".", 1)
+            return names.layers.format(i=i) + names.layer[module] + field  # noqa: B023
 
-        def linear(name: str, source: str, n_out: int, n_in: int) -> TensorRecipe:
+        def vector(name: str, n: int) -> TensorRecipe:
+            return TensorRecipe(dst + name, source(name), (n,), (n,), _copy((n,)))  # noqa: B023
+
+        def linear(name: str, n_out: int, n_in: int) -> TensorRecipe:
             # Megatron [out, in] -> Conv1D [in, out]
-            return TensorRecipe(dst + name, src + source, (n_out, n_in), (n_in, n_out),  # noqa: B023
+            return TensorRecipe(dst + name, source(name), (n_out, n_in), (n_in, n_out),  # noqa: B023
                                 _transpose(n_out, n_in))
 
         out += [
-            vector("ln_1.weight", "input_layernorm.weight", h),
-            vector("ln_1.bias", "input_layernorm.bias", h),
-            TensorRecipe(dst + "attn.c_attn.weight", src + "self_attention.query_key_value.weight",
+            vector("ln_1.weight", h),
+            vector("ln_1.bias", h),
+            TensorRecipe(dst + "attn.c_attn.weight", source("attn.c_attn.weight"),
                          (3 * h, h), (h, 3 * h), Arrangement("qkv_weight", (heads, 3, hd, h), (3, 1, 0, 2))),
-            TensorRecipe(dst + "attn.c_attn.bias", src + "self_attention.query_key_value.bias",
+            TensorRecipe(dst + "attn.c_attn.bias", source("attn.c_attn.bias"),
                          (3 * h,), (3 * h,), Arrangement("qkv_bias", (heads, 3, hd), (1, 0, 2))),
-            linear("attn.c_proj.weight", "self_attention.dense.weight", h, h),
-            vector("attn.c_proj.bias", "self_attention.dense.bias", h),
-            vector("ln_2.weight", "post_attention_layernorm.weight", h),
-            vector("ln_2.bias", "post_attention_layernorm.bias", h),
-            linear("mlp.c_fc.weight", "mlp.dense_h_to_4h.weight", f, h),
-            vector("mlp.c_fc.bias", "mlp.dense_h_to_4h.bias", f),
-            linear("mlp.c_proj.weight", "mlp.dense_4h_to_h.weight", h, f),
-            vector("mlp.c_proj.bias", "mlp.dense_4h_to_h.bias", h),
+            linear("attn.c_proj.weight", h, h),
+            vector("attn.c_proj.bias", h),
+            vector("ln_2.weight", h),
+            vector("ln_2.bias", h),
+            linear("mlp.c_fc.weight", f, h),
+            vector("mlp.c_fc.bias", f),
+            linear("mlp.c_proj.weight", h, f),
+            vector("mlp.c_proj.bias", h),
         ]
     out += [
-        TensorRecipe("transformer.ln_f.weight", FINAL_NORM + ".weight", (h,), (h,), _copy((h,))),
-        TensorRecipe("transformer.ln_f.bias", FINAL_NORM + ".bias", (h,), (h,), _copy((h,))),
+        TensorRecipe("transformer.ln_f.weight", names.final_norm + ".weight", (h,), (h,), _copy((h,))),
+        TensorRecipe("transformer.ln_f.bias", names.final_norm + ".bias", (h,), (h,), _copy((h,))),
     ]
     return out
 

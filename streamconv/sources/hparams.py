@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, first_line
 from streamconv.sources import safe_pickle
 
 _MAX_DEPTH = 32  # interpolations followed from one key (a chain or a loop)
@@ -57,12 +57,21 @@ class _Metadata(_Node):
         return None
 
 
+class _Namespace(_Node):
+    """argparse.Namespace (Megatron-LM's training `args`): its fields are its state."""
+
+    def content(self) -> Any:
+        state = getattr(self, "state", None)
+        return state if isinstance(state, dict) else None
+
+
 _CONTAINERS = ("dictconfig.DictConfig", "listconfig.ListConfig")
 _VALUES = ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode")
 STAND_INS: dict[str, type] = {
     **{f"omegaconf.{name}": type(name.split(".")[-1], (_Node,), {}) for name in _CONTAINERS},
     **{f"omegaconf.nodes.{name}": type(name, (_ValueNode,), {}) for name in _VALUES},
     **{f"omegaconf.base.{name}": type(name, (_Metadata,), {}) for name in ("ContainerMetadata", "Metadata")},
+    "argparse.Namespace": _Namespace,
 }
 
 
@@ -76,14 +85,18 @@ def _short(text: str) -> str:
 
 
 class Config:
-    """A NeMo cfg, read key by key. `source` names it in errors ("'hyper_parameters.cfg' entry of X.ckpt")."""
+    """A NeMo cfg, read key by key. `source` names it in errors ("'hyper_parameters.cfg' entry of X.ckpt").
 
-    def __init__(self, root: Any, base: tuple[Any, ...], source: str) -> None:
-        self.root, self.base, self.source = root, base, source
+    Keys are asked for by their NeMo 1.x names; `aliases` maps one to where another writer keeps it (Megatron-LM's
+    `args.seq_length` for `encoder_seq_length`)."""
+
+    def __init__(self, root: Any, base: tuple[Any, ...], source: str, aliases: Mapping[str, str] | None = None) -> None:
+        self.root, self.base, self.source, self.aliases = root, base, source, dict(aliases or {})
         self._steps, self._asked = 0, ".".join(base)
 
     @classmethod
-    def of(cls, root: Any, base: tuple[Any, ...], source: str) -> Config | None:
+    def of(cls, root: Any, base: tuple[Any, ...], source: str,
+           aliases: Mapping[str, str] | None = None) -> Config | None:
         """The config at `base` below `root` (None when absent); refused unless it is a mapping."""
         try:
             value = cls(root, (), source)._read(base, "cfg")
@@ -94,11 +107,12 @@ class Config:
         if not isinstance(value, dict):
             raise ConversionError(f"the cfg of {source} is {_kind(value)}, not a mapping of hyper-parameters; "
                                   "fix the checkpoint's cfg")
-        return cls(root, base, source)
+        return cls(root, base, source, aliases)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value at dotted `key` with interpolations resolved; `default` when absent or '???'.
         A mapping or list comes back as a `Section`, which only says what it is (it is never walked)."""
+        key = self.aliases.get(key, key)
         self._steps, self._asked = 0, key
         path = self.base + tuple(key.split("."))
         try:
@@ -220,3 +234,17 @@ def lightning_cfg(path: str, payload: Mapping) -> Config | None:
     hparams = payload.get("hyper_parameters")
     safe_pickle.refuse(path, "hyper_parameters", hparams)
     return Config.of(hparams, ("cfg",), f"{path} (hyper_parameters)")
+
+
+def yaml_config(source: str, text: bytes, base: tuple[Any, ...] = (),
+                aliases: Mapping[str, str] | None = None) -> Config | None:
+    """A YAML file's config at `base`: yaml.safe_load (no objects built, aliases kept as shared references,
+    `_target_:` keys kept as strings), read key by key as data."""
+    import yaml
+
+    try:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except Exception as exc:  # any YAML error, or a nesting too deep to parse
+        raise ConversionError(f"{source} cannot be read ({first_line(exc)[:200]}); fix or remove it and pass "
+                              "--num-heads") from None
+    return Config.of(data, base, source, aliases)

@@ -24,9 +24,9 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from streamconv.errors import ConversionError, first_line
+from streamconv.errors import ConversionError
 from streamconv.sources import parallel, safe_pickle, torch_zip
-from streamconv.sources.hparams import Config, lightning_cfg
+from streamconv.sources.hparams import Config, lightning_cfg, yaml_config
 from streamconv.sources.records import Checkpoint, MappedFile, tensors_of
 from streamconv.tokenizer import sentencepiece_available
 
@@ -332,15 +332,7 @@ def _read(path: str, f: IO[bytes] | None, name: str) -> bytes:
 
 
 def _parse_config(path: str, text: bytes) -> Config | None:
-    """yaml.safe_load (no objects built, aliases kept as shared references), read key by key as data."""
-    import yaml
-
-    try:
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except Exception as exc:  # any YAML error, or a nesting too deep to parse
-        raise ConversionError(f"{path}: {CONFIG} cannot be read ({first_line(exc)[:200]}); fix or remove it and pass "
-                              "--num-heads") from None
-    return Config.of(data, (), f"{path} ({CONFIG})")
+    return yaml_config(f"{path} ({CONFIG})", text)
 
 
 def _normal(name: str) -> str:

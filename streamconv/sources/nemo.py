@@ -27,10 +27,12 @@ from typing import IO, Any
 from streamconv.errors import ConversionError
 from streamconv.sources import parallel, safe_pickle, torch_zip
 from streamconv.sources.hparams import Config, lightning_cfg, yaml_config
-from streamconv.sources.records import Checkpoint, MappedFile, tensors_of
+from streamconv.sources.records import Checkpoint, Files, Folder, MappedFile, tensors_of
 from streamconv.tokenizer import sentencepiece_available
 
 WEIGHTS = "model_weights.ckpt"
+DISTRIBUTED = "model_weights/"  # a distributed checkpoint's folder (megatron-core models, NeMo 1.2x on)
+_DISTRIBUTED_MARKS = ("metadata.json", ".metadata")
 CONFIG = "model_config.yaml"
 _MAX_CONFIG = 16 * 2**20
 _MAX_TOKENIZER = 256 * 2**20
@@ -40,6 +42,37 @@ _TEMP_PREFIX = ".streamconv-nemo-"
 
 Rank = tuple[int, int]
 Progress = Callable[[str, int], Any]  # (description, total bytes) -> a bar with update(n) and close()
+# (the files of model_weights/, the cfg, where it came from, the tokenizer) -> the checkpoint: sources/mcore.py
+OpenDistributed = Callable[[Files, "Config | None", str, "bytes | None"], Checkpoint]
+
+
+class Members(Files):
+    """The files of the archive's `model_weights/` folder, each at its place in a file (the tar itself, read in
+    place, or a temporary file extracted from a gzip stream)."""
+
+    def __init__(self, label: str, places: dict[str, tuple[str, int, int]]) -> None:
+        self.label, self.places = label, places
+
+    def names(self) -> list[str]:
+        return sorted(self.places)
+
+    def exists(self, name: str) -> bool:
+        return name in self.places
+
+    def locate(self, name: str) -> tuple[str, int, int]:
+        if name not in self.places:
+            raise ConversionError(f"{self.path(name) if isinstance(name, str) else self.label} is missing; the "
+                                  "archive is incomplete, copy or download it again")
+        return self.places[name]
+
+    def path(self, name: str) -> str:
+        return f"{self.label}/{name}"
+
+
+def _distributed(names: list[str]) -> list[str]:
+    """The members of a distributed checkpoint in `model_weights/`, if the archive holds one."""
+    inside = [n for n in names if n.startswith(DISTRIBUTED)]
+    return inside if any(n.removeprefix(DISTRIBUTED) in _DISTRIBUTED_MARKS for n in inside) else []
 _MAX_TAR_HEADER = 2**20  # a PAX or GNU long-name header (names and a few records: real ones are under 1 kB)
 
 
@@ -105,22 +138,26 @@ def weights_rank(name: str) -> Rank | None:
     return parallel.rank_of(folder) if file == WEIGHTS else None
 
 
-def open_nemo(path: str, scratch: str | None = None, progress: Progress | None = None) -> Checkpoint:
+def open_nemo(path: str, scratch: str | None = None, progress: Progress | None = None,
+              distributed: OpenDistributed | None = None) -> Checkpoint:
     """Open a `.nemo` archive, an extracted one or a folder of rank `.ckpt` files, reading no weights.
 
-    A gzip archive's weights are extracted first, shown by a `progress(description, total bytes)` bar.
+    A gzip archive's weights are extracted first, shown by a `progress(description, total bytes)` bar. A
+    distributed checkpoint in `model_weights/` is opened by `distributed`.
     """
     if os.path.isdir(path):
-        return _open_folder(path)
+        return _open_folder(path, distributed)
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped:
-        return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), progress)
+        return _open_gzip(path, scratch or os.path.dirname(os.path.abspath(path)), progress, distributed)
     try:
         with tarfile.open(path, "r:", tarinfo=_tar_info(path, gzipped=False)) as tar:
             regular = [m for m in tar.getmembers() if m.isreg() and not m.issparse()]
             members = {_normal(m.name): m for m in regular}
-            weights = _weights_members(path, [_normal(m.name) for m in regular])  # a name stored twice is refused
+            shards = _distributed(list(members))
+            # (a name stored twice is refused)
+            weights = {} if shards else _weights_members(path, [_normal(m.name) for m in regular])
             config = _read(path, tar.extractfile(members[CONFIG]), CONFIG) if CONFIG in members else None
             cfg = _parse_config(path, config) if config is not None else None
             tokenizer = _tokenizer_member(cfg, list(members))
@@ -129,19 +166,38 @@ def open_nemo(path: str, scratch: str | None = None, progress: Progress | None =
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
                               "copy or download it again") from None
     size = os.path.getsize(path)
+    for name in list(weights.values()) + shards:
+        if members[name].offset_data + members[name].size > size:
+            raise ConversionError(f"{path} is truncated ({name!r} ends past the end of the file); "
+                                  "copy or download it again")
+    if shards:
+        places = {n.removeprefix(DISTRIBUTED): (path, members[n].offset_data, members[n].size) for n in shards}
+        return _open_distributed(distributed, Members(f"{path} ({DISTRIBUTED.rstrip('/')})", places), cfg, tokenizer)
     loaded = {}
     for rank, name in weights.items():
         member = members[name]
-        if member.offset_data + member.size > size:
-            raise ConversionError(f"{path} is truncated ({name!r} ends past the end of the file); "
-                                  "copy or download it again")
         loaded[rank] = (torch_zip.load(path, member.offset_data, member.size, f"{path} ({name})"), path)
     return _assemble(path, loaded, cfg, tokenizer)
 
 
-def _open_folder(path: str) -> Checkpoint:
+def _open_distributed(distributed: OpenDistributed | None, files: Files, cfg: Config | None,
+                      tokenizer: bytes | None) -> Checkpoint:
+    if distributed is None:
+        raise ConversionError(f"{files.label} is a distributed checkpoint; open it with sources.open_checkpoint")
+    return distributed(files, cfg, CONFIG, tokenizer)
+
+
+def _open_folder(path: str, distributed: OpenDistributed | None) -> Checkpoint:
     """An extracted `.nemo`, or a folder holding one Lightning `.ckpt` per rank folder."""
     names = os.listdir(path)
+    shards = os.path.join(path, DISTRIBUTED)
+    if os.path.isdir(shards) and not os.path.islink(shards.rstrip("/")) \
+            and any(os.path.lexists(os.path.join(shards, n)) for n in _DISTRIBUTED_MARKS):
+        config = _read_file(path, CONFIG, follow=True) if os.path.lexists(os.path.join(path, CONFIG)) else None
+        cfg = _parse_config(path, config) if config is not None else None
+        name = _tokenizer_member(cfg, names)
+        tokenizer = _read_file(path, name, follow=sentencepiece_available()) if name else None
+        return _open_distributed(distributed, Folder(shards.rstrip("/")), cfg, tokenizer)
     folders = [n for n in names if parallel.rank_of(n) and os.path.isdir(os.path.join(path, n))]
     weights = _weights_members(path, folders + ([WEIGHTS] if os.path.isfile(os.path.join(path, WEIGHTS)) else []),
                                folder=True)
@@ -190,7 +246,7 @@ def _rank_file(path: str, folder: str) -> str:
     return os.path.join(inner, ckpts[0])
 
 
-def _open_gzip(path: str, scratch: str, progress: Progress | None) -> Checkpoint:
+def _open_gzip(path: str, scratch: str, progress: Progress | None, distributed: OpenDistributed | None) -> Checkpoint:
     """Decompress each weights member into an unlinked temporary file in `scratch` and open those.
 
     Extracts left by runs that were killed meanwhile (their process is gone) are removed first.
@@ -202,6 +258,7 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None) -> Checkpoint
         if entry.startswith(_TEMP_PREFIX) and not (pid.isdigit() and psutil.pid_exists(int(pid))):
             os.remove(os.path.join(scratch, entry))
     temps: dict[Rank, str] = {}
+    shards: dict[str, str] = {}  # model_weights/ members -> their temporary files
     seen: dict[Rank, str] = {}
     config = None
     artifacts: dict[str, bytes] = {}
@@ -220,25 +277,18 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None) -> Checkpoint
                     if rank in seen:
                         _weights_members(path, [seen[rank], name])  # refuses the rank held twice
                     seen[rank] = name
-                    free = shutil.disk_usage(scratch).free
-                    if free < member.size:
-                        raise ConversionError(f"not enough free space in {scratch} to extract {name!r} from the "
-                                              f"gzip archive {path}: need {member.size} bytes, have {free}")
-                    fd, temps[rank] = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".ckpt",
-                                                       dir=scratch)
-                    bar = progress(f"extracting {name} (gzip)", member.size) if progress else None
-                    try:
-                        with os.fdopen(fd, "wb") as out:
-                            source = tar.extractfile(member)
-                            while chunk := source.read(_COPY_CHUNK):
-                                out.write(chunk)
-                                if bar is not None:
-                                    bar.update(len(chunk))
-                            out.flush()
-                            os.fsync(out.fileno())
-                    finally:
-                        if bar is not None:
-                            bar.close()
+                    temps[rank] = _extract(path, tar, member, name, scratch, progress)
+                elif name.startswith(DISTRIBUTED) and name not in shards:
+                    shards[name] = _extract(path, tar, member, name, scratch, progress)
+        if _distributed(list(shards)):
+            places = {n.removeprefix(DISTRIBUTED): (t, 0, os.path.getsize(t)) for n, t in shards.items()}
+            cfg = _parse_config(path, config) if config is not None else None
+            tokenizer = _tokenizer_member(cfg, list(artifacts))
+            checkpoint = _open_distributed(distributed, Members(f"{path} ({DISTRIBUTED.rstrip('/')})", places), cfg,
+                                           artifacts.get(tokenizer) if tokenizer else None)
+            checkpoint.note = f"{len(shards)} files of {DISTRIBUTED} were extracted from the gzip archive into " \
+                              "temporary files, now removed"
+            return checkpoint
         if not temps:
             _weights_members(path, [])  # refuses: no weights
         cfg = _parse_config(path, config) if config is not None else None
@@ -252,8 +302,35 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None) -> Checkpoint
         raise ConversionError(f"{path} is truncated or damaged ({exc}); was the copy interrupted? "
                               "copy or download it again") from None
     finally:
-        for temp in temps.values():
+        for temp in [*temps.values(), *shards.values()]:
             os.remove(temp)
+
+
+def _extract(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, scratch: str,
+             progress: Progress | None) -> str:
+    """Decompress one member into a new temporary file in `scratch`, shown by a bar when it is large."""
+    free = shutil.disk_usage(scratch).free
+    if free < member.size:
+        raise ConversionError(f"not enough free space in {scratch} to extract {name!r} from the "
+                              f"gzip archive {path}: need {member.size} bytes, have {free}")
+    fd, temp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".ckpt", dir=scratch)
+    bar = progress(f"extracting {name} (gzip)", member.size) if progress else None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            source = tar.extractfile(member)
+            while chunk := source.read(_COPY_CHUNK):
+                out.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        os.remove(temp)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return temp
 
 
 def _weights_members(path: str, names: list[str], folder: bool = False) -> dict[Rank, str]:

@@ -1,0 +1,206 @@
+"""megatron-core distributed checkpoints: where they sit, their hyper-parameters, their layers unstacked.
+
+A distributed checkpoint is a folder holding `metadata.json` (`sharded_backend`: `torch_dist` or `zarr`), the
+backend's files (read by `dcp` or `zarr`) and, up to megatron-core 0.18, `common.pt` (everything not sharded).
+It sits in one of several layouts, each with its own source of hyper-parameters:
+- a NeMo 1.x `.nemo` or its folder: `model_weights/`, beside `model_config.yaml` (read by `nemo`, which hands the
+  folder here);
+- a NeMo 1.x training checkpoint: the folder itself, `common.pt`'s `hyper_parameters` (OmegaConf objects);
+- NeMo 2.0: `weights/` beside `context/model.yaml` (a fiddle-serialised config, read as data: no `_target_`
+  is ever imported) and its tokenizer file;
+- Megatron-LM: `iter_NNNNNNN/` (the one `latest_checkpointed_iteration.txt` names, when given the parent),
+  `common.pt`'s `args` (an argparse.Namespace, read as an inert record).
+
+megatron-core stacks a transformer block's layers: `decoder.layers.self_attention.linear_qkv.weight` has the
+global shape `[layers, 3h, h]`, one chunk per layer and tensor-parallel slice. Each layer becomes its own tensor,
+`decoder.layers.N.self_attention.linear_qkv.weight`, the names a plain mcore state_dict has; a tensor made of
+several chunks becomes a `Split` of views into them, so nothing is read before it is streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from streamconv.errors import ConversionError, describe
+from streamconv.sources import dcp, torch_zip
+from streamconv.sources.hparams import Config, lightning_cfg, yaml_config
+from streamconv.sources.records import Checkpoint, Files, Folder, MappedFile, SourceTensor, Split
+
+METADATA_JSON = "metadata.json"
+COMMON = "common.pt"
+TRACKER = "latest_checkpointed_iteration.txt"
+_MAX_JSON = 2**20
+_MAX_COMMON = 2**30  # common.pt: the hyper-parameters, the optimizer's param groups, scheduler state
+_MAX_YAML = 16 * 2**20
+_MAX_TOKENIZER = 256 * 2**20
+_STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
+# Hyper-parameters are asked for by their NeMo 1.x names (what the recipes read); other writers' names:
+MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon"}
+NEMO2 = {"encoder_seq_length": "seq_length"}
+
+
+def is_distributed(path: str) -> bool:
+    """A folder that holds a distributed checkpoint or one of the layouts around one."""
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    return bool(names & {METADATA_JSON, dcp.METADATA, TRACKER}) or {"weights", "context"} <= names \
+        or (os.path.basename(os.path.normpath(path)) == "weights"
+            and os.path.isdir(os.path.join(path, os.pardir, "context")))
+
+
+def open_folder(path: str) -> Checkpoint:
+    """Open a distributed checkpoint in any of the folder layouts above, reading no weights."""
+    names = set(os.listdir(path))
+    if TRACKER in names:
+        return open_folder(_tracked_iteration(path))
+    if {"weights", "context"} <= names:
+        return _open_nemo2(os.path.join(path, "weights"), os.path.join(path, "context"), path)
+    if os.path.basename(os.path.normpath(path)) == "weights" and not names & {COMMON}:
+        return _open_nemo2(path, os.path.join(path, os.pardir, "context"), path)
+    return open_distributed(Folder(path))
+
+
+def open_distributed(files: Files, cfg: Config | None = None, config_name: str | None = None,
+                     tokenizer: bytes | None = None) -> Checkpoint:
+    """The distributed checkpoint in `files`; hyper-parameters from `cfg` (a layout's config file) or else its
+    `common.pt` (NeMo's `hyper_parameters`, Megatron-LM's `args`)."""
+    backend = _backend(files)
+    if cfg is None and files.exists(COMMON):
+        cfg, config_name = _common_cfg(files)
+    mapped: dict[str, MappedFile] = {}
+    try:
+        tensors = _tensors(files, backend, mapped)
+        return Checkpoint(path=files.label, tensors=tensors, hparams=cfg, files=list(mapped.values()),
+                          config_name=config_name or f"{COMMON} with hyper-parameters", tokenizer=tokenizer)
+    except BaseException:
+        for m in mapped.values():
+            m.close()
+        raise
+
+
+def _backend(files: Files) -> str:
+    """`metadata.json`'s sharded_backend ('torch_dist' when there is only torch's `.metadata`)."""
+    if not files.exists(METADATA_JSON):
+        if files.exists(dcp.METADATA):
+            return "torch_dist"
+        raise ConversionError(f"{files.label} has neither {METADATA_JSON} nor {dcp.METADATA}: not a distributed "
+                              "checkpoint; check --checkpoint-path")
+    try:
+        config = json.loads(files.read(METADATA_JSON, _MAX_JSON))
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise ConversionError(f"{files.path(METADATA_JSON)} is not JSON ({str(exc)[:120]}); the checkpoint is "
+                              "damaged, copy it again") from None
+    backend = config.get("sharded_backend") if isinstance(config, dict) else None
+    if backend not in ("torch_dist", "zarr"):
+        raise ConversionError(f"{files.path(METADATA_JSON)} says sharded_backend {describe(backend)}; streamconv "
+                              "reads torch_dist and zarr distributed checkpoints")
+    return backend
+
+
+def _common_cfg(files: Files) -> tuple[Config | None, str]:
+    """The hyper-parameters in `common.pt`: NeMo's Lightning `hyper_parameters.cfg`, or Megatron-LM's `args`."""
+    file, offset, size = files.locate(COMMON)
+    if size > _MAX_COMMON:
+        raise ConversionError(f"{files.path(COMMON)} has {size} bytes, more than such a file needs; the checkpoint "
+                              "is damaged or hostile")
+    label = files.path(COMMON)
+    payload = torch_zip.load(file, offset, size, label)
+    if not isinstance(payload, Mapping):
+        raise ConversionError(f"{label} holds a {type(payload).__name__}, not megatron-core's common state dict")
+    if "hyper_parameters" in payload:
+        return lightning_cfg(label, payload), f"'hyper_parameters.cfg' entry of {COMMON}"
+    # Megatron-LM's args: only plain values are read from it (its enums and dtypes stay inert placeholders).
+    return Config.of(payload, ("args",), f"{label} (args)", MEGATRON_LM), f"'args' entry of {COMMON}"
+
+
+def _tracked_iteration(path: str) -> str:
+    """The iteration folder `latest_checkpointed_iteration.txt` names (`iter_0000100`, or `release`)."""
+    text = Folder(path).read(TRACKER, 64).decode("ascii", errors="replace").strip()
+    name = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdecimal() else None
+    if name is None:
+        raise ConversionError(f"{os.path.join(path, TRACKER)} says {text[:40]!r}, not an iteration number or "
+                              "'release'; fix it or pass the iter_NNNNNNN folder")
+    folder = os.path.join(path, name)
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise ConversionError(f"{os.path.join(path, TRACKER)} names iteration {text}, but {folder} is not a folder; "
+                              "copy it, or pass the iter_NNNNNNN folder to convert")
+    return folder
+
+
+def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
+    """NeMo 2.0: the architecture from `context/model.yaml`'s `config`, the tokenizer file it names."""
+    if not os.path.isdir(context):
+        raise ConversionError(f"{label} has no context/ folder beside weights/; copy the whole NeMo 2.0 checkpoint")
+    folder = Folder(context)
+    source = folder.path("model.yaml")
+    cfg = yaml_config(source, folder.read("model.yaml", _MAX_YAML), ("config",), NEMO2) \
+        if folder.exists("model.yaml") else None
+    tokenizer = None
+    name = cfg and Config(cfg.root, (), source).get("tokenizer.model_path")
+    if isinstance(name, str) and name.endswith(".model") and folder.exists(name):
+        tokenizer = folder.read(name, _MAX_TOKENIZER)  # (a name inside context/, or refused)
+    return open_distributed(Folder(weights), cfg, "'config' section of context/model.yaml", tokenizer)
+
+
+def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[str, Any]:
+    """Every weight, its stacked layers unstacked, each a view into the mapped files (or a `Split` of views)."""
+    def view(file: str, stored: torch_zip.StoredTensor) -> SourceTensor:
+        if file not in mapped:
+            mapped[file] = MappedFile(file)
+        return mapped[file].tensor(stored)
+
+    pieces: dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], SourceTensor]]]] = {}
+    if backend == "torch_dist":
+        for fqn, tensor in dcp.read_metadata(files).tensors.items():
+            pieces[fqn] = (tensor.shape, [(c.offsets, view(*dcp.chunk_tensor(files, c))) for c in tensor.chunks])
+    else:
+        from streamconv.sources import zarr
+
+        for fqn, tensor in zarr.read_zarr(files).items():
+            pieces[fqn] = (tensor.shape, [(c.offsets, view(c.file, c.stored)) for c in tensor.chunks])
+    out: dict[str, Any] = {}
+    for fqn, (shape, chunks) in pieces.items():
+        for name, sub_shape, sub_chunks in _unstacked(fqn, shape, chunks):
+            if name in out:
+                raise ConversionError(f"{files.label} holds {name!r} twice (stacked and per layer); the checkpoint "
+                                      "is damaged")
+            out[name] = _joined(files.label, name, sub_shape, sub_chunks)
+    return out
+
+
+Pieces = list[tuple[tuple[int, ...], SourceTensor]]  # (offsets in the tensor, the chunk's view)
+
+
+def _unstacked(fqn: str, shape: tuple[int, ...], chunks: Pieces) -> list[tuple[str, tuple[int, ...], Pieces]]:
+    """A stacked layer tensor as one tensor per layer (`...layers.N.rest`); any other tensor as it is."""
+    m = _STACKED.fullmatch(fqn)
+    if m is None or not shape:
+        return [(fqn, shape, chunks)]
+    layers: list[Pieces] = [[] for _ in range(shape[0])]
+    for offsets, chunk in chunks:
+        for layer in range(offsets[0], offsets[0] + chunk.shape[0]):
+            layers[layer].append((offsets[1:], SourceTensor(chunk.bits[layer - offsets[0]], chunk.dtype)))
+    return [(f"{m.group(1)}{i}.{m.group(2)}", shape[1:], layer) for i, layer in enumerate(layers)]
+
+
+def _joined(label: str, name: str, shape: tuple[int, ...], chunks: Pieces) -> SourceTensor | Split:
+    """The chunks that tile a tensor (checked by the backend) as one view, or a `Split` along the one axis
+    they divide: megatron-core slices a tensor on one axis only."""
+    chunks = [c for c in chunks if 0 not in c[1].shape]
+    if len(chunks) == 1:
+        return chunks[0][1]
+    axes = {d for offsets, c in chunks for d in range(len(shape)) if offsets[d] != 0 or c.shape[d] != shape[d]}
+    if len(axes) != 1:
+        raise ConversionError(f"{label}: the chunks of {name!r} {list(shape)} divide it along axes {sorted(axes)}; "
+                              "streamconv merges chunks divided along one axis, as megatron-core writes them")
+    axis = axes.pop()
+    ordered = [c for _, c in sorted(chunks, key=lambda item: item[0][axis])]
+    if len({c.shape[axis] for c in ordered}) != 1:
+        raise ConversionError(f"{label}: the chunks of {name!r} along axis {axis} differ in size "
+                              f"({sorted({c.shape[axis] for c in ordered})}); streamconv merges equal slices")
+    return Split(tuple(ordered), axis)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,7 +162,9 @@ def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[
     else:
         from streamconv.sources import zarr
 
-        for fqn, tensor in zarr.read_zarr(files).items():
+        index = zarr.read_zarr(files)
+        _allow_open_files(files.label, sum(len(t.chunks) for t in index.values()))
+        for fqn, tensor in index.items():
             pieces[fqn] = (tensor.shape, [(c.offsets, view(c.file, c.stored)) for c in tensor.chunks])
     out: dict[str, Any] = {}
     for fqn, (shape, chunks) in pieces.items():
@@ -171,6 +174,17 @@ def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[
                                       "is damaged")
             out[name] = _joined(files.label, name, sub_shape, sub_chunks)
     return out
+
+
+def _allow_open_files(label: str, count: int) -> None:
+    """Raise the open-file limit to hold one mapping per zarr chunk file (each keeps its descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = count + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            raise ConversionError(f"{label} has {count} chunk files, more than the {hard} files this process may "
+                                  "open; raise the limit (ulimit -Hn) or save the checkpoint with torch_dist")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 Pieces = list[tuple[tuple[int, ...], SourceTensor]]  # (offsets in the tensor, the chunk's view)

@@ -36,6 +36,7 @@ TP_SPLIT_AXIS = {
     "mlp.linear_fc2.weight": 1,
 }
 TIED_OUTPUT_COPY = "model.word_embeddings.weight"  # the last pipeline stage's copy of the tied embedding (legacy)
+_MCORE_OUTPUT = "output_layer.weight"  # megatron-core's: the tied copy on the last stage, or an untied layer
 _LAYER_KEY = re.compile(r"(.*\.layers\.)([0-9]+)\.(.*)", re.DOTALL)  # a stage's layers count from 0
 
 
@@ -79,14 +80,15 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
                                   "is a rank missing, or the cfg from another run?")
 
+    tied = hparam("share_embeddings_and_output_weights") is not False  # (NeMo's default)
     merged: dict[str, Any] = {}
     first_layer = 0
     for p in range(pp):
         stage = {t: ranks[(t, p)] for t in range(tp)}
         layers = _layer_count(path, stage[0], rank_name((0, p), pp))
         for key in stage[0]:
-            if pp > 1 and p == pp - 1 and key == TIED_OUTPUT_COPY:
-                continue  # GPT-2 ties the output layer to wte: the stage-0 embedding is the one kept
+            if pp > 1 and p == pp - 1 and (key == TIED_OUTPUT_COPY or tied and key.endswith(_MCORE_OUTPUT)):
+                continue  # the output layer tied to the word embedding: the stage-0 embedding is the one kept
             name = _global_name(key, first_layer)
             if name in merged:
                 continue

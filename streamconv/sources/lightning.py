@@ -45,4 +45,5 @@ def _check_container(path: str) -> None:
     if os.path.isdir(path):
         raise ConversionError(f"checkpoint path is a directory: {path}, holding no checkpoint streamconv knows "
                               "(model_config.yaml, rank folders, metadata.json, weights/ and context/, "
-                              "latest_checkpointed_iteration.txt); pass the .ckpt file inside it or the checkpoint's folder")
+                              "latest_checkpointed_iteration.txt); pass the .ckpt file inside it or the "
+                              "checkpoint's folder")

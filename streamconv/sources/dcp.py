@@ -95,6 +95,10 @@ _STAND_INS: dict[str, Any] = {
     **{f"torch.{name}": f"torch.{name}" for name in _DTYPE_NAMES},
     **{f"torch.{name}": f"torch.{name}" for name in ("contiguous_format", "channels_last", "preserve_format")},
     "torch.Size": tuple,
+    # the ranks' save plans, which newer torch keeps in the Metadata (`all_local_plans`): recorded, never used
+    **{f"{_CHECKPOINT}.planner.{name}": _record(name) for name in ("SavePlan", "WriteItem", "TensorWriteData",
+                                                                    "BytesIOWriteData")},
+    f"{_CHECKPOINT}.planner.WriteItemType": _named("write item type", {1, 2, 3}),
     # StorageMeta.checkpoint_id: the path torch was given when saving (recorded, never used)
     **{f"pathlib.{name}": _named("path", set()) for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath",
                                                               "PureWindowsPath")},

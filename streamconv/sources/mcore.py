@@ -77,7 +77,8 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
     try:
         tensors = _tensors(files, backend, mapped)
         return Checkpoint(path=files.label, tensors=tensors, hparams=cfg, files=list(mapped.values()),
-                          config_name=config_name or f"{COMMON} with hyper-parameters", tokenizer=tokenizer)
+                          config_name=config_name or f"hyper-parameters (no {COMMON} or layout config beside it)",
+                          tokenizer=tokenizer)
     except BaseException:
         for m in mapped.values():
             m.close()
@@ -115,8 +116,9 @@ def _common_cfg(files: Files) -> tuple[Config | None, str]:
         raise ConversionError(f"{label} holds a {type(payload).__name__}, not megatron-core's common state dict")
     if "hyper_parameters" in payload:
         return lightning_cfg(label, payload), f"'hyper_parameters.cfg' entry of {COMMON}"
-    # Megatron-LM's args: only plain values are read from it (its enums and dtypes stay inert placeholders).
-    return Config.of(payload, ("args",), f"{label} (args)", MEGATRON_LM), f"'args' entry of {COMMON}"
+    if "args" in payload:  # Megatron-LM's: only plain values are read (its enums and dtypes stay inert placeholders)
+        return Config.of(payload, ("args",), f"{label} (args)", MEGATRON_LM), f"'args' entry of {COMMON}"
+    return None, f"hyper-parameters ({COMMON} has neither NeMo's hyper_parameters nor Megatron-LM's args)"
 
 
 def _tracked_iteration(path: str) -> str:

@@ -23,6 +23,20 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mcore_cases(tmp_path_factory):
+    """megatron-core checkpoints (tests/mcore_models.py), written into one cache per session: `get(cases)` maps
+    each name of `cases` (name -> parameters) to its written Case, making the missing ones in one child."""
+    from tests import mcore_models
+
+    root = tmp_path_factory.mktemp("mcore")
+
+    def get(cases: dict[str, dict]) -> dict:
+        return dict(zip(cases, mcore_models.write_many(root, list(cases.values())), strict=True))
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def bf16_ckpt(checkpoints):
     # vocab 1000 is padded to 1024 rows: the slice matters. 8 heads make the QKV regrouping visible.
     return checkpoints("bf16", SyntheticModel(n_embd=64, n_layer=3, n_head=8, vocab_size=1000, n_positions=64),

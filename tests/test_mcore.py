@@ -52,13 +52,8 @@ MiB = 2**20
 
 
 @pytest.fixture(scope="session")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("mcore-cases")
-
-
-@pytest.fixture(scope="session")
-def cases(root):
-    return dict(zip(CASES, mcore_models.write_many(root, list(CASES.values())), strict=True))
+def cases(mcore_cases):
+    return mcore_cases(CASES)
 
 
 def convert(case, out, **kwargs):
@@ -331,8 +326,8 @@ def test_a_tracker_naming_a_missing_iteration_is_refused(cases, tmp_path):
 
 # --- memory: optimizer state in the same files is never read -------------------------------------------------------
 
-def test_optimizer_state_in_the_same_files_leaves_the_peak_where_the_weights_put_it(root, tmp_path):
-    made = dict(zip(MEMORY_CASES, mcore_models.write_many(root, list(MEMORY_CASES.values())), strict=True))
+def test_optimizer_state_in_the_same_files_leaves_the_peak_where_the_weights_put_it(mcore_cases, tmp_path):
+    made = mcore_cases(MEMORY_CASES)
     files = lambda case: sum(f.stat().st_size for f in case.checkpoint.rglob("*") if f.is_file())  # noqa: E731
     dist, legacy = made["dist_opt"], made["legacy"]
     weights = files(legacy)

@@ -39,13 +39,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("mcore")
-
-
-@pytest.fixture(scope="module")
-def cases(root):
-    return dict(zip(CASES, mcore_models.write_many(root, list(CASES.values())), strict=True))
+def cases(mcore_cases):
+    return mcore_cases(CASES)
 
 
 _WHOLE: dict = {}

@@ -212,7 +212,9 @@ def chunk_tensor(files: Files | str | os.PathLike[str], chunk: Chunk) -> tuple[s
 def _load(path: str, data: bytes) -> _Record:
     """The `Metadata` record pickled in `data` (`path`'s bytes), refused if anything in it is off the allow-list."""
     try:
-        metadata = _Unpickler(io.BytesIO(data)).load()
+        # Each chunk costs about 140 opcodes in a megatron-core index (2.4 bytes each): the bounds grow with
+        # the file beyond 8 MB, so a model of some 100,000 chunks reads, and a small file stays bounded.
+        metadata = _Unpickler(io.BytesIO(data), scale=max(1, -(-len(data) // safe_pickle.MAX_OPCODES))).load()
     except Exception as exc:  # a damaged pickle can fail in many ways
         raise ConversionError(f"cannot read {path}: it is truncated or damaged ({first_line(exc):.200}); "
                               "copy the checkpoint again") from None

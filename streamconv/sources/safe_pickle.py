@@ -98,8 +98,8 @@ class _Dispatch(dict):
 def _counted(load: Any) -> Any:
     def step(self: Unpickler) -> None:
         self.opcodes += 1
-        if self.opcodes > MAX_OPCODES:
-            raise Refused(f"runs more than {MAX_OPCODES} opcodes")
+        if self.opcodes > self.max_opcodes:
+            raise Refused(f"runs more than {self.max_opcodes} opcodes")
         load(self)
 
     return step
@@ -120,8 +120,10 @@ class Unpickler(pickle._Unpickler):
     dispatch: dict[int, Any]  # set below the class: every opcode counted, these overrides used
     _allowed: dict[str, Any] = {}
 
-    def __init__(self, file: Any) -> None:
+    def __init__(self, file: Any, scale: int = 1) -> None:
+        """`scale` multiplies the bounds, for an index that grows with the model (DCP's `.metadata`)."""
         super().__init__(file)
+        self.max_opcodes, self.max_work = MAX_OPCODES * scale, MAX_WORK * scale
         self._handed: set[int] = set()  # ids of the allow-listed objects this pickle was given
         self.opcodes = self.work = 0
         self._tuples: dict[int, tuple[Any, int, int]] = {}  # id -> (the tuple, its weight, its depth)
@@ -133,8 +135,8 @@ class Unpickler(pickle._Unpickler):
 
     def charge(self, n: int) -> None:
         self.work += n
-        if self.work > MAX_WORK:
-            raise Refused(f"asks for more than {MAX_WORK} steps of work")
+        if self.work > self.max_work:
+            raise Refused(f"asks for more than {self.max_work} steps of work")
 
     def _weight(self, obj: Any) -> tuple[int, int]:
         """(elements a hash of `obj` walks, its tuple depth); a tuple made by a call is weighed once, here."""

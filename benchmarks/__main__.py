@@ -15,7 +15,9 @@ from benchmarks.workloads import (
     TINY,
     default_cache,
     ensure_checkpoint,
+    ensure_distributed,
     ensure_parallel,
+    files_of,
     largest_rearranged,
     weight_bytes,
 )
@@ -57,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="small profile; fail when streamconv's peak RSS or its time against copy exceed budgets")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="also run streamconv on the same model saved as a .nemo of N tensor-parallel ranks")
+    p.add_argument("--distributed", type=int, nargs="?", const=2, metavar="TP",
+                   help="also run copy and streamconv on the same model saved as a megatron-core torch_dist "
+                        "distributed checkpoint of TP tensor-parallel ranks (default 2); check that the two "
+                        "conversions are byte-identical and time opening each (a dry run)")
     p.add_argument("--scaling", metavar="L1,L2",
                    help="run copy and streamconv on the profile at two layer counts; check RSS flat, time linear")
     args = p.parse_args(argv)
@@ -64,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.profile = "small"
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.distributed is not None and args.distributed < 1:
+        p.error("--distributed takes a tensor-parallel size of at least 1")
     return args
 
 
@@ -110,16 +118,30 @@ def main(argv: list[str] | None = None) -> int:
         split = ensure_parallel(profile, cache, args.layers, args.tp)
         meta["parallel_checkpoint"] = str(split)
         jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in chosen if c.name.startswith(harness.STREAMCONV)]
-    runs = harness.run_rounds(jobs, scratch, args.rounds, cold)
+    pairs: list[tuple[str, str]] = []  # (job on the .ckpt, the same on the distributed checkpoint)
+    if args.distributed:
+        dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer)
+        count, size = files_of(dist)
+        meta["distributed"] = {"tp": args.distributed, "checkpoint": str(dist), "files": count, "file_bytes": size}
+        print(f"distributed checkpoint: {args.distributed} TP ranks, {count} files, {size / 1e9:.2f} GB", flush=True)
+        dist_jobs = [(f"{c.name}-dist", c, dist, nbytes) for c in chosen if c.name == "copy"
+                     or c.name.startswith(harness.STREAMCONV)]
+        jobs += dist_jobs
+        pairs = [(key.removesuffix("-dist"), key) for key, c, *_ in dist_jobs if c.name.startswith(harness.STREAMCONV)]
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest={k for pair in pairs for k in pair})
+    dist_failures = distributed_checks(meta, runs, pairs, src, model.vocab_size, args.rounds, cold) if pairs else []
     record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
     failures = []
     if ci is not None:
         failures = ci_failures(record, ci)
         record["ci"] = {**ci, "failures": failures}
+    failures += dist_failures
     path = harness.write_record(record, args.results)
 
     print()
     print(harness.table(record))
+    if "distributed" in record:
+        print("\n" + "\n".join(distributed_report(record)))
     print(f"\nrecord: {path}")
     if not args.no_plots:
         for plot in _plots(record, path):
@@ -133,6 +155,43 @@ def main(argv: list[str] | None = None) -> int:
               f" GB <= budget {ci['rss_budget'] / 1e9:.3f} GB; streamconv/copy "
               f"{record['ratios']['streamconv/copy']['wall']:.2f} <= {CI_RATIO_CEILING}")
     return 0
+
+
+def distributed_checks(meta: dict, runs: dict, pairs: list[tuple[str, str]], src: Path, vocab_size: int,
+                       rounds: int, cold: bool) -> list[str]:
+    """Compare each streamconv conversion of the distributed checkpoint with its conversion of the `.ckpt`
+    (every output file, every round) and time a dry run on each; the results go into `meta["distributed"]`.
+    Returns the failures: any difference."""
+    dist = Path(meta["distributed"]["checkpoint"])
+    differences = [d for a, b in pairs for d in harness.output_differences(runs, a, b)]
+    opened = {"ckpt": [], "dist": []}
+    for _ in range(rounds):
+        for name, path in (("ckpt", src), ("dist", dist)):
+            opened[name].append(harness.open_seconds(path, vocab_size, cold))
+    meta["distributed"].update({
+        "identical": not differences, "differences": differences,
+        "output_files": sorted(runs[pairs[0][0]][0].get("outputs", {})),
+        "open": {name: {"seconds": harness.median([o["seconds"] for o in runs_]),
+                        "per_round": [o["seconds"] for o in runs_],
+                        "peak_rss": harness.median([o["peak_rss"] for o in runs_])} for name, runs_ in opened.items()},
+    })
+    return [f"distributed checkpoint: {d}" for d in differences]
+
+
+def distributed_report(record: dict) -> list[str]:
+    """Lines on the distributed checkpoint: same output as the .ckpt, and how long each takes to open."""
+    d = record["distributed"]
+    lines = [f"distributed checkpoint {d['checkpoint']}: TP={d['tp']}, {d['files']} files, "
+             f"{d['file_bytes'] / 1e9:.2f} GB"]
+    if "identical" in d:
+        same = f"byte-identical to the .ckpt's in every round ({', '.join(d['output_files'])})" if d["identical"] \
+            else "DIFFERENT from the .ckpt's:\n  " + "\n  ".join(d["differences"])
+        lines.append(f"streamconv's conversions of it: {same}")
+        o = d["open"]
+        lines.append(f"opening (dry run, convert() start to plan, median): .ckpt {o['ckpt']['seconds']:.2f} s, "
+                     f"distributed {o['dist']['seconds']:.2f} s (per round: "
+                     f"{', '.join(f'{x:.2f}' for x in o['dist']['per_round'])})")
+    return lines
 
 
 def ci_baseline(cache: Path, scratch: Path, cold: bool, model) -> dict:

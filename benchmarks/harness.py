@@ -9,6 +9,7 @@ The pure parts (medians, pair-by-pair ratios, the record, the comparison, the ta
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = Path(__file__).resolve().parent / "naive.py"
 STREAMCONV = "streamconv"  # contenders whose name starts with this are measured against the others
 BASELINES = ("copy", "naive")
+# `cp` + fsync of a checkpoint file, or of every file (and folder) of a checkpoint folder
+COPY = ('if [ -d "$0" ]; then cp -r -- "$0" "$1" && find "$1" -exec sync -- {} +; '
+        'else cp -- "$0" "$1" && sync -- "$1"; fi')
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ def contenders(vocab_size: int, devices: list[str], names: list[str] | None = No
     """copy (the I/O floor), naive (the reference, in RAM), streamconv on each device; in run order."""
     py = sys.executable
     made = [
-        Contender("copy", lambda src, dst: ["sh", "-c", 'cp -- "$0" "$1" && sync -- "$1"', str(src), str(dst)]),
+        Contender("copy", lambda src, dst: ["sh", "-c", COPY, str(src), str(dst)]),
         Contender("naive", lambda src, dst: [py, str(NAIVE), str(src), str(dst), "--vocab-size", str(vocab_size)]),
     ]
     for device in devices:
@@ -70,27 +74,64 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, cold: bool) -> dict:
-    """One measured run; its output is deleted afterwards. Exits with the child's stderr if it fails."""
+def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, cold: bool,
+             digest: bool = False) -> dict:
+    """One measured run; its output is deleted afterwards (with `digest`, after hashing its files into the run's
+    "outputs"). Exits with the child's stderr if it fails."""
     dst = scratch / contender.name
     remove(dst)
     if cold:
         drop_page_cache()
     m = measure(contender.argv(src, dst), check=False)
+    outputs = digests(dst) if digest and m.returncode == 0 else None
     remove(dst)
     if m.returncode != 0:
         raise SystemExit(f"{contender.name} failed (exit {m.returncode}):\n{m.stderr.strip()}")
-    return {"wall": m.wall, "throughput": weight_bytes / m.wall, "peak_rss": m.peak_rss,
-            "peak_anon": m.peak_anon, "timeline": m.timeline}
+    run = {"wall": m.wall, "throughput": weight_bytes / m.wall, "peak_rss": m.peak_rss,
+           "peak_anon": m.peak_anon, "timeline": m.timeline}
+    return run if outputs is None else {**run, "outputs": outputs}
 
 
-def run_rounds(jobs: list[tuple[str, Contender, Path, int]], scratch: Path, rounds: int, cold: bool) -> dict:
-    """Interleave the jobs (key, contender, checkpoint, weight bytes) A B C A B C ...; runs by key, in order."""
+# A dry run in a fresh interpreter: the seconds convert() takes from its start to the plan (opening the checkpoint,
+# reading its metadata and hyper-parameters), which a conversion spends before streaming a byte.
+_OPEN = """import json, sys
+from streamconv.converter import convert
+r = convert(sys.argv[1], None, dry_run=True, vocab_size=int(sys.argv[2]))
+print(json.dumps({"seconds": r.seconds, "peak_rss": r.peak_rss}))
+"""
+
+
+def open_seconds(src: Path, vocab_size: int, cold: bool) -> dict:
+    """How long streamconv takes to open `src` and plan its conversion (a dry run), and that run's peak RSS."""
+    if cold:
+        drop_page_cache()
+    proc = subprocess.run([sys.executable, "-c", _OPEN, str(src), str(vocab_size)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"dry run on {src} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder`, by relative path: two outputs are byte-identical when these are."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(2**24):
+                h.update(block)
+        out[str(path.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def run_rounds(jobs: list[tuple[str, Contender, Path, int]], scratch: Path, rounds: int, cold: bool,
+               digest: Collection[str] = ()) -> dict:
+    """Interleave the jobs (key, contender, checkpoint, weight bytes) A B C A B C ...; runs by key, in order.
+    The outputs of the jobs named in `digest` are hashed (see `run_once`)."""
     runs: dict[str, list[dict]] = {key: [] for key, *_ in jobs}
     scratch.mkdir(parents=True, exist_ok=True)
     for r in range(rounds):
         for key, contender, src, nbytes in jobs:
-            run = run_once(contender, src, scratch, nbytes, cold)
+            run = run_once(contender, src, scratch, nbytes, cold, key in digest)
             runs[key].append(run)
             print(f"  round {r + 1}/{rounds} {key:<16} {run['wall']:7.2f} s  {run['throughput'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {run['peak_rss'] / 1e9:6.3f} GB", flush=True)
@@ -120,14 +161,37 @@ def pair_ratios(num: list[dict], den: list[dict], key: str = "wall") -> list[flo
 
 
 def ratios(runs: dict[str, list[dict]]) -> dict:
-    """`streamconv*/copy` and `streamconv*/naive`: medians of the per-round ratios of wall time and peak RSS."""
+    """`streamconv*/copy` and `streamconv*/naive`, and against a baseline run on the same input
+    (`streamconv-dist/copy-dist`): medians of the per-round ratios of wall time and peak RSS."""
     out = {}
     for num in (k for k in runs if k.startswith(STREAMCONV)):
-        for den in (k for k in BASELINES if k in runs):
+        same_input = [k for k in runs if (base := k.split("-")[0]) in BASELINES and k != base
+                      and num.endswith(k[len(base):])]
+        for den in [k for k in BASELINES if k in runs] + same_input:
             per_round = pair_ratios(runs[num], runs[den])
             out[f"{num}/{den}"] = {"wall": median(per_round), "per_round": per_round,
                                    "peak_rss": median(pair_ratios(runs[num], runs[den], "peak_rss"))}
     return out
+
+
+def output_differences(runs: dict[str, list[dict]], a: str, b: str) -> list[str]:
+    """Why the outputs of jobs `a` and `b` (hashed by `run_rounds`) are not all byte-identical, round by round
+    and across rounds; empty when they are."""
+    problems = []
+    first = runs[a][0].get("outputs") if runs[a] else None
+    for r, (x, y) in enumerate(zip(runs[a], runs[b], strict=True), 1):
+        mine, theirs = x.get("outputs"), y.get("outputs")
+        if mine is None or theirs is None:
+            problems.append(f"round {r}: no digest of {a if mine is None else b}'s output")
+            continue
+        for name in sorted(set(mine) | set(theirs)):
+            if name not in theirs or name not in mine:
+                problems.append(f"round {r}: {name} only in {a if name in mine else b}'s output")
+            elif mine[name] != theirs[name]:
+                problems.append(f"round {r}: {name} differs between {a} and {b}")
+        if mine != first:
+            problems.append(f"round {r}: {a}'s output differs from its round 1 output")
+    return problems
 
 
 def make_record(meta: dict, runs: dict[str, list[dict]]) -> dict:

@@ -2,19 +2,24 @@
 
 Profiles keep the tensor shapes of the real GPT-SW3 20B model (hidden 6144, 48 heads, ffn 24576, bf16) and
 scale by layer count, so the largest tensor, which sets streamconv's memory, is the real one.
+The same model is also saved as a plain `.nemo` of TP ranks and as a megatron-core distributed checkpoint,
+so that streamconv's figures on those layouts sit next to the `.ckpt`'s.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from streamconv.testing import SyntheticModel, nemo_weight_bytes
+from streamconv.testing import SyntheticModel, nemo_weight_bytes, parallel_dim
 
 CACHE_ENV = "STREAMCONV_BENCH_CACHE"
 ITEMSIZE = 2  # bf16
@@ -101,6 +106,166 @@ def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int) 
 
     return _generate_once(cache / f"{profile.name}-L{model.n_layer}-tp{tp}.nemo", need, 3 * need + 2**30,
                           f"{need / 1e9:.2f} GB, {tp} TP ranks", write)
+
+
+# ---- megatron-core distributed checkpoints ----------------------------------------------------------------
+
+LEGACY = "model.language_model."
+MCORE = "model."  # NeMo 1.x keeps megatron-core's GPTModel under `model.`
+STACKED = MCORE + "decoder.layers."
+# Legacy NeMo names below `encoder.layers.N.` -> megatron-core's below `decoder.layers.` (the layer norms fused
+# into the next linear layer, as distributed checkpoints name them whichever layer spec trained the model).
+LAYER_NAMES = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "self_attention.query_key_value.": "self_attention.linear_qkv.",
+    "self_attention.dense.": "self_attention.linear_proj.",
+    "post_attention_layernorm.": "mlp.linear_fc1.layer_norm_",
+    "mlp.dense_h_to_4h.": "mlp.linear_fc1.",
+    "mlp.dense_4h_to_h.": "mlp.linear_fc2.",
+}
+OTHER_NAMES = {"embedding.": "embedding.", "encoder.final_layernorm.": "decoder.final_layernorm."}
+# Linear layers whose `_extra_state` (Transformer Engine's FP8 metadata; None without) megatron-core saves per layer
+# as a ShardedObject, `<key>/shard_<layer>_<layers>`: DCP bytes holding torch.save([state]), written by rank 0.
+EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq", "fp32_param")  # megatron-core's `optimizer.state.<state>.<key>`
+# NeMo 1.x's distributed checkpoint: metadata.json as megatron-core up to 0.18 writes it; common.pt's training keys
+DIST_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                 "common_backend_version": 1}
+COMMON_KEYS = {"epoch": 0, "global_step": 100, "pytorch-lightning_version": "2.4.0"}
+
+Chunks = list[tuple[tuple[int, ...], Any]]  # (offsets in the global tensor, this rank's tensor)
+
+
+def mcore_name(legacy: str) -> tuple[str, int | None]:
+    """A legacy NeMo key -> (its megatron-core key, its layer number or None); stacked keys have no number."""
+    rest = legacy.removeprefix(LEGACY)
+    if rest.startswith("encoder.layers."):
+        number, below = rest.removeprefix("encoder.layers.").split(".", 1)
+        for old, new in LAYER_NAMES.items():
+            if below.startswith(old):
+                return STACKED + new + below.removeprefix(old), int(number)
+    for old, new in OTHER_NAMES.items():
+        if rest.startswith(old):
+            return MCORE + new + rest.removeprefix(old), None
+    raise ValueError(f"no megatron-core name for {legacy!r}")
+
+
+def mcore_shards(weights: Mapping, tp: int, rank: int) -> dict[str, tuple[tuple[int, ...], Chunks]]:
+    """Rank `rank`'s part of a consolidated legacy NeMo state_dict as megatron-core shards it: key -> (global
+    shape, [(offsets, tensor)]). Layers are stacked on a new first axis, one chunk per layer and TP slice;
+    a tensor TP splits (on the axis the legacy rank files split it, `streamconv.testing.parallel_dim`: QKV and
+    fc1 rows, the vocabulary, linear_proj and fc2 columns) gives this rank its slice, a replicated one is
+    written by rank 0 only. The chunks are views: nothing is copied here (a column slice is not contiguous,
+    which a ShardedTensor's shard must be: its writer copies it)."""
+    layers = 1 + max((n for k in weights if (n := mcore_name(k)[1]) is not None), default=-1)
+    out: dict[str, tuple[tuple[int, ...], Chunks]] = {}
+    for legacy, tensor in weights.items():
+        key, layer = mcore_name(legacy)
+        axis = parallel_dim(legacy)
+        if axis is None:
+            piece, start = (tensor, 0) if rank == 0 else (None, 0)
+        else:
+            if tensor.shape[axis] % tp:
+                raise ValueError(f"{legacy}: axis {axis} of {tuple(tensor.shape)} does not split into {tp} TP ranks")
+            size = tensor.shape[axis] // tp
+            piece, start = tensor.narrow(axis, rank * size, size), rank * size
+        offsets = tuple(start if d == axis else 0 for d in range(tensor.dim()))
+        if layer is None:
+            shape, chunks = out.setdefault(key, (tuple(tensor.shape), []))
+        else:
+            shape, chunks = out.setdefault(key, ((layers, *tensor.shape), []))
+            offsets, piece = (layer, *offsets), None if piece is None else piece.unsqueeze(0)
+        if piece is not None:
+            chunks.append((offsets, piece))
+    return out
+
+
+def ensure_distributed(profile: Profile, cache: Path, layers: int | None, tp: int, optimizer: bool = False) -> Path:
+    """The profile's model (the weights of `ensure_checkpoint`'s `.ckpt`, which is generated first and read)
+    saved as a NeMo 1.x megatron-core training checkpoint of `tp` tensor-parallel ranks: a torch_dist
+    distributed checkpoint folder `<profile>-L<layers>[-adam]-tp<tp>.dist`, written by torch's own writer from
+    `tp` gloo processes. With `optimizer`, fp32 Adam state beside it (zeros, as the lean `.ckpt`'s)."""
+    model = profile.model(layers)
+    ckpt = ensure_checkpoint(profile, cache, layers, optimizer)
+    need = checkpoint_bytes(model, optimizer)
+    # RAM: the TP-split tensors, copied once by the writer; per rank, the interpreter and torch
+    return _generate_once(cache / f"{ckpt.stem}-tp{tp}.dist", need, weight_bytes(model) + tp * 2**30,
+                          f"{need / 1e9:.2f} GB, {tp} TP ranks, torch_dist",
+                          lambda partial: write_distributed(ckpt, partial, tp, optimizer))
+
+
+def write_distributed(ckpt: Path, folder: Path, tp: int, optimizer: bool = False) -> None:
+    """Save the weights and hyper-parameters of the NeMo `.ckpt` at `ckpt` into `folder` as a megatron-core
+    torch_dist checkpoint, from `tp` spawned gloo processes (this process never joins a process group)."""
+    import torch.multiprocessing as mp
+
+    if folder.exists():
+        shutil.rmtree(folder)  # what a run that died left
+    folder.mkdir(parents=True)
+    rendezvous = folder.with_name(folder.name + ".rendezvous")
+    rendezvous.unlink(missing_ok=True)
+    try:
+        mp.spawn(_write_rank, args=(tp, str(ckpt), str(folder), str(rendezvous), optimizer), nprocs=tp)
+    finally:
+        rendezvous.unlink(missing_ok=True)
+
+
+def _write_rank(rank: int, tp: int, ckpt: str, folder: str, rendezvous: str, optimizer: bool) -> None:
+    """One TP rank: map the `.ckpt`, hand its own slices to torch's DCP writer as ShardedTensors of several
+    chunks each (what megatron-core hands it), and on rank 0 the common state."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+    dist.init_process_group("gloo", init_method=Path(rendezvous).as_uri(), rank=rank, world_size=tp)
+    zeros = f"{folder}.zeros{rank}"
+    try:
+        saved = torch.load(ckpt, mmap=True, weights_only=False, map_location="cpu")
+        shards = mcore_shards(saved["state_dict"], tp, rank)
+        if optimizer:  # zeros mapped from a sparse file: page cache, not RAM (as the lean .ckpt's)
+            with open(zeros, "wb") as f:
+                f.truncate(4 * max((t.numel() for _, (_, chunks) in shards.items() for _, t in chunks), default=1))
+
+        def fp32(t: torch.Tensor) -> torch.Tensor:
+            return torch.from_file(zeros, shared=False, size=t.numel(), dtype=torch.float32).view(t.shape)
+
+        def sharded(shape: tuple[int, ...], chunks: Chunks, make=lambda t: t):
+            local = [Shard(make(t).contiguous(), ShardMetadata(list(offsets), list(t.shape), f"rank:{rank}/cpu"))
+                     for offsets, t in chunks]
+            return init_from_local_shards(local, *shape)
+
+        state: dict[str, Any] = {}
+        for key, (shape, chunks) in shards.items():
+            state[key] = sharded(shape, chunks)
+        layers = shards[STACKED + "self_attention.linear_qkv.weight"][0][0]
+        if rank == 0:
+            empty = io.BytesIO()
+            torch.save([None], empty)
+            for module in EXTRA_STATE:
+                for i in range(layers):
+                    state[f"{STACKED}{module}._extra_state/shard_{i}_{layers}"] = io.BytesIO(empty.getvalue())
+        if optimizer:
+            for name in OPTIMIZER_STATES:
+                for key, (shape, chunks) in shards.items():
+                    state[f"optimizer.state.{name}.{key}"] = sharded(shape, chunks, fp32)
+        dcp.save(state, checkpoint_id=folder)
+        if rank == 0:
+            with open(os.path.join(folder, "metadata.json"), "w") as f:
+                json.dump(DIST_METADATA, f)
+            torch.save({"hyper_parameters": saved["hyper_parameters"], **COMMON_KEYS},
+                       os.path.join(folder, "common.pt"))
+        dist.barrier()
+    finally:
+        if os.path.exists(zeros):
+            os.remove(zeros)
+        dist.destroy_process_group()
+
+
+def files_of(path: Path) -> tuple[int, int]:
+    """How many files a checkpoint (a file, or a folder) has, and their bytes."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
 
 
 def _generate_once(path: Path, disk: float, ram: float, what: str, write: Callable[[Path], None]) -> Path:

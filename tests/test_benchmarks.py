@@ -1,5 +1,6 @@
 """The benchmark harness's pure parts (medians, pair-by-pair ratios, records, comparison, CI verdicts), its
-launcher's measurements, and the memory-lean checkpoint path it generates workloads with. Runs in seconds."""
+launcher's measurements, the memory-lean checkpoint path it generates workloads with, and its distributed
+checkpoint workload (against torch's own DCP reader and the legacy TP rank files). Runs in seconds."""
 
 import os
 import sys
@@ -9,8 +10,24 @@ import torch
 
 from benchmarks import harness
 from benchmarks.__main__ import ci_failures, scaling_verdict
-from benchmarks.workloads import PROFILES, largest_rearranged, weight_bytes
-from streamconv.testing import SyntheticModel, make_checkpoint, measure
+from benchmarks.workloads import (
+    PROFILES,
+    STACKED,
+    Profile,
+    ensure_distributed,
+    largest_rearranged,
+    mcore_name,
+    mcore_shards,
+    weight_bytes,
+)
+from streamconv.testing import (
+    SyntheticModel,
+    make_checkpoint,
+    measure,
+    random_gpt2_state_dict,
+    split_for_parallel,
+    to_nemo_state_dict,
+)
 
 
 def run(wall, rss=100, anon=50):
@@ -33,6 +50,28 @@ def test_ratios_are_medians_of_per_round_ratios_not_ratios_of_medians():
     assert r["streamconv/naive"]["wall"] == pytest.approx(0.4)
     with pytest.raises(ValueError):  # rounds must pair up
         harness.pair_ratios(runs["copy"][:2], runs["streamconv"])
+
+
+def test_ratios_pair_a_contender_with_the_baseline_on_the_same_input():
+    runs = {"copy": [run(1.0)], "streamconv": [run(2.0)], "copy-dist": [run(2.0)], "streamconv-dist": [run(3.0)],
+            "streamconv-tp2": [run(4.0)]}
+    r = harness.ratios(runs)
+    assert set(r) == {"streamconv/copy", "streamconv-dist/copy", "streamconv-dist/copy-dist", "streamconv-tp2/copy"}
+    assert r["streamconv-dist/copy-dist"]["wall"] == 1.5
+
+
+def test_output_differences_name_each_file_and_round():
+    same = {"config.json": "a", "model.safetensors": "b"}
+    runs = {"streamconv": [{**run(1.0), "outputs": same}] * 2,
+            "streamconv-dist": [{**run(1.0), "outputs": same}, {**run(1.0), "outputs": {"config.json": "a"}}]}
+    assert harness.output_differences(runs, "streamconv", "streamconv") == []
+    assert harness.output_differences(runs, "streamconv", "streamconv-dist") == [
+        "round 2: model.safetensors only in streamconv's output"]
+    runs["streamconv-dist"][0] = {**run(1.0), "outputs": {**same, "model.safetensors": "c"}}
+    assert "round 1: model.safetensors differs between streamconv and streamconv-dist" in \
+        harness.output_differences(runs, "streamconv", "streamconv-dist")
+    assert harness.output_differences({"a": [run(1.0)], "b": [run(1.0)]}, "a", "b") == [
+        "round 1: no digest of a's output"]
 
 
 def test_summary_takes_medians_and_keeps_spread():
@@ -121,3 +160,68 @@ def test_lean_checkpoint_has_the_same_weights(tmp_path):
     for i, w in enumerate(full.values()):
         assert state[i]["exp_avg"].shape == w.shape and state[i]["exp_avg"].dtype == torch.float32
         assert not state[i]["exp_avg_sq"].any()
+
+
+def test_mcore_shards_are_the_legacy_tp_rank_files_stacked():
+    """Each rank's chunks are its legacy TP rank file's tensors (Megatron's split), one per layer; replicated
+    tensors are rank 0's alone; together the chunks tile every global tensor once."""
+    model = SyntheticModel(n_embd=32, n_layer=3, n_head=4, vocab_size=500, tensor_model_parallel_size=2)
+    weights = to_nemo_state_dict(random_gpt2_state_dict(model, torch.bfloat16), model)
+    legacy = split_for_parallel(weights, 2, 1)
+    shards = [mcore_shards(weights, 2, rank) for rank in range(2)]
+    assert list(shards[0]) == list(shards[1])
+    assert len(shards[0]) == 4 + 12  # embeddings and final norm, and 12 stacked layer tensors
+    for key, tensor in weights.items():
+        name, layer = mcore_name(key)
+        assert name.startswith(STACKED if layer is not None else "model.")
+        for rank in range(2):
+            shape, chunks = shards[rank][name]
+            assert shape == ((3, *tensor.shape) if layer is not None else tuple(tensor.shape))
+            mine = [t[0] for o, t in chunks if o[0] == layer] if layer is not None else [t for _, t in chunks]
+            replicated = torch.equal(legacy[0, 0][key], legacy[1, 0][key]) and legacy[0, 0][key].shape == tensor.shape
+            if replicated and rank == 1:
+                assert mine == []
+            else:
+                assert len(mine) == 1 and torch.equal(mine[0], legacy[rank, 0][key])
+    for name, (shape, _) in shards[0].items():
+        covered = torch.zeros(shape, dtype=torch.int32)
+        for rank in range(2):
+            for offsets, t in shards[rank][name][1]:
+                covered[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape, strict=True))] += 1
+        assert bool((covered == 1).all()), name
+
+
+def test_distributed_workload_is_the_ckpt_in_megatron_cores_layout(tmp_path):
+    """torch's own reader gets back the .ckpt's weights, stacked; streamconv converts both to the same bytes."""
+    import pickle
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from streamconv.converter import convert
+
+    profile = Profile("t", layers=2, vocab_size=500, n_embd=32, n_head=4, n_inner=64, n_positions=16)
+    folder = ensure_distributed(profile, tmp_path, None, 2)
+    ckpt = tmp_path / "t-L2.ckpt"
+    assert folder.name == "t-L2-tp2.dist"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, folder.name])  # no scratch left
+    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "common.pt", "metadata.json"]
+    saved = torch.load(ckpt, weights_only=False)
+    common = torch.load(folder / "common.pt", weights_only=False)
+    assert common["hyper_parameters"] == saved["hyper_parameters"] and common["global_step"] == 100
+
+    dcp_to_torch_save(str(folder), str(tmp_path / "oracle.pt"))
+    oracle = torch.load(tmp_path / "oracle.pt", weights_only=False)
+    for key, tensor in saved["state_dict"].items():
+        name, layer = mcore_name(key)
+        assert torch.equal(oracle[name] if layer is None else oracle[name][layer], tensor), key
+    assert torch.load(oracle[STACKED + "mlp.linear_fc1._extra_state/shard_1_2"], weights_only=True) == [None]
+    with open(folder / ".metadata", "rb") as f:
+        chunks = {k: [tuple(c.offsets) for c in v.chunks] for k, v in pickle.load(f).state_dict_metadata.items()
+                  if hasattr(v, "chunks")}
+    assert chunks[STACKED + "self_attention.linear_qkv.weight"] == [(0, 0, 0), (1, 0, 0), (0, 48, 0), (1, 48, 0)]
+    assert chunks[STACKED + "mlp.linear_fc2.weight"] == [(0, 0, 0), (1, 0, 0), (0, 0, 32), (1, 0, 32)]
+    assert chunks[STACKED + "mlp.linear_fc2.bias"] == [(0, 0), (1, 0)]
+
+    for name, src in (("ckpt", ckpt), ("dist", folder)):
+        convert(src, tmp_path / name, vocab_size=500)
+    assert harness.digests(tmp_path / "ckpt") == harness.digests(tmp_path / "dist")

@@ -165,6 +165,12 @@ def test_the_nemo_tokenizer_is_shipped_and_sets_the_vocabulary(cases, tmp_path):
     assert os.path.exists(tmp_path / "out" / "spiece.model")
 
 
+def test_a_nemo2_weights_folder_reads_its_context(cases, tmp_path):
+    case = cases["nemo2_tp2pp2"]
+    result = streamconv.convert(case.checkpoint / "weights", tmp_path / "out", vocab_size=VOCAB)
+    assert result.config["n_head"] == case.config["heads"]  # (from context/model.yaml: no --num-heads)
+
+
 def test_megatron_lm_converts_the_iteration_its_tracker_names(cases, tmp_path):
     case = cases["megatron_lm_tp2"]
     stale = case.checkpoint / f"iter_{mcore_models.STALE_ITERATION:07d}"

@@ -61,8 +61,9 @@ def open_folder(path: str) -> Checkpoint:
         return open_folder(_tracked_iteration(path))
     if {"weights", "context"} <= names:
         return _open_nemo2(os.path.join(path, "weights"), os.path.join(path, "context"), path)
-    if os.path.basename(os.path.normpath(path)) == "weights" and not names & {COMMON}:
-        return _open_nemo2(path, os.path.join(path, os.pardir, "context"), path)
+    context = os.path.join(path, os.pardir, "context")
+    if os.path.basename(os.path.normpath(path)) == "weights" and os.path.isdir(context):
+        return _open_nemo2(path, context, path)
     return open_distributed(Folder(path))
 
 

@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -192,9 +193,10 @@ def test_the_cli_converts_a_distributed_checkpoint_and_verify_agrees(cases, tmp_
 
 # --- the zarr backend, from a fixture of its documented layout ----------------------------------------------------
 
-def zarr_copy(case, root, compressor=None):
+def zarr_copy(case, root, compressor=None, chunks_of=None):
     """The case's weights rewritten as megatron-core's zarr backend lays them out: a folder per key, chunks of
-    one layer and one tensor-parallel slice (as in the torch_dist checkpoint), raw little-endian bytes."""
+    one layer and one tensor-parallel slice (as in the torch_dist checkpoint; `chunks_of` may say others), raw
+    little-endian bytes."""
     from tests.test_zarr import write_array
 
     index = pickle.loads((case.checkpoint / ".metadata").read_bytes())  # (trusted: megatron wrote it)
@@ -202,7 +204,7 @@ def zarr_copy(case, root, compressor=None):
     root.mkdir()
     for fqn, entry in index.state_dict_metadata.items():
         if fqn in sd and isinstance(sd[fqn], torch.Tensor):
-            chunks = tuple(entry.chunks[0].sizes)
+            chunks = (chunks_of or {}).get(fqn, tuple(entry.chunks[0].sizes))
             write_array(root, fqn, sd[fqn], chunks, **({"compressor": compressor} if compressor else {}))
     (root / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1}')
     (root / "common.pt").write_bytes((case.checkpoint / "common.pt").read_bytes())
@@ -217,6 +219,17 @@ def test_a_zarr_checkpoint_converts_to_megatron_cores_logits(cases, tmp_path):
     convert(case, tmp_path / "dcp")
     for name in ("model.safetensors",):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "dcp" / name).read_bytes()
+
+
+def test_an_embedding_in_column_chunks_keeps_every_column_of_the_vocabulary(cases, tmp_path):
+    """Chunks side by side: the vocabulary's rows are cut from each of them (the rest of the model as it is)."""
+    case = cases["bare_tp2"]
+    folder = zarr_copy(case, tmp_path / "zarr", chunks_of={"model.embedding.word_embeddings.weight": (256, 32)})
+    streamconv.convert(folder, tmp_path / "columns", vocab_size=200, num_heads=4)
+    streamconv.convert(case.checkpoint, tmp_path / "rows", vocab_size=200, num_heads=4)
+    got, expected = output_tensors(tmp_path / "columns"), output_tensors(tmp_path / "rows")
+    assert got["transformer.wte.weight"].shape == (200, 64)
+    assert all(torch.equal(bits(got[k]), bits(expected[k])) for k in expected)
 
 
 # --- refusals: one line, exit 2, nothing written -------------------------------------------------------------------
@@ -321,6 +334,46 @@ def test_grouped_query_attention_is_refused_from_the_shapes(cases, tmp_path):
     dcp.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, checkpoint_id=str(folder))
     assert "grouped-query attention (128 query/key/value rows for hidden size 64" in refused(folder, tmp_path,
                                                                                             "--num-heads", "4")
+
+
+def test_stacked_layers_without_elements_are_refused_at_once(tmp_path):
+    """A .zarray of a few hundred bytes saying three million empty layers: refused before anything is built."""
+    from tests.test_zarr import write_array
+
+    folder = tmp_path / "zarr"
+    write_array(folder, "model.decoder.layers.mlp.linear_fc2.bias", torch.zeros(3_000_000, 0), (1, 0))
+    write_array(folder, "model.embedding.word_embeddings.weight", torch.zeros(VOCAB, 8), (VOCAB, 8))
+    (folder / "metadata.json").write_text('{"sharded_backend": "zarr"}')
+    assert "stacked layers" in refused(folder, tmp_path, "--num-heads", "2")
+
+
+def test_a_vector_where_a_matrix_belongs_is_refused(tmp_path):
+    from tests.test_zarr import write_array
+
+    folder = tmp_path / "zarr"
+    write_array(folder, "model.embedding.word_embeddings.weight", torch.zeros(VOCAB), (VOCAB,))
+    (folder / "metadata.json").write_text('{"sharded_backend": "zarr"}')
+    assert "not a matrix" in refused(folder, tmp_path, "--num-heads", "2")
+
+
+def test_a_file_of_model_weights_stored_twice_in_a_nemo_is_refused(cases, tmp_path):
+    nemo = tmp_path / "twice.nemo"
+    shutil.copy(cases["nemo1_tp2"].checkpoint, nemo)
+    with tarfile.open(nemo, "a") as tar:
+        tar.add(cases["nemo1_folder_tp2pp2"].checkpoint / "model_weights" / "metadata.json",
+                "./model_weights/metadata.json")
+    assert "twice" in refused(nemo, tmp_path)
+    gz = tmp_path / "twice-gz.nemo"
+    with open(nemo, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert "twice" in refused(gz, tmp_path)
+
+
+def test_a_nemo2_context_linked_from_elsewhere_is_refused(cases, tmp_path):
+    folder = shutil.copytree(cases["nemo2_tp2pp2"].checkpoint, tmp_path / "nemo2")
+    shutil.move(folder / "context", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", folder / "context")
+    assert "symbolic link" in refused(folder, tmp_path)
 
 
 def test_a_tracker_naming_a_missing_iteration_is_refused(cases, tmp_path):

@@ -157,6 +157,12 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
     """Model dimensions from the NeMo cfg (`hparam(key)` reads one resolved value), checked against the
     tensor shapes. Without a cfg, every size but the head count is read from the shapes."""
     names = names_of(shapes)
+    first = names.layers.format(i=0)
+    for name in (names.embedding, names.positions, *(first + names.layer[r] + "weight" for r in
+                                                      ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))):
+        if name in shapes and len(shapes[name]) != 2:
+            raise ConversionError(f"source tensor {name!r} has shape {shapes[name]}, not a matrix; is this a GPT "
+                                  "checkpoint?")
     refuse_other_families(hparam, shapes, names)
     layer_ids = sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
     fc1 = shapes.get(names.layers.format(i=0) + names.layer["mlp.c_fc"] + "weight")
@@ -208,7 +214,7 @@ def refuse_other_families(hparam: Any, shapes: dict[str, tuple[int, ...]], names
     attention, rotary positions, RMSNorm, a gated MLP, an untied output layer), from the tensors and the cfg."""
     first = names.layers.format(i=0)
     qkv, fc1, fc2 = (shapes.get(first + names.layer[r] + "weight") for r in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"))
-    hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
+    hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None  # (checked by read_dims)
     said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
                                           "gated_linear_unit", "swiglu", "share_embeddings_and_output_weights",
                                           "untie_embeddings_and_output_weights", "layernorm_zero_centered_gamma",

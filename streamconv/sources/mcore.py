@@ -38,6 +38,7 @@ _MAX_JSON = 2**20
 _MAX_COMMON = 2**30  # common.pt: the hyper-parameters, the optimizer's param groups, scheduler state
 _MAX_YAML = 16 * 2**20
 _MAX_TOKENIZER = 256 * 2**20
+_MAX_LAYERS = 4096  # a stacked tensor's first axis (the deepest models have a few hundred layers)
 _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
 # Hyper-parameters are asked for by their NeMo 1.x names (what the recipes read); other writers' names:
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon"}
@@ -140,14 +141,21 @@ def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
     """NeMo 2.0: the architecture from `context/model.yaml`'s `config`, the tokenizer file it names."""
     if not os.path.isdir(context):
         raise ConversionError(f"{label} has no context/ folder beside weights/; copy the whole NeMo 2.0 checkpoint")
+    for folder in (weights, context):
+        if os.path.islink(folder.rstrip("/")):
+            raise ConversionError(f"{folder} is a symbolic link; streamconv reads a NeMo 2.0 checkpoint only from its "
+                                  "own folders (replace the link by the folder)")
     folder = Folder(context)
     source = folder.path("model.yaml")
     cfg = yaml_config(source, folder.read("model.yaml", _MAX_YAML), ("config",), NEMO2) \
         if folder.exists("model.yaml") else None
     tokenizer = None
-    name = cfg and Config(cfg.root, (), source).get("tokenizer.model_path")
-    if isinstance(name, str) and name.endswith(".model") and folder.exists(name):
-        tokenizer = folder.read(name, _MAX_TOKENIZER)  # (a name inside context/, or refused)
+    try:  # the tokenizer file model.yaml names, read only from inside context/; else none (--tokenizer adds one)
+        name = cfg and Config(cfg.root, (), source).get("tokenizer.model_path")
+        if isinstance(name, str) and name.endswith(".model") and folder.exists(name):
+            tokenizer = folder.read(name, _MAX_TOKENIZER)
+    except ConversionError:
+        tokenizer = None
     return open_distributed(Folder(weights), cfg, "'config' section of context/model.yaml", tokenizer)
 
 
@@ -160,18 +168,20 @@ def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[
 
     pieces: dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], SourceTensor]]]] = {}
     if backend == "torch_dist":
-        for fqn, tensor in dcp.read_metadata(files).tensors.items():
+        tensors = dcp.read_metadata(files).tensors
+        _allow_open_files(files.label, len({files.locate(c.file)[0] for t in tensors.values() for c in t.chunks}))
+        for fqn, tensor in tensors.items():
             pieces[fqn] = (tensor.shape, [(c.offsets, view(*dcp.chunk_tensor(files, c))) for c in tensor.chunks])
     else:
         from streamconv.sources import zarr
 
         index = zarr.read_zarr(files)
-        _allow_open_files(files.label, sum(len(t.chunks) for t in index.values()))
+        _allow_open_files(files.label, len({c.file for t in index.values() for c in t.chunks}))
         for fqn, tensor in index.items():
             pieces[fqn] = (tensor.shape, [(c.offsets, view(c.file, c.stored)) for c in tensor.chunks])
     out: dict[str, Any] = {}
     for fqn, (shape, chunks) in pieces.items():
-        for name, sub_shape, sub_chunks in _unstacked(fqn, shape, chunks):
+        for name, sub_shape, sub_chunks in _unstacked(files.label, fqn, shape, chunks):
             if name in out:
                 raise ConversionError(f"{files.label} holds {name!r} twice (stacked and per layer); the checkpoint "
                                       "is damaged")
@@ -180,7 +190,8 @@ def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[
 
 
 def _allow_open_files(label: str, count: int) -> None:
-    """Raise the open-file limit to hold one mapping per zarr chunk file (each keeps its descriptor)."""
+    """Raise the open-file limit to hold one mapping per chunk file (each keeps its descriptor, for copies in
+    the kernel): megatron-core writes two .distcp files per rank, zarr one file per chunk."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = count + 256
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -193,15 +204,19 @@ def _allow_open_files(label: str, count: int) -> None:
 Pieces = list[tuple[tuple[int, ...], SourceTensor]]  # (offsets in the tensor, the chunk's view)
 
 
-def _unstacked(fqn: str, shape: tuple[int, ...], chunks: Pieces) -> list[tuple[str, tuple[int, ...], Pieces]]:
+def _unstacked(label: str, fqn: str, shape: tuple[int, ...],
+               chunks: Pieces) -> list[tuple[str, tuple[int, ...], Pieces]]:
     """A stacked layer tensor as one tensor per layer (`...layers.N.rest`); any other tensor as it is."""
     m = _STACKED.fullmatch(fqn)
     if m is None or not shape:
         return [(fqn, shape, chunks)]
+    if not 0 < shape[0] <= _MAX_LAYERS or 0 in shape:
+        raise ConversionError(f"{label}: the stacked layers {fqn!r} have the shape {list(shape)}: no model has "
+                              f"that many layers, or none; the checkpoint is damaged")
     layers: list[Pieces] = [[] for _ in range(shape[0])]
     for offsets, chunk in chunks:
         for layer in range(offsets[0], offsets[0] + chunk.shape[0]):
-            layers[layer].append((offsets[1:], SourceTensor(chunk.bits[layer - offsets[0]], chunk.dtype)))
+            layers[layer].append((offsets[1:], SourceTensor(chunk.bits[layer - offsets[0], ...], chunk.dtype)))
     return [(f"{m.group(1)}{i}.{m.group(2)}", shape[1:], layer) for i, layer in enumerate(layers)]
 
 
@@ -209,6 +224,9 @@ def _joined(label: str, name: str, shape: tuple[int, ...], chunks: Pieces) -> So
     """The chunks that tile a tensor (checked by the backend) as one view, or a `Split` along the one axis
     they divide: megatron-core slices a tensor on one axis only."""
     chunks = [c for c in chunks if 0 not in c[1].shape]
+    if not chunks:  # (an empty tensor: its chunks were checked to tile it)
+        raise ConversionError(f"{label}: {name!r} is empty ({list(shape)}); no model weight is, the checkpoint is "
+                              "damaged")
     if len(chunks) == 1:
         return chunks[0][1]
     axes = {d for offsets, c in chunks for d in range(len(shape)) if offsets[d] != 0 or c.shape[d] != shape[d]}

@@ -69,6 +69,11 @@ class Members(Files):
         return f"{self.label}/{name}"
 
 
+def _twice(path: str) -> None:
+    raise ConversionError(f"{path} holds a file of {DISTRIBUTED} twice (which one counts differs between readers); "
+                          "it is damaged or tampered with, copy or download it again")
+
+
 def _distributed(names: list[str]) -> list[str]:
     """The members of a distributed checkpoint in `model_weights/`, if the archive holds one."""
     inside = [n for n in names if n.startswith(DISTRIBUTED)]
@@ -156,6 +161,8 @@ def open_nemo(path: str, scratch: str | None = None, progress: Progress | None =
             regular = [m for m in tar.getmembers() if m.isreg() and not m.issparse()]
             members = {_normal(m.name): m for m in regular}
             shards = _distributed(list(members))
+            if len(shards) != sum(_normal(m.name).startswith(DISTRIBUTED) for m in regular):
+                _twice(path)
             # (a name stored twice is refused)
             weights = {} if shards else _weights_members(path, [_normal(m.name) for m in regular])
             config = _read(path, tar.extractfile(members[CONFIG]), CONFIG) if CONFIG in members else None
@@ -191,6 +198,8 @@ def _open_folder(path: str, distributed: OpenDistributed | None) -> Checkpoint:
     """An extracted `.nemo`, or a folder holding one Lightning `.ckpt` per rank folder."""
     names = os.listdir(path)
     shards = os.path.join(path, DISTRIBUTED)
+    if any(n in names for n in _DISTRIBUTED_MARKS):  # the distributed checkpoint itself, beside the yaml
+        shards = path
     if os.path.isdir(shards) and not os.path.islink(shards.rstrip("/")) \
             and any(os.path.lexists(os.path.join(shards, n)) for n in _DISTRIBUTED_MARKS):
         config = _read_file(path, CONFIG, follow=True) if os.path.lexists(os.path.join(path, CONFIG)) else None
@@ -278,7 +287,9 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None, distributed: 
                         _weights_members(path, [seen[rank], name])  # refuses the rank held twice
                     seen[rank] = name
                     temps[rank] = _extract(path, tar, member, name, scratch, progress)
-                elif name.startswith(DISTRIBUTED) and name not in shards:
+                elif name.startswith(DISTRIBUTED):
+                    if name in shards:
+                        _twice(path)
                     shards[name] = _extract(path, tar, member, name, scratch, progress)
         if _distributed(list(shards)):
             places = {n.removeprefix(DISTRIBUTED): (t, 0, os.path.getsize(t)) for n, t in shards.items()}
@@ -392,7 +403,7 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
         ranks = {rank: tensors_of(path, state_dict, files[file]) for rank, (state_dict, file) in state_dicts.items()}
         checkpoint = Checkpoint(path=path, tensors={}, hparams=cfg, files=list(files.values()),
                                 config_name=config_name, tokenizer=tokenizer)
-        checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam)
+        checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam, cfg is not None)
     except BaseException:
         for mapped in files.values():
             mapped.close()

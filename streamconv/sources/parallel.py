@@ -60,8 +60,10 @@ def rank_name(rank: tuple[int, int], pp: int) -> str:
     return f"mp_rank_{rank[0]:02d}" if pp == 1 else f"tp_rank_{rank[0]:02d}_pp_rank_{rank[1]:03d}"
 
 
-def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]], hparam: Any) -> dict[str, Any]:
-    """One state_dict, in global names, from every rank's state_dict; `hparam(key)` reads the cfg.
+def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]], hparam: Any,
+          has_cfg: bool = True) -> dict[str, Any]:
+    """One state_dict, in global names, from every rank's state_dict; `hparam(key)` reads the cfg. Without a
+    cfg (`has_cfg` False) an mcore last stage's `output_layer.weight` is kept: it may be untied.
 
     Raises ConversionError for a missing rank, ranks that disagree on names or shapes, or a cfg whose
     parallel sizes differ from the ranks found.
@@ -80,7 +82,7 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
                                   "is a rank missing, or the cfg from another run?")
 
-    tied = hparam("share_embeddings_and_output_weights") is not False  # (NeMo's default)
+    tied = has_cfg and hparam("share_embeddings_and_output_weights", True) is True  # (NeMo's default: tied)
     merged: dict[str, Any] = {}
     first_layer = 0
     for p in range(pp):

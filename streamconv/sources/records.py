@@ -179,7 +179,10 @@ class Split:
         return sum(p.nbytes for p in self.parts)
 
     def first_rows(self, rows: int) -> Split:
-        """The first `rows` rows (axis 0) of the concatenation: vocabulary padding sits on the last ranks."""
+        """The first `rows` rows (axis 0) of the concatenation: vocabulary padding sits on the last ranks (or,
+        for slices side by side, on the last rows of each)."""
+        if self.axis != 0:
+            return Split(tuple(p.first_rows(rows) for p in self.parts), self.axis)
         parts, left = [], rows
         for part in self.parts:
             if left > 0:

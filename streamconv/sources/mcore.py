@@ -169,7 +169,8 @@ def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[
     pieces: dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], SourceTensor]]]] = {}
     if backend == "torch_dist":
         tensors = dcp.read_metadata(files).tensors
-        _allow_open_files(files.label, len({files.locate(c.file)[0] for t in tensors.values() for c in t.chunks}))
+        names = {c.file for t in tensors.values() for c in t.chunks}
+        _allow_open_files(files.label, len({files.locate(name)[0] for name in names}))
         for fqn, tensor in tensors.items():
             pieces[fqn] = (tensor.shape, [(c.offsets, view(*dcp.chunk_tensor(files, c))) for c in tensor.chunks])
     else:

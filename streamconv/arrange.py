@@ -9,9 +9,8 @@ the GIL while it copies). Measured on the 2-core machine, two threads, bf16 matr
 threads; strips of 8 or 32 rows were slower), 1.1 GB/s in square tiles transposed through a scratch
 buffer, 0.26 GB/s in one copy.
 
-A cast between bfloat16, float16 and float32 is done on the bits as well (`casts`), chunk by chunk in the same
-copies. A GPU, or a cast between other dtypes, needs torch: `TorchArranger` reads the source bits as their dtype
-and lets torch permute, cast and copy on the device.
+A cast, or a GPU, needs torch: `TorchArranger` reads the source bits as their dtype and lets torch
+permute, cast and copy on the device.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamconv.casts import cast
 from streamconv.recipes.gpt_sw3 import Arrangement
 
 if TYPE_CHECKING:
@@ -51,18 +49,12 @@ class Arranger:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def arrange(self, out: np.ndarray, part: np.ndarray, arrangement: Arrangement, start: int,
-                dtypes: tuple[str, str] | None = None) -> None:
-        """Write `part` (rows `start:` of the source, viewed as `arrangement.view`) into `out`, cast from
-        `dtypes[0]` to `dtypes[1]` when given (`out` holds integers of the target's width)."""
+    def arrange(self, out: np.ndarray, part: np.ndarray, arrangement: Arrangement, start: int) -> None:
+        """Write `part` (rows `start:` of the source, viewed as `arrangement.view`) into `out`."""
         perm = arrangement.perm
         dst = narrow(out, perm.index(0), start, part.shape[0])
-
-        def converted(x: np.ndarray) -> np.ndarray:
-            return x if dtypes is None else cast(x, *dtypes)
-
         if not _tileable(part, perm):
-            np.copyto(dst, converted(part.transpose(perm)))
+            np.copyto(dst, part.transpose(perm))
             return
         # a strip: source rows [r, r + STRIP_ROWS) of one matrix part[lead], each lead axis an index
         strips = [(lead, r) for lead in np.ndindex(part.shape[:-2]) for r in range(0, part.shape[-2], STRIP_ROWS)]
@@ -75,20 +67,10 @@ class Arranger:
                 for axis, i in enumerate(lead):
                     where[perm.index(axis)] = i
                 where[rows_axis] = slice(r, r + STRIP_ROWS)
-                np.copyto(dst[tuple(where)], converted(part[(*lead, slice(r, r + STRIP_ROWS))].T))
+                np.copyto(dst[tuple(where)], part[(*lead, slice(r, r + STRIP_ROWS))].T)
 
         for future in [self._pool.submit(work, k) for k in range(workers)]:
             future.result()
-
-
-class Casting:
-    """An `Arranger` whose every chunk is cast from `source` to `target` on its way, in the same copies."""
-
-    def __init__(self, arranger: Arranger, source: str, target: str) -> None:
-        self.arranger, self.dtypes = arranger, (source, target)
-
-    def arrange(self, out: np.ndarray, part: np.ndarray, arrangement: Arrangement, start: int) -> None:
-        self.arranger.arrange(out, part, arrangement, start, self.dtypes)
 
 
 def _tileable(part: np.ndarray, perm: tuple[int, ...]) -> bool:

@@ -13,8 +13,8 @@ Three things overlap, each bounded:
 So memory holds at most BUFFERS output buffers, a couple of read chunks and a few small tensors, whatever
 the model size. (A strided source, which torch.save can keep, is also copied whole into memory when reached.)
 A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
-Bytes are moved (and cast, `casts`) as numpy arrays of integers of the elements' width; torch is imported only
-for a GPU or a cast between other dtypes (`arranges_with_torch`).
+Bytes are moved as numpy arrays of integers of the elements' width; torch is imported only for a cast or
+a GPU (`arranges_with_torch`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from streamconv import casts
-from streamconv.arrange import Arranger, Casting, TorchArranger, narrow, torch_dtype
+from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.recipes.gpt_sw3 import Arrangement
 from streamconv.safetensors_writer import ShardWriter
@@ -55,9 +54,8 @@ def arranges_on_device(device: str) -> bool:
 
 
 def arranges_with_torch(spec: TensorSpec, source: SourceTensor | Split, device: str) -> bool:
-    """A GPU, or a cast numpy does not do on the bits (`casts`: bfloat16, float16 and float32 it does)."""
-    return arranges_on_device(device) or (spec.dtype != source.dtype
-                                          and not {spec.dtype, source.dtype} <= casts.CASTABLE)
+    """A cast, or a GPU: torch arranges it (numpy moves bits, it cannot cast bfloat16)."""
+    return arranges_on_device(device) or spec.dtype != source.dtype
 
 
 def needs_torch(specs: Iterable[TensorSpec], checkpoint: Checkpoint, device: str) -> bool:
@@ -159,8 +157,7 @@ def arrange_into(host: np.ndarray, spec: TensorSpec, source: SourceTensor | Spli
     arrangement = spec.recipe.arrangement
     if not arranges_with_torch(spec, source, device):
         out = host[: spec.nbytes].view(BITS[spec.itemsize]).reshape(arrangement.out_shape)
-        casting = arranger if spec.dtype == source.dtype else Casting(arranger, source.dtype, spec.dtype)
-        arrange_source(casting, out, source, arrangement, release)
+        arrange_source(arranger, out, source, arrangement, release)
         return
     import torch
 
@@ -172,7 +169,7 @@ def arrange_into(host: np.ndarray, spec: TensorSpec, source: SourceTensor | Spli
         torch.from_numpy(host[: spec.nbytes]).copy_(scratch[: spec.nbytes])
 
 
-def arrange_source(arranger: Arranger | Casting | TorchArranger, out: Any, source: SourceTensor | Split,
+def arrange_source(arranger: Arranger | TorchArranger, out: Any, source: SourceTensor | Split,
                    arrangement: Arrangement, release: Callable[[np.ndarray], None]) -> None:
     """Place a source tensor, or each tensor-parallel slice of one, into `out` (shaped as the output),
     CHUNK_BYTES of source rows at a time, handing each chunk to `release` once consumed."""

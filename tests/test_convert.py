@@ -78,11 +78,15 @@ def test_small_read_chunks_give_the_same_bytes(bf16_ckpt, tmp_path, monkeypatch)
         assert torch.equal(actual[name], tensor), name
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
-def test_dtype_cast(bf16_ckpt, tmp_path, dtype, torch_dtype):
+@pytest.mark.parametrize("ckpt_name,dtype,torch_dtype", [
+    ("bf16_ckpt", "fp32", torch.float32), ("bf16_ckpt", "fp16", torch.float16),
+    ("fp32_ckpt", "bf16", torch.bfloat16), ("fp32_ckpt", "fp16", torch.float16)])
+def test_dtype_cast(ckpt_name, request, tmp_path, dtype, torch_dtype):
+    """Cast on the bits (streamconv.casts), equal to torch's .to() of the reference conversion."""
+    ckpt = request.getfixturevalue(ckpt_name)
     out = tmp_path / "hf"
-    streamconv.convert(bf16_ckpt.path, out, dtype=dtype, vocab_size=1000)
-    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    streamconv.convert(ckpt.path, out, dtype=dtype, vocab_size=1000)
+    expected = reference_convert(ckpt.path, vocab_size=1000)
     actual = read_output(out)
     for name, tensor in expected.items():
         assert actual[name].dtype == torch_dtype

@@ -165,7 +165,7 @@ def read_dims(hparam: Any, shapes: dict[str, tuple[int, ...]], vocab_size: int |
                                   "checkpoint?")
     refuse_other_families(hparam, shapes, names)
     layer_ids = sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
-    fc1 = shapes.get(names.layers.format(i=0) + names.layer["mlp.c_fc"] + "weight")
+    fc1 = shapes.get(first + names.layer["mlp.c_fc"] + "weight")
     inferred = {
         "hidden_size": shapes[names.embedding][1],
         "num_layers": len(layer_ids),

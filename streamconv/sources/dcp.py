@@ -23,9 +23,8 @@ from typing import Any, ClassVar
 
 from streamconv.errors import ConversionError, describe, first_line
 from streamconv.sources import safe_pickle, torch_zip
-from streamconv.sources.records import Box, Files, Folder, check_tiling
+from streamconv.sources.records import Box, Files, Folder, check_tiling, damaged, naturals
 
-_MAX_DIMS = 32
 METADATA = ".metadata"
 _MAX_METADATA = 2**30  # (the index of a large model and its optimizer state runs to many MB)
 
@@ -227,47 +226,36 @@ def _load(path: str, data: bytes) -> _Record:
     return metadata
 
 
-def _damaged(path: str, what: str) -> ConversionError:
-    return ConversionError(f"{path} is damaged ({what:.200}); copy the checkpoint again")
-
-
 def _is(record: Any, name: str) -> bool:
     return type(record) is _RECORDS[name]
-
-
-def _naturals(path: str, values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, tuple | list) or len(values) > _MAX_DIMS \
-            or not all(type(v) is int and v >= 0 for v in values):
-        raise _damaged(path, f"{what} is {describe(values)}")
-    return tuple(values)
 
 
 def _entries(path: str, entries: Any) -> tuple[dict[str, tuple[str, tuple[int, ...], list[Box]]], list[str]]:
     """fqn -> (dtype, global shape, chunk boxes) of each tensor; the keys skipped (not weights or bytes)."""
     if not isinstance(entries, dict):
-        raise _damaged(path, "no state_dict_metadata")
+        raise damaged(path, "no state_dict_metadata")
     tensors, skipped = {}, []
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
-            raise _damaged(path, f"a key is {describe(fqn)}")
+            raise damaged(path, f"a key is {describe(fqn)}")
         if _is(entry, "BytesStorageMetadata") or (_is(entry, "TensorStorageMetadata") and not is_weight(fqn)):
             skipped.append(fqn)
             continue
         if not _is(entry, "TensorStorageMetadata") or not _is(entry.get("properties"), "TensorProperties"):
-            raise _damaged(path, f"{fqn!r} is described by {type(entry).__name__}")
+            raise damaged(path, f"{fqn!r} is described by {type(entry).__name__}")
         dtype = entry.get("properties").get("dtype")
-        shape = _naturals(path, entry.get("size"), f"the shape of {fqn!r}")
+        shape = naturals(path, entry.get("size"), f"the shape of {fqn!r}")
         chunks = entry.get("chunks")
         if not isinstance(dtype, str) or not isinstance(chunks, list):
-            raise _damaged(path, f"the dtype or chunks of {fqn!r}")
+            raise damaged(path, f"the dtype or chunks of {fqn!r}")
         boxes = []
         for chunk in chunks:
             if not _is(chunk, "ChunkStorageMetadata"):
-                raise _damaged(path, f"a chunk of {fqn!r} is a {type(chunk).__name__}")
-            box = (_naturals(path, chunk.get("offsets"), f"a chunk offset of {fqn!r}"),
-                   _naturals(path, chunk.get("sizes"), f"a chunk size of {fqn!r}"))
+                raise damaged(path, f"a chunk of {fqn!r} is a {type(chunk).__name__}")
+            box = (naturals(path, chunk.get("offsets"), f"a chunk offset of {fqn!r}"),
+                   naturals(path, chunk.get("sizes"), f"a chunk size of {fqn!r}"))
             if not len(box[0]) == len(box[1]) == len(shape):
-                raise _damaged(path, f"a chunk of {fqn!r} has {len(box[0])} dimensions, the tensor {len(shape)}")
+                raise damaged(path, f"a chunk of {fqn!r} has {len(box[0])} dimensions, the tensor {len(shape)}")
             boxes.append(box)
         tensors[fqn] = (dtype, shape, boxes)
     return tensors, skipped
@@ -277,17 +265,17 @@ def _places(files: Files, path: str, storage: Any, tensors: dict) -> dict[str, d
     """fqn -> chunk offsets -> (file, offset, length), for the weights' chunks, each checked to lie inside
     a regular file of the checkpoint. The other entries are not looked at."""
     if not isinstance(storage, dict):
-        raise _damaged(path, "no storage_data")
+        raise damaged(path, "no storage_data")
     places: dict[str, dict[tuple[int, ...], tuple]] = {fqn: {} for fqn in tensors}
     sizes: dict[str, int] = {}
     for key, info in storage.items():
         if not _is(key, "MetadataIndex") or not isinstance(key.get("fqn"), str):
-            raise _damaged(path, f"a storage key is a {type(key).__name__}")
+            raise damaged(path, f"a storage key is a {type(key).__name__}")
         if key.get("fqn") not in places:
             continue
-        offsets = _naturals(path, key.get("offset"), f"a chunk offset of {key.get('fqn')!r}")
+        offsets = naturals(path, key.get("offset"), f"a chunk offset of {key.get('fqn')!r}")
         if not _is(info, "_StorageInfo"):
-            raise _damaged(path, f"the storage of {key.get('fqn')!r} is a {type(info).__name__}")
+            raise damaged(path, f"the storage of {key.get('fqn')!r} is a {type(info).__name__}")
         places[key.get("fqn")][offsets] = _place(files, path, key.get("fqn"), info, sizes)
     return places
 
@@ -302,8 +290,8 @@ def _place(files: Files, path: str, fqn: str, info: _Record, sizes: dict[str, in
                               f"{describe(list(transforms))} (such as compression), which streamconv does not read; "
                               "save the checkpoint without them")
     if not isinstance(name, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-        raise _damaged(path, f"the storage of {fqn!r} is {describe(info.state)}")
-    if not isinstance(name, str) or name not in sizes:
+        raise damaged(path, f"the storage of {fqn!r} is {describe(info.state)}")
+    if name not in sizes:
         sizes[name] = files.locate(name)[2]
     if offset + length > sizes[name]:
         raise ConversionError(f"{files.path(name)} is truncated: .metadata puts a chunk of {fqn!r} at "

@@ -20,6 +20,7 @@ from typing import Any
 from streamconv.errors import ConversionError, first_line
 from streamconv.sources import safe_pickle
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config file (model_config.yaml, context/model.yaml): real ones are a few kB
 _MAX_DEPTH = 32  # interpolations followed from one key (a chain or a loop)
 _MAX_STEPS = 10_000  # keys looked up while reading one hyper-parameter
 _MAX_STRING = 65_536  # characters of a string built by interpolation

@@ -28,16 +28,15 @@ from typing import Any
 
 from streamconv.errors import ConversionError, describe
 from streamconv.sources import dcp, torch_zip
-from streamconv.sources.hparams import Config, lightning_cfg, yaml_config
+from streamconv.sources.hparams import MAX_CONFIG_BYTES, Config, lightning_cfg, yaml_config
 from streamconv.sources.records import Checkpoint, Files, Folder, MappedFile, SourceTensor, Split
+from streamconv.tokenizer import MAX_BYTES
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
 _MAX_JSON = 2**20
 _MAX_COMMON = 2**30  # common.pt: the hyper-parameters, the optimizer's param groups, scheduler state
-_MAX_YAML = 16 * 2**20
-_MAX_TOKENIZER = 256 * 2**20
 _MAX_LAYERS = 4096  # a stacked tensor's first axis (the deepest models have a few hundred layers)
 _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
 # Hyper-parameters are asked for by their NeMo 1.x names (what the recipes read); other writers' names:
@@ -49,22 +48,26 @@ def is_distributed(path: str) -> bool:
     """A folder that holds a distributed checkpoint or one of the layouts around one."""
     if not os.path.isdir(path):
         return False
-    names = set(os.listdir(path))
-    return bool(names & {METADATA_JSON, dcp.METADATA, TRACKER}) or {"weights", "context"} <= names \
-        or (os.path.basename(os.path.normpath(path)) == "weights"
-            and os.path.isdir(os.path.join(path, os.pardir, "context")))
+    return bool(set(os.listdir(path)) & {METADATA_JSON, dcp.METADATA, TRACKER}) or _nemo2(path) is not None
+
+
+def _nemo2(path: str) -> tuple[str, str] | None:
+    """(weights, context) of a NeMo 2.0 checkpoint given as its folder or as its `weights/`; None otherwise."""
+    if {"weights", "context"} <= set(os.listdir(path)):
+        return os.path.join(path, "weights"), os.path.join(path, "context")
+    context = os.path.join(path, os.pardir, "context")
+    if os.path.basename(os.path.normpath(path)) == "weights" and os.path.isdir(context):
+        return path, context
+    return None
 
 
 def open_folder(path: str) -> Checkpoint:
     """Open a distributed checkpoint in any of the folder layouts above, reading no weights."""
-    names = set(os.listdir(path))
-    if TRACKER in names:
+    if os.path.lexists(os.path.join(path, TRACKER)):
         return open_folder(_tracked_iteration(path))
-    if {"weights", "context"} <= names:
-        return _open_nemo2(os.path.join(path, "weights"), os.path.join(path, "context"), path)
-    context = os.path.join(path, os.pardir, "context")
-    if os.path.basename(os.path.normpath(path)) == "weights" and os.path.isdir(context):
-        return _open_nemo2(path, context, path)
+    nemo2 = _nemo2(path)
+    if nemo2 is not None:
+        return _open_nemo2(*nemo2, path)
     return open_distributed(Folder(path))
 
 
@@ -141,19 +144,19 @@ def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
     """NeMo 2.0: the architecture from `context/model.yaml`'s `config`, the tokenizer file it names."""
     if not os.path.isdir(context):
         raise ConversionError(f"{label} has no context/ folder beside weights/; copy the whole NeMo 2.0 checkpoint")
-    for folder in (weights, context):
-        if os.path.islink(folder.rstrip("/")):
-            raise ConversionError(f"{folder} is a symbolic link; streamconv reads a NeMo 2.0 checkpoint only from its "
+    for linked in (weights, context):
+        if os.path.islink(linked.rstrip("/")):
+            raise ConversionError(f"{linked} is a symbolic link; streamconv reads a NeMo 2.0 checkpoint only from its "
                                   "own folders (replace the link by the folder)")
     folder = Folder(context)
     source = folder.path("model.yaml")
-    cfg = yaml_config(source, folder.read("model.yaml", _MAX_YAML), ("config",), NEMO2) \
+    cfg = yaml_config(source, folder.read("model.yaml", MAX_CONFIG_BYTES), ("config",), NEMO2) \
         if folder.exists("model.yaml") else None
     tokenizer = None
     try:  # the tokenizer file model.yaml names, read only from inside context/; else none (--tokenizer adds one)
         name = cfg and Config(cfg.root, (), source).get("tokenizer.model_path")
         if isinstance(name, str) and name.endswith(".model") and folder.exists(name):
-            tokenizer = folder.read(name, _MAX_TOKENIZER)
+            tokenizer = folder.read(name, MAX_BYTES)
     except ConversionError:
         tokenizer = None
     return open_distributed(Folder(weights), cfg, "'config' section of context/model.yaml", tokenizer)

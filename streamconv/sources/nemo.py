@@ -26,16 +26,14 @@ from typing import IO, Any
 
 from streamconv.errors import ConversionError
 from streamconv.sources import parallel, safe_pickle, torch_zip
-from streamconv.sources.hparams import Config, lightning_cfg, yaml_config
+from streamconv.sources.hparams import MAX_CONFIG_BYTES, Config, lightning_cfg, yaml_config
 from streamconv.sources.records import Checkpoint, Files, Folder, MappedFile, tensors_of
-from streamconv.tokenizer import sentencepiece_available
+from streamconv.tokenizer import MAX_BYTES, sentencepiece_available
 
 WEIGHTS = "model_weights.ckpt"
 DISTRIBUTED = "model_weights/"  # a distributed checkpoint's folder (megatron-core models, NeMo 1.2x on)
 _DISTRIBUTED_MARKS = ("metadata.json", ".metadata")
 CONFIG = "model_config.yaml"
-_MAX_CONFIG = 16 * 2**20
-_MAX_TOKENIZER = 256 * 2**20
 _MAX_ARTIFACTS = 4  # top-level .model files kept from a gzip stream, to find the tokenizer among them
 _COPY_CHUNK = 16 * 2**20
 _TEMP_PREFIX = ".streamconv-nemo-"
@@ -46,12 +44,15 @@ Progress = Callable[[str, int], Any]  # (description, total bytes) -> a bar with
 OpenDistributed = Callable[[Files, "Config | None", str, "bytes | None"], Checkpoint]
 
 
+_MAX_TAR_HEADER = 2**20  # a PAX or GNU long-name header (names and a few records: real ones are under 1 kB)
+
+
 class Members(Files):
     """The files of the archive's `model_weights/` folder, each at its place in a file (the tar itself, read in
     place, or a temporary file extracted from a gzip stream)."""
 
-    def __init__(self, label: str, places: dict[str, tuple[str, int, int]]) -> None:
-        self.label, self.places = label, places
+    def __init__(self, archive: str, places: dict[str, tuple[str, int, int]]) -> None:
+        self.label, self.places = f"{archive} ({DISTRIBUTED.rstrip('/')})", places
 
     def names(self) -> list[str]:
         return sorted(self.places)
@@ -65,9 +66,6 @@ class Members(Files):
                                   "archive is incomplete, copy or download it again")
         return self.places[name]
 
-    def path(self, name: str) -> str:
-        return f"{self.label}/{name}"
-
 
 def _twice(path: str) -> None:
     raise ConversionError(f"{path} holds a file of {DISTRIBUTED} twice (which one counts differs between readers); "
@@ -78,7 +76,6 @@ def _distributed(names: list[str]) -> list[str]:
     """The members of a distributed checkpoint in `model_weights/`, if the archive holds one."""
     inside = [n for n in names if n.startswith(DISTRIBUTED)]
     return inside if any(n.removeprefix(DISTRIBUTED) in _DISTRIBUTED_MARKS for n in inside) else []
-_MAX_TAR_HEADER = 2**20  # a PAX or GNU long-name header (names and a few records: real ones are under 1 kB)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -179,7 +176,7 @@ def open_nemo(path: str, scratch: str | None = None, progress: Progress | None =
                                   "copy or download it again")
     if shards:
         places = {n.removeprefix(DISTRIBUTED): (path, members[n].offset_data, members[n].size) for n in shards}
-        return _open_distributed(distributed, Members(f"{path} ({DISTRIBUTED.rstrip('/')})", places), cfg, tokenizer)
+        return _open_distributed(distributed, Members(path, places), cfg, tokenizer)
     loaded = {}
     for rank, name in weights.items():
         member = members[name]
@@ -295,7 +292,7 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None, distributed: 
             places = {n.removeprefix(DISTRIBUTED): (t, 0, os.path.getsize(t)) for n, t in shards.items()}
             cfg = _parse_config(path, config) if config is not None else None
             tokenizer = _tokenizer_member(cfg, list(artifacts))
-            checkpoint = _open_distributed(distributed, Members(f"{path} ({DISTRIBUTED.rstrip('/')})", places), cfg,
+            checkpoint = _open_distributed(distributed, Members(path, places), cfg,
                                            artifacts.get(tokenizer) if tokenizer else None)
             checkpoint.note = f"{len(shards)} files of {DISTRIBUTED} were extracted from the gzip archive into " \
                               "temporary files, now removed"
@@ -319,7 +316,7 @@ def _open_gzip(path: str, scratch: str, progress: Progress | None, distributed: 
 
 def _extract(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, scratch: str,
              progress: Progress | None) -> str:
-    """Decompress one member into a new temporary file in `scratch`, shown by a bar when it is large."""
+    """Decompress one member into a new temporary file in `scratch`, shown by a `progress` bar."""
     free = shutil.disk_usage(scratch).free
     if free < member.size:
         raise ConversionError(f"not enough free space in {scratch} to extract {name!r} from the "
@@ -412,7 +409,7 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
 
 
 def _read(path: str, f: IO[bytes] | None, name: str) -> bytes:
-    limit = _MAX_CONFIG if name == CONFIG else _MAX_TOKENIZER
+    limit = MAX_CONFIG_BYTES if name == CONFIG else MAX_BYTES
     text = f.read(limit + 1) if f is not None else b""
     if len(text) > limit:
         raise ConversionError(f"{path}: {name} is larger than {limit} bytes; is this a NeMo archive?")

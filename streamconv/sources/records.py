@@ -287,6 +287,20 @@ class Folder(Files):
 
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) of a chunk in its tensor
+_MAX_DIMS = 32
+
+
+def damaged(path: str, what: str) -> ConversionError:
+    """The one line for a checkpoint index (`.metadata`, `.zarray`) that no writer makes."""
+    return ConversionError(f"{path} is damaged ({what:.200}); copy the checkpoint again")
+
+
+def naturals(path: str, values: Any, what: str) -> tuple[int, ...]:
+    """A shape, offsets or sizes read from a checkpoint index: at most 32 whole numbers from 0 to 2**62."""
+    if not isinstance(values, tuple | list) or len(values) > _MAX_DIMS \
+            or not all(type(v) is int and 0 <= v < 2**62 for v in values):
+        raise damaged(path, f"{what} is {describe(values)}")
+    return tuple(values)
 
 
 def check_tiling(path: str, fqn: str, shape: tuple[int, ...], boxes: list[Box]) -> None:

@@ -17,6 +17,7 @@ are skipped unread. Only the `.zarray` files and the chunk files' sizes are read
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,12 +27,11 @@ from typing import Any
 from streamconv.errors import ConversionError, describe, first_line
 from streamconv.sources import safe_pickle
 from streamconv.sources.dcp import is_weight
-from streamconv.sources.records import Files, Folder, check_tiling
+from streamconv.sources.records import Files, Folder, check_tiling, damaged, naturals
 from streamconv.sources.torch_zip import StoredTensor
 
 ZARRAY = ".zarray"
 _MAX_ZARRAY = 2**20  # (megatron's are a few hundred bytes)
-_MAX_DIMS = 32
 _MAX_CHUNKS = 2**20  # per tensor: a rank's shard per chunk, so a few thousand at most
 # zarr's dtype strings (numpy's `dtype.str`; megatron writes "bfloat16" for ml_dtypes' bfloat16) -> torch names
 _DTYPES = {"bfloat16": "bfloat16", "<f8": "float64", "<f4": "float32", "<f2": "float16", "<i8": "int64",
@@ -99,7 +99,7 @@ def _tensor(files: Files, fqn: str, listed: int) -> ZarrTensor:
     chunk_bytes = math.prod(chunk_shape) * itemsize
     strides = tuple(math.prod(chunk_shape[d + 1:]) for d in range(len(chunk_shape)))
     chunks = []
-    for index in _indices(grid):  # (a 0-d array has one, at ())
+    for index in itertools.product(*map(range, grid)):  # C order (a 0-d array has one, at ())
         name = f"{fqn}/{'.'.join(map(str, index)) or '0'}"  # (a 0-d array's one chunk is '0')
         if not files.exists(name):
             raise ConversionError(f"{files.path(name)} is missing: it is the chunk {list(index)} of {fqn!r}; "
@@ -115,18 +115,6 @@ def _tensor(files: Files, fqn: str, listed: int) -> ZarrTensor:
     return ZarrTensor(fqn, dtype, shape, tuple(chunks))
 
 
-def _indices(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Every chunk's grid index, in C order."""
-    out: list[tuple[int, ...]] = [()]
-    for n in grid:
-        out = [(*index, i) for index in out for i in range(n)]
-    return out
-
-
-def _damaged(path: str, what: str) -> ConversionError:
-    return ConversionError(f"{path} is damaged ({what:.200}); copy the checkpoint again")
-
-
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -139,16 +127,16 @@ def _metadata(path: str, data: bytes) -> tuple[str, int, tuple[int, ...], tuple[
     try:
         meta = json.loads(data.decode("utf-8"), object_pairs_hook=_unique)
     except Exception as exc:  # (bad UTF-8, bad JSON, nesting too deep)
-        raise _damaged(path, f"it is not JSON: {first_line(exc)}") from None
+        raise damaged(path, f"it is not JSON: {first_line(exc)}") from None
     if not isinstance(meta, dict):
-        raise _damaged(path, f"it holds {describe(meta)}, not an object")
+        raise damaged(path, f"it holds {describe(meta)}, not an object")
     unknown = sorted(set(meta) - _FIELDS)
     if unknown:
         raise ConversionError(f"{path} has fields {describe(unknown)} that zarr v2 does not define; streamconv "
                               "reads only the arrays megatron-core's zarr backend writes")
     missing = sorted(_FIELDS - {"dimension_separator"} - set(meta))
     if missing:
-        raise _damaged(path, f"no {', '.join(missing)}")
+        raise damaged(path, f"no {', '.join(missing)}")
     if type(meta["zarr_format"]) is not int or meta["zarr_format"] != 2:
         raise ConversionError(f"{path} is zarr format {describe(meta['zarr_format'])}; streamconv reads zarr v2 "
                               "arrays, as megatron-core's zarr backend writes them")
@@ -171,9 +159,9 @@ def _metadata(path: str, data: bytes) -> tuple[str, int, tuple[int, ...], tuple[
         raise ConversionError(f"{path}: the chunks are nested folders (dimension_separator '/'), which megatron-core "
                               "does not write and streamconv does not read; re-save the arrays with '.'")
     if separator != ".":
-        raise _damaged(path, f"dimension_separator is {describe(separator)}")
+        raise damaged(path, f"dimension_separator is {describe(separator)}")
     if meta["fill_value"] is not None and not isinstance(meta["fill_value"], bool | int | float | str):
-        raise _damaged(path, f"fill_value is {describe(meta['fill_value'])}")
+        raise damaged(path, f"fill_value is {describe(meta['fill_value'])}")
     dtype = meta["dtype"]
     if isinstance(dtype, str) and dtype[:1] == ">":
         raise ConversionError(f"{path}: the elements are big-endian ({dtype}); streamconv reads little-endian "
@@ -181,20 +169,13 @@ def _metadata(path: str, data: bytes) -> tuple[str, int, tuple[int, ...], tuple[
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ConversionError(f"{path}: the elements are of the zarr dtype {describe(dtype)}, which streamconv does "
                               f"not convert (it reads {', '.join(sorted(set(_DTYPES.values())))})")
-    shape, chunks = _naturals(path, meta["shape"], "shape"), _naturals(path, meta["chunks"], "chunks")
+    shape, chunks = naturals(path, meta["shape"], "shape"), naturals(path, meta["chunks"], "chunks")
     if len(shape) != len(chunks):
-        raise _damaged(path, f"shape {list(shape)} and chunks {list(chunks)} differ in rank")
+        raise damaged(path, f"shape {list(shape)} and chunks {list(chunks)} differ in rank")
     if any(c == 0 < s for s, c in zip(shape, chunks, strict=True)):
-        raise _damaged(path, f"chunks {list(chunks)} has an empty axis where shape {list(shape)} has not")
+        raise damaged(path, f"chunks {list(chunks)} has an empty axis where shape {list(shape)} has not")
     name = _DTYPES[dtype]
     return f"torch.{name}", safe_pickle.DTYPES[name], shape, chunks
-
-
-def _naturals(path: str, values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, list) or len(values) > _MAX_DIMS \
-            or not all(type(v) is int and 0 <= v < 2**62 for v in values):
-        raise _damaged(path, f"{what} is {describe(values)}")
-    return tuple(values)
 
 
 def _codec(config: Any) -> str:

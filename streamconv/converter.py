@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from streamconv import tokenizer
 from streamconv.errors import ConversionError
 from streamconv.output import claimed, fsync, publish, staging_folder
-from streamconv.pipeline import needs_torch, split_view_axis, stream, working_memory
+from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import gpt_sw3
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -253,8 +253,6 @@ def convert(
                 f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
                 "free some space or choose another --save-path"
             )
-        if needs_torch(plan.tensors, checkpoint, dev):
-            import_torch()  # here, not mid-stream: see signals_held
         try:
             staging = staging_folder(target)
         except FileNotFoundError:

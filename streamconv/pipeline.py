@@ -9,20 +9,23 @@ Three things overlap, each bounded:
   (`Checkpoint.release`) as soon as it has been consumed;
 - writing: a writer thread appends finished buffers to the shard files in plan order; tensors that
   pass through unchanged are copied file to file inside the kernel (copy_file_range), never entering
-  this process.
-So memory holds at most BUFFERS output buffers, a couple of read chunks and a few small tensors, whatever
-the model size. (A strided source, which torch.save can keep, is also copied whole into memory when reached.)
+  this process; tensors that are only cast (`cast_only`) are cast a chunk at a time into one of
+  CAST_BUFFERS small buffers, so a cast never needs a buffer the size of the embedding.
+So memory holds at most BUFFERS output buffers, a couple of read chunks, the cast chunks and a few small
+tensors, whatever the model size. (A strided source, which torch.save can keep, is also copied whole into
+memory when reached.)
 A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
-Bytes are moved as numpy arrays of integers of the elements' width; torch is imported only for a cast or
-a GPU (`arranges_with_torch`).
+Bytes are moved, and cast (`casts`), as numpy arrays of integers of the elements' width; torch is imported only
+for a GPU (`arranges_on_device`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,13 +41,24 @@ CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
 BUFFERS = 2  # output buffers: one being filled while the other is written
 WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or views of the file
 SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer, are not put in a buffer
+CAST_CHUNK_BYTES = 16 * 2**20  # output bytes of a tensor that is only cast, cast at once
+CAST_BUFFERS = 3  # one being cast into, one being written, one queued
+
+
+def _in_order(spec: TensorSpec, source: SourceTensor | Split) -> bool:
+    """The output's elements are the source's in their order, slice after slice (no permutation, any
+    tensor-parallel slices stacked on rows)."""
+    return not spec.recipe.arrangement.moves and (not isinstance(source, Split) or source.axis == 0)
 
 
 def passes_through(spec: TensorSpec, source: SourceTensor | Split) -> bool:
-    """True when the output bytes are the source bytes, slice after slice (no permutation, no cast, any
-    tensor-parallel slices stacked on rows): no device needs them."""
-    stacked = not isinstance(source, Split) or source.axis == 0
-    return not spec.recipe.arrangement.moves and spec.dtype == source.dtype and stacked
+    """True when the output bytes are the source bytes (in order, no cast): no device needs them."""
+    return _in_order(spec, source) and spec.dtype == source.dtype
+
+
+def cast_only(spec: TensorSpec, source: SourceTensor | Split, device: str) -> bool:
+    """True when the output is the source in order, cast, on the CPU: cast a chunk at a time on its way."""
+    return _in_order(spec, source) and spec.dtype != source.dtype and not arranges_on_device(device)
 
 
 def arranges_on_device(device: str) -> bool:
@@ -53,24 +67,26 @@ def arranges_on_device(device: str) -> bool:
     return device != "cpu"
 
 
-def arranges_with_torch(spec: TensorSpec, source: SourceTensor | Split, device: str) -> bool:
-    """A cast, or a GPU: torch arranges it (numpy moves bits, it cannot cast bfloat16)."""
-    return arranges_on_device(device) or spec.dtype != source.dtype
+def buffered(spec: TensorSpec, source: SourceTensor | Split, device: str) -> bool:
+    """True when the whole output tensor is arranged in memory before it is written."""
+    return not passes_through(spec, source) and not cast_only(spec, source, device)
 
 
-def needs_torch(specs: Iterable[TensorSpec], checkpoint: Checkpoint, device: str) -> bool:
-    """Whether any of these output tensors is arranged with torch (a cast, or a GPU)."""
-    return any(arranges_with_torch(t, source_of(t, checkpoint), device) for t in specs)
+def arranged_sizes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> list[int]:
+    """Bytes of each output tensor that must be arranged in memory."""
+    return [t.nbytes for t in plan.tensors if buffered(t, checkpoint.tensors[t.recipe.source], device)]
 
 
-def arranged_sizes(plan: Plan, checkpoint: Checkpoint) -> list[int]:
-    """Bytes of each output tensor that must be rearranged or cast."""
-    return [t.nbytes for t in plan.tensors if not passes_through(t, checkpoint.tensors[t.recipe.source])]
+def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int:
+    """Size of each reusable output buffer: the largest tensor that must be arranged in memory."""
+    return max(arranged_sizes(plan, checkpoint, device), default=0)
 
 
-def buffer_bytes(plan: Plan, checkpoint: Checkpoint) -> int:
-    """Size of each reusable output buffer: the largest tensor that must be rearranged or cast."""
-    return max(arranged_sizes(plan, checkpoint), default=0)
+def cast_buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int:
+    """Size of each cast chunk buffer: CAST_CHUNK_BYTES, or less when no tensor that is only cast needs as much
+    (0 when there is none)."""
+    sizes = [t.nbytes for t in plan.tensors if cast_only(t, checkpoint.tensors[t.recipe.source], device)]
+    return min(CAST_CHUNK_BYTES, max(sizes, default=0))
 
 
 def is_small(nbytes: int, buffer: int) -> bool:
@@ -80,13 +96,14 @@ def is_small(nbytes: int, buffer: int) -> bool:
 
 
 def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
-    """Predicted resident bytes on top of the interpreter: the output buffers, the chunk being
-    arranged, the chunk being written and the small rearranged tensors that may wait to be written (a full
-    queue, the one being written and the one being arranged)."""
+    """Predicted resident bytes on top of the interpreter (on the CPU): the output buffers, the cast chunk
+    buffers, the chunk being arranged, the chunk being written and the small rearranged tensors that may wait to
+    be written (a full queue, the one being written and the one being arranged)."""
     largest = max((t.nbytes for t in plan.tensors), default=0)
     buffer = buffer_bytes(plan, checkpoint)
     small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
-    return BUFFERS * buffer + 2 * min(CHUNK_BYTES, largest) + sum(small[: WRITE_QUEUE + 2])
+    return (BUFFERS * buffer + CAST_BUFFERS * cast_buffer_bytes(plan, checkpoint)
+            + 2 * min(CHUNK_BYTES, largest) + sum(small[: WRITE_QUEUE + 2]))
 
 
 def stream(
@@ -129,9 +146,9 @@ def pieces(source: SourceTensor | Split) -> Iterator[np.ndarray]:
         yield part if part.flags.c_contiguous else np.ascontiguousarray(part)
 
 
-def row_chunks(view: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, rows) pieces of at most CHUNK_BYTES along the first axis."""
-    step = max(1, CHUNK_BYTES // max(1, view.nbytes // max(1, len(view))))
+def row_chunks(view: np.ndarray, limit: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) pieces of at most `limit` bytes (or one row) along the first axis."""
+    step = max(1, limit // max(1, view.nbytes // max(1, len(view))))
     for start in range(0, view.shape[0], step):
         yield start, view[start : start + step]
 
@@ -153,30 +170,46 @@ def split_view_axis(shape: tuple[int, ...], view: tuple[int, ...], axis: int) ->
 def arrange_into(host: np.ndarray, spec: TensorSpec, source: SourceTensor | Split, device: str,
                  arranger: Arranger, release: Callable[[np.ndarray], None], scratch: Any = None) -> None:
     """Arrange (and cast) `source` as `spec` says into the first `spec.nbytes` bytes of `host`: in place with
-    numpy, or with torch on `device` through `scratch` (a torch uint8 buffer there, None on the CPU)."""
+    numpy on the CPU, or with torch on `device` through `scratch` (a torch uint8 buffer there)."""
     arrangement = spec.recipe.arrangement
-    if not arranges_with_torch(spec, source, device):
+    if not arranges_on_device(device):
         out = host[: spec.nbytes].view(BITS[spec.itemsize]).reshape(arrangement.out_shape)
-        arrange_source(arranger, out, source, arrangement, release)
+        dtypes = None if spec.dtype == source.dtype else (source.dtype, spec.dtype)
+        arrange_source(functools.partial(arranger.arrange, dtypes=dtypes), out, source, arrangement, release)
         return
     import torch
 
-    with_torch = TorchArranger(device, source.dtype)
-    target = torch.from_numpy(host) if scratch is None else scratch
-    out = target[: spec.nbytes].view(torch_dtype(spec.dtype)).view(arrangement.out_shape)
-    arrange_source(with_torch, out, source, arrangement, release)
-    if scratch is not None:
-        torch.from_numpy(host[: spec.nbytes]).copy_(scratch[: spec.nbytes])
+    out = scratch[: spec.nbytes].view(torch_dtype(spec.dtype)).view(arrangement.out_shape)
+    arrange_source(TorchArranger(device, source.dtype).arrange, out, source, arrangement, release)
+    torch.from_numpy(host[: spec.nbytes]).copy_(scratch[: spec.nbytes])
 
 
-def arrange_source(arranger: Arranger | TorchArranger, out: Any, source: SourceTensor | Split,
-                   arrangement: Arrangement, release: Callable[[np.ndarray], None]) -> None:
+def arrange_source(arrange: Callable[[Any, np.ndarray, Arrangement, int], None], out: Any,
+                   source: SourceTensor | Split, arrangement: Arrangement,
+                   release: Callable[[np.ndarray], None]) -> None:
     """Place a source tensor, or each tensor-parallel slice of one, into `out` (shaped as the output),
     CHUNK_BYTES of source rows at a time, handing each chunk to `release` once consumed."""
     for target, view in _targets(out, source, arrangement):
         for start, part in row_chunks(view):
-            arranger.arrange(target, part, arrangement, start)
+            arrange(target, part, arrangement, start)
             release(part)
+
+
+def cast_chunks(spec: TensorSpec, source: SourceTensor | Split, arranger: Arranger,
+                release: Callable[[np.ndarray], None], take: Callable[[], np.ndarray]
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The output of a tensor that is only cast (`cast_only`), chunk by chunk: (the buffer `take` gave, the
+    bytes cast into it), each source chunk handed to `release` once cast."""
+    for piece in pieces(source):
+        flat = piece.reshape(-1)
+        step = max(1, CAST_CHUNK_BYTES // spec.itemsize)
+        for start in range(0, flat.size, step):
+            part = flat[start : start + step]
+            buffer = take()
+            out = buffer[: part.size * spec.itemsize].view(BITS[spec.itemsize])
+            arranger.cast(out, part, source.dtype, spec.dtype)
+            release(part)
+            yield buffer, out.view(np.uint8)
 
 
 def _targets(out: Any, source: SourceTensor | Split, arrangement: Arrangement) -> Iterator[tuple[Any, np.ndarray]]:
@@ -199,8 +232,12 @@ class _Stream:
 
     def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None]) -> None:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
-        size = self.buffer = buffer_bytes(plan, checkpoint)
+        size = self.buffer = buffer_bytes(plan, checkpoint, device)
         self.free: queue.Queue[np.ndarray] = queue.Queue()
+        self.free_casts: queue.Queue[np.ndarray] = queue.Queue()
+        cast_size = cast_buffer_bytes(plan, checkpoint, device)
+        for _ in range(CAST_BUFFERS if cast_size else 0):
+            self.free_casts.put(np.empty(cast_size, dtype=np.uint8))
         self.scratch = None
         if arranges_on_device(device):  # pinned host buffers: copies from a GPU run at full speed
             import torch
@@ -258,6 +295,19 @@ class _Stream:
                     self.writes.put(copy)
                 if where is None:  # a strided part copied into memory: one such copy at a time
                     self.writes.drain()
+            self.writes.put(lambda: writer.finish_tensor(spec))
+            return
+
+        if cast_only(spec, source, self.device):
+            for buffer, cast in cast_chunks(spec, source, self.arranger, checkpoint.release,
+                                            lambda: self.writes.take(self.free_casts)):
+
+                def write_cast(buffer: np.ndarray = buffer, cast: np.ndarray = cast) -> None:
+                    writer.append(cast)
+                    self.free_casts.put(buffer)
+                    self.on_bytes(cast.nbytes)
+
+                self.writes.put(write_cast)
             self.writes.put(lambda: writer.finish_tensor(spec))
             return
 

@@ -28,9 +28,20 @@ import numpy as np
 
 from streamconv import tokenizer
 from streamconv.arrange import Arranger
-from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, import_torch, read_tokenizer, resolve_dtype
+from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
-from streamconv.pipeline import CHUNK_BYTES, arrange_into, needs_torch, passes_through, pieces, row_chunks, source_of
+from streamconv.pipeline import (
+    CAST_CHUNK_BYTES,
+    CHUNK_BYTES,
+    arrange_into,
+    buffered,
+    cast_chunks,
+    cast_only,
+    passes_through,
+    pieces,
+    row_chunks,
+    source_of,
+)
 from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
 from streamconv.sources import Checkpoint, open_checkpoint
 
@@ -447,10 +458,8 @@ def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSp
     """Compare each tensor's bytes on disk with the converted source's, a chunk at a time."""
     maps: dict[str, mmap.mmap | None] = {}  # each shard mapped once, for the whole comparison
     sources = {spec.name: source_of(spec, checkpoint) for spec in specs}
-    arranged = [s.nbytes for s in specs if not passes_through(s, sources[s.name])]
-    buffer = np.empty(max(arranged, default=0), dtype=np.uint8)  # touched only as far as it is used
-    if needs_torch(specs, checkpoint, "cpu"):
-        import_torch()
+    arranged = [s.nbytes for s in specs if buffered(s, sources[s.name], "cpu")]
+    buffer = np.empty(max([*arranged, CAST_CHUNK_BYTES]), dtype=np.uint8)  # touched only as far as it is used
     arranger = Arranger()
     try:
         for spec in specs:
@@ -483,8 +492,8 @@ def _map(folder: _Folder, file: str) -> mmap.mmap | None:
 def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arranger,
                checkpoint: Checkpoint) -> Iterator[np.ndarray]:
     """The bytes a conversion writes for `spec`, at most CHUNK_BYTES at a time: a tensor that passes through
-    straight from the source mapping (each chunk's pages handed back once compared), any other arranged
-    into `buffer` as the conversion arranges it."""
+    straight from the source mapping (each chunk's pages handed back once compared), one that is only cast a
+    chunk at a time into `buffer`, any other arranged into `buffer` as the conversion arranges it."""
     if passes_through(spec, source):
         for piece in pieces(source):
             for _, part in row_chunks(piece):
@@ -492,6 +501,9 @@ def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arra
                     yield part.reshape(-1).view(np.uint8)
                 finally:
                     checkpoint.release(part)
+        return
+    if cast_only(spec, source, "cpu"):
+        yield from (cast for _, cast in cast_chunks(spec, source, arranger, checkpoint.release, lambda: buffer))
         return
     arrange_into(buffer, spec, source, "cpu", arranger, checkpoint.release)
     for start in range(0, spec.nbytes, CHUNK_BYTES):

@@ -199,11 +199,11 @@ def test_failure_while_arranging_stops_the_writer(bf16_ckpt, tmp_path, monkeypat
     real_arrange = Arranger.arrange
     calls = []
 
-    def failing_arrange(self, out, part, arrangement, start):
+    def failing_arrange(self, out, part, arrangement, start, dtypes=None):
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("arranging failed")
-        real_arrange(self, out, part, arrangement, start)
+        real_arrange(self, out, part, arrangement, start, dtypes)
 
     monkeypatch.setattr(Arranger, "arrange", failing_arrange)
     with pytest.raises(RuntimeError, match="arranging failed"):

@@ -40,17 +40,17 @@ def test_every_tensor_is_viewed_where_torch_load_finds_it(ckpt, tmp_path):
         assert not checkpoint.tensors["model.strided"].bits.flags.c_contiguous
 
 
-def test_a_conversion_imports_torch_only_to_cast(ckpt, tmp_path):
+def test_a_conversion_on_the_cpu_never_imports_torch(ckpt, tmp_path):
     code = ("import sys; from streamconv.cli import main; "
             f"main(['--checkpoint-path', {str(ckpt)!r}, '--save-path', sys.argv[1], '--vocab-size', '1000', "
             "'--quiet', *sys.argv[2:]]); print('torch' in sys.modules)")
     for name, extra, imported in (("plain", [], "False"), ("verified", ["--verify"], "False"),
-                                  ("cast", ["--dtype", "fp16"], "True")):
-        out = tmp_path / ("plain" if name == "verified" else name)
+                                  ("cast", ["--dtype", "fp16"], "False"), ("cast-verified", ["--verify"], "False")):
+        out = tmp_path / {"verified": "plain", "cast-verified": "cast"}.get(name, name)
         proc = subprocess.run([sys.executable, "-c", code, str(out), *extra], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().splitlines()[-1] == imported, name
-        assert "OK" in proc.stdout if name == "verified" else (out / "model.safetensors").exists()
+        assert "OK" in proc.stdout if name.endswith("verified") else (out / "model.safetensors").exists()
 
 
 def test_load_runs_no_code_from_the_pickle(tmp_path):

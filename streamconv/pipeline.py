@@ -1,20 +1,19 @@
 """The streaming executor: read ahead, arrange, write behind, one output tensor at a time.
 
 Three things overlap, each bounded:
-- reading: while a tensor is arranged, a read-ahead thread has the kernel read the next tensor's
-  source bytes (MADV_WILLNEED); they land in the page cache, not in this process;
-- arranging: source rows, read in chunks of at most CHUNK_BYTES, are placed into one of BUFFERS
-  reusable output buffers sized for the largest tensor that needs rearranging (a small one, such as the
-  QKV bias, gets memory of its own instead of holding up a buffer); each chunk's pages are handed back
-  (`Checkpoint.release`) as soon as it has been consumed;
-- writing: a writer thread appends finished buffers to the shard files in plan order; tensors that
-  pass through unchanged are copied file to file inside the kernel (copy_file_range), never entering
-  this process; tensors that are only cast (`cast_only`) are cast a chunk at a time into one of
-  CAST_BUFFERS small buffers, so a cast never needs a buffer the size of the embedding.
-So memory holds at most BUFFERS output buffers, a couple of read chunks, the cast chunks and a few small
-tensors, whatever the model size. (A strided source, which torch.save can keep, is also copied whole into
-memory when reached.)
-A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
+- reading: a reader thread reads the source chunk after chunk (`chunks_of`: at most CHUNK_BYTES each), in
+  the order they are used, with direct preads into reads.BUFFERS buffers (`reads.ReadAhead`), never
+  through the page cache;
+- arranging: the chunks of a tensor that must be rearranged are placed (and cast) into one of BUFFERS
+  reusable output buffers sized for the largest such tensor (a small one, such as the QKV bias, gets memory
+  of its own instead of holding up a buffer); a tensor whose elements stay in order goes chunk by chunk
+  from its read buffer to the writer, or, when it is only cast (`cast_only`), through one of CAST_BUFFERS
+  small buffers, so a cast never needs a buffer the size of the embedding;
+- writing: a writer thread appends finished buffers and chunks to the shard files in plan order, with direct
+  writes (`safetensors_writer`).
+So memory holds at most BUFFERS output buffers, the read buffers, the cast chunks and a few small tensors,
+whatever the model size. (A strided source, which torch.save can keep, is copied whole into memory when
+reached.) A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
 Bytes are moved, and cast (`casts`), as numpy arrays of integers of the elements' width; torch is imported only
 for a GPU (`arranges_on_device`).
 """
@@ -22,27 +21,32 @@ for a GPU (`arranges_on_device`).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from streamconv import reads
 from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.plan import Plan, Shard, TensorSpec
+from streamconv.reads import ReadAhead
 from streamconv.recipes.gpt_sw3 import Arrangement
-from streamconv.safetensors_writer import ShardWriter
+from streamconv.safetensors_writer import STAGING_BYTES, ShardWriter
 from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split
 
-CHUNK_BYTES = 64 * 2**20  # source bytes read (and resident) at once
+# Source bytes read at once: direct reads of 8 MB run at the disk's speed (2.23 s for 2.6 GB, 2.26 s in 64 MB
+# reads, 2.51 s in 1 MB ones), and on the machines measured every byte of memory a process touches for the first
+# time costs (about 5 s per GB: the host backs the page then), so buffers are no larger than needed.
+CHUNK_BYTES = 8 * 2**20
 BUFFERS = 2  # output buffers: one being filled while the other is written
-WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or views of the file
+WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or a read chunk
 SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer, are not put in a buffer
-CAST_CHUNK_BYTES = 16 * 2**20  # output bytes of a tensor that is only cast, cast at once
-CAST_BUFFERS = 3  # one being cast into, one being written, one queued
+CAST_BUFFERS = 3  # chunks of a tensor that is only cast: one being cast into, one being written, one queued
 
 
 def _in_order(spec: TensorSpec, source: SourceTensor | Split) -> bool:
@@ -83,10 +87,10 @@ def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int
 
 
 def cast_buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int:
-    """Size of each cast chunk buffer: CAST_CHUNK_BYTES, or less when no tensor that is only cast needs as much
+    """Size of each cast chunk buffer: CHUNK_BYTES, or less when no tensor that is only cast needs as much
     (0 when there is none)."""
     sizes = [t.nbytes for t in plan.tensors if cast_only(t, checkpoint.tensors[t.recipe.source], device)]
-    return min(CAST_CHUNK_BYTES, max(sizes, default=0))
+    return min(CHUNK_BYTES, max(sizes, default=0))
 
 
 def is_small(nbytes: int, buffer: int) -> bool:
@@ -97,13 +101,13 @@ def is_small(nbytes: int, buffer: int) -> bool:
 
 def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
     """Predicted resident bytes on top of the interpreter (on the CPU): the output buffers, the cast chunk
-    buffers, the chunk being arranged, the chunk being written and the small rearranged tensors that may wait to
-    be written (a full queue, the one being written and the one being arranged)."""
-    largest = max((t.nbytes for t in plan.tensors), default=0)
+    buffers, the read buffers, the writer's staging buffer and the small rearranged tensors that may wait to be
+    written (a full queue, the one being written and the one being arranged)."""
     buffer = buffer_bytes(plan, checkpoint)
     small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
     return (BUFFERS * buffer + CAST_BUFFERS * cast_buffer_bytes(plan, checkpoint)
-            + 2 * min(CHUNK_BYTES, largest) + sum(small[: WRITE_QUEUE + 2]))
+            + reads.BUFFERS * read_buffer_bytes(plan.tensors, checkpoint) + STAGING_BYTES
+            + sum(small[: WRITE_QUEUE + 2]))
 
 
 def stream(
@@ -114,16 +118,10 @@ def stream(
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Write every shard of the plan into `directory`."""
-    specs = plan.tensors
-    following = dict(zip(map(id, specs), [*specs[1:], None], strict=True))
     with _Stream(plan, checkpoint, device, on_bytes) as run:
-        if specs:
-            run.read_ahead(specs[0])
         for shard in plan.shards:
             writer = run.open(os.path.join(directory, shard.filename), shard)
             for spec in shard.tensors:
-                if following[id(spec)] is not None:  # the next tensor is read while this one is arranged
-                    run.read_ahead(following[id(spec)])
                 run.move(spec, writer)
             run.writes.put(writer.close)
         run.writes.finish()
@@ -138,12 +136,6 @@ def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> SourceTensor | Split:
 def parts_of(source: SourceTensor | Split) -> tuple[np.ndarray, ...]:
     """The source bytes to read, in order: the tensor's, or its tensor-parallel slices'."""
     return tuple(p.bits for p in source.parts) if isinstance(source, Split) else (source.bits,)
-
-
-def pieces(source: SourceTensor | Split) -> Iterator[np.ndarray]:
-    """`parts_of(source)`, each made contiguous (torch.save can keep strided views) only when it is reached."""
-    for part in parts_of(source):
-        yield part if part.flags.c_contiguous else np.ascontiguousarray(part)
 
 
 def row_chunks(view: np.ndarray, limit: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
@@ -167,68 +159,120 @@ def split_view_axis(shape: tuple[int, ...], view: tuple[int, ...], axis: int) ->
     raise ValueError(f"axis {axis} out of range for shape {shape}")
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a tensor's source, read at once, and where its elements go."""
+
+    view: np.ndarray  # source elements: a contiguous span of the file, or a whole strided part
+    shape: tuple[int, ...]  # the elements as arranged: `view` reshaped
+    place: tuple[int, int, int]  # (axis, start, length): the slice of the output the part it is of fills
+    start: int  # its first row in that slice
+
+
+def chunks_of(spec: TensorSpec, source: SourceTensor | Split, device: str) -> Iterator[Chunk]:
+    """The chunks a conversion reads for `spec`, in order: runs of the tensor's bytes, or of each tensor-parallel
+    slice's, of at most CHUNK_BYTES in and out (a cast may widen them); rows of the arrangement's view for a
+    tensor arranged in memory."""
+    arrangement = spec.recipe.arrangement
+    in_order = not buffered(spec, source, device)
+    itemsize = parts_of(source)[0].itemsize
+    limit = CHUNK_BYTES * itemsize // max(itemsize, spec.itemsize) if in_order else CHUNK_BYTES
+    for place, shape, part in _slices(source, arrangement):
+        if not part.flags.c_contiguous:  # copied whole when it is reached
+            yield Chunk(part, (part.size,) if in_order else shape, place, 0)
+        elif in_order:
+            flat = part.reshape(-1)
+            step = max(1, limit // part.itemsize)
+            for start in range(0, flat.size, step):
+                rows = flat[start : start + step]
+                yield Chunk(rows, rows.shape, place, start)
+        else:
+            for start, rows in row_chunks(part.reshape(shape), limit):
+                yield Chunk(rows, rows.shape, place, start)
+
+
+def _slices(source: SourceTensor | Split, arrangement: Arrangement
+            ) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...], np.ndarray]]:
+    """(the slice of the output it fills, its shape as the arrangement views it, the part) for the tensor or each
+    of its tensor-parallel slices."""
+    out_shape = arrangement.out_shape
+    if not isinstance(source, Split):
+        yield (0, 0, out_shape[0]), arrangement.view, source.bits
+        return
+    view_axis = split_view_axis(tuple(source.shape), arrangement.view, source.axis)
+    out_axis, at = arrangement.perm.index(view_axis), 0
+    others = math.prod(n for i, n in enumerate(arrangement.view) if i != view_axis)
+    for part in parts_of(source):
+        local = list(arrangement.view)
+        local[view_axis] = part.size // others  # this slice's share of the sliced axis
+        yield (out_axis, at, local[view_axis]), tuple(local), part
+        at += local[view_axis]
+
+
+Fetch = Callable[[np.ndarray], tuple[np.ndarray, Callable[[], None]]]  # a view -> (its bytes, hand them back)
+
+
 def arrange_into(host: np.ndarray, spec: TensorSpec, source: SourceTensor | Split, device: str,
-                 arranger: Arranger, release: Callable[[np.ndarray], None], scratch: Any = None) -> None:
+                 arranger: Arranger, fetch: Fetch, scratch: Any = None) -> None:
     """Arrange (and cast) `source` as `spec` says into the first `spec.nbytes` bytes of `host`: in place with
     numpy on the CPU, or with torch on `device` through `scratch` (a torch uint8 buffer there)."""
     arrangement = spec.recipe.arrangement
     if not arranges_on_device(device):
         out = host[: spec.nbytes].view(BITS[spec.itemsize]).reshape(arrangement.out_shape)
         dtypes = None if spec.dtype == source.dtype else (source.dtype, spec.dtype)
-        arrange_source(functools.partial(arranger.arrange, dtypes=dtypes), out, source, arrangement, release)
-        return
-    import torch
+        arrange = functools.partial(arranger.arrange, arrangement=arrangement, dtypes=dtypes)
+    else:
+        import torch
 
-    out = scratch[: spec.nbytes].view(torch_dtype(spec.dtype)).view(arrangement.out_shape)
-    arrange_source(TorchArranger(device, source.dtype).arrange, out, source, arrangement, release)
-    torch.from_numpy(host[: spec.nbytes]).copy_(scratch[: spec.nbytes])
-
-
-def arrange_source(arrange: Callable[[Any, np.ndarray, Arrangement, int], None], out: Any,
-                   source: SourceTensor | Split, arrangement: Arrangement,
-                   release: Callable[[np.ndarray], None]) -> None:
-    """Place a source tensor, or each tensor-parallel slice of one, into `out` (shaped as the output),
-    CHUNK_BYTES of source rows at a time, handing each chunk to `release` once consumed."""
-    for target, view in _targets(out, source, arrangement):
-        for start, part in row_chunks(view):
-            arrange(target, part, arrangement, start)
-            release(part)
+        out = scratch[: spec.nbytes].view(torch_dtype(spec.dtype)).view(arrangement.out_shape)
+        arrange = functools.partial(TorchArranger(device, source.dtype).arrange, arrangement=arrangement)
+    for chunk in chunks_of(spec, source, device):
+        data, done = fetch(chunk.view)
+        try:
+            arrange(narrow(out, *chunk.place), data.reshape(chunk.shape), start=chunk.start)
+        finally:
+            done()
+    if arranges_on_device(device):
+        torch.from_numpy(host[: spec.nbytes]).copy_(scratch[: spec.nbytes])
 
 
-def cast_chunks(spec: TensorSpec, source: SourceTensor | Split, arranger: Arranger,
-                release: Callable[[np.ndarray], None], take: Callable[[], np.ndarray]
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The output of a tensor that is only cast (`cast_only`), chunk by chunk: (the buffer `take` gave, the
-    bytes cast into it), each source chunk handed to `release` once cast."""
-    for piece in pieces(source):
-        flat = piece.reshape(-1)
-        step = max(1, CAST_CHUNK_BYTES // spec.itemsize)
-        for start in range(0, flat.size, step):
-            part = flat[start : start + step]
-            buffer = take()
-            out = buffer[: part.size * spec.itemsize].view(BITS[spec.itemsize])
-            arranger.cast(out, part, source.dtype, spec.dtype)
-            release(part)
-            yield buffer, out.view(np.uint8)
+def in_order_chunks(spec: TensorSpec, source: SourceTensor | Split, device: str, arranger: Arranger, fetch: Fetch,
+                    take: Callable[[], tuple[np.ndarray, Callable[[], None]]]
+                    ) -> Iterator[tuple[np.ndarray, Callable[[], None], bool]]:
+    """The output of a tensor that passes through or is only cast, chunk by chunk: (bytes, the call that hands
+    them back once written, whether they are a whole strided part copied into memory). A cast goes into a
+    buffer `take` gives with the call that hands it back."""
+    for chunk in chunks_of(spec, source, device):
+        data, done = fetch(chunk.view)
+        if passes_through(spec, source):
+            yield data.reshape(-1).view(np.uint8), done, not chunk.view.flags.c_contiguous
+            continue
+        flat = data.reshape(-1)
+        step = max(1, CHUNK_BYTES // spec.itemsize)
+        try:
+            for start in range(0, flat.size, step):  # (one step, but for a strided part copied whole)
+                part, (buffer, give_back) = flat[start : start + step], take()
+                out = buffer[: part.size * spec.itemsize].view(BITS[spec.itemsize])
+                arranger.cast(out, part, source.dtype, spec.dtype)
+                yield out.view(np.uint8), give_back, False
+        finally:
+            done()
 
 
-def _targets(out: Any, source: SourceTensor | Split, arrangement: Arrangement) -> Iterator[tuple[Any, np.ndarray]]:
-    """(where in `out`, source viewed as the arrangement expects) for the tensor or each of its slices."""
-    if not isinstance(source, Split):
-        yield out, next(pieces(source)).reshape(arrangement.view)
-        return
-    view_axis = split_view_axis(tuple(source.shape), arrangement.view, source.axis)
-    local = list(arrangement.view)
-    local[view_axis] = -1  # this slice's share of the sliced axis
-    out_axis, at = arrangement.perm.index(view_axis), 0
-    for part in pieces(source):
-        view = part.reshape(local)
-        yield narrow(out, out_axis, at, view.shape[view_axis]), view
-        at += view.shape[view_axis]
+def read_chunks(plan_tensors: list[TensorSpec], checkpoint: Checkpoint, device: str) -> Iterator[np.ndarray]:
+    """Every chunk's view a conversion of these tensors fetches, in order: what `ReadAhead` reads ahead."""
+    for spec in plan_tensors:
+        for chunk in chunks_of(spec, source_of(spec, checkpoint), device):
+            yield chunk.view
+
+
+def read_buffer_bytes(plan_tensors: list[TensorSpec], checkpoint: Checkpoint) -> int:
+    """Size of each read buffer: the largest chunk, at most CHUNK_BYTES (a single larger row gets its own)."""
+    return min(CHUNK_BYTES, max((t.nbytes for t in plan_tensors), default=0))
 
 
 class _Stream:
-    """The state one conversion's threads share: buffers, the arranger, the writer thread, open shards."""
+    """The state one conversion's threads share: buffers, the arranger, the reader and writer threads, shards."""
 
     def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None]) -> None:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
@@ -250,8 +294,9 @@ class _Stream:
             for _ in range(BUFFERS if size else 0):
                 self.free.put(np.empty(size, dtype=np.uint8))
         self.arranger = Arranger()
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamconv-readahead")  # queueing reads may block
         self.writes = _WriteBehind(WRITE_QUEUE)
+        self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
+                               read_buffer_bytes(plan.tensors, checkpoint), waiting=self.writes.check)
         self.writers: list[ShardWriter] = []
 
     def __enter__(self) -> _Stream:
@@ -259,15 +304,10 @@ class _Stream:
 
     def __exit__(self, *exc: object) -> None:
         self.writes.stop()  # no writer is closed while the writer thread may use it
-        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.reads.close()
         self.arranger.close()
         for writer in self.writers:  # after a failure; closing twice is harmless
             writer.close()
-
-    def read_ahead(self, spec: TensorSpec) -> None:
-        for part in parts_of(source_of(spec, self.checkpoint)):
-            if part.flags.c_contiguous:  # a strided one is copied whole when it is reached anyway
-                self.reader.submit(self.checkpoint.prefetch, part)
 
     def open(self, path: str, shard: Shard) -> ShardWriter:
         writer = ShardWriter(path, shard)
@@ -275,45 +315,26 @@ class _Stream:
         return writer
 
     def move(self, spec: TensorSpec, writer: ShardWriter) -> None:
-        """Queue the write of one output tensor: straight from the file, or arranged through a buffer."""
+        """Queue the writes of one output tensor: chunk by chunk as read (or cast), or arranged in a buffer."""
         source = source_of(spec, self.checkpoint)
-        checkpoint = self.checkpoint
+        if not buffered(spec, source, self.device):
+            for data, done, copied in in_order_chunks(spec, source, self.device, self.arranger, self.reads.get,
+                                                      self._cast_buffer):
 
-        if passes_through(spec, source):
-            for piece in pieces(source):
-                for _, part in row_chunks(piece):
-                    where = checkpoint.file_offset(part)
+                def write_chunk(data: np.ndarray = data, done: Callable[[], None] = done) -> None:
+                    writer.append(data)
+                    done()
+                    self.on_bytes(data.nbytes)
 
-                    def copy(part: np.ndarray = part, where: tuple[int, int] | None = where) -> None:
-                        if where is None:
-                            writer.append(part)
-                        else:  # file to file inside the kernel
-                            writer.append_from_file(*where, part.nbytes)
-                        checkpoint.release(part)
-                        self.on_bytes(part.nbytes)
-
-                    self.writes.put(copy)
-                if where is None:  # a strided part copied into memory: one such copy at a time
+                self.writes.put(write_chunk)
+                if copied:  # one such copy at a time
                     self.writes.drain()
-            self.writes.put(lambda: writer.finish_tensor(spec))
-            return
-
-        if cast_only(spec, source, self.device):
-            for buffer, cast in cast_chunks(spec, source, self.arranger, checkpoint.release,
-                                            lambda: self.writes.take(self.free_casts)):
-
-                def write_cast(buffer: np.ndarray = buffer, cast: np.ndarray = cast) -> None:
-                    writer.append(cast)
-                    self.free_casts.put(buffer)
-                    self.on_bytes(cast.nbytes)
-
-                self.writes.put(write_cast)
             self.writes.put(lambda: writer.finish_tensor(spec))
             return
 
         small = is_small(spec.nbytes, self.buffer)
         host = np.empty(spec.nbytes, dtype=np.uint8) if small else self.writes.take(self.free)
-        arrange_into(host, spec, source, self.device, self.arranger, checkpoint.release, self.scratch)
+        arrange_into(host, spec, source, self.device, self.arranger, self.reads.get, self.scratch)
 
         def write() -> None:
             writer.append(host[: spec.nbytes])
@@ -323,6 +344,10 @@ class _Stream:
             self.on_bytes(spec.nbytes)
 
         self.writes.put(write)
+
+    def _cast_buffer(self) -> tuple[np.ndarray, Callable[[], None]]:
+        buffer = self.writes.take(self.free_casts)
+        return buffer, lambda: self.free_casts.put(buffer)
 
 
 class _WriteBehind:
@@ -342,13 +367,14 @@ class _WriteBehind:
                 except BaseException as exc:  # surfaced in the producer's thread
                     self._error = exc
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Raise the writer's error, if it had one."""
         if self._error is not None:
             raise self._error
 
     def put(self, job: Callable[[], object]) -> None:
         while True:
-            self._check()
+            self.check()
             try:
                 self._jobs.put(job, timeout=0.1)
                 return
@@ -358,7 +384,7 @@ class _WriteBehind:
     def take(self, free: queue.Queue[np.ndarray]) -> np.ndarray:
         """A free output buffer, waiting for the writer to hand one back."""
         while True:
-            self._check()
+            self.check()
             try:
                 return free.get(timeout=0.1)
             except queue.Empty:
@@ -369,13 +395,13 @@ class _WriteBehind:
         done = threading.Event()
         self.put(done.set)
         while not done.wait(0.1):
-            self._check()
+            self.check()
 
     def finish(self) -> None:
         """Wait until every queued job has run; raise the writer's error if there was one."""
         self._jobs.put(None)
         self._thread.join()
-        self._check()
+        self.check()
 
     def stop(self) -> None:
         """Drop pending jobs and end the thread (after an error or an interrupt in the producer)."""

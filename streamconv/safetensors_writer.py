@@ -1,11 +1,16 @@
 """Writes a safetensors file whose header is known up front: header first, then tensor bytes in order.
 
 The plan fixed every offset, so bytes are appended as they arrive and the writer only checks that each
-tensor ends exactly where the plan says. Data goes from the array's own memory to the kernel: no copy.
+tensor ends exactly where the plan says.
 
-Write-behind: every WINDOW bytes the kernel is told to start writing that window to disk, and the window
-before it is waited for and dropped from the page cache. The disk then works during the whole
-conversion instead of at the final fsync, and dirty pages never pile up on a small-RAM machine.
+Direct writes: on the machines measured, 2.6 GB written through the page cache and fsynced took 13 s, with
+O_DIRECT 1.9 s. So bytes are gathered into an aligned staging buffer of STAGING_BYTES and each full buffer
+is written with O_DIRECT at an aligned offset; the unaligned tail goes through the file's ordinary descriptor
+at the end, then the file is fsynced. (One copy into the staging buffer: the source offsets of the bytes
+rarely share the output's alignment.) A filesystem that refuses O_DIRECT (tmpfs, some network filesystems)
+gets ordinary writes, with write-behind: every WINDOW bytes the kernel is told to start writing that window
+to disk, and the window before it is waited for and dropped from the page cache, so dirty pages never pile
+up on a small-RAM machine.
 """
 
 from __future__ import annotations
@@ -18,25 +23,31 @@ import os
 import numpy as np
 
 from streamconv.plan import Shard, TensorSpec
+from streamconv.reads import aligned_empty
 
+STAGING_BYTES = 8 * 2**20
 WINDOW = 64 * 2**20
-_READ_BYTES = 8 * 2**20  # a read-and-write copy's piece, where the kernel cannot copy between the files
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
-_copy_file_range_works = True  # until the kernel or filesystem says otherwise
 
 
 class ShardWriter:
-    """One shard file, written sequentially. `close` fsyncs; closing twice is harmless."""
+    """One shard file, written sequentially. `close` writes the tail and fsyncs; closing twice is harmless."""
 
     def __init__(self, path: str, shard: Shard) -> None:
         self.path = path
         self.shard = shard
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._file_pos = 0
-        self._flushed = 0  # file offset up to which writeback has been started
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._direct = -1
+        self._staging = aligned_empty(STAGING_BYTES) if self._direct >= 0 else None
+        self._staged = 0  # bytes in the staging buffer, which goes to the file at offset _flushed
+        self._file_pos = 0  # bytes appended so far
+        self._flushed = 0  # direct: bytes on disk; buffered: file offset up to which writeback has been started
         self._write(memoryview(shard.header))
 
     @property
@@ -48,31 +59,6 @@ class ShardWriter:
         """Append a contiguous array's bytes."""
         self._write(memoryview(data.reshape(-1).view(np.uint8)))
 
-    def append_from_file(self, source_fd: int, offset: int, count: int) -> None:
-        """Append `count` bytes of another file at `offset`, copied inside the kernel (copy_file_range: they
-        never enter this process); read and written in pieces where the kernel can't."""
-        global _copy_file_range_works
-        while count and _copy_file_range_works:
-            try:
-                n = os.copy_file_range(source_fd, self._fd, count, offset)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                _copy_file_range_works = False
-                break
-            if n == 0:
-                raise OSError(errno.EIO, f"checkpoint ended {count} bytes early while copying")
-            offset += n
-            count -= n
-            self._advanced(n)
-        while count:
-            data = os.pread(source_fd, min(count, _READ_BYTES), offset)
-            if not data:
-                raise OSError(errno.EIO, f"checkpoint ended {count} bytes early while copying")
-            self._write(memoryview(data))
-            offset += len(data)
-            count -= len(data)
-
     def finish_tensor(self, spec: TensorSpec) -> None:
         """Check that the bytes written so far end where the plan put this tensor's end."""
         if self.written != spec.end:
@@ -81,19 +67,57 @@ class ShardWriter:
     def close(self) -> None:
         if self._fd >= 0:
             try:
+                if self._staged:  # the unaligned tail, through the ordinary descriptor
+                    self._pwrite(self._fd, memoryview(self._staging)[: self._staged], self._flushed)
+                    self._staged = 0
                 os.fsync(self._fd)
             finally:
                 os.close(self._fd)
                 self._fd = -1
+                if self._direct >= 0:
+                    os.close(self._direct)
+                    self._direct = -1
 
     def _write(self, view: memoryview) -> None:
-        while view.nbytes:  # os.write may write less than asked (Linux caps one call near 2 GiB)
-            n = os.write(self._fd, view)
+        self._file_pos += view.nbytes
+        if self._staging is None:
+            self._write_buffered(view)
+            return
+        while view.nbytes:
+            n = min(view.nbytes, STAGING_BYTES - self._staged)
+            self._staging[self._staged : self._staged + n] = view[:n]
+            self._staged += n
             view = view[n:]
-            self._advanced(n)
+            if self._staged == STAGING_BYTES:
+                self._flush()
+                if self._staging is None:
+                    self._write_buffered(view)
+                    return
 
-    def _advanced(self, n: int) -> None:
-        self._file_pos += n
+    def _flush(self) -> None:
+        """Write the full staging buffer with O_DIRECT. A filesystem that refuses it after all, or writes short,
+        gets the rest through the ordinary descriptor, and ordinary writes from then on."""
+        view = memoryview(self._staging)
+        try:
+            n = os.pwritev(self._direct, [view], self._flushed)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            n = 0
+        if n < STAGING_BYTES:
+            self._pwrite(self._fd, view[n:], self._flushed + n)
+            self._staging = None
+        self._flushed += STAGING_BYTES
+        self._staged = 0
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+        while view.nbytes:  # os.pwrite may write less than asked (Linux caps one call near 2 GiB)
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def _write_buffered(self, view: memoryview) -> None:
+        self._pwrite(self._fd, view, self._file_pos - view.nbytes)
         while self._file_pos - self._flushed >= WINDOW:
             self._write_behind(self._flushed, WINDOW)
             self._flushed += WINDOW

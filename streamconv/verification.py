@@ -20,7 +20,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,18 +31,17 @@ from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
 from streamconv.pipeline import (
-    CAST_CHUNK_BYTES,
     CHUNK_BYTES,
+    Fetch,
     arrange_into,
     buffered,
-    cast_chunks,
-    cast_only,
-    passes_through,
-    pieces,
-    row_chunks,
+    in_order_chunks,
+    read_buffer_bytes,
+    read_chunks,
     source_of,
 )
 from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
+from streamconv.reads import ReadAhead
 from streamconv.sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
@@ -457,25 +456,26 @@ def _check_tensors(plan: Plan, found: dict[str, _Stored], complete: bool, proble
 def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSpec], found: dict[str, _Stored]) -> None:
     """Compare each tensor's bytes on disk with the converted source's, a chunk at a time."""
     maps: dict[str, mmap.mmap | None] = {}  # each shard mapped once, for the whole comparison
-    sources = {spec.name: source_of(spec, checkpoint) for spec in specs}
-    arranged = [s.nbytes for s in specs if buffered(s, sources[s.name], "cpu")]
-    buffer = np.empty(max([*arranged, CAST_CHUNK_BYTES]), dtype=np.uint8)  # touched only as far as it is used
+    for stored in found.values():
+        if stored.file not in maps:
+            maps[stored.file] = _map(folder, stored.file)
+    readable = [s for s in specs if (m := maps[found[s.name].file]) is not None and found[s.name].end <= len(m)]
+    sources = {spec.name: source_of(spec, checkpoint) for spec in readable}  # (unreadable, or truncated: said)
+    arranged = [s.nbytes for s in readable if buffered(s, sources[s.name], "cpu")]
+    buffer = np.empty(max([*arranged, CHUNK_BYTES]), dtype=np.uint8)  # touched only as far as it is used
     arranger = Arranger()
+    reads = ReadAhead(checkpoint, read_chunks(readable, checkpoint, "cpu"), read_buffer_bytes(readable, checkpoint))
     try:
-        for spec in specs:
+        for spec in readable:
             stored = found[spec.name]
-            if stored.file not in maps:
-                maps[stored.file] = _map(folder, stored.file)
-            mapping = maps[stored.file]
-            if mapping is None or stored.end > len(mapping):  # unreadable, or truncated (said)
-                continue
-            chunks = _converted(spec, sources[spec.name], buffer, arranger, checkpoint)
-            first = _first_difference(chunks, mapping, stored.begin, checkpoint)
+            chunks = _converted(spec, sources[spec.name], buffer, arranger, reads.get)
+            first = _first_difference(chunks, maps[stored.file], stored.begin)
             if first is not None:
                 folder.problems.add(f"{spec.name}: bytes differ from the converted source (first at byte "
                                     f"{first - stored.begin} of the tensor, file offset {first} in "
                                     f"{_shown(stored.file)})")
     finally:
+        reads.close()
         arranger.close()
 
 
@@ -489,44 +489,38 @@ def _map(folder: _Folder, file: str) -> mmap.mmap | None:
         return None
 
 
-def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arranger,
-               checkpoint: Checkpoint) -> Iterator[np.ndarray]:
-    """The bytes a conversion writes for `spec`, at most CHUNK_BYTES at a time: a tensor that passes through
-    straight from the source mapping (each chunk's pages handed back once compared), one that is only cast a
-    chunk at a time into `buffer`, any other arranged into `buffer` as the conversion arranges it."""
-    if passes_through(spec, source):
-        for piece in pieces(source):
-            for _, part in row_chunks(piece):
-                try:
-                    yield part.reshape(-1).view(np.uint8)
-                finally:
-                    checkpoint.release(part)
+def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arranger, fetch: Fetch
+               ) -> Iterator[tuple[np.ndarray, Callable[[], None]]]:
+    """The bytes a conversion writes for `spec`, at most CHUNK_BYTES at a time, each with the call that hands
+    them back once compared: a tensor that passes through or is only cast as the conversion moves it (a cast
+    into `buffer`), any other arranged into `buffer` as the conversion arranges it."""
+    if not buffered(spec, source, "cpu"):
+        chunks = in_order_chunks(spec, source, "cpu", arranger, fetch, lambda: (buffer, lambda: None))
+        yield from ((data, done) for data, done, _ in chunks)
         return
-    if cast_only(spec, source, "cpu"):
-        yield from (cast for _, cast in cast_chunks(spec, source, arranger, checkpoint.release, lambda: buffer))
-        return
-    arrange_into(buffer, spec, source, "cpu", arranger, checkpoint.release)
+    arrange_into(buffer, spec, source, "cpu", arranger, fetch)
     for start in range(0, spec.nbytes, CHUNK_BYTES):
-        yield buffer[start : min(start + CHUNK_BYTES, spec.nbytes)]
+        yield buffer[start : min(start + CHUNK_BYTES, spec.nbytes)], lambda: None
 
 
-def _first_difference(chunks: Iterator[np.ndarray], mapping: mmap.mmap, begin: int,
-                      checkpoint: Checkpoint) -> int | None:
+def _first_difference(chunks: Iterator[tuple[np.ndarray, Callable[[], None]]], mapping: mmap.mmap,
+                      begin: int) -> int | None:
     """The file position of the first byte where the output differs from `chunks`, which it holds from
-    `begin` on; None if none. COMPARE_BYTES are compared at a time, and the pages of both sides handed
-    back after each (whole pages: a neighbour's edge page faults back in from the page cache)."""
+    `begin` on; None if none. COMPARE_BYTES are compared at a time, and the output's pages handed back after
+    each (whole pages: a neighbour's edge page faults back in from the page cache). Every chunk is taken, the
+    ones after a difference unread, so that the reads ahead stay in step."""
     on_disk = np.frombuffer(mapping, dtype=np.uint8)
-    at = begin
-    for chunk in chunks:
-        for start in range(0, chunk.nbytes, COMPARE_BYTES):
+    at, first = begin, None
+    for chunk, done in chunks:
+        for start in range(0, chunk.nbytes if first is None else 0, COMPARE_BYTES):
             expected = chunk[start : start + COMPARE_BYTES]
             actual = on_disk[at : at + expected.nbytes]
-            differ = not np.array_equal(expected, actual)
-            first = at + int(np.flatnonzero(expected != actual)[0]) if differ else None
-            checkpoint.release(expected)  # (a no-op for the arranged buffer)
+            if not np.array_equal(expected, actual):
+                first = at + int(np.flatnonzero(expected != actual)[0])
             page = at - at % mmap.PAGESIZE
             mapping.madvise(mmap.MADV_DONTNEED, page, at + expected.nbytes - page)
-            if differ:
-                return first
+            if first is not None:
+                break
             at += expected.nbytes
-    return None
+        done()
+    return first

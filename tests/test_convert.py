@@ -212,46 +212,75 @@ def test_failure_while_arranging_stops_the_writer(bf16_ckpt, tmp_path, monkeypat
     assert not [t for t in threading.enumerate() if t.name.startswith("streamconv")]
 
 
-def test_pass_through_without_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
-    """Where the kernel cannot copy between the files, pass-through tensors are read and written in pieces."""
+def _direct_io(monkeypatch, refuse_open: bool = False, refuse_io: bool = False) -> dict[str, list]:
+    """Record the O_DIRECT descriptors streamconv opens and the bytes read and written through them; with
+    `refuse_open` the filesystem refuses O_DIRECT at open (as tmpfs does), with `refuse_io` at the first read or
+    write (as some network filesystems do)."""
     import errno
 
-    from streamconv import safetensors_writer
+    seen: dict[str, list] = {"opened": [], "read": [], "written": []}
+    direct: set[int] = set()
+    real_open, real_preadv, real_pwritev = os.open, os.preadv, os.pwritev
 
-    def unsupported(*args, **kwargs):
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    def opening(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT and refuse_open:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECT:
+            direct.add(fd)
+            seen["opened"].append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return fd
 
-    monkeypatch.setattr(safetensors_writer.os, "copy_file_range", unsupported)
-    monkeypatch.setattr(safetensors_writer, "_copy_file_range_works", True)
-    out = tmp_path / "hf"
-    streamconv.convert(bf16_ckpt.path, out, vocab_size=1000, shard_size="100KB")
-    assert safetensors_writer._copy_file_range_works is False
-    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    def through(real, kind):
+        def call(fd, buffers, offset, *args):
+            if fd in direct:
+                if refuse_io:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                n = real(fd, buffers, offset, *args)
+                seen[kind].append(n)
+                return n
+            return real(fd, buffers, offset, *args)
+        return call
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "preadv", through(real_preadv, "read"))
+    monkeypatch.setattr(os, "pwritev", through(real_pwritev, "written"))
+    return seen
+
+
+def _converted_as_reference(ckpt, out, **kwargs) -> None:
+    streamconv.convert(ckpt.path, out, vocab_size=1000, **kwargs)
+    expected = reference_convert(ckpt.path, vocab_size=1000)
     actual = read_output(out)
+    assert set(actual) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
 
 
-def test_pass_through_uses_copy_file_range(bf16_ckpt, tmp_path, monkeypatch):
+def test_reads_and_writes_are_direct(bf16_ckpt, tmp_path, monkeypatch):
+    """Every source byte is read with O_DIRECT (aligned spans around each chunk), and the output written with
+    it in whole staging buffers, the unaligned tail through the ordinary descriptor."""
     from streamconv import safetensors_writer
 
-    copied = []
-    real = safetensors_writer.os.copy_file_range
+    monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
+    seen = _direct_io(monkeypatch)
+    out = tmp_path / "hf"
+    _converted_as_reference(bf16_ckpt, out)
+    assert os.path.realpath(bf16_ckpt.path) in seen["opened"]
+    assert sum(seen["read"]) >= streamconv.convert(bf16_ckpt.path, "unused", vocab_size=1000, dry_run=True).bytes
+    size = (out / "model.safetensors").stat().st_size
+    assert sum(seen["written"]) == size - size % (64 * 1024) > 0
+    assert all(n == 64 * 1024 for n in seen["written"])
 
-    def counting(src, dst, count, offset_src=None, offset_dst=None):
-        n = real(src, dst, count, offset_src)
-        copied.append(n)
-        return n
 
-    monkeypatch.setattr(safetensors_writer.os, "copy_file_range", counting)
-    monkeypatch.setattr(safetensors_writer, "_copy_file_range_works", True)
-    streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
-    # wte, wpe, norms and biases: every tensor except the four matrices and the QKV bias of each layer
-    m = bf16_ckpt.model
-    h = m.n_embd
-    rearranged = m.n_layer * (3 * h * h + h * h + 2 * 4 * h * h + 3 * h) * 2
-    total = streamconv.convert(bf16_ckpt.path, "unused", vocab_size=1000, dry_run=True).bytes
-    assert sum(copied) == total - rearranged
+@pytest.mark.parametrize("refused", ["at open", "at the first read or write"])
+def test_a_filesystem_without_direct_io_gets_buffered_reads_and_writes(bf16_ckpt, tmp_path, monkeypatch, refused):
+    from streamconv import safetensors_writer
+
+    monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
+    seen = _direct_io(monkeypatch, refuse_open=refused == "at open", refuse_io=refused != "at open")
+    _converted_as_reference(bf16_ckpt, tmp_path / "hf", shard_size="100KB")
+    assert seen["read"] == seen["written"] == []
 
 
 def test_strided_tensors_in_the_checkpoint(bf16_ckpt, tmp_path, monkeypatch):

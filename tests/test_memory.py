@@ -11,6 +11,9 @@ import sys
 import pytest
 import torch
 
+from streamconv import reads
+from streamconv.pipeline import CHUNK_BYTES
+from streamconv.safetensors_writer import STAGING_BYTES
 from streamconv.testing import SyntheticModel, peak_rss_of
 
 # Hidden 1024, ffn 4096: the largest tensor is an MLP weight, 4096 x 1024 x 2 bytes = 8.4 MB; a layer is 25 MB.
@@ -66,7 +69,9 @@ def test_dry_run_predicts_working_memory(checkpoints):
 
     c = checkpoints("mem_12", SyntheticModel(**WIDE, n_layer=12), optimizer=False)
     result = streamconv.convert(c.path, "unused", dry_run=True, vocab_size=WIDE["vocab_size"])
-    # two output buffers, the chunk being arranged and the chunk being written: each one MLP weight here;
-    # plus the QKV biases, which are rearranged in memory of their own (3 x n_embd bf16 each, 12 layers)
-    assert result.working_memory == 4 * LARGEST + 12 * 3 * WIDE["n_embd"] * 2
+    # two output buffers of one MLP weight, the read buffers and the writer's staging buffer (a chunk each, here
+    # as large as an MLP weight); plus the QKV biases, which are rearranged in memory of their own (3 x n_embd
+    # bf16 each, 12 layers)
+    assert CHUNK_BYTES == LARGEST
+    assert result.working_memory == (2 + reads.BUFFERS) * LARGEST + STAGING_BYTES + 12 * 3 * WIDE["n_embd"] * 2
     assert result.plan.tensors[0].dtype == str(torch.bfloat16)

@@ -12,6 +12,7 @@ import psutil
 from benchmarks import harness
 from benchmarks.workloads import (
     PROFILES,
+    SOURCE_DTYPES,
     TINY,
     default_cache,
     ensure_checkpoint,
@@ -39,9 +40,13 @@ CI_RATIO_CEILING = 12.0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--profile", choices=sorted(PROFILES), default="medium",
-                   help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB (default medium)")
+                   help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB, 40b 4.3 GB (GPT-SW3 40B shapes); "
+                        "bf16 sizes (default medium)")
     p.add_argument("--layers", type=int, help="override the profile's layer count")
-    p.add_argument("--optimizer", action="store_true", help="checkpoint carries fp32 Adam state (7x the file)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="checkpoint carries fp32 Adam state (7x the file in bf16, 4x in fp32)")
+    p.add_argument("--source-dtype", choices=sorted(SOURCE_DTYPES), default="bf16",
+                   help="dtype the checkpoint's weights are saved in (default bf16; fp32 is a separate cached file)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
     p.add_argument("--contenders", default="copy,naive,streamconv",
                    help="comma-separated subset of copy, naive, streamconv (default all; streamconv also runs "
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     meta = {
         "started": harness.now(), "profile": profile.name, "optimizer": args.optimizer,
+        "source_dtype": args.source_dtype,
         "page_cache": "cold" if cold else "warm", "rounds": args.rounds,
         "machine": harness.machine(cache), "torch": _torch_version(), "git": harness.git_state(),
         "load_average_at_start": os.getloadavg(),  # other work on the machine skews every figure
@@ -94,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         return scaling(args, profile, cache, scratch, cold, meta)
 
-    src = ensure_checkpoint(profile, cache, args.layers, args.optimizer)
+    src = ensure_checkpoint(profile, cache, args.layers, args.optimizer, args.source_dtype)
     model = profile.model(args.layers)
-    nbytes = weight_bytes(model)
+    nbytes = weight_bytes(model, args.source_dtype)
     names = [n.strip() for n in args.contenders.split(",")]
     skipped = {}
     available = psutil.virtual_memory().available
@@ -106,21 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         names.remove("naive")
     chosen = harness.contenders(model.vocab_size, _devices(), names)
     meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": os.path.getsize(src),
-                 "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model), "skipped": skipped})
+                 "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model, args.source_dtype),
+                 "skipped": skipped})
     for name, why in skipped.items():
         print(f"{name} skipped: {why}")
-    print(f"{profile.name}: {model.n_layer} layers, {nbytes / 1e9:.2f} GB of weights, file "
+    print(f"{profile.name}: {model.n_layer} layers, {nbytes / 1e9:.2f} GB of {args.source_dtype} weights, file "
           f"{meta['file_bytes'] / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
 
-    ci = ci_baseline(cache, scratch, cold, model) if args.ci else None
+    ci = ci_baseline(cache, scratch, cold, model, args.source_dtype) if args.ci else None
     jobs = [(c.name, c, src, nbytes) for c in chosen]
     if args.tp > 1:
-        split = ensure_parallel(profile, cache, args.layers, args.tp)
+        split = ensure_parallel(profile, cache, args.layers, args.tp, args.source_dtype)
         meta["parallel_checkpoint"] = str(split)
         jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in chosen if c.name.startswith(harness.STREAMCONV)]
     pairs: list[tuple[str, str]] = []  # (job on the .ckpt, the same on the distributed checkpoint)
     if args.distributed:
-        dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer)
+        dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer, args.source_dtype)
         count, size = files_of(dist)
         meta["distributed"] = {"tp": args.distributed, "checkpoint": str(dist), "files": count, "file_bytes": size}
         print(f"distributed checkpoint: {args.distributed} TP ranks, {count} files, {size / 1e9:.2f} GB", flush=True)
@@ -194,12 +201,12 @@ def distributed_report(record: dict) -> list[str]:
     return lines
 
 
-def ci_baseline(cache: Path, scratch: Path, cold: bool, model) -> dict:
+def ci_baseline(cache: Path, scratch: Path, cold: bool, model, dtype: str) -> dict:
     """The memory budget: a tiny conversion's peak RSS (interpreter, torch, imports) + the largest tensor's share."""
     tiny = ensure_checkpoint(TINY, cache)
     streamconv = harness.contenders(TINY.vocab_size, ["cpu"], ["streamconv"])[0]
     baseline = min(harness.run_once(streamconv, tiny, scratch, 1, cold)["peak_rss"] for _ in range(2))
-    largest = largest_rearranged(model)
+    largest = largest_rearranged(model, dtype)
     budget = baseline + RSS_TENSORS * largest + RSS_SLACK
     print(f"CI budget: peak RSS <= {baseline / 1e9:.3f} GB baseline + {RSS_TENSORS} x {largest / 1e9:.3f} GB "
           f"largest rearranged tensor + {RSS_SLACK // MiB} MiB = {budget / 1e9:.3f} GB; "
@@ -233,8 +240,8 @@ def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold:
         raise SystemExit("--scaling takes two layer counts, e.g. --scaling 1,4") from None
     jobs, sizes = [], {}
     for layers in (small, big):
-        src = ensure_checkpoint(profile, cache, layers, args.optimizer)
-        sizes[layers] = weight_bytes(profile.model(layers))
+        src = ensure_checkpoint(profile, cache, layers, args.optimizer, args.source_dtype)
+        sizes[layers] = weight_bytes(profile.model(layers), args.source_dtype)
         for c in harness.contenders(profile.vocab_size, ["cpu"], ["copy", "streamconv"]):
             jobs.append((f"{c.name}@L{layers}", c, src, sizes[layers]))
     print(f"scaling {profile.name}: {small} vs {big} layers ({sizes[small] / 1e9:.2f} vs {sizes[big] / 1e9:.2f} GB), "

@@ -230,9 +230,15 @@ def compare(old: dict, new: dict) -> list[str]:
     return lines
 
 
+def workload(record: dict) -> tuple:
+    """What two records must share to be compared: profile, layers, optimizer state, cache state, source dtype
+    (records older than --source-dtype are bf16)."""
+    return (*(record.get(k) for k in ("profile", "layers", "optimizer", "page_cache")),
+            record.get("source_dtype", "bf16"))
+
+
 def previous_record(results: Path, record: dict, exclude: Path | None = None) -> dict | None:
-    """The newest earlier record of the same workload (profile, layers, optimizer state, cache state)."""
-    same = ("profile", "layers", "optimizer", "page_cache")
+    """The newest earlier record of the same workload (see `workload`)."""
     for path in sorted(results.glob("*.json"), reverse=True):
         if exclude is not None and path.resolve() == exclude.resolve():
             continue
@@ -240,7 +246,7 @@ def previous_record(results: Path, record: dict, exclude: Path | None = None) ->
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if all(old.get(k) == record.get(k) for k in same) and old.get("started", "") < record.get("started", ""):
+        if workload(old) == workload(record) and old.get("started", "") < record.get("started", ""):
             return old
     return None
 

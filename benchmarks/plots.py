@@ -21,7 +21,8 @@ def plot(record: dict, stem: Path) -> list[Path]:
         print('plots skipped: matplotlib is not installed (pip install -e ".[bench]")')
         return []
 
-    title = f"{record['profile']} ({record['layers']} layers, {record['weight_bytes'] / 1e9:.2f} GB bf16), " \
+    title = f"{record['profile']} ({record['layers']} layers, {record['weight_bytes'] / 1e9:.2f} GB " \
+            f"{record.get('source_dtype', 'bf16')}), " \
             f"page cache {record['page_cache']}, {record['machine']['cores']} cores, " \
             f"{record['machine']['ram_bytes'] / 2**30:.0f} GiB RAM"
     paths = [stem.with_name(stem.name + "-rss.png"), stem.with_name(stem.name + "-throughput.png")]

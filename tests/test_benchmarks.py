@@ -13,7 +13,10 @@ from benchmarks.__main__ import ci_failures, scaling_verdict
 from benchmarks.workloads import (
     PROFILES,
     STACKED,
+    TINY,
     Profile,
+    checkpoint_bytes,
+    ensure_checkpoint,
     ensure_distributed,
     largest_rearranged,
     mcore_name,
@@ -93,6 +96,8 @@ def test_record_roundtrip_previous_and_compare(tmp_path):
     previous = harness.previous_record(tmp_path, new, exclude=path)
     assert previous["started"] == old["started"]  # not the newer record of another profile
     assert harness.previous_record(tmp_path, old) is None
+    assert harness.previous_record(tmp_path, {**new, "source_dtype": "fp32"}, exclude=path) is None
+    assert harness.previous_record(tmp_path, {**new, "source_dtype": "bf16"}, exclude=path) == previous
 
     lines = "\n".join(harness.compare(previous, new))
     assert "streamconv: wall 4.00 -> 3.00 s (-25.0%)" in lines
@@ -132,6 +137,32 @@ def test_profiles_keep_gpt_sw3_20b_shapes():
     assert weight_bytes(large) == pytest.approx(8.06e9, rel=0.01)
     assert 0.9e9 < weight_bytes(PROFILES["small"].model()) < 1.3e9
     assert largest_rearranged(medium) == largest_rearranged(PROFILES["small"].model()) == 24576 * 6144 * 2
+
+
+def test_40b_profile_has_gpt_sw3_40b_shapes():
+    model = PROFILES["40b"].model()
+    assert (model.n_embd, model.n_head, model.ffn, model.n_layer, model.vocab_size) == (8192, 64, 32768, 2, 64000)
+    assert weight_bytes(model) == pytest.approx(4.3e9, rel=0.01)
+    assert largest_rearranged(model) == 32768 * 8192 * 2
+
+
+def test_fp32_source_doubles_the_weight_bytes_not_the_adam_state():
+    medium = PROFILES["medium"].model()
+    assert weight_bytes(medium, "fp32") == 2 * weight_bytes(medium) == pytest.approx(5.25e9, rel=0.01)
+    assert largest_rearranged(medium, "fp32") == 2 * largest_rearranged(medium)
+    adam = checkpoint_bytes(medium, True) - weight_bytes(medium)  # 12 bytes per parameter in both
+    assert checkpoint_bytes(medium, True, "fp32") - weight_bytes(medium, "fp32") == adam == 6 * weight_bytes(medium)
+
+
+def test_fp32_checkpoint_is_a_separate_cached_file(tmp_path):
+    bf16, fp32 = ensure_checkpoint(TINY, tmp_path), ensure_checkpoint(TINY, tmp_path, dtype="fp32")
+    assert (bf16.name, fp32.name) == ("tiny-L1.ckpt", "tiny-L1-fp32.ckpt")
+    weights = torch.load(fp32, weights_only=False)["state_dict"]
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert sum(t.nbytes for t in weights.values()) == weight_bytes(TINY.model(), "fp32")
+    reference = torch.load(bf16, weights_only=False)["state_dict"]
+    assert all(torch.equal(weights[k].to(torch.bfloat16), v) for k, v in reference.items())
+    assert ensure_checkpoint(TINY, tmp_path, dtype="fp32") == fp32  # reused, not regenerated
 
 
 def test_measure_reports_the_childs_own_peak_and_timeline():

@@ -48,9 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source-dtype", choices=sorted(SOURCE_DTYPES), default="bf16",
                    help="dtype the checkpoint's weights are saved in (default bf16; fp32 is a separate cached file)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
-    p.add_argument("--contenders", default="copy,naive,streamconv",
-                   help="comma-separated subset of copy, naive, streamconv (default all; streamconv also runs "
+    p.add_argument("--contenders", default="copy,dd,naive,streamconv",
+                   help="comma-separated subset of copy, dd, naive, streamconv (default all; streamconv also runs "
                         "on cuda when torch sees a GPU)")
+    p.add_argument("--dtype", type=dtype_list, default=[], metavar="LIST",
+                   help=f"also run streamconv --dtype X for each X of LIST ({', '.join(harness.DTYPES)}), as "
+                        "streamconv-as-X, on the CPU, on the .ckpt")
     p.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
                    help="cold: sync and drop the page cache before every run (needs root; falls back to warm)")
     p.add_argument("--cache", type=Path, default=None,
@@ -78,6 +81,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.distributed is not None and args.distributed < 1:
         p.error("--distributed takes a tensor-parallel size of at least 1")
     return args
+
+
+def dtype_list(text: str) -> list[str]:
+    """`fp16,fp32` -> ['fp16', 'fp32'] (each once, in order)."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in harness.DTYPES]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(harness.DTYPES)}")
+    return list(dict.fromkeys(dtypes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         skipped["naive"] = (f"would load {os.path.getsize(src) / 1e9:.1f} GB into RAM, "
                             f"{available / 1e9:.1f} GB available")
         names.remove("naive")
-    chosen = harness.contenders(model.vocab_size, _devices(), names)
+    if "dd" in names and (why := harness.dd_refusal(src, scratch)):
+        skipped["dd"] = why
+        names.remove("dd")
+    chosen = harness.contenders(model.vocab_size, _devices(), names, args.dtype)
+    plain = [c for c in chosen if harness.uncast(c.name) is None]  # what also runs on the .nemo and dist inputs
     meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": os.path.getsize(src),
                  "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model, args.source_dtype),
                  "skipped": skipped})
@@ -124,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tp > 1:
         split = ensure_parallel(profile, cache, args.layers, args.tp, args.source_dtype)
         meta["parallel_checkpoint"] = str(split)
-        jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in chosen if c.name.startswith(harness.STREAMCONV)]
+        jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in plain if c.name.startswith(harness.STREAMCONV)]
     pairs: list[tuple[str, str]] = []  # (job on the .ckpt, the same on the distributed checkpoint)
     if args.distributed:
         dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer, args.source_dtype)
         count, size = files_of(dist)
         meta["distributed"] = {"tp": args.distributed, "checkpoint": str(dist), "files": count, "file_bytes": size}
         print(f"distributed checkpoint: {args.distributed} TP ranks, {count} files, {size / 1e9:.2f} GB", flush=True)
-        dist_jobs = [(f"{c.name}-dist", c, dist, nbytes) for c in chosen if c.name == "copy"
+        dist_jobs = [(f"{c.name}-dist", c, dist, nbytes) for c in plain if c.name in ("copy", "dd")
                      or c.name.startswith(harness.STREAMCONV)]
         jobs += dist_jobs
         pairs = [(key.removesuffix("-dist"), key) for key, c, *_ in dist_jobs if c.name.startswith(harness.STREAMCONV)]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -29,10 +30,23 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = Path(__file__).resolve().parent / "naive.py"
 STREAMCONV = "streamconv"  # contenders whose name starts with this are measured against the others
-BASELINES = ("copy", "naive")
+BASELINES = ("copy", "dd", "naive")
+DTYPES = ("bf16", "fp16", "fp32")  # --dtype: a `streamconv-as-<dtype>` contender each
+CAST = re.compile(rf"^{STREAMCONV}-as-(?:{'|'.join(DTYPES)})")
 # `cp` + fsync of a checkpoint file, or of every file (and folder) of a checkpoint folder
 COPY = ('if [ -d "$0" ]; then cp -r -- "$0" "$1" && find "$1" -exec sync -- {} +; '
         'else cp -- "$0" "$1" && sync -- "$1"; fi')
+# The targets tracked (benchmarks/README.md): (source dtype, ratio, figure, ceiling)
+TARGETS = (
+    ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "wall", 1.15),
+    ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "peak_rss", 1.10),
+    ("fp32", f"{STREAMCONV}-as-bf16/copy", "wall", 1.15),
+)
+DD_FLAGS = "bs=64M iflag=direct oflag=direct conv=fsync status=none"
+# The direct-I/O copy (no page cache either side), of a file or of each file of a folder into the same layout
+DD = (f'if [ -d "$0" ]; then find "$0" -type f | while IFS= read -r f; do r="${{f#"$0"/}}"; '
+      f'mkdir -p "$1/$(dirname "$r")" && dd if="$f" of="$1/$r" {DD_FLAGS} || exit 1; done '
+      f'&& find "$1" -type d -exec sync -- {{}} +; else dd if="$0" of="$1" {DD_FLAGS}; fi')
 
 
 @dataclass(frozen=True)
@@ -41,19 +55,42 @@ class Contender:
     argv: Callable[[Path, Path], list[str]]  # (checkpoint, output path) -> command
 
 
-def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None) -> list[Contender]:
-    """copy (the I/O floor), naive (the reference, in RAM), streamconv on each device; in run order."""
+def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None,
+               dtypes: Collection[str] = ()) -> list[Contender]:
+    """copy (what users compare with), dd (the I/O floor), naive (the reference, in RAM), streamconv on each
+    device, then streamconv on the CPU casting to each of `dtypes` (whatever `names` says); in run order."""
     py = sys.executable
+
+    def streamconv(*flags: str) -> Callable[[Path, Path], list[str]]:
+        return lambda src, dst: [py, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path", str(dst),
+                                 "--quiet", "--vocab-size", str(vocab_size), *flags]
+
     made = [
         Contender("copy", lambda src, dst: ["sh", "-c", COPY, str(src), str(dst)]),
+        Contender("dd", lambda src, dst: ["sh", "-c", DD, str(src), str(dst)]),
         Contender("naive", lambda src, dst: [py, str(NAIVE), str(src), str(dst), "--vocab-size", str(vocab_size)]),
     ]
-    for device in devices:
-        name = STREAMCONV if device == "cpu" else f"{STREAMCONV}-{device}"
-        made.append(Contender(name, lambda src, dst, device=device: [
-            py, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path", str(dst), "--quiet",
-            "--vocab-size", str(vocab_size), "--device", device]))
-    return [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
+    made += [Contender(STREAMCONV if d == "cpu" else f"{STREAMCONV}-{d}", streamconv("--device", d)) for d in devices]
+    chosen = [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
+    return chosen + [Contender(f"{STREAMCONV}-as-{d}", streamconv("--device", "cpu", "--dtype", d)) for d in dtypes]
+
+
+def dd_refusal(src: Path, scratch: Path) -> str | None:
+    """Why dd's direct I/O fails from `src` (a folder: its first file) into `scratch`, or None when it works:
+    some file systems refuse O_DIRECT (tmpfs before Linux 6.6, some FUSE and network ones)."""
+    first = src if src.is_file() else min((p for p in src.rglob("*") if p.is_file()), default=src)
+    probe = scratch / "dd-probe"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(["dd", f"if={first}", f"of={probe}", "bs=4096", "count=1", "iflag=direct",
+                               "oflag=direct", "status=none"], capture_output=True, text=True)
+    except OSError as e:
+        return f"cannot run dd: {e}"
+    finally:
+        probe.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        return f"dd with O_DIRECT fails from {first} into {scratch}: {proc.stderr.strip() or f'exit {proc.returncode}'}"
+    return None
 
 
 def drop_page_cache() -> bool:
@@ -160,14 +197,23 @@ def pair_ratios(num: list[dict], den: list[dict], key: str = "wall") -> list[flo
     return [a[key] / b[key] for a, b in zip(num, den, strict=True) if b[key]]
 
 
+def uncast(name: str) -> str | None:
+    """`streamconv-as-fp16` -> `streamconv` (`streamconv-as-fp16-dist` -> `streamconv-dist`): the same
+    conversion without the cast; None for a name that is not a cast."""
+    m = CAST.match(name)
+    return None if m is None else STREAMCONV + name[m.end():]
+
+
 def ratios(runs: dict[str, list[dict]]) -> dict:
-    """`streamconv*/copy` and `streamconv*/naive`, and against a baseline run on the same input
-    (`streamconv-dist/copy-dist`): medians of the per-round ratios of wall time and peak RSS."""
+    """`streamconv*/copy`, `streamconv*/dd` and `streamconv*/naive`, against a baseline run on the same input
+    (`streamconv-dist/copy-dist`), and a cast against the plain conversion (`streamconv-as-fp16/streamconv`):
+    medians of the per-round ratios of wall time and peak RSS."""
     out = {}
     for num in (k for k in runs if k.startswith(STREAMCONV)):
         same_input = [k for k in runs if (base := k.split("-")[0]) in BASELINES and k != base
                       and num.endswith(k[len(base):])]
-        for den in [k for k in BASELINES if k in runs] + same_input:
+        plain = [k for k in [uncast(num)] if k in runs]
+        for den in [k for k in BASELINES if k in runs] + same_input + plain:
             per_round = pair_ratios(runs[num], runs[den])
             out[f"{num}/{den}"] = {"wall": median(per_round), "per_round": per_round,
                                    "peak_rss": median(pair_ratios(runs[num], runs[den], "peak_rss"))}
@@ -194,9 +240,22 @@ def output_differences(runs: dict[str, list[dict]], a: str, b: str) -> list[str]
     return problems
 
 
+def targets(source_dtype: str, found: dict) -> list[dict]:
+    """The tracked targets (`TARGETS`) that the ratios `found` on a `source_dtype` checkpoint measure: each
+    with its value and whether it is met."""
+    out = []
+    for dtype, name, figure, ceiling in TARGETS:
+        if dtype == source_dtype and name in found:
+            value = found[name][figure]
+            out.append({"ratio": name, "figure": figure, "ceiling": ceiling, "value": value, "met": value <= ceiling})
+    return out
+
+
 def make_record(meta: dict, runs: dict[str, list[dict]]) -> dict:
-    """The JSON record of one benchmark run: what ran where, every run's figures, medians and ratios."""
-    return {**meta, "runs": runs, "summary": {k: summarize(v) for k, v in runs.items()}, "ratios": ratios(runs)}
+    """The JSON record of one benchmark run: what ran where, every run's figures, medians, ratios, targets."""
+    found = ratios(runs)
+    return {**meta, "runs": runs, "summary": {k: summarize(v) for k, v in runs.items()}, "ratios": found,
+            "targets": targets(meta.get("source_dtype", "bf16"), found)}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -252,7 +311,7 @@ def previous_record(results: Path, record: dict, exclude: Path | None = None) ->
 
 
 def table(record: dict) -> str:
-    """Markdown: one row per contender (medians over rounds), then the pair-by-pair ratios."""
+    """Markdown: one row per contender (medians over rounds), the pair-by-pair ratios, the tracked targets."""
     rows = [
         "| contender | wall s (median) | wall s (min–max) | throughput GB/s | peak RSS GB | peak anon RSS GB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -265,6 +324,11 @@ def table(record: dict) -> str:
         for name, r in record["ratios"].items():
             per = ", ".join(f"{x:.2f}" for x in r["per_round"])
             rows.append(f"| {name} | {r['wall']:.2f} | {per} | {r['peak_rss']:.2f} |")
+    if record.get("targets"):
+        rows += ["", "| target | figure | value | ceiling | met |", "|---|---|---:|---:|---|"]
+        for t in record["targets"]:
+            rows.append(f"| {t['ratio']} | {t['figure']} | {t['value']:.2f} | {t['ceiling']:.2f} | "
+                        f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(rows)
 
 

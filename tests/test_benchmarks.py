@@ -2,14 +2,16 @@
 launcher's measurements, the memory-lean checkpoint path it generates workloads with, and its distributed
 checkpoint workload (against torch's own DCP reader and the legacy TP rank files). Runs in seconds."""
 
+import argparse
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.__main__ import ci_failures, scaling_verdict
+from benchmarks.__main__ import ci_failures, dtype_list, scaling_verdict
 from benchmarks.workloads import (
     PROFILES,
     STACKED,
@@ -61,6 +63,71 @@ def test_ratios_pair_a_contender_with_the_baseline_on_the_same_input():
     r = harness.ratios(runs)
     assert set(r) == {"streamconv/copy", "streamconv-dist/copy", "streamconv-dist/copy-dist", "streamconv-tp2/copy"}
     assert r["streamconv-dist/copy-dist"]["wall"] == 1.5
+
+
+def test_casts_are_streamconv_contenders_measured_against_the_plain_conversion():
+    made = harness.contenders(2048, ["cpu"], ["copy", "streamconv"], ["fp16", "fp32"])
+    assert [c.name for c in made] == ["copy", "streamconv", "streamconv-as-fp16", "streamconv-as-fp32"]
+    argv = made[2].argv("in.ckpt", "out")
+    assert argv[argv.index("--dtype") + 1] == "fp16" and argv[argv.index("--device") + 1] == "cpu"
+    assert [c.name for c in harness.contenders(2048, ["cpu"], ["copy"], ["bf16"])] == ["copy", "streamconv-as-bf16"]
+    assert harness.uncast("streamconv-as-fp16") == "streamconv" and harness.uncast("streamconv") is None
+    assert harness.uncast("streamconv-as-bf16-dist") == "streamconv-dist"
+
+    runs = {"copy": [run(1.0)], "dd": [run(0.5)], "streamconv": [run(2.0, rss=100)],
+            "streamconv-as-fp16": [run(2.2, rss=105)]}
+    r = harness.ratios(runs)
+    assert set(r) == {"streamconv/copy", "streamconv/dd", "streamconv-as-fp16/copy", "streamconv-as-fp16/dd",
+                      "streamconv-as-fp16/streamconv"}
+    assert r["streamconv/dd"]["wall"] == 4.0
+    assert r["streamconv-as-fp16/streamconv"]["wall"] == pytest.approx(1.1)
+    assert r["streamconv-as-fp16/streamconv"]["peak_rss"] == pytest.approx(1.05)
+
+
+def test_targets_are_reported_for_the_source_dtype_they_track():
+    found = {"streamconv-as-fp16/streamconv": {"wall": 1.2, "peak_rss": 1.05},
+             "streamconv-as-bf16/copy": {"wall": 1.1, "peak_rss": 2.0}}
+    bf16 = harness.targets("bf16", found)
+    assert [(t["figure"], t["value"], t["ceiling"], t["met"]) for t in bf16] == [
+        ("wall", 1.2, 1.15, False), ("peak_rss", 1.05, 1.10, True)]
+    assert [(t["ratio"], t["met"]) for t in harness.targets("fp32", found)] == [("streamconv-as-bf16/copy", True)]
+    assert harness.targets("fp32", {}) == []
+    text = harness.table(harness.make_record({"source_dtype": "bf16"}, {
+        "streamconv": [run(2.0)], "streamconv-as-fp16": [run(2.4)]}))
+    assert "| streamconv-as-fp16/streamconv | wall | 1.20 | 1.15 | NO |" in text
+
+
+def test_dtype_list():
+    assert dtype_list("fp16, fp32,fp16") == ["fp16", "fp32"]
+    for bad in ("", "fp8", "fp16,int8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            dtype_list(bad)
+
+
+def test_dd_copies_a_file_or_a_folder_into_the_same_layout(tmp_path):
+    src = tmp_path / "ckpt.dist"
+    (src / "sub").mkdir(parents=True)
+    for name, size in (("__0_0.distcp", 3 * 2**20 + 17), (".metadata", 100), ("sub/common.pt", 4096)):
+        (src / name).write_bytes(os.urandom(size))
+    dd = harness.contenders(2048, ["cpu"], ["dd"])[0]
+    assert harness.dd_refusal(src, tmp_path / "scratch") is None
+    assert not (tmp_path / "scratch" / "dd-probe").exists()
+    subprocess.run(dd.argv(src, tmp_path / "out"), check=True)
+    assert harness.digests(tmp_path / "out") == harness.digests(src)
+    subprocess.run(dd.argv(src / "__0_0.distcp", tmp_path / "one"), check=True)
+    assert (tmp_path / "one").read_bytes() == (src / "__0_0.distcp").read_bytes()
+
+
+def test_dd_refusal_says_why(tmp_path, monkeypatch):
+    """A file system refusing O_DIRECT (a fake dd here, as tmpfs before Linux 6.6 answers) is reported."""
+    fake = tmp_path / "bin" / "dd"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"dd: failed to open '$1': Invalid argument\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "x.ckpt").write_bytes(b"x" * 8192)
+    why = harness.dd_refusal(tmp_path / "x.ckpt", tmp_path / "scratch")
+    assert why.startswith("dd with O_DIRECT fails from") and "Invalid argument" in why
 
 
 def test_output_differences_name_each_file_and_round():

@@ -1,4 +1,5 @@
-"""`python -m benchmarks`: streamconv against `cp` + fsync and the naive in-RAM converter; see benchmarks/README.md."""
+"""`python -m benchmarks`: streamconv against `cp` + fsync, a direct-I/O `dd` and the naive in-RAM converter; see
+benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import harness
+from benchmarks import cgroup, harness
 from benchmarks.workloads import (
     PROFILES,
     SOURCE_DTYPES,
@@ -22,6 +23,8 @@ from benchmarks.workloads import (
     largest_rearranged,
     weight_bytes,
 )
+from streamconv.errors import ConversionError
+from streamconv.plan import parse_size
 
 MiB = 2**20
 # --ci: streamconv's peak RSS may exceed the Python/torch baseline (a tiny conversion, measured in the same run)
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", type=dtype_list, default=[], metavar="LIST",
                    help=f"also run streamconv --dtype X for each X of LIST ({', '.join(harness.DTYPES)}), as "
                         "streamconv-as-X, on the CPU, on the .ckpt")
+    p.add_argument("--memory-limit", type=byte_size, metavar="SIZE",
+                   help="run every contender in a fresh memory cgroup capped at SIZE (e.g. 2GB, 1500MB, 2GiB; "
+                        "the page cache counts); a run OOM-killed or failing under it is recorded, not fatal")
     p.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
                    help="cold: sync and drop the page cache before every run (needs root; falls back to warm)")
     p.add_argument("--cache", type=Path, default=None,
@@ -68,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="also run streamconv on the same model saved as a .nemo of N tensor-parallel ranks")
     p.add_argument("--distributed", type=int, nargs="?", const=2, metavar="TP",
-                   help="also run copy and streamconv on the same model saved as a megatron-core torch_dist "
+                   help="also run copy, dd and streamconv on the same model saved as a megatron-core torch_dist "
                         "distributed checkpoint of TP tensor-parallel ranks (default 2); check that the two "
                         "conversions are byte-identical and time opening each (a dry run)")
     p.add_argument("--scaling", metavar="L1,L2",
@@ -81,6 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.distributed is not None and args.distributed < 1:
         p.error("--distributed takes a tensor-parallel size of at least 1")
     return args
+
+
+def byte_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConversionError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 2GB, 1500MB or 2GiB") from None
 
 
 def dtype_list(text: str) -> list[str]:
@@ -109,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": harness.machine(cache), "torch": _torch_version(), "git": harness.git_state(),
         "load_average_at_start": os.getloadavg(),  # other work on the machine skews every figure
     }
+    limit, meta["memory_limit"] = memory_limit(args.memory_limit)
     if args.scaling:
-        return scaling(args, profile, cache, scratch, cold, meta)
+        return scaling(args, profile, cache, scratch, cold, meta, limit)
 
     src = ensure_checkpoint(profile, cache, args.layers, args.optimizer, args.source_dtype)
     model = profile.model(args.layers)
@@ -151,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                      or c.name.startswith(harness.STREAMCONV)]
         jobs += dist_jobs
         pairs = [(key.removesuffix("-dist"), key) for key, c, *_ in dist_jobs if c.name.startswith(harness.STREAMCONV)]
-    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest={k for pair in pairs for k in pair})
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest={k for pair in pairs for k in pair},
+                              limit=limit)
     dist_failures = distributed_checks(meta, runs, pairs, src, model.vocab_size, args.rounds, cold) if pairs else []
     record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
     failures = []
@@ -178,6 +193,20 @@ def main(argv: list[str] | None = None) -> int:
               f" GB <= budget {ci['rss_budget'] / 1e9:.3f} GB; streamconv/copy "
               f"{record['ratios']['streamconv/copy']['wall']:.2f} <= {CI_RATIO_CEILING}")
     return 0
+
+
+def memory_limit(size: int | None) -> tuple[cgroup.Limit | None, dict | None]:
+    """The cgroup limit every run gets and what the record says of it; where no memory cgroup is writable, one
+    message and no limit (the record says so too)."""
+    if size is None:
+        return None, None
+    limit, note = cgroup.prepare(size)
+    if limit is None:
+        print(f"--memory-limit {size / 1e9:.3f} GB NOT applied, runs are unlimited: {note}", flush=True)
+        return None, {"bytes": size, "applied": False, "note": note}
+    print(f"memory limit {size / 1e9:.3f} GB per run: {note}", flush=True)
+    return limit, {"bytes": size, "applied": True, "note": note, "cgroup_version": limit.version,
+                   "parent": str(limit.parent)}
 
 
 def distributed_checks(meta: dict, runs: dict, pairs: list[tuple[str, str]], src: Path, vocab_size: int,
@@ -233,7 +262,10 @@ def ci_baseline(cache: Path, scratch: Path, cold: bool, model, dtype: str) -> di
 def ci_failures(record: dict, ci: dict) -> list[str]:
     """Human-readable reasons the CI benchmark fails; empty when it passes."""
     failures = []
-    peak = record["summary"]["streamconv"]["peak_rss_max"]
+    summary = record["summary"]["streamconv"]
+    peak = summary.get("peak_rss_max", 0)
+    if summary["converted"] < summary["runs"]:
+        failures.append(f"streamconv did not convert every round: {summary['status']}")
     if peak > ci["rss_budget"]:
         failures.append(
             f"streamconv peak RSS {peak / 1e9:.3f} GB exceeds the budget {ci['rss_budget'] / 1e9:.3f} GB "
@@ -248,7 +280,8 @@ def ci_failures(record: dict, ci: dict) -> list[str]:
     return failures
 
 
-def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold: bool, meta: dict) -> int:
+def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold: bool, meta: dict,
+            limit: cgroup.Limit | None) -> int:
     """Same profile at two layer counts: peak RSS must stay flat, time grow at most linearly with bytes."""
     try:
         small, big = sorted(int(x) for x in args.scaling.split(","))
@@ -262,11 +295,15 @@ def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold:
             jobs.append((f"{c.name}@L{layers}", c, src, sizes[layers]))
     print(f"scaling {profile.name}: {small} vs {big} layers ({sizes[small] / 1e9:.2f} vs {sizes[big] / 1e9:.2f} GB), "
           f"{args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
-    runs = harness.run_rounds(jobs, scratch, args.rounds, cold)
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, limit=limit)
     record = harness.make_record({**meta, "mode": "scaling", "layers": f"{small}-{big}",
                                   "weight_bytes": {str(small): sizes[small], str(big): sizes[big]}}, runs)
-    lines, ok = scaling_verdict(record["summary"][f"streamconv@L{small}"], record["summary"][f"streamconv@L{big}"],
-                                sizes[small], sizes[big])
+    pair = [record["summary"][f"streamconv@L{layers}"] for layers in (small, big)]
+    if all("wall" in s for s in pair):
+        lines, ok = scaling_verdict(*pair, sizes[small], sizes[big])
+    else:
+        lines, ok = [f"no verdict: streamconv {pair[0]['status']} at {small} layers, "
+                     f"{pair[1]['status']} at {big}"], False
     record["scaling"] = {"ok": ok, "report": lines}
     path = harness.write_record(record, args.results)
     print()

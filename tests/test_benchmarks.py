@@ -6,12 +6,13 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.__main__ import ci_failures, dtype_list, scaling_verdict
+from benchmarks import cgroup, harness
+from benchmarks.__main__ import byte_size, ci_failures, dtype_list, memory_limit, scaling_verdict
 from benchmarks.workloads import (
     PROFILES,
     STACKED,
@@ -130,6 +131,101 @@ def test_dd_refusal_says_why(tmp_path, monkeypatch):
     assert why.startswith("dd with O_DIRECT fails from") and "Invalid argument" in why
 
 
+def killed(wall=1.5, rss=900):
+    return {**run(wall, rss), "status": "OOM-killed", "returncode": -9, "oom_killed": True, "cgroup_peak": 1000}
+
+
+def test_runs_that_did_not_convert_are_shown_but_left_out_of_medians_and_ratios():
+    assert harness.status(0, 0) == "converted" and harness.status(-9, 1) == "OOM-killed"
+    assert harness.status(1, 0) == "failed (exit 1)"
+    runs = {"copy": [run(1.0), run(2.0), run(1.0)], "naive": [killed()] * 3,
+            "streamconv": [run(2.0), killed(), run(4.0)]}
+    s = {k: harness.summarize(v) for k, v in runs.items()}
+    assert s["naive"] == {"status": "OOM-killed", "runs": 3, "converted": 0, "cgroup_peak_max": 1000}
+    assert s["streamconv"]["status"] == "2/3 converted, 1/3 OOM-killed"
+    assert s["streamconv"]["wall"] == 3.0 and s["streamconv"]["peak_rss"] == 100  # the killed run's 900 left out
+    r = harness.ratios(runs)
+    assert set(r) == {"streamconv/copy"}  # naive never converted: no ratio against it
+    assert r["streamconv/copy"]["per_round"] == [2.0, 4.0]  # round 2 left out
+
+    rec = harness.make_record({"memory_limit": {"bytes": 1.5e9, "applied": True, "note": "cgroup v1"}}, runs)
+    text = harness.table(rec)
+    assert text.startswith("memory limit 1.500 GB per run, page cache included (cgroup v1)")
+    assert "| naive | — | — | — | — | — | 0.000 | OOM-killed |" in text
+    assert "| streamconv | 3.00 | 2.00–4.00 |" in text and "| 2/3 converted, 1/3 OOM-killed |" in text
+    assert "  naive: converted -> OOM-killed" in harness.compare(record("t", {"naive": [1.0]}), rec)
+    unapplied = {"bytes": 1.5e9, "applied": False, "note": "no memory cgroup hierarchy is mounted"}
+    assert "NOT applied (no memory cgroup hierarchy is mounted)" in harness.limit_line(unapplied)
+    assert harness.workload(rec) != harness.workload({**rec, "memory_limit": unapplied})
+
+
+V1_CGROUP = "5:devices:/\n4:memory:/process_api/18ca\n1:cpu:/\n0::/\n"
+V1_MOUNTS = ("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+             "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+             "36 31 0:33 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n")
+
+
+def test_locate_finds_the_memory_cgroup_of_v1_v2_and_hybrid_machines():
+    assert cgroup.locate(V1_CGROUP, V1_MOUNTS) == (1, Path("/sys/fs/cgroup/memory/process_api/18ca"))
+    v2_mounts = "30 23 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert cgroup.locate("0::/user.slice/session-1.scope\n", v2_mounts) == (
+        2, Path("/sys/fs/cgroup/user.slice/session-1.scope"))
+    assert cgroup.locate(V1_CGROUP, V1_MOUNTS + v2_mounts)[0] == 1  # hybrid: memory is v1's
+    assert cgroup.locate("0::/\n", v2_mounts) == (2, Path("/sys/fs/cgroup"))
+    container = "40 30 0:33 /docker/abc /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n"
+    assert cgroup.locate("4:memory:/docker/abc/job\n", container) == (1, Path("/sys/fs/cgroup/memory/job"))
+    assert cgroup.locate(V1_CGROUP, V1_MOUNTS.splitlines()[1]) is None  # no memory hierarchy mounted
+
+
+def test_counters_read_oom_control_and_memory_events():
+    assert cgroup.counters("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")["oom_kill"] == 2
+    assert cgroup.counters("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n")["oom_kill"] == 1
+
+
+def test_without_a_writable_cgroup_the_limit_is_reported_and_not_applied(monkeypatch, capsys):
+    monkeypatch.setattr(cgroup, "locate", lambda *_: None)
+    limit, recorded = memory_limit(byte_size("1500MB"))
+    assert limit is None and recorded == {"bytes": 1_500_000_000, "applied": False,
+                                          "note": "no memory cgroup hierarchy is mounted"}
+    assert capsys.readouterr().out == ("--memory-limit 1.500 GB NOT applied, runs are unlimited: "
+                                       "no memory cgroup hierarchy is mounted\n")
+    assert memory_limit(None) == (None, None)
+    with pytest.raises(argparse.ArgumentTypeError):
+        byte_size("lots")
+
+
+def _limit(nbytes):
+    limit, note = cgroup.prepare(nbytes)
+    if limit is None:
+        pytest.skip(f"no writable memory cgroup: {note}")
+    return limit
+
+
+def _children(limit):
+    return sorted(p.name for p in limit.parent.iterdir() if p.name.startswith(f"streamconv-bench-{os.getpid()}-"))
+
+
+def test_a_run_over_the_limit_is_recorded_as_oom_killed_not_fatal(tmp_path):
+    limit = _limit(100 * 2**20)
+    hog = harness.Contender("hog", lambda src, dst: [sys.executable, "-c", "b = bytearray(400 * 2**20)"])
+    r = harness.run_once(hog, tmp_path, tmp_path / "scratch", 1, cold=False, limit=limit)
+    assert (r["status"], r["oom_killed"], r["returncode"]) == ("OOM-killed", True, -9)
+    assert r["oom_kills"] >= 1 and 90 * 2**20 < r["cgroup_peak"] <= 100 * 2**20
+    assert _children(limit) == []  # each run's cgroup is removed
+
+
+def test_tiny_conversion_under_a_memory_limit(tmp_path):
+    """A real conversion of the tiny checkpoint in its cgroup: converted, the cgroup saw its memory."""
+    limit = _limit(2**30)
+    src = ensure_checkpoint(TINY, tmp_path)
+    streamconv = harness.contenders(TINY.vocab_size, ["cpu"], ["streamconv"])[0]
+    r = harness.run_once(streamconv, src, tmp_path / "scratch", 1, cold=False, digest=True, limit=limit)
+    assert (r["status"], r["oom_killed"], r["returncode"], r["oom_kills"]) == ("converted", False, 0, 0)
+    assert "model.safetensors" in r["outputs"]
+    assert 10 * 2**20 < r["cgroup_peak"] < 2**30 and r["peak_rss"] < 2**30
+    assert _children(limit) == [] and not (tmp_path / "scratch" / "streamconv").exists()
+
+
 def test_output_differences_name_each_file_and_round():
     same = {"config.json": "a", "model.safetensors": "b"}
     runs = {"streamconv": [{**run(1.0), "outputs": same}] * 2,
@@ -142,6 +238,8 @@ def test_output_differences_name_each_file_and_round():
         harness.output_differences(runs, "streamconv", "streamconv-dist")
     assert harness.output_differences({"a": [run(1.0)], "b": [run(1.0)]}, "a", "b") == [
         "round 1: no digest of a's output"]
+    assert harness.output_differences({"a": [killed()], "b": [run(1.0)]}, "a", "b") == [
+        "round 1: no digest of a's output (OOM-killed)"]
 
 
 def test_summary_takes_medians_and_keeps_spread():
@@ -177,6 +275,12 @@ def test_table_lists_contenders_and_ratios():
     assert "| streamconv | 4.00 | 4.00–4.00 |" in text
     assert "| streamconv/copy | 2.00 | 2.00, 2.00, 2.00 |" in text
     assert "| streamconv/naive | 0.50 |" in text
+
+
+def test_ci_fails_when_streamconv_did_not_convert():
+    r = harness.make_record({"largest_rearranged_bytes": 100}, {"copy": [run(1.0)], "streamconv": [killed()]})
+    assert ci_failures(r, {"baseline_rss": 1, "rss_budget": 2000, "ratio_ceiling": 10.0}) == [
+        "streamconv did not convert every round: OOM-killed"]
 
 
 def test_ci_fails_with_a_reason_on_memory_or_speed():

@@ -188,7 +188,7 @@ def run_rounds(jobs: list[tuple[str, Contender, Path, int]], scratch: Path, roun
         for key, contender, src, nbytes in jobs:
             run = run_once(contender, src, scratch, nbytes, cold, key in digest, limit)
             runs[key].append(run)
-            print(f"  round {r + 1}/{rounds} {key:<16} {run_line(run)}", flush=True)
+            print(f"  round {r + 1}/{rounds} {key:<20} {run_line(run)}", flush=True)
     return runs
 
 

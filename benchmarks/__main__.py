@@ -1,4 +1,5 @@
-"""`python -m benchmarks`: streamconv against `cp` + fsync and the naive in-RAM converter; see benchmarks/README.md."""
+"""`python -m benchmarks`: streamconv against `cp` + fsync, a direct-I/O `dd` and the naive in-RAM converter; see
+benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import harness
+from benchmarks import cgroup, harness
 from benchmarks.workloads import (
     PROFILES,
+    SOURCE_DTYPES,
     TINY,
     default_cache,
     ensure_checkpoint,
@@ -21,6 +23,8 @@ from benchmarks.workloads import (
     largest_rearranged,
     weight_bytes,
 )
+from streamconv.errors import ConversionError
+from streamconv.plan import parse_size
 
 MiB = 2**20
 # --ci: streamconv's peak RSS may exceed the Python/torch baseline (a tiny conversion, measured in the same run)
@@ -39,13 +43,23 @@ CI_RATIO_CEILING = 12.0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--profile", choices=sorted(PROFILES), default="medium",
-                   help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB (default medium)")
+                   help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB, 40b 4.3 GB (GPT-SW3 40B shapes); "
+                        "bf16 sizes (default medium)")
     p.add_argument("--layers", type=int, help="override the profile's layer count")
-    p.add_argument("--optimizer", action="store_true", help="checkpoint carries fp32 Adam state (7x the file)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="checkpoint carries fp32 Adam state (7x the file in bf16, 4x in fp32)")
+    p.add_argument("--source-dtype", choices=sorted(SOURCE_DTYPES), default="bf16",
+                   help="dtype the checkpoint's weights are saved in (default bf16; fp32 is a separate cached file)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
-    p.add_argument("--contenders", default="copy,naive,streamconv",
-                   help="comma-separated subset of copy, naive, streamconv (default all; streamconv also runs "
+    p.add_argument("--contenders", default="copy,dd,naive,streamconv",
+                   help="comma-separated subset of copy, dd, naive, streamconv (default all; streamconv also runs "
                         "on cuda when torch sees a GPU)")
+    p.add_argument("--dtype", type=dtype_list, default=[], metavar="LIST",
+                   help=f"also run streamconv --dtype X for each X of LIST ({', '.join(harness.DTYPES)}), as "
+                        "streamconv-as-X, on the CPU, on the .ckpt")
+    p.add_argument("--memory-limit", type=byte_size, metavar="SIZE",
+                   help="run every contender in a fresh memory cgroup capped at SIZE (e.g. 2GB, 1500MB, 2GiB; "
+                        "the page cache counts); a run OOM-killed or failing under it is recorded, not fatal")
     p.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
                    help="cold: sync and drop the page cache before every run (needs root; falls back to warm)")
     p.add_argument("--cache", type=Path, default=None,
@@ -60,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="also run streamconv on the same model saved as a .nemo of N tensor-parallel ranks")
     p.add_argument("--distributed", type=int, nargs="?", const=2, metavar="TP",
-                   help="also run copy and streamconv on the same model saved as a megatron-core torch_dist "
+                   help="also run copy, dd and streamconv on the same model saved as a megatron-core torch_dist "
                         "distributed checkpoint of TP tensor-parallel ranks (default 2); check that the two "
                         "conversions are byte-identical and time opening each (a dry run)")
     p.add_argument("--scaling", metavar="L1,L2",
@@ -75,6 +89,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def byte_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConversionError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 2GB, 1500MB or 2GiB") from None
+
+
+def dtype_list(text: str) -> list[str]:
+    """`fp16,fp32` -> ['fp16', 'fp32'] (each once, in order)."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in harness.DTYPES]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(harness.DTYPES)}")
+    return list(dict.fromkeys(dtypes))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cache = args.cache or default_cache()
@@ -87,16 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     meta = {
         "started": harness.now(), "profile": profile.name, "optimizer": args.optimizer,
+        "source_dtype": args.source_dtype,
         "page_cache": "cold" if cold else "warm", "rounds": args.rounds,
         "machine": harness.machine(cache), "torch": _torch_version(), "git": harness.git_state(),
         "load_average_at_start": os.getloadavg(),  # other work on the machine skews every figure
     }
+    limit, meta["memory_limit"] = memory_limit(args.memory_limit)
     if args.scaling:
-        return scaling(args, profile, cache, scratch, cold, meta)
+        return scaling(args, profile, cache, scratch, cold, meta, limit)
 
-    src = ensure_checkpoint(profile, cache, args.layers, args.optimizer)
+    src = ensure_checkpoint(profile, cache, args.layers, args.optimizer, args.source_dtype)
     model = profile.model(args.layers)
-    nbytes = weight_bytes(model)
+    nbytes = weight_bytes(model, args.source_dtype)
     names = [n.strip() for n in args.contenders.split(",")]
     skipped = {}
     available = psutil.virtual_memory().available
@@ -104,31 +136,37 @@ def main(argv: list[str] | None = None) -> int:
         skipped["naive"] = (f"would load {os.path.getsize(src) / 1e9:.1f} GB into RAM, "
                             f"{available / 1e9:.1f} GB available")
         names.remove("naive")
-    chosen = harness.contenders(model.vocab_size, _devices(), names)
+    if "dd" in names and (why := harness.dd_refusal(src, scratch)):
+        skipped["dd"] = why
+        names.remove("dd")
+    chosen = harness.contenders(model.vocab_size, _devices(), names, args.dtype)
+    plain = [c for c in chosen if harness.uncast(c.name) is None]  # what also runs on the .nemo and dist inputs
     meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": os.path.getsize(src),
-                 "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model), "skipped": skipped})
+                 "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model, args.source_dtype),
+                 "skipped": skipped})
     for name, why in skipped.items():
         print(f"{name} skipped: {why}")
-    print(f"{profile.name}: {model.n_layer} layers, {nbytes / 1e9:.2f} GB of weights, file "
+    print(f"{profile.name}: {model.n_layer} layers, {nbytes / 1e9:.2f} GB of {args.source_dtype} weights, file "
           f"{meta['file_bytes'] / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
 
-    ci = ci_baseline(cache, scratch, cold, model) if args.ci else None
+    ci = ci_baseline(cache, scratch, cold, model, args.source_dtype) if args.ci else None
     jobs = [(c.name, c, src, nbytes) for c in chosen]
     if args.tp > 1:
-        split = ensure_parallel(profile, cache, args.layers, args.tp)
+        split = ensure_parallel(profile, cache, args.layers, args.tp, args.source_dtype)
         meta["parallel_checkpoint"] = str(split)
-        jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in chosen if c.name.startswith(harness.STREAMCONV)]
+        jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in plain if c.name.startswith(harness.STREAMCONV)]
     pairs: list[tuple[str, str]] = []  # (job on the .ckpt, the same on the distributed checkpoint)
     if args.distributed:
-        dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer)
+        dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer, args.source_dtype)
         count, size = files_of(dist)
         meta["distributed"] = {"tp": args.distributed, "checkpoint": str(dist), "files": count, "file_bytes": size}
         print(f"distributed checkpoint: {args.distributed} TP ranks, {count} files, {size / 1e9:.2f} GB", flush=True)
-        dist_jobs = [(f"{c.name}-dist", c, dist, nbytes) for c in chosen if c.name == "copy"
+        dist_jobs = [(f"{c.name}-dist", c, dist, nbytes) for c in plain if c.name in ("copy", "dd")
                      or c.name.startswith(harness.STREAMCONV)]
         jobs += dist_jobs
         pairs = [(key.removesuffix("-dist"), key) for key, c, *_ in dist_jobs if c.name.startswith(harness.STREAMCONV)]
-    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest={k for pair in pairs for k in pair})
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest={k for pair in pairs for k in pair},
+                              limit=limit)
     dist_failures = distributed_checks(meta, runs, pairs, src, model.vocab_size, args.rounds, cold) if pairs else []
     record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
     failures = []
@@ -155,6 +193,20 @@ def main(argv: list[str] | None = None) -> int:
               f" GB <= budget {ci['rss_budget'] / 1e9:.3f} GB; streamconv/copy "
               f"{record['ratios']['streamconv/copy']['wall']:.2f} <= {CI_RATIO_CEILING}")
     return 0
+
+
+def memory_limit(size: int | None) -> tuple[cgroup.Limit | None, dict | None]:
+    """The cgroup limit every run gets and what the record says of it; where no memory cgroup is writable, one
+    message and no limit (the record says so too)."""
+    if size is None:
+        return None, None
+    limit, note = cgroup.prepare(size)
+    if limit is None:
+        print(f"--memory-limit {size / 1e9:.3f} GB NOT applied, runs are unlimited: {note}", flush=True)
+        return None, {"bytes": size, "applied": False, "note": note}
+    print(f"memory limit {size / 1e9:.3f} GB per run: {note}", flush=True)
+    return limit, {"bytes": size, "applied": True, "note": note, "cgroup_version": limit.version,
+                   "parent": str(limit.parent)}
 
 
 def distributed_checks(meta: dict, runs: dict, pairs: list[tuple[str, str]], src: Path, vocab_size: int,
@@ -194,12 +246,12 @@ def distributed_report(record: dict) -> list[str]:
     return lines
 
 
-def ci_baseline(cache: Path, scratch: Path, cold: bool, model) -> dict:
+def ci_baseline(cache: Path, scratch: Path, cold: bool, model, dtype: str) -> dict:
     """The memory budget: a tiny conversion's peak RSS (interpreter, torch, imports) + the largest tensor's share."""
     tiny = ensure_checkpoint(TINY, cache)
     streamconv = harness.contenders(TINY.vocab_size, ["cpu"], ["streamconv"])[0]
     baseline = min(harness.run_once(streamconv, tiny, scratch, 1, cold)["peak_rss"] for _ in range(2))
-    largest = largest_rearranged(model)
+    largest = largest_rearranged(model, dtype)
     budget = baseline + RSS_TENSORS * largest + RSS_SLACK
     print(f"CI budget: peak RSS <= {baseline / 1e9:.3f} GB baseline + {RSS_TENSORS} x {largest / 1e9:.3f} GB "
           f"largest rearranged tensor + {RSS_SLACK // MiB} MiB = {budget / 1e9:.3f} GB; "
@@ -210,7 +262,10 @@ def ci_baseline(cache: Path, scratch: Path, cold: bool, model) -> dict:
 def ci_failures(record: dict, ci: dict) -> list[str]:
     """Human-readable reasons the CI benchmark fails; empty when it passes."""
     failures = []
-    peak = record["summary"]["streamconv"]["peak_rss_max"]
+    summary = record["summary"]["streamconv"]
+    peak = summary.get("peak_rss_max", 0)
+    if summary["converted"] < summary["runs"]:
+        failures.append(f"streamconv did not convert every round: {summary['status']}")
     if peak > ci["rss_budget"]:
         failures.append(
             f"streamconv peak RSS {peak / 1e9:.3f} GB exceeds the budget {ci['rss_budget'] / 1e9:.3f} GB "
@@ -225,7 +280,8 @@ def ci_failures(record: dict, ci: dict) -> list[str]:
     return failures
 
 
-def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold: bool, meta: dict) -> int:
+def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold: bool, meta: dict,
+            limit: cgroup.Limit | None) -> int:
     """Same profile at two layer counts: peak RSS must stay flat, time grow at most linearly with bytes."""
     try:
         small, big = sorted(int(x) for x in args.scaling.split(","))
@@ -233,17 +289,21 @@ def scaling(args: argparse.Namespace, profile, cache: Path, scratch: Path, cold:
         raise SystemExit("--scaling takes two layer counts, e.g. --scaling 1,4") from None
     jobs, sizes = [], {}
     for layers in (small, big):
-        src = ensure_checkpoint(profile, cache, layers, args.optimizer)
-        sizes[layers] = weight_bytes(profile.model(layers))
+        src = ensure_checkpoint(profile, cache, layers, args.optimizer, args.source_dtype)
+        sizes[layers] = weight_bytes(profile.model(layers), args.source_dtype)
         for c in harness.contenders(profile.vocab_size, ["cpu"], ["copy", "streamconv"]):
             jobs.append((f"{c.name}@L{layers}", c, src, sizes[layers]))
     print(f"scaling {profile.name}: {small} vs {big} layers ({sizes[small] / 1e9:.2f} vs {sizes[big] / 1e9:.2f} GB), "
           f"{args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
-    runs = harness.run_rounds(jobs, scratch, args.rounds, cold)
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, limit=limit)
     record = harness.make_record({**meta, "mode": "scaling", "layers": f"{small}-{big}",
                                   "weight_bytes": {str(small): sizes[small], str(big): sizes[big]}}, runs)
-    lines, ok = scaling_verdict(record["summary"][f"streamconv@L{small}"], record["summary"][f"streamconv@L{big}"],
-                                sizes[small], sizes[big])
+    pair = [record["summary"][f"streamconv@L{layers}"] for layers in (small, big)]
+    if all("wall" in s for s in pair):
+        lines, ok = scaling_verdict(*pair, sizes[small], sizes[big])
+    else:
+        lines, ok = [f"no verdict: streamconv {pair[0]['status']} at {small} layers, "
+                     f"{pair[1]['status']} at {big}"], False
     record["scaling"] = {"ok": ok, "report": lines}
     path = harness.write_record(record, args.results)
     print()

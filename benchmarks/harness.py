@@ -2,7 +2,8 @@
 
 Each run goes through `streamconv.testing.measure`: a small launcher process starts the contender, samples
 its RSS every 50 ms and reports the child's own ru_maxrss (a child forked from this process, which may hold
-torch and a freshly generated checkpoint, would start its ru_maxrss at our RSS).
+torch and a freshly generated checkpoint, would start its ru_maxrss at our RSS). Under `--memory-limit` the
+contender runs in a cgroup of its own (`benchmarks.cgroup`) and a run that fails there is recorded, not fatal.
 The pure parts (medians, pair-by-pair ratios, the record, the comparison, the table) are unit-tested.
 """
 
@@ -13,26 +14,43 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from benchmarks import cgroup
 from streamconv.testing import measure
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = Path(__file__).resolve().parent / "naive.py"
 STREAMCONV = "streamconv"  # contenders whose name starts with this are measured against the others
-BASELINES = ("copy", "naive")
+BASELINES = ("copy", "dd", "naive")
+DTYPES = ("bf16", "fp16", "fp32")  # --dtype: a `streamconv-as-<dtype>` contender each
+CONVERTED = "converted"  # a run's status when it exited 0 (copies too); else OOM-killed or failed (exit N)
+CAST = re.compile(rf"^{STREAMCONV}-as-(?:{'|'.join(DTYPES)})")
 # `cp` + fsync of a checkpoint file, or of every file (and folder) of a checkpoint folder
 COPY = ('if [ -d "$0" ]; then cp -r -- "$0" "$1" && find "$1" -exec sync -- {} +; '
         'else cp -- "$0" "$1" && sync -- "$1"; fi')
+# The targets tracked (benchmarks/README.md): (source dtype, ratio, figure, ceiling)
+TARGETS = (
+    ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "wall", 1.15),
+    ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "peak_rss", 1.10),
+    ("fp32", f"{STREAMCONV}-as-bf16/copy", "wall", 1.15),
+)
+DD_FLAGS = "bs=64M iflag=direct oflag=direct conv=fsync status=none"
+# The direct-I/O copy (no page cache either side), of a file or of each file of a folder into the same layout
+DD = (f'if [ -d "$0" ]; then find "$0" -type f | while IFS= read -r f; do r="${{f#"$0"/}}"; '
+      f'mkdir -p "$1/$(dirname "$r")" && dd if="$f" of="$1/$r" {DD_FLAGS} || exit 1; done '
+      f'&& find "$1" -type d -exec sync -- {{}} +; else dd if="$0" of="$1" {DD_FLAGS}; fi')
 
 
 @dataclass(frozen=True)
@@ -41,19 +59,42 @@ class Contender:
     argv: Callable[[Path, Path], list[str]]  # (checkpoint, output path) -> command
 
 
-def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None) -> list[Contender]:
-    """copy (the I/O floor), naive (the reference, in RAM), streamconv on each device; in run order."""
+def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None,
+               dtypes: Collection[str] = ()) -> list[Contender]:
+    """copy (what users compare with), dd (the I/O floor), naive (the reference, in RAM), streamconv on each
+    device, then streamconv on the CPU casting to each of `dtypes` (whatever `names` says); in run order."""
     py = sys.executable
+
+    def streamconv(*flags: str) -> Callable[[Path, Path], list[str]]:
+        return lambda src, dst: [py, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path", str(dst),
+                                 "--quiet", "--vocab-size", str(vocab_size), *flags]
+
     made = [
         Contender("copy", lambda src, dst: ["sh", "-c", COPY, str(src), str(dst)]),
+        Contender("dd", lambda src, dst: ["sh", "-c", DD, str(src), str(dst)]),
         Contender("naive", lambda src, dst: [py, str(NAIVE), str(src), str(dst), "--vocab-size", str(vocab_size)]),
     ]
-    for device in devices:
-        name = STREAMCONV if device == "cpu" else f"{STREAMCONV}-{device}"
-        made.append(Contender(name, lambda src, dst, device=device: [
-            py, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path", str(dst), "--quiet",
-            "--vocab-size", str(vocab_size), "--device", device]))
-    return [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
+    made += [Contender(STREAMCONV if d == "cpu" else f"{STREAMCONV}-{d}", streamconv("--device", d)) for d in devices]
+    chosen = [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
+    return chosen + [Contender(f"{STREAMCONV}-as-{d}", streamconv("--device", "cpu", "--dtype", d)) for d in dtypes]
+
+
+def dd_refusal(src: Path, scratch: Path) -> str | None:
+    """Why dd's direct I/O fails from `src` (a folder: its first file) into `scratch`, or None when it works:
+    some file systems refuse O_DIRECT (tmpfs before Linux 6.6, some FUSE and network ones)."""
+    first = src if src.is_file() else min((p for p in src.rglob("*") if p.is_file()), default=src)
+    probe = scratch / "dd-probe"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(["dd", f"if={first}", f"of={probe}", "bs=4096", "count=1", "iflag=direct",
+                               "oflag=direct", "status=none"], capture_output=True, text=True)
+    except OSError as e:
+        return f"cannot run dd: {e}"
+    finally:
+        probe.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        return f"dd with O_DIRECT fails from {first} into {scratch}: {proc.stderr.strip() or f'exit {proc.returncode}'}"
+    return None
 
 
 def drop_page_cache() -> bool:
@@ -74,21 +115,35 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def status(returncode: int, oom_kills: int) -> str:
+    """A run's outcome: converted (exit 0), OOM-killed (by the kernel, in the run's cgroup), failed (exit N)."""
+    if returncode == 0:
+        return CONVERTED
+    return "OOM-killed" if oom_kills else f"failed (exit {returncode})"
+
+
 def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, cold: bool,
-             digest: bool = False) -> dict:
-    """One measured run; its output is deleted afterwards (with `digest`, after hashing its files into the run's
-    "outputs"). Exits with the child's stderr if it fails."""
+             digest: bool = False, limit: cgroup.Limit | None = None) -> dict:
+    """One measured run, in a cgroup of its own under `limit` when given; its output is deleted afterwards
+    (with `digest`, after hashing its files into the run's "outputs"). A failure exits with the child's stderr,
+    unless under a limit: there it is the finding, recorded with its status and left out of medians and ratios."""
     dst = scratch / contender.name
     remove(dst)
     if cold:
         drop_page_cache()
-    m = measure(contender.argv(src, dst), check=False)
+    argv = contender.argv(src, dst)
+    m, seen = (measure(argv, check=False), {}) if limit is None else cgroup.measure_under(limit, argv)
     outputs = digests(dst) if digest and m.returncode == 0 else None
     remove(dst)
-    if m.returncode != 0:
+    if m.returncode != 0 and limit is None:
         raise SystemExit(f"{contender.name} failed (exit {m.returncode}):\n{m.stderr.strip()}")
     run = {"wall": m.wall, "throughput": weight_bytes / m.wall, "peak_rss": m.peak_rss,
-           "peak_anon": m.peak_anon, "timeline": m.timeline}
+           "peak_anon": m.peak_anon, "timeline": m.timeline, "returncode": m.returncode,
+           "status": status(m.returncode, seen.get("oom_kills", 0))}
+    if limit is not None:
+        run.update({"oom_killed": run["status"] == "OOM-killed", **seen})
+    if m.returncode != 0:
+        run["stderr"] = m.stderr.strip()[-2000:]
     return run if outputs is None else {**run, "outputs": outputs}
 
 
@@ -124,18 +179,26 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def run_rounds(jobs: list[tuple[str, Contender, Path, int]], scratch: Path, rounds: int, cold: bool,
-               digest: Collection[str] = ()) -> dict:
+               digest: Collection[str] = (), limit: cgroup.Limit | None = None) -> dict:
     """Interleave the jobs (key, contender, checkpoint, weight bytes) A B C A B C ...; runs by key, in order.
-    The outputs of the jobs named in `digest` are hashed (see `run_once`)."""
+    The outputs of the jobs named in `digest` are hashed; each runs under `limit` when given (see `run_once`)."""
     runs: dict[str, list[dict]] = {key: [] for key, *_ in jobs}
     scratch.mkdir(parents=True, exist_ok=True)
     for r in range(rounds):
         for key, contender, src, nbytes in jobs:
-            run = run_once(contender, src, scratch, nbytes, cold, key in digest)
+            run = run_once(contender, src, scratch, nbytes, cold, key in digest, limit)
             runs[key].append(run)
-            print(f"  round {r + 1}/{rounds} {key:<16} {run['wall']:7.2f} s  {run['throughput'] / 1e9:5.2f} GB/s  "
-                  f"peak RSS {run['peak_rss'] / 1e9:6.3f} GB", flush=True)
+            print(f"  round {r + 1}/{rounds} {key:<20} {run_line(run)}", flush=True)
     return runs
+
+
+def run_line(run: dict) -> str:
+    """One run's figures for the progress lines."""
+    peak = f", cgroup peak {run['cgroup_peak'] / 1e9:.3f} GB" if run.get("cgroup_peak") is not None else ""
+    if run.get("status", CONVERTED) != CONVERTED:
+        return f"{run['status']} after {run['wall']:.2f} s (peak RSS {run['peak_rss'] / 1e9:.3f} GB{peak})"
+    return (f"{run['wall']:7.2f} s  {run['throughput'] / 1e9:5.2f} GB/s  peak RSS {run['peak_rss'] / 1e9:6.3f} GB"
+            f"{peak}")
 
 
 # ---- pure parts ------------------------------------------------------------------------------------------
@@ -144,31 +207,64 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def converted(runs: list[dict]) -> list[dict]:
+    """The runs that completed (records from before --memory-limit have no status: all did)."""
+    return [r for r in runs if r.get("status", CONVERTED) == CONVERTED]
+
+
+def outcome(runs: list[dict]) -> str:
+    """`converted`, `OOM-killed`, or a mix such as `2/3 converted, 1/3 OOM-killed`."""
+    counts = Counter(r.get("status", CONVERTED) for r in runs)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n}/{len(runs)} {s}" for s, n in counts.items())
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Medians (and spread) of one contender's runs."""
-    walls = [r["wall"] for r in runs]
+    """Medians (and spread) of one contender's converted runs; the status of all of them, and the highest
+    cgroup peak (killed runs included) under a memory limit."""
+    out: dict = {"status": outcome(runs), "runs": len(runs), "converted": len(converted(runs))}
+    peaks = [r["cgroup_peak"] for r in runs if r.get("cgroup_peak") is not None]
+    if peaks:
+        out["cgroup_peak_max"] = max(peaks)
+    done = converted(runs)
+    if not done:
+        return out
+    walls = [r["wall"] for r in done]
     return {
-        "wall": median(walls), "wall_min": min(walls), "wall_max": max(walls),
-        "throughput": median([r["throughput"] for r in runs]),
-        "peak_rss": median([r["peak_rss"] for r in runs]), "peak_rss_max": max(r["peak_rss"] for r in runs),
-        "peak_anon": median([r["peak_anon"] for r in runs]),
+        **out, "wall": median(walls), "wall_min": min(walls), "wall_max": max(walls),
+        "throughput": median([r["throughput"] for r in done]),
+        "peak_rss": median([r["peak_rss"] for r in done]), "peak_rss_max": max(r["peak_rss"] for r in done),
+        "peak_anon": median([r["peak_anon"] for r in done]),
     }
 
 
 def pair_ratios(num: list[dict], den: list[dict], key: str = "wall") -> list[float]:
-    """num/den round by round: runs of the same round ran back to back, so machine drift mostly cancels."""
-    return [a[key] / b[key] for a, b in zip(num, den, strict=True) if b[key]]
+    """num/den round by round: runs of the same round ran back to back, so machine drift mostly cancels.
+    A round where either did not convert is left out."""
+    return [a[key] / b[key] for a, b in zip(num, den, strict=True) if b[key] and converted([a, b]) == [a, b]]
+
+
+def uncast(name: str) -> str | None:
+    """`streamconv-as-fp16` -> `streamconv` (`streamconv-as-fp16-dist` -> `streamconv-dist`): the same
+    conversion without the cast; None for a name that is not a cast."""
+    m = CAST.match(name)
+    return None if m is None else STREAMCONV + name[m.end():]
 
 
 def ratios(runs: dict[str, list[dict]]) -> dict:
-    """`streamconv*/copy` and `streamconv*/naive`, and against a baseline run on the same input
-    (`streamconv-dist/copy-dist`): medians of the per-round ratios of wall time and peak RSS."""
+    """`streamconv*/copy`, `streamconv*/dd` and `streamconv*/naive`, against a baseline run on the same input
+    (`streamconv-dist/copy-dist`), and a cast against the plain conversion (`streamconv-as-fp16/streamconv`):
+    medians of the per-round ratios of wall time and peak RSS."""
     out = {}
     for num in (k for k in runs if k.startswith(STREAMCONV)):
         same_input = [k for k in runs if (base := k.split("-")[0]) in BASELINES and k != base
                       and num.endswith(k[len(base):])]
-        for den in [k for k in BASELINES if k in runs] + same_input:
+        plain = [k for k in [uncast(num)] if k in runs]
+        for den in [k for k in BASELINES if k in runs] + same_input + plain:
             per_round = pair_ratios(runs[num], runs[den])
+            if not per_round:  # no round where both converted
+                continue
             out[f"{num}/{den}"] = {"wall": median(per_round), "per_round": per_round,
                                    "peak_rss": median(pair_ratios(runs[num], runs[den], "peak_rss"))}
     return out
@@ -182,7 +278,9 @@ def output_differences(runs: dict[str, list[dict]], a: str, b: str) -> list[str]
     for r, (x, y) in enumerate(zip(runs[a], runs[b], strict=True), 1):
         mine, theirs = x.get("outputs"), y.get("outputs")
         if mine is None or theirs is None:
-            problems.append(f"round {r}: no digest of {a if mine is None else b}'s output")
+            missing = x if mine is None else y
+            why = "" if missing.get("status", CONVERTED) == CONVERTED else f" ({missing['status']})"
+            problems.append(f"round {r}: no digest of {a if mine is None else b}'s output{why}")
             continue
         for name in sorted(set(mine) | set(theirs)):
             if name not in theirs or name not in mine:
@@ -194,9 +292,22 @@ def output_differences(runs: dict[str, list[dict]], a: str, b: str) -> list[str]
     return problems
 
 
+def targets(source_dtype: str, found: dict) -> list[dict]:
+    """The tracked targets (`TARGETS`) that the ratios `found` on a `source_dtype` checkpoint measure: each
+    with its value and whether it is met."""
+    out = []
+    for dtype, name, figure, ceiling in TARGETS:
+        if dtype == source_dtype and name in found:
+            value = found[name][figure]
+            out.append({"ratio": name, "figure": figure, "ceiling": ceiling, "value": value, "met": value <= ceiling})
+    return out
+
+
 def make_record(meta: dict, runs: dict[str, list[dict]]) -> dict:
-    """The JSON record of one benchmark run: what ran where, every run's figures, medians and ratios."""
-    return {**meta, "runs": runs, "summary": {k: summarize(v) for k, v in runs.items()}, "ratios": ratios(runs)}
+    """The JSON record of one benchmark run: what ran where, every run's figures, medians, ratios, targets."""
+    found = ratios(runs)
+    return {**meta, "runs": runs, "summary": {k: summarize(v) for k, v in runs.items()}, "ratios": found,
+            "targets": targets(meta.get("source_dtype", "bf16"), found)}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -217,6 +328,9 @@ def compare(old: dict, new: dict) -> list[str]:
         if o is None:
             lines.append(f"  {name}: new contender")
             continue
+        if "wall" not in o or "wall" not in s:
+            lines.append(f"  {name}: {o.get('status', CONVERTED)} -> {s['status']}")
+            continue
         lines.append(
             f"  {name}: wall {o['wall']:.2f} -> {s['wall']:.2f} s ({_change(o['wall'], s['wall'])}), "
             f"throughput {o['throughput'] / 1e9:.2f} -> {s['throughput'] / 1e9:.2f} GB/s "
@@ -230,9 +344,16 @@ def compare(old: dict, new: dict) -> list[str]:
     return lines
 
 
+def workload(record: dict) -> tuple:
+    """What two records must share to be compared: profile, layers, optimizer state, cache state, source dtype
+    and the memory limit applied (older records are bf16 and unlimited)."""
+    limit = record.get("memory_limit") or {}
+    return (*(record.get(k) for k in ("profile", "layers", "optimizer", "page_cache")),
+            record.get("source_dtype", "bf16"), limit.get("bytes") if limit.get("applied") else None)
+
+
 def previous_record(results: Path, record: dict, exclude: Path | None = None) -> dict | None:
-    """The newest earlier record of the same workload (profile, layers, optimizer state, cache state)."""
-    same = ("profile", "layers", "optimizer", "page_cache")
+    """The newest earlier record of the same workload (see `workload`)."""
     for path in sorted(results.glob("*.json"), reverse=True):
         if exclude is not None and path.resolve() == exclude.resolve():
             continue
@@ -240,25 +361,49 @@ def previous_record(results: Path, record: dict, exclude: Path | None = None) ->
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if all(old.get(k) == record.get(k) for k in same) and old.get("started", "") < record.get("started", ""):
+        if workload(old) == workload(record) and old.get("started", "") < record.get("started", ""):
             return old
     return None
 
 
+def limit_line(limit: dict | None) -> str | None:
+    """How the record's runs were limited, for the table's first line; None without --memory-limit."""
+    if not limit:
+        return None
+    if not limit.get("applied"):
+        return f"memory limit {limit['bytes'] / 1e9:.3f} GB asked for, NOT applied ({limit['note']}): runs unlimited"
+    return (f"memory limit {limit['bytes'] / 1e9:.3f} GB per run, page cache included ({limit['note']}); "
+            "runs that did not convert are left out of medians and ratios")
+
+
+def _gb(s: dict, key: str, digits: int = 3) -> str:
+    return f"{s[key] / 1e9:.{digits}f}" if key in s else "—"
+
+
 def table(record: dict) -> str:
-    """Markdown: one row per contender (medians over rounds), then the pair-by-pair ratios."""
-    rows = [
-        "| contender | wall s (median) | wall s (min–max) | throughput GB/s | peak RSS GB | peak anon RSS GB |",
-        "|---|---:|---:|---:|---:|---:|",
+    """Markdown: one row per contender (medians over its converted rounds) with its status (and cgroup peak
+    under a memory limit), the pair-by-pair ratios, the tracked targets."""
+    limited = any("cgroup_peak_max" in s for s in record["summary"].values())
+    rows = [line] if (line := limit_line(record.get("memory_limit"))) else []
+    rows += [
+        "| contender | wall s (median) | wall s (min–max) | throughput GB/s | peak RSS GB | peak anon RSS GB | "
+        + ("cgroup peak GB (max) | " if limited else "") + "status |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if limited else "") + "---|",
     ]
     for name, s in record["summary"].items():
-        rows.append(f"| {name} | {s['wall']:.2f} | {s['wall_min']:.2f}–{s['wall_max']:.2f} | "
-                    f"{s['throughput'] / 1e9:.2f} | {s['peak_rss'] / 1e9:.3f} | {s['peak_anon'] / 1e9:.3f} |")
+        wall = f"{s['wall']:.2f} | {s['wall_min']:.2f}–{s['wall_max']:.2f}" if "wall" in s else "— | —"
+        rows.append(f"| {name} | {wall} | {_gb(s, 'throughput', 2)} | {_gb(s, 'peak_rss')} | {_gb(s, 'peak_anon')} | "
+                    + (f"{_gb(s, 'cgroup_peak_max')} | " if limited else "") + f"{s.get('status', CONVERTED)} |")
     if record["ratios"]:
         rows += ["", "| ratio (per round, median) | wall | wall per round | peak RSS |", "|---|---:|---|---:|"]
         for name, r in record["ratios"].items():
             per = ", ".join(f"{x:.2f}" for x in r["per_round"])
             rows.append(f"| {name} | {r['wall']:.2f} | {per} | {r['peak_rss']:.2f} |")
+    if record.get("targets"):
+        rows += ["", "| target | figure | value | ceiling | met |", "|---|---|---:|---:|---|"]
+        for t in record["targets"]:
+            rows.append(f"| {t['ratio']} | {t['figure']} | {t['value']:.2f} | {t['ceiling']:.2f} | "
+                        f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(rows)
 
 

@@ -1,7 +1,8 @@
 """Synthetic GPT-SW3 checkpoints for the benchmarks, generated once into a cache folder outside the repository.
 
 Profiles keep the tensor shapes of the real GPT-SW3 20B model (hidden 6144, 48 heads, ffn 24576, bf16) and
-scale by layer count, so the largest tensor, which sets streamconv's memory, is the real one.
+scale by layer count, so the largest tensor, which sets streamconv's memory, is the real one; `40b` has the
+GPT-SW3 40B shapes. Checkpoints are bf16 unless asked for fp32 (`--source-dtype`).
 The same model is also saved as a plain `.nemo` of TP ranks and as a megatron-core distributed checkpoint,
 so that streamconv's figures on those layouts sit next to the `.ckpt`'s.
 """
@@ -22,8 +23,9 @@ import psutil
 from streamconv.testing import SyntheticModel, nemo_weight_bytes, parallel_dim
 
 CACHE_ENV = "STREAMCONV_BENCH_CACHE"
-ITEMSIZE = 2  # bf16
-ADAM_FACTOR = 6  # fp32 exp_avg, exp_avg_sq and master weights: 3 x 4 bytes per 2-byte weight
+# --source-dtype: torch's name for it and its item size
+SOURCE_DTYPES = {"bf16": ("bfloat16", 2), "fp32": ("float32", 4)}
+ADAM_BYTES = 12  # fp32 exp_avg, exp_avg_sq and master weights: 3 x 4 bytes per parameter
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ PROFILES = {
     "small": Profile("small", layers=1, vocab_size=16000),
     "medium": Profile("medium", layers=2),  # 2.62 GB
     "large": Profile("large", layers=8),  # 8.06 GB
+    # GPT-SW3 40B's shapes, two layers: 4.30 GB, an MLP weight of 0.54 GB (its largest tensor)
+    "40b": Profile("40b", layers=2, n_embd=8192, n_head=64, n_inner=32768),
 }
 # For the CI memory baseline: the interpreter, torch and streamconv's imports, almost no tensor bytes.
 TINY = Profile("tiny", layers=1, vocab_size=2048, n_embd=64, n_head=4, n_inner=256, n_positions=64)
@@ -56,56 +60,68 @@ def default_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamconv-bench")
 
 
-def weight_bytes(model: SyntheticModel) -> int:
+def itemsize(dtype: str) -> int:
+    return SOURCE_DTYPES[dtype][1]
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, SOURCE_DTYPES[dtype][0])
+
+
+def weight_bytes(model: SyntheticModel, dtype: str = "bf16") -> int:
     """Bytes of the weights in the checkpoint (optimizer state excluded): throughput is measured against them."""
-    return nemo_weight_bytes(model, ITEMSIZE)
+    return nemo_weight_bytes(model, itemsize(dtype))
 
 
-def largest_rearranged(model: SyntheticModel) -> int:
+def largest_rearranged(model: SyntheticModel, dtype: str = "bf16") -> int:
     """Bytes of the largest tensor streamconv must transpose or regroup (QKV or an MLP weight): its memory unit."""
     h, f = model.n_embd, model.ffn
-    return ITEMSIZE * max(3 * h * h, h * h, f * h)
+    return itemsize(dtype) * max(3 * h * h, h * h, f * h)
 
 
-def checkpoint_bytes(model: SyntheticModel, optimizer: bool) -> int:
+def checkpoint_bytes(model: SyntheticModel, optimizer: bool, dtype: str = "bf16") -> int:
     """Approximate file size: weights, plus fp32 Adam state when asked."""
-    weights = weight_bytes(model)
-    return weights * (1 + ADAM_FACTOR) if optimizer else weights
+    weights = weight_bytes(model, dtype)
+    return weights + ADAM_BYTES * weights // itemsize(dtype) if optimizer else weights
 
 
-def ensure_checkpoint(profile: Profile, cache: Path, layers: int | None = None, optimizer: bool = False) -> Path:
+def stem(profile: Profile, model: SyntheticModel, optimizer: bool, dtype: str) -> str:
+    """`medium-L2`, `medium-L2-adam-fp32`: cached bf16 checkpoints keep the names they had before fp32 ones."""
+    return f"{profile.name}-L{model.n_layer}{'-adam' if optimizer else ''}{'' if dtype == 'bf16' else '-' + dtype}"
+
+
+def ensure_checkpoint(profile: Profile, cache: Path, layers: int | None = None, optimizer: bool = False,
+                      dtype: str = "bf16") -> Path:
     """The profile's checkpoint in `cache`, generated (atomically, memory-lean) the first time it is asked for."""
     model = profile.model(layers)
-    path = cache / f"{profile.name}-L{model.n_layer}{'-adam' if optimizer else ''}.ckpt"
-    need = checkpoint_bytes(model, optimizer)
+    path = cache / f"{stem(profile, model, optimizer, dtype)}.ckpt"
+    need = checkpoint_bytes(model, optimizer, dtype)
 
     def write(partial: Path) -> None:
-        import torch
-
         from streamconv.testing import make_checkpoint
 
-        make_checkpoint(partial, model, dtype=torch.bfloat16, optimizer=optimizer, keep_hf=False)
+        make_checkpoint(partial, model, dtype=torch_dtype(dtype), optimizer=optimizer, keep_hf=False)
 
     # RAM: the NeMo weights, one group's GPT-2 copy, fp32 temporaries
-    return _generate_once(path, need, 1.5 * weight_bytes(model) + 2**30, f"{need / 1e9:.2f} GB", write)
+    return _generate_once(path, need, 1.5 * weight_bytes(model, dtype) + 2**30, f"{need / 1e9:.2f} GB, {dtype}", write)
 
 
-def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int) -> Path:
+def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int, dtype: str = "bf16") -> Path:
     """The profile's model saved as a plain `.nemo` of `tp` tensor-parallel ranks (same shapes, vocabulary
     padded to 128 x tp as NeMo pads it), generated once into `cache`. Built in RAM: about three copies of
     the weights."""
     model = profile.model(layers)
-    need = weight_bytes(model)
+    need = weight_bytes(model, dtype)
 
     def write(partial: Path) -> None:
-        import torch
-
         from streamconv.testing import make_parallel
 
-        make_parallel(partial, model, tp=tp, kind="nemo", dtype=torch.bfloat16, optimizer=False)
+        make_parallel(partial, model, tp=tp, kind="nemo", dtype=torch_dtype(dtype), optimizer=False)
 
-    return _generate_once(cache / f"{profile.name}-L{model.n_layer}-tp{tp}.nemo", need, 3 * need + 2**30,
-                          f"{need / 1e9:.2f} GB, {tp} TP ranks", write)
+    return _generate_once(cache / f"{stem(profile, model, False, dtype)}-tp{tp}.nemo", need, 3 * need + 2**30,
+                          f"{need / 1e9:.2f} GB, {dtype}, {tp} TP ranks", write)
 
 
 # ---- megatron-core distributed checkpoints ----------------------------------------------------------------
@@ -180,16 +196,17 @@ def mcore_shards(weights: Mapping, tp: int, rank: int) -> dict[str, tuple[tuple[
     return out
 
 
-def ensure_distributed(profile: Profile, cache: Path, layers: int | None, tp: int, optimizer: bool = False) -> Path:
+def ensure_distributed(profile: Profile, cache: Path, layers: int | None, tp: int, optimizer: bool = False,
+                       dtype: str = "bf16") -> Path:
     """The profile's model (the weights of `ensure_checkpoint`'s `.ckpt`, which is generated first and read)
     saved as a NeMo 1.x megatron-core training checkpoint of `tp` tensor-parallel ranks: a torch_dist
-    distributed checkpoint folder `<profile>-L<layers>[-adam]-tp<tp>.dist`, written by torch's own writer from
+    distributed checkpoint folder `<profile>-L<layers>[-adam][-fp32]-tp<tp>.dist`, written by torch's own writer from
     `tp` gloo processes. With `optimizer`, fp32 Adam state beside it (zeros, as the lean `.ckpt`'s)."""
     model = profile.model(layers)
-    ckpt = ensure_checkpoint(profile, cache, layers, optimizer)
-    need = checkpoint_bytes(model, optimizer)
+    ckpt = ensure_checkpoint(profile, cache, layers, optimizer, dtype)
+    need = checkpoint_bytes(model, optimizer, dtype)
     # RAM: the TP-split tensors, copied once by the writer; per rank, the interpreter and torch
-    return _generate_once(cache / f"{ckpt.stem}-tp{tp}.dist", need, weight_bytes(model) + tp * 2**30,
+    return _generate_once(cache / f"{ckpt.stem}-tp{tp}.dist", need, weight_bytes(model, dtype) + tp * 2**30,
                           f"{need / 1e9:.2f} GB, {tp} TP ranks, torch_dist",
                           lambda partial: write_distributed(ckpt, partial, tp, optimizer))
 

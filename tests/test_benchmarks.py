@@ -2,18 +2,24 @@
 launcher's measurements, the memory-lean checkpoint path it generates workloads with, and its distributed
 checkpoint workload (against torch's own DCP reader and the legacy TP rank files). Runs in seconds."""
 
+import argparse
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.__main__ import ci_failures, scaling_verdict
+from benchmarks import cgroup, harness
+from benchmarks.__main__ import byte_size, ci_failures, dtype_list, memory_limit, scaling_verdict
 from benchmarks.workloads import (
     PROFILES,
     STACKED,
+    TINY,
     Profile,
+    checkpoint_bytes,
+    ensure_checkpoint,
     ensure_distributed,
     largest_rearranged,
     mcore_name,
@@ -60,6 +66,166 @@ def test_ratios_pair_a_contender_with_the_baseline_on_the_same_input():
     assert r["streamconv-dist/copy-dist"]["wall"] == 1.5
 
 
+def test_casts_are_streamconv_contenders_measured_against_the_plain_conversion():
+    made = harness.contenders(2048, ["cpu"], ["copy", "streamconv"], ["fp16", "fp32"])
+    assert [c.name for c in made] == ["copy", "streamconv", "streamconv-as-fp16", "streamconv-as-fp32"]
+    argv = made[2].argv("in.ckpt", "out")
+    assert argv[argv.index("--dtype") + 1] == "fp16" and argv[argv.index("--device") + 1] == "cpu"
+    assert [c.name for c in harness.contenders(2048, ["cpu"], ["copy"], ["bf16"])] == ["copy", "streamconv-as-bf16"]
+    assert harness.uncast("streamconv-as-fp16") == "streamconv" and harness.uncast("streamconv") is None
+    assert harness.uncast("streamconv-as-bf16-dist") == "streamconv-dist"
+
+    runs = {"copy": [run(1.0)], "dd": [run(0.5)], "streamconv": [run(2.0, rss=100)],
+            "streamconv-as-fp16": [run(2.2, rss=105)]}
+    r = harness.ratios(runs)
+    assert set(r) == {"streamconv/copy", "streamconv/dd", "streamconv-as-fp16/copy", "streamconv-as-fp16/dd",
+                      "streamconv-as-fp16/streamconv"}
+    assert r["streamconv/dd"]["wall"] == 4.0
+    assert r["streamconv-as-fp16/streamconv"]["wall"] == pytest.approx(1.1)
+    assert r["streamconv-as-fp16/streamconv"]["peak_rss"] == pytest.approx(1.05)
+
+
+def test_targets_are_reported_for_the_source_dtype_they_track():
+    found = {"streamconv-as-fp16/streamconv": {"wall": 1.2, "peak_rss": 1.05},
+             "streamconv-as-bf16/copy": {"wall": 1.1, "peak_rss": 2.0}}
+    bf16 = harness.targets("bf16", found)
+    assert [(t["figure"], t["value"], t["ceiling"], t["met"]) for t in bf16] == [
+        ("wall", 1.2, 1.15, False), ("peak_rss", 1.05, 1.10, True)]
+    assert [(t["ratio"], t["met"]) for t in harness.targets("fp32", found)] == [("streamconv-as-bf16/copy", True)]
+    assert harness.targets("fp32", {}) == []
+    text = harness.table(harness.make_record({"source_dtype": "bf16"}, {
+        "streamconv": [run(2.0)], "streamconv-as-fp16": [run(2.4)]}))
+    assert "| streamconv-as-fp16/streamconv | wall | 1.20 | 1.15 | NO |" in text
+
+
+def test_dtype_list():
+    assert dtype_list("fp16, fp32,fp16") == ["fp16", "fp32"]
+    for bad in ("", "fp8", "fp16,int8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            dtype_list(bad)
+
+
+def test_dd_copies_a_file_or_a_folder_into_the_same_layout(tmp_path):
+    src = tmp_path / "ckpt.dist"
+    (src / "sub").mkdir(parents=True)
+    for name, size in (("__0_0.distcp", 3 * 2**20 + 17), (".metadata", 100), ("sub/common.pt", 4096)):
+        (src / name).write_bytes(os.urandom(size))
+    dd = harness.contenders(2048, ["cpu"], ["dd"])[0]
+    assert harness.dd_refusal(src, tmp_path / "scratch") is None
+    assert not (tmp_path / "scratch" / "dd-probe").exists()
+    subprocess.run(dd.argv(src, tmp_path / "out"), check=True)
+    assert harness.digests(tmp_path / "out") == harness.digests(src)
+    subprocess.run(dd.argv(src / "__0_0.distcp", tmp_path / "one"), check=True)
+    assert (tmp_path / "one").read_bytes() == (src / "__0_0.distcp").read_bytes()
+
+
+def test_dd_refusal_says_why(tmp_path, monkeypatch):
+    """A file system refusing O_DIRECT (a fake dd here, as tmpfs before Linux 6.6 answers) is reported."""
+    fake = tmp_path / "bin" / "dd"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"dd: failed to open '$1': Invalid argument\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "x.ckpt").write_bytes(b"x" * 8192)
+    why = harness.dd_refusal(tmp_path / "x.ckpt", tmp_path / "scratch")
+    assert why.startswith("dd with O_DIRECT fails from") and "Invalid argument" in why
+
+
+def killed(wall=1.5, rss=900):
+    return {**run(wall, rss), "status": "OOM-killed", "returncode": -9, "oom_killed": True, "cgroup_peak": 1000}
+
+
+def test_runs_that_did_not_convert_are_shown_but_left_out_of_medians_and_ratios():
+    assert harness.status(0, 0) == "converted" and harness.status(-9, 1) == "OOM-killed"
+    assert harness.status(1, 0) == "failed (exit 1)"
+    runs = {"copy": [run(1.0), run(2.0), run(1.0)], "naive": [killed()] * 3,
+            "streamconv": [run(2.0), killed(), run(4.0)]}
+    s = {k: harness.summarize(v) for k, v in runs.items()}
+    assert s["naive"] == {"status": "OOM-killed", "runs": 3, "converted": 0, "cgroup_peak_max": 1000}
+    assert s["streamconv"]["status"] == "2/3 converted, 1/3 OOM-killed"
+    assert s["streamconv"]["wall"] == 3.0 and s["streamconv"]["peak_rss"] == 100  # the killed run's 900 left out
+    r = harness.ratios(runs)
+    assert set(r) == {"streamconv/copy"}  # naive never converted: no ratio against it
+    assert r["streamconv/copy"]["per_round"] == [2.0, 4.0]  # round 2 left out
+
+    rec = harness.make_record({"memory_limit": {"bytes": 1.5e9, "applied": True, "note": "cgroup v1"}}, runs)
+    text = harness.table(rec)
+    assert text.startswith("memory limit 1.500 GB per run, page cache included (cgroup v1)")
+    assert "| naive | — | — | — | — | — | 0.000 | OOM-killed |" in text
+    assert "| streamconv | 3.00 | 2.00–4.00 |" in text and "| 2/3 converted, 1/3 OOM-killed |" in text
+    assert "  naive: converted -> OOM-killed" in harness.compare(record("t", {"naive": [1.0]}), rec)
+    unapplied = {"bytes": 1.5e9, "applied": False, "note": "no memory cgroup hierarchy is mounted"}
+    assert "NOT applied (no memory cgroup hierarchy is mounted)" in harness.limit_line(unapplied)
+    assert harness.workload(rec) != harness.workload({**rec, "memory_limit": unapplied})
+
+
+V1_CGROUP = "5:devices:/\n4:memory:/process_api/18ca\n1:cpu:/\n0::/\n"
+V1_MOUNTS = ("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+             "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+             "36 31 0:33 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n")
+
+
+def test_locate_finds_the_memory_cgroup_of_v1_v2_and_hybrid_machines():
+    assert cgroup.locate(V1_CGROUP, V1_MOUNTS) == (1, Path("/sys/fs/cgroup/memory/process_api/18ca"))
+    v2_mounts = "30 23 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert cgroup.locate("0::/user.slice/session-1.scope\n", v2_mounts) == (
+        2, Path("/sys/fs/cgroup/user.slice/session-1.scope"))
+    assert cgroup.locate(V1_CGROUP, V1_MOUNTS + v2_mounts)[0] == 1  # hybrid: memory is v1's
+    assert cgroup.locate("0::/\n", v2_mounts) == (2, Path("/sys/fs/cgroup"))
+    container = "40 30 0:33 /docker/abc /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n"
+    assert cgroup.locate("4:memory:/docker/abc/job\n", container) == (1, Path("/sys/fs/cgroup/memory/job"))
+    assert cgroup.locate(V1_CGROUP, V1_MOUNTS.splitlines()[1]) is None  # no memory hierarchy mounted
+
+
+def test_counters_read_oom_control_and_memory_events():
+    assert cgroup.counters("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")["oom_kill"] == 2
+    assert cgroup.counters("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n")["oom_kill"] == 1
+
+
+def test_without_a_writable_cgroup_the_limit_is_reported_and_not_applied(monkeypatch, capsys):
+    monkeypatch.setattr(cgroup, "locate", lambda *_: None)
+    limit, recorded = memory_limit(byte_size("1500MB"))
+    assert limit is None and recorded == {"bytes": 1_500_000_000, "applied": False,
+                                          "note": "no memory cgroup hierarchy is mounted"}
+    assert capsys.readouterr().out == ("--memory-limit 1.500 GB NOT applied, runs are unlimited: "
+                                       "no memory cgroup hierarchy is mounted\n")
+    assert memory_limit(None) == (None, None)
+    with pytest.raises(argparse.ArgumentTypeError):
+        byte_size("lots")
+
+
+def _limit(nbytes):
+    limit, note = cgroup.prepare(nbytes)
+    if limit is None:
+        pytest.skip(f"no writable memory cgroup: {note}")
+    return limit
+
+
+def _children(limit):
+    return sorted(p.name for p in limit.parent.iterdir() if p.name.startswith(f"streamconv-bench-{os.getpid()}-"))
+
+
+def test_a_run_over_the_limit_is_recorded_as_oom_killed_not_fatal(tmp_path):
+    limit = _limit(100 * 2**20)
+    hog = harness.Contender("hog", lambda src, dst: [sys.executable, "-c", "b = bytearray(400 * 2**20)"])
+    r = harness.run_once(hog, tmp_path, tmp_path / "scratch", 1, cold=False, limit=limit)
+    assert (r["status"], r["oom_killed"], r["returncode"]) == ("OOM-killed", True, -9)
+    assert r["oom_kills"] >= 1 and 90 * 2**20 < r["cgroup_peak"] <= 100 * 2**20
+    assert _children(limit) == []  # each run's cgroup is removed
+
+
+def test_tiny_conversion_under_a_memory_limit(tmp_path):
+    """A real conversion of the tiny checkpoint in its cgroup: converted, the cgroup saw its memory."""
+    limit = _limit(2**30)
+    src = ensure_checkpoint(TINY, tmp_path)
+    streamconv = harness.contenders(TINY.vocab_size, ["cpu"], ["streamconv"])[0]
+    r = harness.run_once(streamconv, src, tmp_path / "scratch", 1, cold=False, digest=True, limit=limit)
+    assert (r["status"], r["oom_killed"], r["returncode"], r["oom_kills"]) == ("converted", False, 0, 0)
+    assert "model.safetensors" in r["outputs"]
+    assert 10 * 2**20 < r["cgroup_peak"] < 2**30 and r["peak_rss"] < 2**30
+    assert _children(limit) == [] and not (tmp_path / "scratch" / "streamconv").exists()
+
+
 def test_output_differences_name_each_file_and_round():
     same = {"config.json": "a", "model.safetensors": "b"}
     runs = {"streamconv": [{**run(1.0), "outputs": same}] * 2,
@@ -72,6 +238,8 @@ def test_output_differences_name_each_file_and_round():
         harness.output_differences(runs, "streamconv", "streamconv-dist")
     assert harness.output_differences({"a": [run(1.0)], "b": [run(1.0)]}, "a", "b") == [
         "round 1: no digest of a's output"]
+    assert harness.output_differences({"a": [killed()], "b": [run(1.0)]}, "a", "b") == [
+        "round 1: no digest of a's output (OOM-killed)"]
 
 
 def test_summary_takes_medians_and_keeps_spread():
@@ -93,6 +261,8 @@ def test_record_roundtrip_previous_and_compare(tmp_path):
     previous = harness.previous_record(tmp_path, new, exclude=path)
     assert previous["started"] == old["started"]  # not the newer record of another profile
     assert harness.previous_record(tmp_path, old) is None
+    assert harness.previous_record(tmp_path, {**new, "source_dtype": "fp32"}, exclude=path) is None
+    assert harness.previous_record(tmp_path, {**new, "source_dtype": "bf16"}, exclude=path) == previous
 
     lines = "\n".join(harness.compare(previous, new))
     assert "streamconv: wall 4.00 -> 3.00 s (-25.0%)" in lines
@@ -105,6 +275,12 @@ def test_table_lists_contenders_and_ratios():
     assert "| streamconv | 4.00 | 4.00–4.00 |" in text
     assert "| streamconv/copy | 2.00 | 2.00, 2.00, 2.00 |" in text
     assert "| streamconv/naive | 0.50 |" in text
+
+
+def test_ci_fails_when_streamconv_did_not_convert():
+    r = harness.make_record({"largest_rearranged_bytes": 100}, {"copy": [run(1.0)], "streamconv": [killed()]})
+    assert ci_failures(r, {"baseline_rss": 1, "rss_budget": 2000, "ratio_ceiling": 10.0}) == [
+        "streamconv did not convert every round: OOM-killed"]
 
 
 def test_ci_fails_with_a_reason_on_memory_or_speed():
@@ -132,6 +308,32 @@ def test_profiles_keep_gpt_sw3_20b_shapes():
     assert weight_bytes(large) == pytest.approx(8.06e9, rel=0.01)
     assert 0.9e9 < weight_bytes(PROFILES["small"].model()) < 1.3e9
     assert largest_rearranged(medium) == largest_rearranged(PROFILES["small"].model()) == 24576 * 6144 * 2
+
+
+def test_40b_profile_has_gpt_sw3_40b_shapes():
+    model = PROFILES["40b"].model()
+    assert (model.n_embd, model.n_head, model.ffn, model.n_layer, model.vocab_size) == (8192, 64, 32768, 2, 64000)
+    assert weight_bytes(model) == pytest.approx(4.3e9, rel=0.01)
+    assert largest_rearranged(model) == 32768 * 8192 * 2
+
+
+def test_fp32_source_doubles_the_weight_bytes_not_the_adam_state():
+    medium = PROFILES["medium"].model()
+    assert weight_bytes(medium, "fp32") == 2 * weight_bytes(medium) == pytest.approx(5.25e9, rel=0.01)
+    assert largest_rearranged(medium, "fp32") == 2 * largest_rearranged(medium)
+    adam = checkpoint_bytes(medium, True) - weight_bytes(medium)  # 12 bytes per parameter in both
+    assert checkpoint_bytes(medium, True, "fp32") - weight_bytes(medium, "fp32") == adam == 6 * weight_bytes(medium)
+
+
+def test_fp32_checkpoint_is_a_separate_cached_file(tmp_path):
+    bf16, fp32 = ensure_checkpoint(TINY, tmp_path), ensure_checkpoint(TINY, tmp_path, dtype="fp32")
+    assert (bf16.name, fp32.name) == ("tiny-L1.ckpt", "tiny-L1-fp32.ckpt")
+    weights = torch.load(fp32, weights_only=False)["state_dict"]
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert sum(t.nbytes for t in weights.values()) == weight_bytes(TINY.model(), "fp32")
+    reference = torch.load(bf16, weights_only=False)["state_dict"]
+    assert all(torch.equal(weights[k].to(torch.bfloat16), v) for k, v in reference.items())
+    assert ensure_checkpoint(TINY, tmp_path, dtype="fp32") == fp32  # reused, not regenerated
 
 
 def test_measure_reports_the_childs_own_peak_and_timeline():

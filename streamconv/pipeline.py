@@ -106,7 +106,7 @@ def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
     buffer = buffer_bytes(plan, checkpoint)
     small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
     return (BUFFERS * buffer + CAST_BUFFERS * cast_buffer_bytes(plan, checkpoint)
-            + reads.BUFFERS * read_buffer_bytes(plan.tensors, checkpoint) + STAGING_BYTES
+            + reads.BUFFERS * read_buffer_bytes(plan.tensors) + STAGING_BYTES
             + sum(small[: WRITE_QUEUE + 2]))
 
 
@@ -266,7 +266,7 @@ def read_chunks(plan_tensors: list[TensorSpec], checkpoint: Checkpoint, device: 
             yield chunk.view
 
 
-def read_buffer_bytes(plan_tensors: list[TensorSpec], checkpoint: Checkpoint) -> int:
+def read_buffer_bytes(plan_tensors: list[TensorSpec]) -> int:
     """Size of each read buffer: the largest chunk, at most CHUNK_BYTES (a single larger row gets its own)."""
     return min(CHUNK_BYTES, max((t.nbytes for t in plan_tensors), default=0))
 
@@ -296,7 +296,7 @@ class _Stream:
         self.arranger = Arranger()
         self.writes = _WriteBehind(WRITE_QUEUE)
         self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
-                               read_buffer_bytes(plan.tensors, checkpoint), waiting=self.writes.check)
+                               read_buffer_bytes(plan.tensors), waiting=self.writes.check)
         self.writers: list[ShardWriter] = []
 
     def __enter__(self) -> _Stream:

@@ -111,14 +111,20 @@ class ReadAhead:
         self._thread = threading.Thread(target=self._run, args=(iter(chunks),), name="streamconv-read", daemon=True)
         self._thread.start()
 
-    def readable(self, view: np.ndarray) -> bool:
-        """Whether `view` is read ahead: a contiguous span of one of the checkpoint's files."""
-        return view.flags.c_contiguous and view.nbytes > 0 and self._checkpoint.file_offset(view) is not None
+    def _where(self, view: np.ndarray) -> tuple[int, int] | None:
+        """(descriptor, offset) of `view` when it is read ahead: a contiguous span of one of the checkpoint's
+        files; None for any other view."""
+        if not view.flags.c_contiguous or view.nbytes == 0:
+            return None
+        return self._checkpoint.file_offset(view)
 
     def _run(self, chunks: Iterator[np.ndarray]) -> None:
         try:
-            for view in filter(self.readable, chunks):
-                fd, offset = self._checkpoint.file_offset(view)
+            for view in chunks:
+                where = self._where(view)
+                if where is None:
+                    continue
+                fd, offset = where
                 buffer = self._take()
                 if buffer is None:  # closed
                     return
@@ -143,7 +149,7 @@ class ReadAhead:
     def get(self, view: np.ndarray) -> tuple[np.ndarray, Callable[[], None]]:
         """The bytes of `view` as a contiguous array of its dtype and shape, and the call that hands its buffer
         back once they have been used (they must not be used after)."""
-        if not self.readable(view):
+        if self._where(view) is None:
             return np.ascontiguousarray(view), lambda: self._checkpoint.release(view)
         while True:
             try:

@@ -464,7 +464,7 @@ def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSp
     arranged = [s.nbytes for s in readable if buffered(s, sources[s.name], "cpu")]
     buffer = np.empty(max([*arranged, CHUNK_BYTES]), dtype=np.uint8)  # touched only as far as it is used
     arranger = Arranger()
-    reads = ReadAhead(checkpoint, read_chunks(readable, checkpoint, "cpu"), read_buffer_bytes(readable, checkpoint))
+    reads = ReadAhead(checkpoint, read_chunks(readable, checkpoint, "cpu"), read_buffer_bytes(readable))
     try:
         for spec in readable:
             stored = found[spec.name]

@@ -100,7 +100,7 @@ def test_plain_nemo_is_read_in_place(nemos):
     try:
         assert [m.file for m in checkpoint.files] == [nemos["plain"].path]
         assert checkpoint.tensors.keys() == expected.keys()
-        for name, source in checkpoint.tensors.items():  # offsets point into the tar: copy_file_range copies from it
+        for name, source in checkpoint.tensors.items():  # offsets point into the tar: direct reads read from it
             fd, offset = checkpoint.file_offset(source.bits)
             raw = os.pread(fd, source.nbytes, offset)
             assert raw == expected[name].contiguous().view(torch.uint8).numpy().tobytes(), name

@@ -57,7 +57,7 @@ class MappedFile:
 
     def __init__(self, file: str) -> None:
         self.file = file
-        self.fd = os.open(file, os.O_RDONLY)  # also for copies inside the kernel
+        self.fd = os.open(file, os.O_RDONLY)  # also reopened for direct reads (streamconv.reads)
         try:  # (a file torch_zip.load has read is not empty)
             self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
         except BaseException:
@@ -138,19 +138,6 @@ class Checkpoint:
         if mapped is not None:
             mapped.advise(array, mmap.MADV_DONTNEED)
 
-    def prefetch(self, array: np.ndarray) -> None:
-        """Have the kernel read a contiguous view's bytes into the page cache (not into this process).
-
-        One MADV_WILLNEED reads at most the device's readahead window (a few MB), so a large tensor is
-        asked for slice by slice. The reads complete asynchronously; this returns once they are queued.
-        """
-        mapped = self._file_of(array)
-        if mapped is None:
-            return
-        flat = array.reshape(-1).view(np.uint8)
-        for start in range(0, flat.size, _READAHEAD_SLICE):
-            mapped.advise(flat[start : start + _READAHEAD_SLICE], mmap.MADV_WILLNEED)
-
     def hparam(self, key: str, default: Any = None) -> Any:
         """One hyper-parameter, with interpolations such as `${.encoder_seq_length}` resolved."""
         return default if self.hparams is None else self.hparams.get(key, default)
@@ -198,7 +185,6 @@ def tensors_of(path: str, state_dict: Mapping, mapped: MappedFile) -> dict[str, 
     return {k: mapped.tensor(v) for k, v in state_dict.items() if isinstance(v, torch_zip.StoredTensor)}
 
 
-_READAHEAD_SLICE = 4 * 2**20
 
 
 class Files:

@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype; auto keeps the checkpoint's (default)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size; embedding rows past it are padding (default: the tokenizer's size "
-                   "with sentencepiece installed, else GPT-SW3's 64000)")
+                   "with sentencepiece installed, else GPT-SW3's 64000; a Llama model needs one of the two)")
     p.add_argument("--tokenizer", metavar="MODEL", default=None,
                    help="SentencePiece model to ship as spiece.model (default: the one inside a .nemo)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for checkpoints without hyper_parameters.cfg (overrides the cfg)")
+    p.add_argument("--family", default=None, choices=["gpt-sw3", "llama"],
+                   help="model family, when the cfg and tensors do not show it (default: found from them)")
     p.add_argument("--print-checkpoint-structure", action="store_true",
                    help="print every output tensor with its shape, dtype and source; without --save-path, "
                    "only that")
@@ -94,7 +96,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from streamconv.verification import verify
 
     problems = verify(args.checkpoint_path, args.save_path, dtype=args.dtype, vocab_size=args.vocab_size,
-                      num_heads=args.num_heads, tokenizer_path=args.tokenizer)
+                      num_heads=args.num_heads, family=args.family, tokenizer_path=args.tokenizer)
     for problem in problems:
         print(f"verify: {problem}")
     if problems:
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             vocab_size=args.vocab_size,
             num_heads=args.num_heads,
+            family=args.family,
             tokenizer_path=args.tokenizer,
             overwrite=args.overwrite,
             dry_run=args.dry_run or structure_only,

@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from streamconv import tokenizer
+from streamconv import recipes, tokenizer
 from streamconv.errors import ConversionError
 from streamconv.output import claimed, fsync, publish, staging_folder
 from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
-from streamconv.recipes import gpt_sw3
 from streamconv.sources import Checkpoint, open_checkpoint
 from streamconv.sources.records import Split
 
@@ -150,8 +149,9 @@ def import_torch() -> None:
 
 
 def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab_size: int | None,
-               num_heads: int | None = None) -> tuple[Plan, dict]:
-    """Recipes checked against the checkpoint's tensors, output dtypes, the shard plan and the HF config."""
+               num_heads: int | None = None, family: str | None = None) -> tuple[Plan, dict]:
+    """Recipes checked against the checkpoint's tensors, output dtypes, the shard plan and the HF config, for the
+    model family the checkpoint shows (`family`: the one --family forces)."""
     if checkpoint.hparams is None and num_heads is None:
         raise ConversionError(
             f"{checkpoint.path} has no {checkpoint.config_name}; pass --num-heads N to convert it anyway "
@@ -160,9 +160,10 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
-    dims = gpt_sw3.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads)
-    recipes = gpt_sw3.tensor_recipes(dims, embedding_rows=shapes[dims.names.embedding][0])
-    for r in recipes:  # every shape first, then how tensor-parallel slices divide
+    chosen = recipes.choose(checkpoint.hparam, shapes, family)
+    dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)
+    wanted = chosen.tensor_recipes(dims)
+    for r in wanted:  # every shape first, then how tensor-parallel slices divide
         if r.source not in shapes:
             raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
         if shapes[r.source] != r.source_shape:
@@ -173,9 +174,9 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
                 f"source tensor {r.source!r} has shape {shapes[r.source]}, expected {r.source_shape} "
                 f"from the checkpoint's cfg{missing}"
             )
-    for r in recipes:
+    for r in wanted:
         source = checkpoint.tensors[r.source]
-        if isinstance(source, Split) and r.rows is None:
+        if isinstance(source, Split) and r.row_ranges is None and r.arrangement.moves:
             sliced = r.arrangement.view[split_view_axis(r.source_shape, r.arrangement.view, source.axis)]
             if sliced % len(source.parts):
                 raise ConversionError(
@@ -183,9 +184,9 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
                     f"do not divide its {sliced} {'heads' if r.arrangement.name.startswith('qkv') else 'rows'}; check "
                     "num_attention_heads (--num-heads) against the checkpoint"
                 )
-    dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in recipes]
-    plan = make_plan(recipes, dtypes, shard_size)
-    config = gpt_sw3.hf_config(checkpoint.hparam, dims, dtypes[0].removeprefix("torch."))
+    dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in wanted]
+    plan = make_plan(wanted, dtypes, shard_size)
+    config = chosen.hf_config(checkpoint.hparam, dims, dtypes[0].removeprefix("torch."))
     return plan, config
 
 
@@ -198,13 +199,15 @@ def convert(
     dtype: str | torch.dtype | None = None,
     vocab_size: int | None = None,
     num_heads: int | None = None,
+    family: str | None = None,
     tokenizer_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
     before_write: Callable[[Plan], None] | None = None,
 ) -> ConversionResult:
-    """Convert a NeMo-Megatron GPT-SW3 `.ckpt` or `.nemo` into a Hugging Face GPT-2 folder of sharded safetensors.
+    """Convert a NeMo or Megatron checkpoint of a GPT-SW3 or Llama-style model into a Hugging Face folder of sharded
+    safetensors (GPT-2 or Llama; `family`, 'gpt-sw3' or 'llama', forces one, else the checkpoint shows which).
 
     The tokenizer is the SentencePiece model at `tokenizer_path`, else the one a `.nemo` ships; without
     `vocab_size`, the vocabulary is its size (with sentencepiece installed), else GPT-SW3's 64000.
@@ -230,7 +233,7 @@ def convert(
                                                          bar_for))
         if model is not None:
             checkpoint.tokenizer = model
-        plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads)
+        plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads, family)
         notes = [checkpoint.note] if checkpoint.note else []
         if vocab_size is None:
             told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None
@@ -262,7 +265,9 @@ def convert(
         try:
             _write_config(staging, config)
             checked = None
-            if checkpoint.tokenizer is None:
+            if not tokenizer.ships(config):
+                notes.append("no tokenizer copied (streamconv does not yet write a Llama model's tokenizer)")
+            elif checkpoint.tokenizer is None:
                 notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
             elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
                 notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
@@ -327,15 +332,16 @@ def read_tokenizer(path: str) -> bytes:
 
 
 def _write_config(folder: str, config: dict) -> None:
-    """`config.json` as `GPT2Config(**config).to_json_file` writes it, without importing transformers.
+    """`config.json` as `GPT2Config(**config).to_json_file` (or LlamaConfig's) writes it, without importing
+    transformers.
 
     That import reads hundreds of files and costs over two seconds of a cold conversion, competing with the
-    stream for the disk and the CPU. GPT2Config fills every field not given here with its default when it
+    stream for the disk and the CPU. The config class fills every field not given here with its default when it
     loads the file (tests/test_convert.py checks the two load the same).
     """
     from importlib.metadata import PackageNotFoundError, version
 
-    written = {**config, "model_type": "gpt2"}
+    written = dict(config)
     with contextlib.suppress(PackageNotFoundError):  # transformers without its metadata: the field is optional
         written["transformers_version"] = version("transformers")
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:

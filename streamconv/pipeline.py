@@ -35,9 +35,9 @@ from streamconv import reads
 from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.reads import ReadAhead
-from streamconv.recipes.gpt_sw3 import Arrangement
+from streamconv.recipes.base import Arrangement
 from streamconv.safetensors_writer import STAGING_BYTES, ShardWriter
-from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split
+from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split, row_ranges
 
 # Source bytes read at once: direct reads of 8 MB run at the disk's speed (2.23 s for 2.6 GB, 2.26 s in 64 MB
 # reads, 2.51 s in 1 MB ones), and on the machines measured every byte of memory a process touches for the first
@@ -130,7 +130,7 @@ def stream(
 def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> SourceTensor | Split:
     """The source tensor (or tensor-parallel slices) of an output tensor, less any padding rows."""
     source = checkpoint.tensors[spec.recipe.source]
-    return source if spec.recipe.rows is None else source.first_rows(spec.recipe.rows)
+    return source if spec.recipe.row_ranges is None else row_ranges(source, spec.recipe.row_ranges)
 
 
 def parts_of(source: SourceTensor | Split) -> tuple[np.ndarray, ...]:

@@ -12,8 +12,8 @@ import functools
 import json
 import os
 
+from streamconv import recipes
 from streamconv.errors import first_line
-from streamconv.recipes.gpt_sw3 import special_tokens
 
 MODEL_FILE = "spiece.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -44,10 +44,15 @@ def _pieces(model: bytes) -> int | None:
         return None
 
 
+def ships(config: dict) -> bool:
+    """Whether a conversion to this config ships a SentencePiece tokenizer (GPT-SW3's; a Llama model's not yet)."""
+    family = recipes.by_model_type(config.get("model_type"))
+    return family is not None and getattr(family, "tokenizer_settings", None) is not None
+
+
 def settings(config: dict) -> dict:
-    """`tokenizer_config.json` for a model's config: GPTSw3Tokenizer, its length and special tokens."""
-    return {"tokenizer_class": "GPTSw3Tokenizer", "model_max_length": config["n_positions"],
-            **special_tokens(config["n_embd"])}
+    """`tokenizer_config.json` for a model's config (its family says which class, length and special tokens)."""
+    return recipes.by_model_type(config["model_type"]).tokenizer_settings(config)
 
 
 def save(folder: str, model: bytes, config: dict) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamconv import tokenizer
+from streamconv import recipes, tokenizer
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
@@ -61,11 +61,13 @@ def verify(
     dtype: str | torch.dtype | None = None,
     vocab_size: int | None = None,
     num_heads: int | None = None,
+    family: str | None = None,
     tokenizer_path: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """Every difference between `save_path` and the conversion of `checkpoint_path`; empty if none.
 
-    Settings not given are those the output records. Raises ConversionError only for input that cannot
+    Settings not given are those the output records; the model family is found as a conversion finds it
+    (`family` forces one, as --family did for the conversion). Raises ConversionError only for input that cannot
     be read at all (no such folder, a checkpoint that does not open).
     """
     save_path = os.fspath(save_path)
@@ -78,7 +80,7 @@ def verify(
     with open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None) as checkpoint:
         if model is not None:  # it may set the vocabulary size, as in conversion
             checkpoint.tokenizer = model
-        _verify(checkpoint, _Folder(save_path, problems), out_dtype, vocab_size, num_heads)
+        _verify(checkpoint, _Folder(save_path, problems), out_dtype, vocab_size, num_heads, family)
     return problems.lines()
 
 
@@ -194,7 +196,7 @@ class _Stored:
 
 
 def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_size: int | None,
-            num_heads: int | None) -> None:
+            num_heads: int | None, family: str | None) -> None:
     problems = folder.problems
     written = folder.json_object(CONFIG_NAME)
     recorded = written or {}
@@ -202,18 +204,18 @@ def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_si
     shipped = folder.read(tokenizer.MODEL_FILE, tokenizer.MAX_BYTES)
     if given is None:  # converted with --tokenizer: the output is its record
         checkpoint.tokenizer = shipped
-    settings = _settings(checkpoint, recorded, vocab_size, num_heads, problems)
+    settings = _settings(checkpoint, recorded, vocab_size, num_heads, family, problems)
     if settings is None:  # config.json's settings do not fit, and the tensors cannot be checked without: said
         return
     vocab_size, num_heads = settings
-    plan, config = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads)
+    plan, config = build_plan(checkpoint, 2**62, dtype, vocab_size, num_heads, family)
 
     index = folder.json_object(INDEX_NAME)
     shards = _shard_files(folder, index)
     found, total, complete = _read_headers(folder, shards, {t.name for t in plan.tensors})  # (names: any dtype)
     cast = _recorded_cast(recorded, {s.dtype for s in found.values()}) if dtype is None else None
     if cast is not None:  # converted with --dtype: config.json records it, and every tensor has it
-        plan, config = build_plan(checkpoint, 2**62, cast, vocab_size, num_heads)
+        plan, config = build_plan(checkpoint, 2**62, cast, vocab_size, num_heads, family)
 
     if written is not None:
         _check_config(written, config, problems)
@@ -235,24 +237,31 @@ def _positive(value: Any) -> int | None:
 
 
 def _settings(checkpoint: Checkpoint, recorded: dict, vocab_size: int | None, num_heads: int | None,
-              problems: _Problems) -> tuple[int | None, int | None] | None:
+              family: str | None, problems: _Problems) -> tuple[int | None, int | None] | None:
     """vocab_size and num_heads as given, else as config.json records them if the checkpoint takes them
     (else that is a problem, and the defaults are tried: None if they do not fit either)."""
     read = (vocab_size if vocab_size is not None else _positive(recorded.get("vocab_size")),
-            num_heads if num_heads is not None else _positive(recorded.get("n_head")))
+            num_heads if num_heads is not None else _positive(recorded.get(_heads_key(recorded))))
     if read == (vocab_size, num_heads):
         return read
     try:
-        build_plan(checkpoint, 2**62, None, *read)
+        build_plan(checkpoint, 2**62, None, *read, family)
         return read
     except ConversionError as exc:
-        problems.add(f"{CONFIG_NAME}: its vocab_size {read[0]} and n_head {read[1]} do not fit the checkpoint "
+        problems.add(f"{CONFIG_NAME}: its vocab_size {read[0]} and {_heads_key(recorded)} {read[1]} do not fit the "
+                     "checkpoint "
                      f"({exc})")
     try:
-        build_plan(checkpoint, 2**62, None, vocab_size, num_heads)
+        build_plan(checkpoint, 2**62, None, vocab_size, num_heads, family)
         return vocab_size, num_heads
     except ConversionError:
         return None
+
+
+def _heads_key(recorded: dict) -> str:
+    """config.json's key for the head count: its model family's (GPT-2's n_head when it names none)."""
+    family = recipes.by_model_type(recorded.get("model_type"))
+    return family.HEADS_KEY if family is not None else recipes.gpt_sw3.HEADS_KEY
 
 
 def _recorded_cast(recorded: dict, stored: set[str]) -> str | None:
@@ -263,7 +272,7 @@ def _recorded_cast(recorded: dict, stored: set[str]) -> str | None:
 
 
 def _check_config(written: dict, config: dict, problems: _Problems) -> None:
-    wanted = {**config, "model_type": "gpt2"}
+    wanted = config
     for key, value in wanted.items():
         if type(written.get(key)) is not type(value) or written.get(key) != value:
             problems.add(f"{CONFIG_NAME}: {key} is {describe(written.get(key))}, expected {value!r}")
@@ -407,6 +416,8 @@ def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None
     """Check the tokenizer files a conversion writes and return their names (none without a tokenizer)."""
     problems = folder.problems
     model = given if given is not None else shipped
+    if not tokenizer.ships(config):
+        return set()  # (any tokenizer file there is then one a conversion does not write)
     if model is None:
         if tokenizer.CONFIG_FILE not in folder.entries and tokenizer.MODEL_FILE not in folder.entries:
             return set()

@@ -306,11 +306,12 @@ def test_a_compressed_zarr_checkpoint_is_refused_by_name(cases, tmp_path):
 
 
 @pytest.mark.parametrize("edit, named", [
-    ({"position_embedding_type": "rope"}, "rope position embeddings"),
-    ({"normalization": "rmsnorm", "activation": "swiglu"}, "rmsnorm normalization, a gated MLP (swiglu)"),
-    ({"share_embeddings_and_output_weights": False}, "untied"),
+    ({"position_embedding_type": "rope"}, "LayerNorm, a plain MLP, rotary positions, multi-head attention, biases"),
+    ({"normalization": "rmsnorm", "activation": "swiglu"}, "RMSNorm, a gated MLP, learned positions"),
+    ({"share_embeddings_and_output_weights": False}, "an untied output layer"),
+    ({"activation": "squared-relu"}, "the activation squared-relu"),
 ])
-def test_a_llama_style_model_is_refused_naming_its_features(cases, tmp_path, edit, named):
+def test_a_model_of_no_known_family_is_refused_naming_its_features(cases, tmp_path, edit, named):
     import yaml
 
     folder = shutil.copytree(cases["nemo1_folder_tp2pp2"].checkpoint, tmp_path / "nemo")
@@ -332,8 +333,8 @@ def test_grouped_query_attention_is_refused_from_the_shapes(cases, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     dcp.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, checkpoint_id=str(folder))
-    assert "grouped-query attention (128 query/key/value rows for hidden size 64" in refused(folder, tmp_path,
-                                                                                            "--num-heads", "4")
+    assert "LayerNorm, a plain MLP, learned positions, grouped-query attention" in refused(folder, tmp_path,
+                                                                                          "--num-heads", "4")
 
 
 def test_stacked_layers_without_elements_are_refused_at_once(tmp_path):
@@ -407,17 +408,18 @@ def test_optimizer_state_in_the_same_files_leaves_the_peak_where_the_weights_put
         (tmp_path / "legacy" / "model.safetensors").read_bytes()
 
 
-def test_refuse_other_families_reads_tensors_not_only_the_cfg():
-    from streamconv.recipes import gpt_sw3
+def test_the_family_is_read_from_the_tensors_without_a_cfg():
+    from streamconv.recipes import base, choose
 
-    names = gpt_sw3.names_of({"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
-                              "embedding.word_embeddings.weight"})
     shapes = {"embedding.word_embeddings.weight": (256, 64),
               "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": (64,),
               "decoder.layers.0.self_attention.linear_qkv.weight": (192, 64),
               "decoder.layers.0.mlp.linear_fc1.weight": (512, 64), "decoder.layers.0.mlp.linear_fc2.weight": (64, 256)}
-    with pytest.raises(ConversionError) as caught:
-        gpt_sw3.refuse_other_families(lambda key, default=None: default, shapes, names)
-    message = str(caught.value)
-    assert "rotary" in message and "without a bias" in message and "a gated MLP" in message
-    assert "grouped-query" not in message
+    no_cfg = lambda key, default=None: default  # noqa: E731
+    found = base.features(no_cfg, shapes, base.names_of(shapes))
+    assert (found.rms_norm, found.gated, found.rotary, found.bias, found.grouped, found.tied) == \
+        (True, True, True, False, False, True)
+    assert choose(no_cfg, shapes).NAME == "llama"
+    shapes["decoder.layers.0.self_attention.linear_qkv.bias"] = (192,)  # biases: neither family
+    with pytest.raises(ConversionError, match="RMSNorm, a gated MLP, rotary positions, multi-head attention, biases"):
+        choose(no_cfg, shapes)

@@ -359,8 +359,8 @@ def test_tokenizer_config_and_check_follow_the_model_family(spm, tmp_path):
 
     with open(spm, "rb") as f:
         model = f.read()
-    config = {"n_positions": 64, "n_embd": 64, "vocab_size": 1000, "bos_token_id": 2, "eos_token_id": 3,
-              "pad_token_id": 0}
+    config = {"model_type": "gpt2", "n_positions": 64, "n_embd": 64, "vocab_size": 1000, "bos_token_id": 2,
+              "eos_token_id": 3, "pad_token_id": 0}
     tokenizer.save(str(tmp_path), model, config)
     assert tokenizer.check(str(tmp_path), config) == "tokenizer copied as spiece.model and checked: " \
                                                      "GPTSw3Tokenizer of 1000 tokens"

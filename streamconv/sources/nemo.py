@@ -401,6 +401,7 @@ def _assemble(path: str, loaded: Mapping[Rank, tuple[Any, str]], cfg: Any, token
         checkpoint = Checkpoint(path=path, tensors={}, hparams=cfg, files=list(files.values()),
                                 config_name=config_name, tokenizer=tokenizer)
         checkpoint.tensors = parallel.merge(path, ranks, checkpoint.hparam, cfg is not None)
+        checkpoint.local_slices = 1 + max(t for t, _ in ranks)
     except BaseException:
         for mapped in files.values():
             mapped.close()

@@ -44,8 +44,8 @@ class SourceTensor:
     def nbytes(self) -> int:
         return self.bits.nbytes
 
-    def first_rows(self, rows: int) -> SourceTensor:
-        return SourceTensor(self.bits[:rows], self.dtype)
+    def rows(self, start: int, stop: int) -> SourceTensor:
+        return SourceTensor(self.bits[start:stop], self.dtype)
 
 
 def address(array: np.ndarray) -> int:
@@ -111,6 +111,9 @@ class Checkpoint:
     config_name: str = "'hyper_parameters.cfg' entry"  # where the cfg comes from, for error messages
     note: str = ""  # said in the summary, e.g. that a gzip archive was extracted
     tokenizer: bytes | None = None  # the SentencePiece model shipped with the checkpoint (a .nemo artifact)
+    # Tensor-parallel ranks whose own state_dicts were concatenated (a fused [gate_r; up_r] per rank); 1 when
+    # tensors are stored whole, as in a distributed checkpoint
+    local_slices: int = 1
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -165,17 +168,28 @@ class Split:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    def first_rows(self, rows: int) -> Split:
-        """The first `rows` rows (axis 0) of the concatenation: vocabulary padding sits on the last ranks (or,
-        for slices side by side, on the last rows of each)."""
+    def rows(self, start: int, stop: int) -> Split:
+        """Rows start..stop (axis 0) of the concatenation: of the slices they fall in, for slices stacked on rows
+        (vocabulary padding sits on the last ranks); of every slice, for slices side by side."""
         if self.axis != 0:
-            return Split(tuple(p.first_rows(rows) for p in self.parts), self.axis)
-        parts, left = [], rows
+            return Split(tuple(p.rows(start, stop) for p in self.parts), self.axis)
+        parts, first = [], 0
         for part in self.parts:
-            if left > 0:
-                parts.append(part.first_rows(left))
-                left -= parts[-1].shape[0]
+            rows = part.shape[0]
+            if first < stop and start < first + rows:
+                parts.append(part.rows(max(start - first, 0), min(stop - first, rows)))
+            first += rows
         return Split(tuple(parts), self.axis)
+
+
+def row_ranges(source: SourceTensor | Split, ranges: tuple[tuple[int, int], ...]) -> SourceTensor | Split:
+    """These [start, stop) row ranges of a tensor, concatenated: one tensor, or a Split of slices stacked on rows."""
+    pieces = [source.rows(a, b) for a, b in ranges]
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(source, Split) and source.axis != 0:
+        raise ValueError("row ranges of slices side by side are not one tensor")
+    return Split(tuple(p for piece in pieces for p in (piece.parts if isinstance(piece, Split) else (piece,))), 0)
 
 
 def tensors_of(path: str, state_dict: Mapping, mapped: MappedFile) -> dict[str, SourceTensor]:

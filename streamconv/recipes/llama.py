@@ -1,0 +1,197 @@
+"""Llama-style megatron-core GPT models (RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases)
+to Hugging Face Llama (`LlamaForCausalLM`).
+
+Both keep `nn.Linear`'s `[out, in]` layout, and megatron-core's default rotary layout is the half-split one
+transformers uses, so no element moves: every output is a source tensor or some of its rows. megatron-core's
+fused QKV weight groups its rows `(groups, heads / groups + 2, head_dim)`: each group's query heads, then its
+key head, then its value head; `linear_fc1` is `[gate; up]`, whole in a distributed checkpoint, per rank
+(`[gate_r; up_r]` on each of the tensor-parallel ranks) in state_dicts saved rank by rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from streamconv.errors import ConversionError
+from streamconv.recipes import base
+from streamconv.recipes.base import Features, HParam, Names, TensorRecipe
+
+NAME = "llama"
+MODEL_TYPE = "llama"
+DESCRIPTION = "Llama (RMSNorm, a SwiGLU MLP, rotary positions, no biases)"
+HEADS_KEY = "num_attention_heads"  # config.json's head count
+
+
+def accepts(found: Features) -> bool:
+    return found.rms_norm and found.gated and found.rotary and not found.bias and not found.odd
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model dimensions the mapping needs, read from the cfg and checked against the tensors."""
+
+    hidden: int
+    layers: int
+    heads: int
+    groups: int  # key/value heads
+    head_dim: int
+    ffn: int
+    positions: int
+    vocab: int
+    names: Names
+    embedding_rows: int
+    tied: bool
+    local_slices: int  # tensor-parallel ranks whose `[gate_r; up_r]` were concatenated (1: stored whole)
+
+
+def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
+              num_heads: int | None = None, local_slices: int = 1) -> Dims:
+    """Model dimensions from the cfg (`hparam(key)` reads one value), checked against the tensor shapes."""
+    names = base.names_of(shapes)
+    if names.scheme != "megatron-core":
+        raise ConversionError("this Llama-style model uses legacy NeMo names (model.language_model.); streamconv "
+                              "converts Llama-style models saved by megatron-core (NeMo 1.2x+, NeMo 2.0, Megatron-LM)")
+    base.check_matrices(shapes, names)
+    found = base.layer_ids(shapes, names)
+    qkv, fc2 = shapes.get(names.of(0, "qkv", "weight")), shapes.get(names.of(0, "fc2", "weight"))
+    values = base.sizes(hparam, {
+        "hidden_size": shapes[names.embedding][1],
+        "num_layers": len(found),
+        "ffn_hidden_size": fc2[1] if fc2 else None,
+        "num_attention_heads": num_heads,
+    }, num_heads)
+    hidden, heads, ffn = values["hidden_size"], values["num_attention_heads"], values["ffn_hidden_size"]
+    base.check_layers(values["num_layers"], found)
+    if heads <= 0:
+        raise ConversionError(f"num_attention_heads is {heads}; check the cfg or --num-heads")
+    kv_channels = hparam("kv_channels")
+    head_dim = base.number("kv_channels", kv_channels, int) if kv_channels is not None else hidden // heads
+    if head_dim <= 0 or kv_channels is None and hidden % heads:
+        raise ConversionError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}, and the cfg "
+                              "gives no kv_channels; check the cfg or --num-heads")
+    groups = _groups(qkv[0] if qkv else 0, heads, head_dim, names)
+    said = hparam("num_query_groups")
+    if hparam("group_query_attention") is not False and said is not None and said != groups:
+        raise ConversionError(f"the cfg says num_query_groups {said}, but {names.of(0, 'qkv', 'weight')!r} holds "
+                              f"{groups} key/value groups of {heads} heads of {head_dim}; fix the cfg or --num-heads")
+    if local_slices > 1 and (ffn % local_slices or groups % local_slices):
+        raise ConversionError(f"the {local_slices} tensor-parallel ranks do not divide ffn_hidden_size {ffn} and "
+                              f"{groups} key/value groups; are the ranks from one checkpoint?")
+    positions = hparam("max_position_embeddings", hparam("encoder_seq_length"))
+    if positions is None:
+        raise ConversionError("the cfg gives neither max_position_embeddings nor encoder_seq_length (the context "
+                              "length config.json needs); fix the checkpoint's cfg")
+    if vocab_size is None:
+        raise ConversionError("the vocabulary size is unknown (the checkpoint ships no SentencePiece tokenizer that "
+                              "says it); pass --vocab-size N")
+    if vocab_size <= 0:
+        raise ConversionError(f"--vocab-size must be positive, got {vocab_size}")
+    rows = shapes[names.embedding][0]
+    if vocab_size > rows:
+        raise ConversionError(f"vocabulary size {vocab_size} is larger than the {rows} embedding rows in the "
+                              f"checkpoint; pass --vocab-size {rows} or less")
+    tied = names.output_layer not in shapes
+    return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn, base.number("max_position_embeddings",
+                positions, int), int(vocab_size), names, rows, tied, local_slices)
+
+
+def _groups(rows: int, heads: int, head_dim: int, names: Names) -> int:
+    """The key/value groups of a QKV weight with `rows` rows: (heads + 2 x groups) x head_dim of them."""
+    groups, left = divmod(rows // head_dim - heads, 2) if rows % head_dim == 0 else (0, 1)
+    if left or groups <= 0 or heads % groups:
+        raise ConversionError(f"{names.of(0, 'qkv', 'weight')!r} has {rows} rows, not (heads + 2 x groups) x "
+                              f"head_dim for {heads} heads of {head_dim}; check num_attention_heads (--num-heads) "
+                              "and kv_channels")
+    return groups
+
+
+def tensor_recipes(dims: Dims) -> list[TensorRecipe]:
+    """Every output tensor, in `LlamaForCausalLM`'s order."""
+    h, f, hd, names = dims.hidden, dims.ffn, dims.head_dim, dims.names
+    per_group = dims.heads // dims.groups
+    qkv_rows = (dims.heads + 2 * dims.groups) * hd
+    slot = (per_group + 2) * hd  # one group's rows
+
+    def heads(first: int, count: int) -> tuple[tuple[int, int], ...]:
+        """Rows of heads first..first+count of every group."""
+        return tuple((g * slot + first * hd, g * slot + (first + count) * hd) for g in range(dims.groups))
+
+    t = dims.local_slices
+    local = 2 * f // t  # one rank's [gate_r; up_r]
+    gate = tuple((r * local, r * local + f // t) for r in range(t))
+    up = tuple((r * local + f // t, (r + 1) * local) for r in range(t))
+
+    def whole(name: str, source: str, shape: tuple[int, ...]) -> TensorRecipe:
+        return TensorRecipe(name, source, shape, shape, base.copy(shape))
+
+    def rows(name: str, source: str, source_shape: tuple[int, ...], ranges: tuple[tuple[int, int], ...]
+             ) -> TensorRecipe:
+        shape = (sum(b - a for a, b in ranges), *source_shape[1:])
+        return TensorRecipe(name, source, source_shape, shape, base.copy(shape), row_ranges=ranges)
+
+    out = [rows("model.embed_tokens.weight", names.embedding, (dims.embedding_rows, h), ((0, dims.vocab),))]
+    for i in range(dims.layers):
+        dst, qkv = f"model.layers.{i}.", names.of(i, "qkv", "weight")
+        out += [
+            whole(dst + "input_layernorm.weight", names.of(i, "input_norm", "weight"), (h,)),
+            rows(dst + "self_attn.q_proj.weight", qkv, (qkv_rows, h), heads(0, per_group)),
+            rows(dst + "self_attn.k_proj.weight", qkv, (qkv_rows, h), heads(per_group, 1)),
+            rows(dst + "self_attn.v_proj.weight", qkv, (qkv_rows, h), heads(per_group + 1, 1)),
+            whole(dst + "self_attn.o_proj.weight", names.of(i, "proj", "weight"), (h, dims.heads * hd)),
+            whole(dst + "post_attention_layernorm.weight", names.of(i, "mlp_norm", "weight"), (h,)),
+            rows(dst + "mlp.gate_proj.weight", names.of(i, "fc1", "weight"), (2 * f, h), gate),
+            rows(dst + "mlp.up_proj.weight", names.of(i, "fc1", "weight"), (2 * f, h), up),
+            whole(dst + "mlp.down_proj.weight", names.of(i, "fc2", "weight"), (h, f)),
+        ]
+    out.append(whole("model.norm.weight", names.final_norm + ".weight", (h,)))
+    if not dims.tied:
+        out.append(rows("lm_head.weight", names.output_layer, (dims.embedding_rows, h), ((0, dims.vocab),)))
+    return out
+
+
+def _rope_scaling(hparam: HParam) -> dict[str, Any] | None:
+    """Llama 3.1's frequency scaling (Megatron-LM's `use_rope_scaling`, NeMo 2.0's Llama31Config fields) or a
+    linear position interpolation (`seq_len_interpolation_factor`), as transformers' `rope_scaling`."""
+    if hparam("use_rope_scaling") is True or hparam("old_context_len") is not None:
+        factor = hparam("rope_scaling_factor", hparam("scale_factor", 8.0))
+        return {"rope_type": "llama3", "factor": base.number("rope_scaling_factor", factor, float),
+                "low_freq_factor": base.number("low_freq_factor", hparam("low_freq_factor", 1.0), float),
+                "high_freq_factor": base.number("high_freq_factor", hparam("high_freq_factor", 4.0), float),
+                "original_max_position_embeddings": base.number("old_context_len", hparam("old_context_len", 8192),
+                                                                int)}
+    factor = hparam("seq_len_interpolation_factor")
+    if factor is not None:
+        return {"rope_type": "linear", "factor": base.number("seq_len_interpolation_factor", factor, float)}
+    return None
+
+
+def hf_config(hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
+    """LlamaConfig keyword arguments."""
+    percent = hparam("rotary_percent", hparam("rotary_percentage", 1.0))
+    if percent != 1.0 or hparam("rotary_interleaved") is True:
+        raise ConversionError(f"the cfg says rotary_percent {percent}, rotary_interleaved "
+                              f"{hparam('rotary_interleaved')}: Hugging Face Llama rotates every dimension, "
+                              "half-split; streamconv cannot convert this model")
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": dims.vocab,
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.ffn,
+        "num_hidden_layers": dims.layers,
+        "num_attention_heads": dims.heads,
+        "num_key_value_heads": dims.groups,
+        "head_dim": dims.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": dims.positions,
+        "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5), float),
+        "rope_theta": base.number("rotary_base", hparam("rotary_base", 10000), float),
+        "rope_scaling": _rope_scaling(hparam),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": dims.tied,
+        "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float),
+        "use_cache": True,
+        "dtype": dtype_name,
+    }

@@ -34,7 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 DIMS = ("hidden", "layers", "heads", "ffn", "vocab", "seq")
 INIT = ("std", "seed")
 DEFAULTS: dict[str, Any] = dict(tp=1, pp=1, dtype="bf16", layout="bare", optimizer=False, hidden=64, layers=4,
-                                heads=4, ffn=256, vocab=256, seq=64, seed=1234, std=0.1)
+                                heads=4, ffn=256, vocab=256, seq=64, seed=1234, std=0.1, groups=0)
+# groups > 0: a Llama-style model (RMSNorm, SwiGLU, rotary positions with ROPE_BASE, that many key/value groups, no
+# biases, an untied output layer); 0: GPT-SW3's GPT-2 architecture
+ROPE_BASE = 500000
 ITERATION = 10  # the step every training layout records
 STALE_ITERATION = 5  # megatron_lm also holds this older iteration, with other (negated) weights
 MAKE_VOCAB_DIVISIBLE_BY = 128
@@ -116,11 +119,14 @@ def _complete(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("dtype is bf16 or fp32")
     if c["layers"] % c["pp"] or c["heads"] % c["tp"] or c["vocab"] % c["tp"] or c["ffn"] % c["tp"]:
         raise ValueError("layers must divide by pp; heads, vocab and ffn by tp")
+    if c["groups"] and (c["heads"] % c["groups"] or c["groups"] % c["tp"]):
+        raise ValueError("groups must divide heads, and tp groups")
     return c
 
 
 def _base_name(c: dict[str, Any]) -> str:
-    return "base-" + "-".join(f"{k}{c[k]}" for k in (*DIMS, "dtype", *INIT))
+    llama = f"-llama{c['groups']}" if c["groups"] else ""
+    return "base-" + "-".join(f"{k}{c[k]}" for k in (*DIMS, "dtype", *INIT)) + llama
 
 
 def _case_name(c: dict[str, Any]) -> str:
@@ -155,6 +161,9 @@ def nemo_cfg(c: dict[str, Any]) -> dict[str, Any]:
         "tokenizer": {"library": "sentencepiece", "type": None, "model": f"nemo:{TOKENIZER}",
                       "vocab_file": None, "merge_file": None},
         "optim": {"name": "distributed_fused_adam", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        **({"normalization": "rmsnorm", "activation": "fast-swiglu", "position_embedding_type": "rope",
+            "bias": False, "share_embeddings_and_output_weights": False, "num_query_groups": c["groups"],
+            "rotary_base": ROPE_BASE, "rotary_percentage": 1.0} if c["groups"] else {}),
     }
 
 
@@ -167,7 +176,7 @@ def megatron_lm_args(c: dict[str, Any]):
     from megatron.core.transformer.enums import AttnBackend
 
     bf16 = c["dtype"] == "bf16"
-    return argparse.Namespace(
+    args = dict(
         num_layers=c["layers"], hidden_size=c["hidden"], ffn_hidden_size=c["ffn"],
         num_attention_heads=c["heads"], num_query_groups=c["heads"], group_query_attention=False,
         kv_channels=c["hidden"] // c["heads"], max_position_embeddings=c["seq"], seq_length=c["seq"],
@@ -182,6 +191,12 @@ def megatron_lm_args(c: dict[str, Any]):
         tokenizer_type="GPTSentencePieceTokenizer", iteration=ITERATION, consumed_train_samples=ITERATION * 8,
         hidden_dropout=0.0, attention_dropout=0.0, use_distributed_optimizer=False,
     )
+    if c["groups"]:
+        args.update(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_position_embedding=False,
+                    untie_embeddings_and_output_weights=True, add_bias_linear=False, add_qkv_bias=False,
+                    num_query_groups=c["groups"], group_query_attention=c["groups"] < c["heads"],
+                    rotary_base=ROPE_BASE, rotary_percent=1.0, use_rope_scaling=False)
+    return argparse.Namespace(**args)
 
 
 def _container_state(c: dict[str, Any], model_sd: dict, optim_sd: dict | None, iteration: int,
@@ -289,16 +304,20 @@ def _build(c: dict[str, Any]):
     from megatron.core.transformer.module import Float16Module
 
     dtype = torch.bfloat16 if c["dtype"] == "bf16" else torch.float32
+    llama = bool(c["groups"])
+    family = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                  num_query_groups=c["groups"]) if llama else \
+        dict(normalization="LayerNorm", add_bias_linear=True, activation_func=F.gelu)
     config = TransformerConfig(
         num_layers=c["layers"], hidden_size=c["hidden"], num_attention_heads=c["heads"], ffn_hidden_size=c["ffn"],
-        use_cpu_initialization=True, normalization="LayerNorm", layernorm_epsilon=EPS, add_bias_linear=True,
-        activation_func=F.gelu, params_dtype=dtype, bf16=c["dtype"] == "bf16", pipeline_dtype=dtype,
-        tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"], hidden_dropout=0.0,
-        attention_dropout=0.0, init_method_std=c["std"])
-    gpt = GPTModel(config, get_gpt_layer_local_spec(), c["vocab"], c["seq"],
+        use_cpu_initialization=True, layernorm_epsilon=EPS, params_dtype=dtype, bf16=c["dtype"] == "bf16",
+        pipeline_dtype=dtype, tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=c["std"], **family)
+    positions = dict(position_embedding_type="rope", rotary_base=ROPE_BASE, share_embeddings_and_output_weights=False) \
+        if llama else dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+    gpt = GPTModel(config, get_gpt_layer_local_spec(normalization=config.normalization), c["vocab"], c["seq"],
                    pre_process=parallel_state.is_pipeline_first_stage(),
-                   post_process=parallel_state.is_pipeline_last_stage(),
-                   position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+                   post_process=parallel_state.is_pipeline_last_stage(), **positions)
     # As Megatron-LM and NeMo (O2) train in bf16: every parameter (layer norms, position embeddings too) bf16.
     model = Float16Module(config, gpt) if c["dtype"] == "bf16" else gpt
     model.eval()
@@ -472,11 +491,14 @@ def _nemo2_config_fields(c: dict[str, Any]) -> dict[str, Any]:
         "gated_linear_unit": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
         "tensor_model_parallel_size": c["tp"], "pipeline_model_parallel_size": c["pp"], "bf16": bf16,
         "fp16": False,
+        **({"normalization": "RMSNorm", "gated_linear_unit": True, "position_embedding_type": "rope",
+            "share_embeddings_and_output_weights": False, "add_bias_linear": False, "num_query_groups": c["groups"],
+            "rotary_base": ROPE_BASE} if c["groups"] else {}),
     }
 
 
 def nemo2_model_yaml(c: dict[str, Any]) -> dict[str, Any]:
-    fn = {"_call_": False, "_target_": "torch.nn.functional.gelu"}
+    fn = {"_call_": False, "_target_": f"torch.nn.functional.{'silu' if c['groups'] else 'gelu'}"}
     dtype = {"_call_": True, "_target_": "torch.dtype"}
     return {
         "_target_": "nemo.collections.llm.gpt.model.base.GPTModel",
@@ -510,7 +532,7 @@ def nemo2_io_json(c: dict[str, Any]) -> dict[str, Any]:
 
     fields = _nemo2_config_fields(c)
     gpt_config = config(("nemo.collections.llm.gpt.model.base", "GPTConfig"), {
-        **fields, "activation_func": pyref("torch.nn.functional", "gelu"),
+        **fields, "activation_func": pyref("torch.nn.functional", "silu" if c["groups"] else "gelu"),
         "params_dtype": pyref("torch", "bfloat16" if fields["bf16"] else "float32")}, "<root>.model.config")
     objects = {
         "trainer_context_1": config(("nemo.lightning.io.pl", "TrainerContext"), {

@@ -1,0 +1,180 @@
+"""Llama-style megatron-core models (RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases, an untied
+output layer), written by megatron-core itself (tests/mcore_models.py with `groups`), converted to LlamaForCausalLM.
+
+Oracles: megatron-core's own logits of each model (its forward pass in fp32 on the stored weights) against
+transformers' logits of the converted folder; every output tensor against torch's own `dcp_to_torch_save` reading
+of the checkpoint put through the mapping written out below; the same model in every container converting to the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import streamconv
+from streamconv.testing import peak_rss_of
+from tests.conftest import run_cli
+from tests.test_mcore import output_tensors, refused
+from tests.test_mcore_writer import _have_megatron_core, whole
+
+if not _have_megatron_core():
+    pytest.skip("megatron-core is not installed", allow_module_level=True)
+
+VOCAB = 256
+CASES = {
+    "gqa_nemo1_fp32": dict(groups=2, layout="nemo1", dtype="fp32"),
+    "gqa_nemo1_tp2": dict(groups=2, layout="nemo1", tp=2),
+    "gqa_megatron_lm_tp2": dict(groups=2, layout="megatron_lm", tp=2),
+    "gqa_nemo2_tp2pp2": dict(groups=2, layout="nemo2", tp=2, pp=2),
+    "gqa_nemo1_train_tp2pp2_fp32": dict(groups=2, layout="nemo1_train", tp=2, pp=2, dtype="fp32"),
+    "gqa_legacy_tp2": dict(groups=2, layout="legacy_container", tp=2),
+    "gqa_legacy_tp2pp2_fp32": dict(groups=2, layout="legacy_container", tp=2, pp=2, dtype="fp32"),
+    "mha_nemo1_tp2": dict(groups=4, layout="nemo1", tp=2),
+    "mha_legacy_tp2_fp32": dict(groups=4, layout="legacy_container", tp=2, dtype="fp32"),
+    "mqa_megatron_lm_fp32": dict(groups=1, layout="megatron_lm", dtype="fp32"),
+    "gqa_nemo1_folder_tp2": dict(groups=2, layout="nemo1_folder", tp=2),
+}
+
+
+@pytest.fixture(scope="session")
+def cases(mcore_cases):
+    return mcore_cases(CASES)
+
+
+def llama_logits(folder, input_ids):
+    from transformers import LlamaForCausalLM
+
+    model, info = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        return model.eval()(input_ids).logits
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_megatron_core(cases, tmp_path, name):
+    case = cases[name]
+    result = streamconv.convert(case.checkpoint, tmp_path / "hf", vocab_size=VOCAB)
+    assert result.config["model_type"] == "llama"
+    assert result.config["num_key_value_heads"] == case.config["groups"]
+    assert result.config["rope_theta"] == 500000.0 and result.config["tie_word_embeddings"] is False
+    logits = llama_logits(tmp_path / "hf", case.input_ids)
+    assert (logits - case.logits_fp32).abs().max() < 1e-4
+    assert streamconv.verify(case.checkpoint, tmp_path / "hf") == []
+
+
+def expected_llama(sd: dict, c: dict) -> dict[str, torch.Tensor]:
+    """The mapping, written out independently: megatron-core's stacked global tensors -> Hugging Face Llama."""
+    h, heads, groups, f = c["hidden"], c["heads"], c["groups"], c["ffn"]
+    hd, per = h // heads, heads // groups
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:VOCAB],
+           "model.norm.weight": sd["decoder.final_layernorm.weight"],
+           "lm_head.weight": sd["output_layer.weight"][:VOCAB]}
+    layer = "decoder.layers."
+    for i in range(c["layers"]):
+        qkv = sd[layer + "self_attention.linear_qkv.weight"][i].reshape(groups, per + 2, hd, h)
+        fc1 = sd[layer + "mlp.linear_fc1.weight"][i]
+        out |= {f"model.layers.{i}.{k}": v for k, v in {
+            "input_layernorm.weight": sd[layer + "self_attention.linear_qkv.layer_norm_weight"][i],
+            "self_attn.q_proj.weight": qkv[:, :per].reshape(heads * hd, h),
+            "self_attn.k_proj.weight": qkv[:, per].reshape(groups * hd, h),
+            "self_attn.v_proj.weight": qkv[:, per + 1].reshape(groups * hd, h),
+            "self_attn.o_proj.weight": sd[layer + "self_attention.linear_proj.weight"][i],
+            "post_attention_layernorm.weight": sd[layer + "mlp.linear_fc1.layer_norm_weight"][i],
+            "mlp.gate_proj.weight": fc1[:f], "mlp.up_proj.weight": fc1[f:],
+            "mlp.down_proj.weight": sd[layer + "mlp.linear_fc2.weight"][i]}.items()}
+    return out
+
+
+def test_every_tensor_is_the_mapping_of_torchs_own_reading(cases, tmp_path):
+    case = cases["gqa_nemo1_folder_tp2"]
+    streamconv.convert(case.checkpoint, tmp_path / "hf", vocab_size=VOCAB)
+    got = output_tensors(tmp_path / "hf")
+    expected = expected_llama(whole(case.checkpoint / "model_weights", "model."), case.config)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name].view(torch.int16),
+                                                              tensor.contiguous().view(torch.int16)), name
+
+
+def test_every_container_gives_the_same_bytes(cases, tmp_path):
+    """The same model saved whole (distributed) and rank by rank (per-rank [gate_r; up_r]) converts alike."""
+    for names in (("gqa_nemo1_tp2", "gqa_megatron_lm_tp2", "gqa_nemo2_tp2pp2", "gqa_legacy_tp2"),
+                  ("gqa_nemo1_fp32", "gqa_nemo1_train_tp2pp2_fp32", "gqa_legacy_tp2pp2_fp32")):
+        made = set()
+        for name in names:
+            streamconv.convert(cases[name].checkpoint, tmp_path / name, vocab_size=VOCAB)
+            made.add((tmp_path / name / "model.safetensors").read_bytes())
+        assert len(made) == 1, names
+
+
+def test_a_cast_keeps_the_logits(cases, tmp_path):
+    case = cases["gqa_nemo1_tp2"]
+    result = streamconv.convert(case.checkpoint, tmp_path / "hf", vocab_size=VOCAB, dtype="fp32")
+    assert result.config["dtype"] == "float32"
+    assert (llama_logits(tmp_path / "hf", case.input_ids) - case.logits_fp32).abs().max() < 1e-4
+    assert streamconv.verify(case.checkpoint, tmp_path / "hf") == []
+
+
+def test_a_changed_tensor_is_found_by_verify(cases, tmp_path):
+    case = cases["gqa_megatron_lm_tp2"]
+    streamconv.convert(case.checkpoint, tmp_path / "hf", vocab_size=VOCAB)
+    from safetensors.torch import save_file
+
+    tensors = output_tensors(tmp_path / "hf")
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] += 1
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    problems = streamconv.verify(case.checkpoint, tmp_path / "hf")
+    assert any("model.layers.1.self_attn.k_proj.weight" in p for p in problems), problems
+
+
+def test_without_a_vocabulary_size_it_asks_for_one(cases, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli("--checkpoint-path", str(cases["gqa_megatron_lm_tp2"].checkpoint), "--save-path", str(out),
+                   "--quiet")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "pass --vocab-size N" in done.stderr
+    assert not out.exists()
+
+
+def test_the_shipped_sentencepiece_model_gives_the_vocabulary(cases, tmp_path):
+    pytest.importorskip("sentencepiece")
+    result = streamconv.convert(cases["gqa_nemo1_tp2"].checkpoint, tmp_path / "hf")
+    assert result.config["vocab_size"] == VOCAB
+    assert "streamconv does not yet write a Llama model's tokenizer" in result.note
+
+
+def test_forcing_the_wrong_family_is_one_line(cases, tmp_path):
+    assert "is missing from the checkpoint" in refused(cases["gqa_megatron_lm_tp2"].checkpoint, tmp_path,
+                                                       "--family", "gpt-sw3")
+
+
+def test_biases_on_a_llama_style_model_are_refused_naming_them(cases, tmp_path):
+    import shutil
+
+    import yaml
+
+    folder = tmp_path / "nemo"
+    import tarfile
+
+    with tarfile.open(cases["gqa_nemo1_tp2"].checkpoint) as tar:
+        tar.extractall(folder, filter="data")
+    cfg = yaml.safe_load((folder / "model_config.yaml").read_text())
+    cfg["bias"] = True
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    message = refused(folder, tmp_path)
+    assert "RMSNorm, a gated MLP, rotary positions, grouped-query attention, biases" in message
+    shutil.rmtree(folder)
+
+
+def test_memory_stays_bounded_by_the_read_buffers(mcore_cases, tmp_path):
+    """Every Llama tensor is copied in order (no output buffer): a model of 8 MiB layers converts in the read
+    buffers' memory over a tiny model's."""
+    wide = dict(groups=4, layout="nemo1", hidden=1024, heads=16, ffn=4096, vocab=2048, layers=4, seq=64)
+    made = mcore_cases({"wide": wide, "tiny": dict(groups=2, layout="nemo1", layers=1)})
+    peaks = {name: peak_rss_of([sys.executable, "-m", "streamconv", "--checkpoint-path", str(case.checkpoint),
+                                "--save-path", str(tmp_path / name), "--vocab-size", str(case.config["vocab"]),
+                                "--quiet"]) for name, case in made.items()}
+    largest = 2 * 4096 * 1024 * 2  # linear_fc1 in bf16: 16 MiB, never held whole
+    assert peaks["wide"] < peaks["tiny"] + largest + 48 * 2**20, peaks

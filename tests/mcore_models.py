@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 DIMS = ("hidden", "layers", "heads", "ffn", "vocab", "seq")
 INIT = ("std", "seed")
 DEFAULTS: dict[str, Any] = dict(tp=1, pp=1, dtype="bf16", layout="bare", optimizer=False, hidden=64, layers=4,
-                                heads=4, ffn=256, vocab=256, seq=64, seed=1234, std=0.1, groups=0)
+                                heads=4, ffn=256, vocab=256, seq=64, seed=1234, std=0.1, groups=0, tied=False)
 # groups > 0: a Llama-style model (RMSNorm, SwiGLU, rotary positions with ROPE_BASE, that many key/value groups, no
-# biases, an untied output layer); 0: GPT-SW3's GPT-2 architecture
+# biases, an untied output layer unless `tied`); 0: GPT-SW3's GPT-2 architecture (always tied)
 ROPE_BASE = 500000
 ITERATION = 10  # the step every training layout records
 STALE_ITERATION = 5  # megatron_lm also holds this older iteration, with other (negated) weights
@@ -125,7 +125,7 @@ def _complete(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _base_name(c: dict[str, Any]) -> str:
-    llama = f"-llama{c['groups']}" if c["groups"] else ""
+    llama = f"-llama{c['groups']}{'-tied' if c['tied'] else ''}" if c["groups"] else ""
     return "base-" + "-".join(f"{k}{c[k]}" for k in (*DIMS, "dtype", *INIT)) + llama
 
 
@@ -162,7 +162,7 @@ def nemo_cfg(c: dict[str, Any]) -> dict[str, Any]:
                       "vocab_file": None, "merge_file": None},
         "optim": {"name": "distributed_fused_adam", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1},
         **({"normalization": "rmsnorm", "activation": "fast-swiglu", "position_embedding_type": "rope",
-            "bias": False, "share_embeddings_and_output_weights": False, "num_query_groups": c["groups"],
+            "bias": False, "share_embeddings_and_output_weights": c["tied"], "num_query_groups": c["groups"],
             "rotary_base": ROPE_BASE, "rotary_percentage": 1.0} if c["groups"] else {}),
     }
 
@@ -193,7 +193,7 @@ def megatron_lm_args(c: dict[str, Any]):
     )
     if c["groups"]:
         args.update(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_position_embedding=False,
-                    untie_embeddings_and_output_weights=True, add_bias_linear=False, add_qkv_bias=False,
+                    untie_embeddings_and_output_weights=not c["tied"], add_bias_linear=False, add_qkv_bias=False,
                     num_query_groups=c["groups"], group_query_attention=c["groups"] < c["heads"],
                     rotary_base=ROPE_BASE, rotary_percent=1.0, use_rope_scaling=False)
     return argparse.Namespace(**args)
@@ -313,7 +313,8 @@ def _build(c: dict[str, Any]):
         use_cpu_initialization=True, layernorm_epsilon=EPS, params_dtype=dtype, bf16=c["dtype"] == "bf16",
         pipeline_dtype=dtype, tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=c["std"], **family)
-    positions = dict(position_embedding_type="rope", rotary_base=ROPE_BASE, share_embeddings_and_output_weights=False) \
+    positions = dict(position_embedding_type="rope", rotary_base=ROPE_BASE,
+                     share_embeddings_and_output_weights=c["tied"]) \
         if llama else dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
     gpt = GPTModel(config, get_gpt_layer_local_spec(normalization=config.normalization), c["vocab"], c["seq"],
                    pre_process=parallel_state.is_pipeline_first_stage(),
@@ -492,7 +493,8 @@ def _nemo2_config_fields(c: dict[str, Any]) -> dict[str, Any]:
         "tensor_model_parallel_size": c["tp"], "pipeline_model_parallel_size": c["pp"], "bf16": bf16,
         "fp16": False,
         **({"normalization": "RMSNorm", "gated_linear_unit": True, "position_embedding_type": "rope",
-            "share_embeddings_and_output_weights": False, "add_bias_linear": False, "num_query_groups": c["groups"],
+            "share_embeddings_and_output_weights": c["tied"], "add_bias_linear": False,
+            "num_query_groups": c["groups"],
             "rotary_base": ROPE_BASE} if c["groups"] else {}),
     }
 

@@ -36,6 +36,8 @@ CASES = {
     "mha_legacy_tp2_fp32": dict(groups=4, layout="legacy_container", tp=2, dtype="fp32"),
     "mqa_megatron_lm_fp32": dict(groups=1, layout="megatron_lm", dtype="fp32"),
     "gqa_nemo1_folder_tp2": dict(groups=2, layout="nemo1_folder", tp=2),
+    "tied_nemo2_tp2pp2": dict(groups=2, layout="nemo2", tp=2, pp=2, tied=True),
+    "tied_legacy_pp2": dict(groups=2, layout="legacy_container", pp=2, tied=True),
 }
 
 
@@ -59,7 +61,8 @@ def test_logits_match_megatron_core(cases, tmp_path, name):
     result = streamconv.convert(case.checkpoint, tmp_path / "hf", vocab_size=VOCAB)
     assert result.config["model_type"] == "llama"
     assert result.config["num_key_value_heads"] == case.config["groups"]
-    assert result.config["rope_theta"] == 500000.0 and result.config["tie_word_embeddings"] is False
+    assert result.config["rope_theta"] == 500000.0 and result.config["tie_word_embeddings"] is case.config["tied"]
+    assert ("lm_head.weight" in output_tensors(tmp_path / "hf")) is not case.config["tied"]
     logits = llama_logits(tmp_path / "hf", case.input_ids)
     assert (logits - case.logits_fp32).abs().max() < 1e-4
     assert streamconv.verify(case.checkpoint, tmp_path / "hf") == []
@@ -178,3 +181,47 @@ def test_memory_stays_bounded_by_the_read_buffers(mcore_cases, tmp_path):
                                 "--quiet"]) for name, case in made.items()}
     largest = 2 * 4096 * 1024 * 2  # linear_fc1 in bf16: 16 MiB, never held whole
     assert peaks["wide"] < peaks["tiny"] + largest + 48 * 2**20, peaks
+
+
+@pytest.mark.parametrize("cfg", [{}, {"use_rope_scaling": True, "rope_scaling_factor": 8.0},
+                                 {"use_rope_scaling": True, "rope_scaling_factor": 16.0},
+                                 {"seq_len_interpolation_factor": 4.0}])
+def test_rotary_frequencies_are_megatron_cores(cfg):
+    """transformers' inverse frequencies for the config written equal megatron-core's for the cfg (Llama 3.1
+    scaling, linear interpolation: megatron-core divides the positions, transformers the frequencies)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from streamconv.recipes import base, llama
+
+    values = {"rotary_base": 500000, "max_position_embeddings": 131072, **cfg}
+    hparam = lambda key, default=None: values.get(key, default)  # noqa: E731
+    dims = llama.Dims(1024, 2, 8, 2, 128, 4096, 131072, 256, base.SCHEMES[1], 256, False, 1)
+    config = llama.hf_config(hparam, dims, "float32")
+    ours = LlamaRotaryEmbedding(LlamaConfig(**config)).inv_freq
+    theirs = RotaryEmbedding(kv_channels=128, rotary_percent=1.0, rotary_base=500000,
+                             rope_scaling=bool(cfg.get("use_rope_scaling")),
+                             rope_scaling_factor=cfg.get("rope_scaling_factor", 8.0), use_cpu_initialization=True,
+                             seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor")).inv_freq
+    theirs = theirs / cfg.get("seq_len_interpolation_factor", 1.0)
+    assert torch.allclose(ours.float(), theirs.float(), rtol=1e-6, atol=0), (ours, theirs)
+    if cfg.get("use_rope_scaling"):
+        assert not torch.allclose(ours.float(), RotaryEmbedding(128, 1.0, rotary_base=500000,
+                                                                use_cpu_initialization=True).inv_freq)
+
+
+@pytest.mark.parametrize("edit, named", [({"rotary_percentage": 0.5}, "rotary_percent 0.5"),
+                                         ({"rotary_interleaved": True}, "rotary_interleaved True")])
+def test_rotary_embeddings_transformers_cannot_express_are_refused(cases, tmp_path, edit, named):
+    import tarfile
+
+    import yaml
+
+    folder = tmp_path / "nemo"
+    with tarfile.open(cases["gqa_nemo1_tp2"].checkpoint) as tar:
+        tar.extractall(folder, filter="data")
+    cfg = yaml.safe_load((folder / "model_config.yaml").read_text())
+    cfg.update(edit)
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    assert named in refused(folder, tmp_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import cgroup, harness
+from benchmarks.llama import LlamaModel, ensure_llama
 from benchmarks.workloads import (
     PROFILES,
     SOURCE_DTYPES,
@@ -38,12 +39,14 @@ RSS_TENSORS, RSS_SLACK = 4, 64 * MiB
 # 12x catches a gross regression (streaming several times slower, or memory thrashing), not a small one:
 # track those with `--compare` on the medium profile.
 CI_RATIO_CEILING = 12.0
+LLAMA_PROFILE = "llama8b"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="medium",
+    p.add_argument("--profile", choices=[*sorted(PROFILES), LLAMA_PROFILE], default="medium",
                    help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB, 40b 4.3 GB (GPT-SW3 40B shapes); "
+                        "llama8b 3.05 GB (Llama 3 8B shapes, a distributed checkpoint of --tp ranks, default 2); "
                         "bf16 sizes (default medium)")
     p.add_argument("--layers", type=int, help="override the profile's layer count")
     p.add_argument("--optimizer", action="store_true",
@@ -114,15 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     if cold and not harness.drop_page_cache():
         print("cannot drop the page cache (needs root): runs are warm")
         cold = False
-    profile = PROFILES[args.profile]
+    profile = PROFILES.get(args.profile)
     meta = {
-        "started": harness.now(), "profile": profile.name, "optimizer": args.optimizer,
+        "started": harness.now(), "profile": args.profile, "optimizer": args.optimizer,
         "source_dtype": args.source_dtype,
         "page_cache": "cold" if cold else "warm", "rounds": args.rounds,
         "machine": harness.machine(cache), "torch": _torch_version(), "git": harness.git_state(),
         "load_average_at_start": os.getloadavg(),  # other work on the machine skews every figure
     }
     limit, meta["memory_limit"] = memory_limit(args.memory_limit)
+    if args.profile == LLAMA_PROFILE:
+        return llama_run(args, cache, scratch, cold, meta, limit)
     if args.scaling:
         return scaling(args, profile, cache, scratch, cold, meta, limit)
 
@@ -192,6 +197,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark CI passed: streamconv peak RSS {record['summary']['streamconv']['peak_rss_max'] / 1e9:.3f}"
               f" GB <= budget {ci['rss_budget'] / 1e9:.3f} GB; streamconv/copy "
               f"{record['ratios']['streamconv/copy']['wall']:.2f} <= {CI_RATIO_CEILING}")
+    return 0
+
+
+def llama_run(args: argparse.Namespace, cache: Path, scratch: Path, cold: bool, meta: dict,
+              limit: cgroup.Limit | None) -> int:
+    """copy, dd and streamconv (and its casts) on the Llama-shaped distributed checkpoint, interleaved."""
+    if args.scaling or args.ci or args.distributed or args.optimizer or args.source_dtype != "bf16":
+        raise SystemExit(f"--profile {LLAMA_PROFILE} runs copy, dd and streamconv (--dtype, --tp, --layers, "
+                         "--memory-limit); not --scaling, --ci, --distributed, --optimizer or --source-dtype")
+    model = LlamaModel(n_layer=args.layers or 2)
+    tp = args.tp if args.tp > 1 else 2
+    src = ensure_llama(cache, model, tp)
+    names = [n.strip() for n in args.contenders.split(",") if n.strip() != "naive"]  # (the naive one is GPT-SW3's)
+    if "dd" in names and (why := harness.dd_refusal(src, scratch)):
+        print(f"dd skipped: {why}")
+        names.remove("dd")
+    count, size = files_of(src)
+    meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": size, "files": count, "tp": tp,
+                 "weight_bytes": model.weight_bytes(), "largest_rearranged_bytes": 0, "skipped": {}})
+    print(f"{LLAMA_PROFILE}: {model.n_layer} layers, {model.weight_bytes() / 1e9:.2f} GB of bf16 weights, {tp} TP "
+          f"ranks, {count} files, {size / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}",
+          flush=True)
+    chosen = harness.contenders(model.vocab_size, ["cpu"], names, args.dtype)
+    runs = harness.run_rounds([(c.name, c, src, model.weight_bytes()) for c in chosen], scratch, args.rounds,
+                              cold, limit=limit)
+    record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
+    path = harness.write_record(record, args.results)
+    print()
+    print(harness.table(record))
+    print(f"\nrecord: {path}")
     return 0
 
 

@@ -427,3 +427,26 @@ def test_distributed_workload_is_the_ckpt_in_megatron_cores_layout(tmp_path):
     for name, src in (("ckpt", ckpt), ("dist", folder)):
         convert(src, tmp_path / name, vocab_size=500)
     assert harness.digests(tmp_path / "ckpt") == harness.digests(tmp_path / "dist")
+
+
+def test_the_llama_workload_is_a_distributed_checkpoint_streamconv_converts(tmp_path):
+    """The benchmark's Llama writer lays fc1 out as megatron-core does ([gate; up] globally, each rank's halves
+    apart): torch's own reading of it, mapped in the test, equals the conversion."""
+    import torch
+    from safetensors.torch import load_file
+
+    import streamconv
+    from benchmarks.llama import LlamaModel, ensure_llama
+    from tests.test_mcore_writer import whole
+
+    model = LlamaModel(hidden=64, heads=4, groups=2, ffn=128, vocab_size=256, n_layer=2, positions=64)
+    folder = ensure_llama(tmp_path, model, 2)
+    streamconv.convert(folder, tmp_path / "hf", vocab_size=256)
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    sd = whole(folder, "model.")
+    fc1 = sd["decoder.layers.mlp.linear_fc1.weight"][1]
+    assert torch.equal(got["model.layers.1.mlp.gate_proj.weight"], fc1[:128])
+    assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], fc1[128:])
+    qkv = sd["decoder.layers.self_attention.linear_qkv.weight"][0].reshape(2, 4, 16, 64)
+    assert torch.equal(got["model.layers.0.self_attn.k_proj.weight"], qkv[:, 2].reshape(32, 64))
+    assert torch.equal(got["lm_head.weight"], sd["output_layer.weight"])

@@ -159,6 +159,8 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         )
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
+    if vocab_size is None and checkpoint.tokenizer_files:
+        vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
     chosen = recipes.choose(checkpoint.hparam, shapes, family)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)
@@ -236,7 +238,8 @@ def convert(
         plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads, family)
         notes = [checkpoint.note] if checkpoint.note else []
         if vocab_size is None:
-            told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None
+            told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None \
+                or tokenizer.hf_vocab_size(checkpoint.tokenizer_files) is not None
             notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
                          "(GPT-SW3's default; --vocab-size sets it)"))
         result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
@@ -265,8 +268,14 @@ def convert(
         try:
             _write_config(staging, config)
             checked = None
-            if not tokenizer.ships(config):
-                notes.append("no tokenizer copied (streamconv does not yet write a Llama model's tokenizer)")
+            if not tokenizer.ships(config) and checkpoint.tokenizer_files:
+                for name, data in checkpoint.tokenizer_files.items():
+                    with open(os.path.join(staging, name), "wb") as f:
+                        f.write(data)
+                checked = background.submit(tokenizer.check_hf, staging, config)
+            elif not tokenizer.ships(config):
+                notes.append("no tokenizer copied (a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/; "
+                             "copy yours beside the model)")
             elif checkpoint.tokenizer is None:
                 notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
             elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:

@@ -18,6 +18,9 @@ from streamconv.errors import first_line
 MODEL_FILE = "spiece.model"
 CONFIG_FILE = "tokenizer_config.json"
 MAX_BYTES = 256 * 2**20  # GPT-SW3's tokenizer is about 1 MB
+# A Hugging Face tokenizer's files (`save_pretrained`), the ones a conversion copies; a Llama model's, as NeMo 2.0
+# ships them. Code (tokenization_*.py) is never among them.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def sentencepiece_available() -> bool:
@@ -48,6 +51,31 @@ def ships(config: dict) -> bool:
     """Whether a conversion to this config ships a SentencePiece tokenizer (GPT-SW3's; a Llama model's not yet)."""
     family = recipes.by_model_type(config.get("model_type"))
     return family is not None and getattr(family, "tokenizer_settings", None) is not None
+
+
+def hf_vocab_size(files: dict[str, bytes]) -> int | None:
+    """The vocabulary of a Hugging Face tokenizer: one more than the largest id in its `tokenizer.json` (model
+    vocabulary and added tokens); None without one that reads."""
+    try:
+        data = json.loads(files["tokenizer.json"])
+        ids = [*data["model"]["vocab"].values(), *(t["id"] for t in data.get("added_tokens") or [])]
+        return 1 + max(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+        return None
+
+
+def check_hf(folder: str, config: dict) -> str:
+    """Load the copied Hugging Face tokenizer as a user would and compare its size with the model's."""
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # whatever a damaged or foreign file makes the library raise
+        return f"tokenizer files copied but they do not load ({first_line(exc)})"
+    name, size = type(loaded).__name__, len(loaded)
+    if size > config["vocab_size"]:
+        return f"tokenizer files copied: {name} of {size} tokens, more than the model's {config['vocab_size']}"
+    return f"tokenizer files copied and checked: {name} of {size} tokens"
 
 
 def settings(config: dict) -> dict:

@@ -220,7 +220,8 @@ def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_si
     if written is not None:
         _check_config(written, config, problems)
     sharded = INDEX_NAME in folder.entries
-    expected_files = {CONFIG_NAME, INDEX_NAME, *shards, *_check_tokenizer(folder, given, shipped, config)}
+    expected_files = {CONFIG_NAME, INDEX_NAME, *shards, *_check_tokenizer(folder, given, shipped, config,
+                                                                         checkpoint.tokenizer_files)}
     for name, kind in sorted(folder.entries.items()):
         if name not in expected_files:
             what = f"not named in {INDEX_NAME}" if name.endswith(".safetensors") and sharded else \
@@ -412,12 +413,18 @@ def _check_index(index: dict, found: dict[str, _Stored], total: int, problems: _
             problems.add(f"{INDEX_NAME}: does not map {name}")
 
 
-def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None, config: dict) -> set[str]:
+def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None, config: dict,
+                     checkpoint_files: dict[str, bytes]) -> set[str]:
     """Check the tokenizer files a conversion writes and return their names (none without a tokenizer)."""
     problems = folder.problems
     model = given if given is not None else shipped
-    if not tokenizer.ships(config):
-        return set()  # (any tokenizer file there is then one a conversion does not write)
+    if not tokenizer.ships(config):  # a Hugging Face tokenizer's files, copied as they are, or none
+        for name, data in checkpoint_files.items():
+            if name not in folder.entries:
+                problems.add(f"{name}: missing (a conversion copies the checkpoint's tokenizer)")
+            elif folder.read(name, tokenizer.MAX_BYTES) != data:
+                problems.add(f"{name}: differs from the checkpoint's")
+        return set(checkpoint_files)
     if model is None:
         if tokenizer.CONFIG_FILE not in folder.entries and tokenizer.MODEL_FILE not in folder.entries:
             return set()

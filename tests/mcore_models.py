@@ -450,6 +450,8 @@ def _finish_case(root: Path, c: dict[str, Any], out: Path, seconds: float) -> fl
         context.mkdir(parents=True)
         (context / "model.yaml").write_text(yaml.safe_dump(nemo2_model_yaml(c), sort_keys=False))
         (context / "io.json").write_text(json.dumps(nemo2_io_json(c)))
+        if c["groups"]:  # a Llama model: NeMo 2.0 saves its Hugging Face tokenizer beside the config
+            _write_hf_tokenizer(context / "nemo_tokenizer", c["vocab"])
     if layout.pack:
         with tarfile.open(out / layout.checkpoint, "w:") as tar:  # NeMo's save_to: plain tar, members "./..."
             tar.add(out / layout.pack, arcname=".")
@@ -472,6 +474,19 @@ def _write_tokenizer(path: Path, vocab: int) -> None:
         make_sentencepiece_model(path, vocab)
     except (ImportError, ValueError):
         path.write_bytes(bytes(range(256)) * 16)
+
+
+def _write_hf_tokenizer(folder: Path, vocab: int) -> None:
+    """A Hugging Face tokenizer of `vocab` tokens (a word-level one: what matters is its files), saved as
+    NeMo 2.0's `save_hf_tokenizer_assets` saves one, with `save_pretrained`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=DEFAULTS["seq"]).save_pretrained(folder)
 
 
 # NeMo 2.0's context/: `model.yaml` is the model's fiddle config written as YAML (`_target_` keys, as

@@ -145,7 +145,7 @@ def test_the_shipped_sentencepiece_model_gives_the_vocabulary(cases, tmp_path):
     pytest.importorskip("sentencepiece")
     result = streamconv.convert(cases["gqa_nemo1_tp2"].checkpoint, tmp_path / "hf")
     assert result.config["vocab_size"] == VOCAB
-    assert "streamconv does not yet write a Llama model's tokenizer" in result.note
+    assert "no tokenizer copied (a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/" in result.note
 
 
 def test_forcing_the_wrong_family_is_one_line(cases, tmp_path):
@@ -225,3 +225,31 @@ def test_rotary_embeddings_transformers_cannot_express_are_refused(cases, tmp_pa
     cfg.update(edit)
     (folder / "model_config.yaml").write_text(yaml.safe_dump(cfg))
     assert named in refused(folder, tmp_path)
+
+
+def test_nemo2s_hugging_face_tokenizer_is_copied_and_gives_the_vocabulary(cases, tmp_path):
+    from transformers import AutoTokenizer
+
+    case = cases["gqa_nemo2_tp2pp2"]
+    result = streamconv.convert(case.checkpoint, tmp_path / "hf")  # no --vocab-size: tokenizer.json says it
+    assert result.config["vocab_size"] == VOCAB
+    assert "tokenizer files copied and checked: " in result.note and f"of {VOCAB} tokens" in result.note
+    shipped = case.checkpoint / "context" / "nemo_tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (shipped / name).read_bytes()
+    ours, theirs = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(shipped)
+    assert ours("w3 w17 w200").input_ids == theirs("w3 w17 w200").input_ids == [3, 17, 200]
+    assert streamconv.verify(case.checkpoint, tmp_path / "hf") == []
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    assert streamconv.verify(case.checkpoint, tmp_path / "hf") == ["tokenizer.json: differs from the checkpoint's"]
+
+
+def test_a_tokenizer_file_linking_out_of_the_checkpoint_is_refused(cases, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(cases["gqa_nemo2_tp2pp2"].checkpoint, tmp_path / "nemo2", symlinks=True)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"model": {"vocab": {"a": 0}}}')
+    (folder / "context" / "nemo_tokenizer" / "tokenizer.json").unlink()
+    (folder / "context" / "nemo_tokenizer" / "tokenizer.json").symlink_to(secret)
+    assert "outside the checkpoint folder" in refused(folder, tmp_path)

@@ -30,7 +30,7 @@ from streamconv.errors import ConversionError, describe
 from streamconv.sources import dcp, torch_zip
 from streamconv.sources.hparams import MAX_CONFIG_BYTES, Config, lightning_cfg, yaml_config
 from streamconv.sources.records import Checkpoint, Files, Folder, MappedFile, SourceTensor, Split
-from streamconv.tokenizer import MAX_BYTES
+from streamconv.tokenizer import HF_TOKENIZER_FILES, MAX_BYTES
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -42,6 +42,7 @@ _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)
 # Hyper-parameters are asked for by their NeMo 1.x names (what the recipes read); other writers' names:
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon"}
 NEMO2 = {"encoder_seq_length": "seq_length"}
+HF_TOKENIZER = "nemo_tokenizer"  # NeMo 2.0's folder in context/ for a Hugging Face tokenizer's save_pretrained
 
 
 def is_distributed(path: str) -> bool:
@@ -141,7 +142,8 @@ def _tracked_iteration(path: str) -> str:
 
 
 def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
-    """NeMo 2.0: the architecture from `context/model.yaml`'s `config`, the tokenizer file it names."""
+    """NeMo 2.0: the architecture from `context/model.yaml`'s `config`, the tokenizer file it names, the Hugging
+    Face tokenizer in `context/nemo_tokenizer/`."""
     if not os.path.isdir(context):
         raise ConversionError(f"{label} has no context/ folder beside weights/; copy the whole NeMo 2.0 checkpoint")
     for linked in (weights, context):
@@ -159,7 +161,14 @@ def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
             tokenizer = folder.read(name, MAX_BYTES)
     except ConversionError:
         tokenizer = None
-    return open_distributed(Folder(weights), cfg, "'config' section of context/model.yaml", tokenizer)
+    checkpoint = open_distributed(Folder(weights), cfg, "'config' section of context/model.yaml", tokenizer)
+    try:  # the Hugging Face tokenizer NeMo 2.0 saves beside the model, files of known names only
+        checkpoint.tokenizer_files = {name: folder.read(f"{HF_TOKENIZER}/{name}", MAX_BYTES)
+                                      for name in HF_TOKENIZER_FILES if folder.exists(f"{HF_TOKENIZER}/{name}")}
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint
 
 
 def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[str, Any]:

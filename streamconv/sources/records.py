@@ -114,6 +114,8 @@ class Checkpoint:
     # Tensor-parallel ranks whose own state_dicts were concatenated (a fused [gate_r; up_r] per rank); 1 when
     # tensors are stored whole, as in a distributed checkpoint
     local_slices: int = 1
+    # A Hugging Face tokenizer's files by name (NeMo 2.0's context/nemo_tokenizer/), copied as they are
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -275,7 +275,7 @@ def convert(
                 checked = background.submit(tokenizer.check_hf, staging, config)
             elif not tokenizer.ships(config):
                 notes.append("no tokenizer copied (a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/; "
-                             "copy yours beside the model)")
+                             "copy yours beside the model" + _named_tokenizer(checkpoint) + ")")
             elif checkpoint.tokenizer is None:
                 notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
             elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
@@ -308,6 +308,19 @@ def convert(
         result.peak_rss = peak_rss()
         result.note = "; ".join(notes)
         return result
+
+
+def _named_tokenizer(checkpoint: Checkpoint) -> str:
+    """What the cfg names as the tokenizer (NeMo's `tokenizer.type`, Megatron-LM's `tokenizer_model`: often a hub
+    name), said, never fetched nor opened."""
+    for key in ("tokenizer.type", "tokenizer_model"):
+        try:
+            name = checkpoint.hparam(key)
+        except ConversionError:
+            continue
+        if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 200:
+            return f"; the cfg names {name!r} as its tokenizer, not fetched"
+    return ""
 
 
 def _write_error(exc: OSError, save_path: str, staging: str, plan: Plan) -> BaseException:

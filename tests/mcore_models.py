@@ -195,7 +195,8 @@ def megatron_lm_args(c: dict[str, Any]):
         args.update(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_position_embedding=False,
                     untie_embeddings_and_output_weights=not c["tied"], add_bias_linear=False, add_qkv_bias=False,
                     num_query_groups=c["groups"], group_query_attention=c["groups"] < c["heads"],
-                    rotary_base=ROPE_BASE, rotary_percent=1.0, use_rope_scaling=False)
+                    rotary_base=ROPE_BASE, rotary_percent=1.0, use_rope_scaling=False,
+                    tokenizer_type="HuggingFaceTokenizer", tokenizer_model="meta-llama/Meta-Llama-3-8B")
     return argparse.Namespace(**args)
 
 

@@ -9,6 +9,7 @@ same bytes.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -146,6 +147,12 @@ def test_the_shipped_sentencepiece_model_gives_the_vocabulary(cases, tmp_path):
     result = streamconv.convert(cases["gqa_nemo1_tp2"].checkpoint, tmp_path / "hf")
     assert result.config["vocab_size"] == VOCAB
     assert "no tokenizer copied (a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/" in result.note
+
+
+def test_a_hub_tokenizer_the_cfg_names_is_said_not_fetched(cases, tmp_path):
+    result = streamconv.convert(cases["gqa_megatron_lm_tp2"].checkpoint, tmp_path / "hf", vocab_size=VOCAB)
+    assert "the cfg names 'meta-llama/Meta-Llama-3-8B' as its tokenizer, not fetched" in result.note
+    assert not [n for n in os.listdir(tmp_path / "hf") if n.startswith("tokenizer")]
 
 
 def test_forcing_the_wrong_family_is_one_line(cases, tmp_path):

@@ -159,10 +159,10 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         )
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
-    if vocab_size is None and checkpoint.tokenizer_files:
-        vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
     chosen = recipes.choose(checkpoint.hparam, shapes, family)
+    if vocab_size is None and checkpoint.tokenizer_files and not tokenizer.ships({"model_type": chosen.MODEL_TYPE}):
+        vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)
     wanted = chosen.tensor_recipes(dims)
     for r in wanted:  # every shape first, then how tensor-parallel slices divide
@@ -176,8 +176,17 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
                 f"source tensor {r.source!r} has shape {shapes[r.source]}, expected {r.source_shape} "
                 f"from the checkpoint's cfg{missing}"
             )
+    unused = sorted(set(shapes) - {r.source for r in wanted} - {k for k in shapes if _not_a_weight(k)})
+    if unused:
+        raise ConversionError(f"the checkpoint holds {len(unused)} tensor(s) that the {chosen.NAME} mapping has no "
+                              f"place for, such as {unused[0]!r}: converting would drop them; is this another "
+                              "architecture (biases, extra norms, experts)?")
     for r in wanted:
         source = checkpoint.tensors[r.source]
+        if isinstance(source, Split) and source.axis != 0 and r.row_ranges is not None and len(r.row_ranges) > 1:
+            raise ConversionError(f"source tensor {r.source!r} is stored in slices side by side (axis {source.axis}), "
+                                  f"and {r.name!r} takes rows out of it; megatron-core slices it by rows: is the "
+                                  "checkpoint from another writer?")
         if isinstance(source, Split) and r.row_ranges is None and r.arrangement.moves:
             sliced = r.arrangement.view[split_view_axis(r.source_shape, r.arrangement.view, source.axis)]
             if sliced % len(source.parts):
@@ -190,6 +199,11 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
     plan = make_plan(wanted, dtypes, shard_size)
     config = chosen.hf_config(checkpoint.hparam, dims, dtypes[0].removeprefix("torch."))
     return plan, config
+
+
+def _not_a_weight(key: str) -> bool:
+    """Tensors a checkpoint may hold beside the weights (recomputed buffers), which no output needs."""
+    return key.endswith(("._extra_state", ".inv_freq", "rotary_pos_emb.inv_freq"))
 
 
 def convert(
@@ -274,8 +288,10 @@ def convert(
                         f.write(data)
                 checked = background.submit(tokenizer.check_hf, staging, config)
             elif not tokenizer.ships(config):
-                notes.append("no tokenizer copied (a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/; "
-                             "copy yours beside the model" + _named_tokenizer(checkpoint) + ")")
+                what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
+                    else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/"
+                notes.append(f"no tokenizer copied ({what}; copy yours beside the model"
+                             + _named_tokenizer(checkpoint) + ")")
             elif checkpoint.tokenizer is None:
                 notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
             elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:

@@ -20,6 +20,7 @@ CONFIG_FILE = "tokenizer_config.json"
 MAX_BYTES = 256 * 2**20  # GPT-SW3's tokenizer is about 1 MB
 # A Hugging Face tokenizer's files (`save_pretrained`), the ones a conversion copies; a Llama model's, as NeMo 2.0
 # ships them. Code (tokenization_*.py) is never among them.
+HF_MAX_BYTES = 48 * 2**20  # each of them: Llama 3's tokenizer.json is 9 MB; parsing JSON takes some 20 x its size
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -53,15 +54,20 @@ def ships(config: dict) -> bool:
     return family is not None and getattr(family, "tokenizer_settings", None) is not None
 
 
-def hf_vocab_size(files: dict[str, bytes]) -> int | None:
-    """The vocabulary of a Hugging Face tokenizer: one more than the largest id in its `tokenizer.json` (model
-    vocabulary and added tokens); None without one that reads."""
+@functools.lru_cache(maxsize=4)  # (asked for the plan and the summary: parsed once)
+def _hf_vocab_size(tokenizer_json: bytes) -> int | None:
     try:
-        data = json.loads(files["tokenizer.json"])
+        data = json.loads(tokenizer_json)
         ids = [*data["model"]["vocab"].values(), *(t["id"] for t in data.get("added_tokens") or [])]
         return 1 + max(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
         return None
+
+
+def hf_vocab_size(files: dict[str, bytes]) -> int | None:
+    """The vocabulary of a Hugging Face tokenizer: one more than the largest id in its `tokenizer.json` (model
+    vocabulary and added tokens); None without one that reads."""
+    return _hf_vocab_size(files["tokenizer.json"]) if "tokenizer.json" in files else None
 
 
 def check_hf(folder: str, config: dict) -> str:
@@ -69,7 +75,7 @@ def check_hf(folder: str, config: dict) -> str:
     from transformers import AutoTokenizer
 
     try:
-        loaded = AutoTokenizer.from_pretrained(folder)
+        loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # whatever a damaged or foreign file makes the library raise
         return f"tokenizer files copied but they do not load ({first_line(exc)})"
     name, size = type(loaded).__name__, len(loaded)

@@ -34,6 +34,7 @@ CASES = {
     "gqa_legacy_tp2": dict(groups=2, layout="legacy_container", tp=2),
     "gqa_legacy_tp2pp2_fp32": dict(groups=2, layout="legacy_container", tp=2, pp=2, dtype="fp32"),
     "mha_nemo1_tp2": dict(groups=4, layout="nemo1", tp=2),
+    "gqa_two_groups_a_rank_legacy_tp2": dict(groups=4, heads=8, layout="legacy_container", tp=2),
     "mha_legacy_tp2_fp32": dict(groups=4, layout="legacy_container", tp=2, dtype="fp32"),
     "mqa_megatron_lm_fp32": dict(groups=1, layout="megatron_lm", dtype="fp32"),
     "gqa_nemo1_folder_tp2": dict(groups=2, layout="nemo1_folder", tp=2),
@@ -146,7 +147,7 @@ def test_the_shipped_sentencepiece_model_gives_the_vocabulary(cases, tmp_path):
     pytest.importorskip("sentencepiece")
     result = streamconv.convert(cases["gqa_nemo1_tp2"].checkpoint, tmp_path / "hf")
     assert result.config["vocab_size"] == VOCAB
-    assert "no tokenizer copied (a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/" in result.note
+    assert "no tokenizer copied (its SentencePiece model is not copied for this family yet" in result.note
 
 
 def test_a_hub_tokenizer_the_cfg_names_is_said_not_fetched(cases, tmp_path):
@@ -192,7 +193,7 @@ def test_memory_stays_bounded_by_the_read_buffers(mcore_cases, tmp_path):
 
 @pytest.mark.parametrize("cfg", [{}, {"use_rope_scaling": True, "rope_scaling_factor": 8.0},
                                  {"use_rope_scaling": True, "rope_scaling_factor": 16.0},
-                                 {"seq_len_interpolation_factor": 4.0}])
+                                 {"scale_positional_embedding": True}, {"seq_len_interpolation_factor": 4.0}])
 def test_rotary_frequencies_are_megatron_cores(cfg):
     """transformers' inverse frequencies for the config written equal megatron-core's for the cfg (Llama 3.1
     scaling, linear interpolation: megatron-core divides the positions, transformers the frequencies)."""
@@ -208,19 +209,21 @@ def test_rotary_frequencies_are_megatron_cores(cfg):
     config = llama.hf_config(hparam, dims, "float32")
     ours = LlamaRotaryEmbedding(LlamaConfig(**config)).inv_freq
     theirs = RotaryEmbedding(kv_channels=128, rotary_percent=1.0, rotary_base=500000,
-                             rope_scaling=bool(cfg.get("use_rope_scaling")),
+                             rope_scaling=bool(cfg.get("use_rope_scaling") or cfg.get("scale_positional_embedding")),
                              rope_scaling_factor=cfg.get("rope_scaling_factor", 8.0), use_cpu_initialization=True,
                              seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor")).inv_freq
     theirs = theirs / cfg.get("seq_len_interpolation_factor", 1.0)
     assert torch.allclose(ours.float(), theirs.float(), rtol=1e-6, atol=0), (ours, theirs)
-    if cfg.get("use_rope_scaling"):
+    if cfg.get("use_rope_scaling") or cfg.get("scale_positional_embedding"):
         assert not torch.allclose(ours.float(), RotaryEmbedding(128, 1.0, rotary_base=500000,
                                                                 use_cpu_initialization=True).inv_freq)
 
 
 @pytest.mark.parametrize("edit, named", [({"rotary_percentage": 0.5}, "rotary_percent 0.5"),
-                                         ({"rotary_interleaved": True}, "rotary_interleaved True")])
-def test_rotary_embeddings_transformers_cannot_express_are_refused(cases, tmp_path, edit, named):
+                                         ({"rotary_interleaved": True}, "rotary_interleaved True"),
+                                         ({"qk_layernorm": True}, "query and key layer norms"),
+                                         ({"qkv_bias": True}, "biases on the query, key and value projections")])
+def test_what_hugging_face_llama_cannot_express_is_refused(cases, tmp_path, edit, named):
     import tarfile
 
     import yaml
@@ -260,3 +263,34 @@ def test_a_tokenizer_file_linking_out_of_the_checkpoint_is_refused(cases, tmp_pa
     (folder / "context" / "nemo_tokenizer" / "tokenizer.json").unlink()
     (folder / "context" / "nemo_tokenizer" / "tokenizer.json").symlink_to(secret)
     assert "outside the checkpoint folder" in refused(folder, tmp_path)
+
+
+def test_a_tensor_no_output_uses_is_refused_not_dropped(cases, tmp_path):
+    """A Qwen-style QKV bias in the weights, whatever the cfg says: converting would lose it."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = shutil.copytree(cases["gqa_nemo1_folder_tp2"].checkpoint, tmp_path / "nemo")
+    sd = whole(folder / "model_weights")
+    qkv = sd["model.decoder.layers.self_attention.linear_qkv.weight"]
+    sd["model.decoder.layers.self_attention.linear_qkv.bias"] = torch.zeros(qkv.shape[:2], dtype=qkv.dtype)
+    shutil.rmtree(folder / "model_weights")
+    dcp.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, checkpoint_id=str(folder / "model_weights"))
+    message = refused(folder, tmp_path)
+    assert "4 tensor(s) that the llama mapping has no place for" in message  # one a layer
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in message
+
+
+def test_nemo2s_activation_function_is_read(cases, tmp_path):
+    """NeMo 2.0 names the activation as a torch function: a gated GELU (GeGLU) is not Llama's SwiGLU."""
+    import shutil
+
+    import yaml
+
+    folder = shutil.copytree(cases["gqa_nemo2_tp2pp2"].checkpoint, tmp_path / "nemo2")
+    path = folder / "context" / "model.yaml"
+    model = yaml.safe_load(path.read_text())
+    model["config"]["activation_func"]["_target_"] = "torch.nn.functional.gelu"
+    path.write_text(yaml.safe_dump(model))
+    assert "the activation function torch.nn.functional.gelu in a gated MLP" in refused(folder, tmp_path)

@@ -210,7 +210,8 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
                                           "gated_linear_unit", "swiglu", "share_embeddings_and_output_weights",
                                           "untie_embeddings_and_output_weights", "layernorm_zero_centered_gamma",
                                           "apply_layernorm_1p", "bias", "add_bias_linear", "num_query_groups",
-                                          "group_query_attention", "num_attention_heads")}
+                                          "group_query_attention", "num_attention_heads", "qkv_bias", "add_qkv_bias",
+                                          "qk_layernorm", "activation_func._target_")}
     text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
     odd = []
     norm = text.get("normalization")
@@ -226,6 +227,15 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
                                                 and fc1[0] == 2 * fc2[1])
     if activation not in (None, "gelu", "swiglu", "fast-swiglu"):
         odd.append(f"the activation {said['activation']}")
+    function = text.get("activation_func._target_")  # NeMo 2.0's: a torch function's path
+    if function is not None and function.rsplit(".", 1)[-1] != ("silu" if gated else "gelu"):
+        odd.append(f"the activation function {said['activation_func._target_']}"
+                   + (" in a gated MLP" if gated else ""))
+    if (said["qkv_bias"] is True or said["add_qkv_bias"] is True) and said["bias"] is not True \
+            and said["add_bias_linear"] is not True:
+        odd.append("biases on the query, key and value projections only")
+    if said["qk_layernorm"] is True:
+        odd.append("query and key layer norms")
     positions = text.get("position_embedding_type")
     rotary = positions == "rope" if positions is not None else \
         names.scheme == "megatron-core" and names.positions not in shapes

@@ -70,7 +70,10 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
     if head_dim <= 0 or kv_channels is None and hidden % heads:
         raise ConversionError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}, and the cfg "
                               "gives no kv_channels; check the cfg or --num-heads")
-    groups = _groups(qkv[0] if qkv else 0, heads, head_dim, names)
+    if qkv is None:
+        raise ConversionError(f"source tensor {names.of(0, 'qkv', 'weight')!r} is missing from the checkpoint's "
+                              "state_dict")
+    groups = _groups(qkv[0], heads, head_dim, names)
     said = hparam("num_query_groups")
     if hparam("group_query_attention") is not False and said is not None and said != groups:
         raise ConversionError(f"the cfg says num_query_groups {said}, but {names.of(0, 'qkv', 'weight')!r} holds "
@@ -151,9 +154,11 @@ def tensor_recipes(dims: Dims) -> list[TensorRecipe]:
 
 
 def _rope_scaling(hparam: HParam) -> dict[str, Any] | None:
-    """Llama 3.1's frequency scaling (Megatron-LM's `use_rope_scaling`, NeMo 2.0's Llama31Config fields) or a
+    """Llama 3.1's frequency scaling (Megatron-LM's `use_rope_scaling`, NeMo 2.0's Llama31Config fields, NeMo 1.x's
+    `scale_positional_embedding`; megatron-core's defaults: factor 8, low 1, high 4, context 8192) or a
     linear position interpolation (`seq_len_interpolation_factor`), as transformers' `rope_scaling`."""
-    if hparam("use_rope_scaling") is True or hparam("old_context_len") is not None:
+    if hparam("use_rope_scaling") is True or hparam("old_context_len") is not None \
+            or hparam("scale_positional_embedding") is True:  # (Megatron-LM's, NeMo 2.0's, NeMo 1.x's)
         factor = hparam("rope_scaling_factor", hparam("scale_factor", 8.0))
         return {"rope_type": "llama3", "factor": base.number("rope_scaling_factor", factor, float),
                 "low_freq_factor": base.number("low_freq_factor", hparam("low_freq_factor", 1.0), float),

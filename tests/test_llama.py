@@ -294,3 +294,28 @@ def test_nemo2s_activation_function_is_read(cases, tmp_path):
     model["config"]["activation_func"]["_target_"] = "torch.nn.functional.gelu"
     path.write_text(yaml.safe_dump(model))
     assert "the activation function torch.nn.functional.gelu in a gated MLP" in refused(folder, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_the_device_flow_on_the_cpu_gives_the_same_bytes(cases, tmp_path, monkeypatch, dtype):
+    """What --device cuda does with a Llama model's row ranges, minus the transfers (a cast is arranged by torch
+    in the device's scratch buffer, then copied back): the same bytes as the CPU path."""
+    from streamconv import pipeline
+
+    case = cases["gqa_legacy_tp2"]
+    streamconv.convert(case.checkpoint, tmp_path / "cpu", vocab_size=VOCAB, dtype=dtype)
+    monkeypatch.setattr(pipeline, "arranges_on_device", lambda device: True)
+    streamconv.convert(case.checkpoint, tmp_path / "flow", vocab_size=VOCAB, dtype=dtype)
+    monkeypatch.undo()
+    cpu, flow = (tmp_path / name / "model.safetensors" for name in ("cpu", "flow"))
+    assert cpu.read_bytes() == flow.read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_cuda_gives_the_cpus_bytes(cases, tmp_path, dtype):
+    case = cases["gqa_nemo2_tp2pp2"]
+    streamconv.convert(case.checkpoint, tmp_path / "cpu", vocab_size=VOCAB, dtype=dtype)
+    streamconv.convert(case.checkpoint, tmp_path / "cuda", vocab_size=VOCAB, dtype=dtype, device="cuda")
+    cpu, cuda = (tmp_path / name / "model.safetensors" for name in ("cpu", "cuda"))
+    assert cpu.read_bytes() == cuda.read_bytes()

@@ -10,6 +10,7 @@ megatron-core's SwiGLU factory does), and a `common.pt` holding the NeMo cfg. We
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -50,13 +51,7 @@ class LlamaModel:
         }
 
     def weight_bytes(self) -> int:
-        total = 0
-        for shape, _ in self.shapes().values():
-            n = 2
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(2 * math.prod(shape) for shape, _ in self.shapes().values())
 
     def cfg(self, tp: int) -> dict:
         return {"mcore_gpt": True, "precision": "bf16", "tensor_model_parallel_size": tp,

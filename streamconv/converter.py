@@ -161,7 +161,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
     chosen = recipes.choose(checkpoint.hparam, shapes, family)
-    if vocab_size is None and checkpoint.tokenizer_files and not tokenizer.ships({"model_type": chosen.MODEL_TYPE}):
+    if vocab_size is None and checkpoint.tokenizer_files and not tokenizer.ships(chosen.MODEL_TYPE):
         vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)
     wanted = chosen.tensor_recipes(dims)
@@ -203,7 +203,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
 
 def _not_a_weight(key: str) -> bool:
     """Tensors a checkpoint may hold beside the weights (recomputed buffers), which no output needs."""
-    return key.endswith(("._extra_state", ".inv_freq", "rotary_pos_emb.inv_freq"))
+    return key.endswith(("._extra_state", ".inv_freq"))
 
 
 def convert(
@@ -282,12 +282,13 @@ def convert(
         try:
             _write_config(staging, config)
             checked = None
-            if not tokenizer.ships(config) and checkpoint.tokenizer_files:
+            sentencepiece = tokenizer.ships(config["model_type"])
+            if not sentencepiece and checkpoint.tokenizer_files:
                 for name, data in checkpoint.tokenizer_files.items():
                     with open(os.path.join(staging, name), "wb") as f:
                         f.write(data)
                 checked = background.submit(tokenizer.check_hf, staging, config)
-            elif not tokenizer.ships(config):
+            elif not sentencepiece:
                 what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
                     else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/"
                 notes.append(f"no tokenizer copied ({what}; copy yours beside the model"

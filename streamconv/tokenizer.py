@@ -48,9 +48,10 @@ def _pieces(model: bytes) -> int | None:
         return None
 
 
-def ships(config: dict) -> bool:
-    """Whether a conversion to this config ships a SentencePiece tokenizer (GPT-SW3's; a Llama model's not yet)."""
-    family = recipes.by_model_type(config.get("model_type"))
+def ships(model_type: str) -> bool:
+    """Whether a conversion to this config.json `model_type` ships a SentencePiece tokenizer (GPT-SW3's; a Llama
+    model's not yet)."""
+    family = recipes.by_model_type(model_type)
     return family is not None and getattr(family, "tokenizer_settings", None) is not None
 
 

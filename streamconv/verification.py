@@ -250,8 +250,7 @@ def _settings(checkpoint: Checkpoint, recorded: dict, vocab_size: int | None, nu
         return read
     except ConversionError as exc:
         problems.add(f"{CONFIG_NAME}: its vocab_size {read[0]} and {_heads_key(recorded)} {read[1]} do not fit the "
-                     "checkpoint "
-                     f"({exc})")
+                     f"checkpoint ({exc})")
     try:
         build_plan(checkpoint, 2**62, None, vocab_size, num_heads, family)
         return vocab_size, num_heads
@@ -273,12 +272,11 @@ def _recorded_cast(recorded: dict, stored: set[str]) -> str | None:
 
 
 def _check_config(written: dict, config: dict, problems: _Problems) -> None:
-    wanted = config
-    for key, value in wanted.items():
+    for key, value in config.items():
         if type(written.get(key)) is not type(value) or written.get(key) != value:
             problems.add(f"{CONFIG_NAME}: {key} is {describe(written.get(key))}, expected {value!r}")
     for key in written:
-        if key not in wanted and key != "transformers_version":
+        if key not in config and key != "transformers_version":
             problems.add(f"{CONFIG_NAME}: {_shown(key)} is not written by a conversion")
     if not isinstance(written.get("transformers_version", ""), str):
         problems.add(f"{CONFIG_NAME}: transformers_version is not a string")
@@ -418,7 +416,7 @@ def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None
     """Check the tokenizer files a conversion writes and return their names (none without a tokenizer)."""
     problems = folder.problems
     model = given if given is not None else shipped
-    if not tokenizer.ships(config):  # a Hugging Face tokenizer's files, copied as they are, or none
+    if not tokenizer.ships(config["model_type"]):  # a Hugging Face tokenizer's files, copied as they are, or none
         for name, data in checkpoint_files.items():
             if name not in folder.entries:
                 problems.add(f"{name}: missing (a conversion copies the checkpoint's tokenizer)")

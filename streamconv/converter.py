@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -241,21 +241,10 @@ def convert(
     out_dtype = resolve_dtype(dtype)
     inputs = [os.fspath(p) for p in (checkpoint_path, tokenizer_path) if p is not None]
     parent = os.path.dirname(os.path.realpath(save_path)) if save_path is not None else ""
-    bar_for = (lambda description, total: _progress_bar(total, True, description)) if progress else None
     with contextlib.ExitStack() as stack:
         target = None if dry_run else stack.enter_context(claimed(save_path, overwrite, inputs))
-        model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
-        checkpoint = stack.enter_context(open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None,
-                                                         bar_for))
-        if model is not None:
-            checkpoint.tokenizer = model
-        plan, config = build_plan(checkpoint, limit, out_dtype, vocab_size, num_heads, family)
-        notes = [checkpoint.note] if checkpoint.note else []
-        if vocab_size is None:
-            told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None \
-                or tokenizer.hf_vocab_size(checkpoint.tokenizer_files) is not None
-            notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
-                         "(GPT-SW3's default; --vocab-size sets it)"))
+        checkpoint, plan, config, notes = _open_and_plan(stack, checkpoint_path, tokenizer_path, parent, progress,
+                                                         limit, out_dtype, vocab_size, num_heads, family)
         result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
         if before_write is not None:
             before_write(plan)
@@ -264,67 +253,108 @@ def convert(
             result.peak_rss = peak_rss()
             return result
 
-        try:
-            free = shutil.disk_usage(parent).free
-        except FileNotFoundError:
-            raise _deleted(parent, save_path) from None
-        if free < plan.file_bytes:
-            raise ConversionError(
-                f"not enough free space in {parent}: need {_size(plan.file_bytes)}, have {_size(free)}; "
-                "free some space or choose another --save-path"
-            )
+        _check_free_space(parent, plan.file_bytes, save_path)
         try:
             staging = staging_folder(target)
         except FileNotFoundError:
             raise _deleted(parent, save_path) from None
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
-        bar = _NoProgress()
         try:
-            _write_config(staging, config)
-            checked = None
-            sentencepiece = tokenizer.ships(config["model_type"])
-            if not sentencepiece and checkpoint.tokenizer_files:
-                for name, data in checkpoint.tokenizer_files.items():
-                    with open(os.path.join(staging, name), "wb") as f:
-                        f.write(data)
-                checked = background.submit(tokenizer.check_hf, staging, config)
-            elif not sentencepiece:
-                what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
-                    else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/"
-                notes.append(f"no tokenizer copied ({what}; copy yours beside the model"
-                             + _named_tokenizer(checkpoint) + ")")
-            elif checkpoint.tokenizer is None:
-                notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
-            elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
-                notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
-            else:  # checked (transformers imported) while the tensors stream
-                tokenizer.save(staging, checkpoint.tokenizer, config)
-                checked = background.submit(tokenizer.check, staging, config)
-            bar = _progress_bar(plan.total_size, enabled=progress)
-            stream_started = time.perf_counter()
-            stream(plan, checkpoint, staging, dev, on_bytes=bar.update)
-            result.stream_seconds = time.perf_counter() - stream_started
-            bar.close()
-            if checked is not None:
-                notes.append(checked.result())
-            if plan.is_sharded:
-                with open(os.path.join(staging, INDEX_NAME), "w") as f:
-                    json.dump(plan.index(), f, indent=2, sort_keys=True)
-                    f.write("\n")
-            for name in os.listdir(staging):  # the shards are fsynced already; config, index and tokenizer files
-                fsync(os.path.join(staging, name))
-            fsync(staging)
+            checked = write_extras(staging, checkpoint, config, notes, background)
+            result.stream_seconds = stream_into(staging, plan, checkpoint, dev, progress)
+            finish(staging, plan, checked, notes)
             publish(staging, target, save_path, overwrite)
         except OSError as exc:
             raise _write_error(exc, save_path, staging, plan) from None
         finally:
-            bar.close()  # before any message: an interrupted bar would be glued to it, and redrawn after it
             background.shutdown(wait=True)
             shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()
         result.note = "; ".join(notes)
         return result
+
+
+def _open_and_plan(stack: contextlib.ExitStack, checkpoint_path: str | os.PathLike[str],
+                   tokenizer_path: str | os.PathLike[str] | None, parent: str, progress: bool, limit: int,
+                   dtype: str | None, vocab_size: int | None, num_heads: int | None, family: str | None
+                   ) -> tuple[Checkpoint, Plan, dict, list[str]]:
+    """Phase 1: the checkpoint opened (closed with `stack`), its plan and config, and what the summary says of
+    them."""
+    bar_for = (lambda description, total: _progress_bar(total, True, description)) if progress else None
+    model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
+    checkpoint = stack.enter_context(open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None,
+                                                     bar_for))
+    if model is not None:
+        checkpoint.tokenizer = model
+    plan, config = build_plan(checkpoint, limit, dtype, vocab_size, num_heads, family)
+    notes = [checkpoint.note] if checkpoint.note else []
+    if vocab_size is None:
+        told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None \
+            or tokenizer.hf_vocab_size(checkpoint.tokenizer_files) is not None
+        notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else
+                     "(GPT-SW3's default; --vocab-size sets it)"))
+    return checkpoint, plan, config, notes
+
+
+def _check_free_space(parent: str, needed: int, save_path: str) -> None:
+    try:
+        free = shutil.disk_usage(parent).free
+    except FileNotFoundError:
+        raise _deleted(parent, save_path) from None
+    if free < needed:
+        raise ConversionError(
+            f"not enough free space in {parent}: need {_size(needed)}, have {_size(free)}; "
+            "free some space or choose another --save-path"
+        )
+
+
+def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str],
+                 background: ThreadPoolExecutor) -> Future[str] | None:
+    """`config.json` and the tokenizer's files; returns the tokenizer's load check, run in `background`."""
+    _write_config(folder, config)
+    sentencepiece = tokenizer.ships(config["model_type"])
+    if not sentencepiece and checkpoint.tokenizer_files:
+        for name, data in checkpoint.tokenizer_files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        return background.submit(tokenizer.check_hf, folder, config)
+    if not sentencepiece:
+        what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
+            else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/"
+        notes.append(f"no tokenizer copied ({what}; copy yours beside the model" + _named_tokenizer(checkpoint) + ")")
+    elif checkpoint.tokenizer is None:
+        notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
+    elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
+        notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
+    else:  # checked (transformers imported) while the tensors stream
+        tokenizer.save(folder, checkpoint.tokenizer, config)
+        return background.submit(tokenizer.check, folder, config)
+    return None
+
+
+def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, progress: bool) -> float:
+    """Phase 2: the plan's tensors into their shard files in `folder`, with a progress bar; the seconds taken."""
+    bar = _progress_bar(plan.total_size, enabled=progress)
+    started = time.perf_counter()
+    try:
+        stream(plan, checkpoint, folder, device, on_bytes=bar.update)
+    finally:
+        bar.close()  # before any message: an interrupted bar would be glued to it, and redrawn after it
+    return time.perf_counter() - started
+
+
+def finish(folder: str, plan: Plan, checked: Future[str] | None, notes: list[str]) -> None:
+    """Phase 3: the tokenizer check's outcome, the index, and everything in `folder` made durable."""
+    if checked is not None:
+        notes.append(checked.result())
+    if plan.is_sharded:
+        with open(os.path.join(folder, INDEX_NAME), "w") as f:
+            json.dump(plan.index(), f, indent=2, sort_keys=True)
+            f.write("\n")
+    for name in os.listdir(folder):  # the shards are fsynced already; config, index and tokenizer files
+        fsync(os.path.join(folder, name))
+    fsync(folder)
 
 
 def _named_tokenizer(checkpoint: Checkpoint) -> str:

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention heads, for checkpoints without hyper_parameters.cfg (overrides the cfg)")
     p.add_argument("--family", default=None, choices=["gpt-sw3", "llama"],
                    help="model family, when the cfg and tensors do not show it (default: found from them)")
+    p.add_argument("--part", metavar="I/N", default=None,
+                   help="convert only part I of N (0 <= I < N) into a staging folder beside the save path, shared by "
+                   "all N parts; the last part to finish publishes the folder. 'slurm' reads I and N from a job "
+                   "array task's variables")
     p.add_argument("--print-checkpoint-structure", action="store_true",
                    help="print every output tensor with its shape, dtype and source; without --save-path, "
                    "only that")
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run or structure_only,
             progress=not args.quiet,
             before_write=print_structure if args.print_checkpoint_structure else None,
+            part=args.part,
         )
         if structure_only:
             return 0

@@ -18,9 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from streamconv import recipes, tokenizer
+from streamconv import parts, recipes, tokenizer
 from streamconv.errors import ConversionError
-from streamconv.output import claimed, fsync, publish, staging_folder
+from streamconv.output import check_save_path, claimed, fsync, make_folders, publish, staging_folder
 from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -46,6 +46,9 @@ class ConversionResult:
     stream_seconds: float = 0.0  # moving tensor bytes only
     peak_rss: int = 0  # bytes, ru_maxrss of this process
     note: str = ""  # how the input was read, when worth saying (a gzip .nemo was extracted)
+    part: tuple[int, int] | None = None  # (I, N): this was part I of N (`plan` is its share)
+    streamed: bool = True  # False: a part found its share done before
+    outcome: str = ""  # where the output went, when not simply to the save path (a part)
 
     @property
     def tensors(self) -> int:
@@ -60,17 +63,21 @@ class ConversionResult:
         return self.plan.total_size
 
     def summary(self) -> str:
+        label = f"part {self.part[0]}/{self.part[1]}: " if self.part is not None else ""
+        destination = self.outcome or f"-> {self.save_path}"
         if self.dry_run:
             return (
-                f"dry run: {self.tensors} tensors -> {self.shards} shard(s), {_size(self.bytes)}; "
+                f"dry run: {label}{self.tensors} tensors -> {self.shards} shard(s), {_size(self.bytes)}; "
                 f"predicted working memory {_size(self.working_memory)} plus the Python baseline; "
                 "nothing written"
             )
+        if not self.streamed:
+            return f"{label}done before {destination}"
         rate = self.bytes / self.stream_seconds / 1e9 if self.stream_seconds > 0 else float("inf")
         return (
-            f"converted {self.tensors} tensors into {self.shards} shard(s), {_size(self.bytes)} in "
+            f"{label}converted {self.tensors} tensors into {self.shards} shard(s), {_size(self.bytes)} in "
             f"{self.seconds:.2f} s (streaming {self.stream_seconds:.2f} s, {rate:.2f} GB/s), "
-            f"peak RSS {_size(self.peak_rss)} -> {self.save_path}" + (f"; {self.note}" if self.note else "")
+            f"peak RSS {_size(self.peak_rss)} {destination}" + (f"; {self.note}" if self.note else "")
         )
 
 
@@ -221,6 +228,7 @@ def convert(
     dry_run: bool = False,
     progress: bool = False,
     before_write: Callable[[Plan], None] | None = None,
+    part: str | tuple[int, int] | None = None,
 ) -> ConversionResult:
     """Convert a NeMo or Megatron checkpoint of a GPT-SW3 or Llama-style model into a Hugging Face folder of sharded
     safetensors (GPT-2 or Llama; `family`, 'gpt-sw3' or 'llama', forces one, else the checkpoint shows which).
@@ -231,6 +239,8 @@ def convert(
     `before_write(plan)` is called once the plan is known (the CLI prints the structure with it).
     torch is imported only for `device` cuda or a `dtype` that casts. A dry run needs no `save_path`.
     The save path is checked (see output.check_save_path) and locked before anything is read.
+    `part` ('I/N', (I, N) or 'slurm') converts only part I of N of the conversion, into a staging folder all
+    parts share; the part that finds every part done publishes the folder (see streamconv.parts).
     """
     started = time.perf_counter()
     if save_path is None and not dry_run:
@@ -241,16 +251,32 @@ def convert(
     out_dtype = resolve_dtype(dtype)
     inputs = [os.fspath(p) for p in (checkpoint_path, tokenizer_path) if p is not None]
     parent = os.path.dirname(os.path.realpath(save_path)) if save_path is not None else ""
+    index, count = parts.parse_part(part) if part is not None else (0, 1)
     with contextlib.ExitStack() as stack:
-        target = None if dry_run else stack.enter_context(claimed(save_path, overwrite, inputs))
+        if part is None:
+            target = None if dry_run else stack.enter_context(claimed(save_path, overwrite, inputs))
+        elif save_path is not None:  # parts lock the save path only to publish; a published one is checked later
+            target = check_save_path(save_path, True, inputs)
         checkpoint, plan, config, notes = _open_and_plan(stack, checkpoint_path, tokenizer_path, parent, progress,
                                                          limit, out_dtype, vocab_size, num_heads, family)
-        result = ConversionResult(save_path, plan, config, working_memory(plan, checkpoint), dry_run)
+        mine = parts.share(plan, index, count) if part is not None else plan
+        result = ConversionResult(save_path, mine, config, working_memory(mine, checkpoint), dry_run,
+                                  part=(index, count) if part is not None else None)
         if before_write is not None:
-            before_write(plan)
+            before_write(mine)
         if dry_run:
             result.seconds = time.perf_counter() - started
             result.peak_rss = peak_rss()
+            return result
+        if part is not None:
+            short = {name: key for key, name in DTYPE_NAMES.items()}
+            fields = {"parts": count, "--dtype": short[out_dtype] if out_dtype else "auto", "--shard-size": limit,
+                      "--vocab-size": vocab_size, "--num-heads": num_heads, "--family": family,
+                      "--overwrite": overwrite}
+            _convert_part(result, checkpoint, plan, notes, fields, target, inputs, dev, progress)
+            result.seconds = time.perf_counter() - started
+            result.peak_rss = peak_rss()
+            result.note = "; ".join(notes)
             return result
 
         _check_free_space(parent, plan.file_bytes, save_path)
@@ -273,6 +299,90 @@ def convert(
         result.peak_rss = peak_rss()
         result.note = "; ".join(notes)
         return result
+
+
+def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, notes: list[str],
+                  fields: dict, target: str, inputs: list[str], device: str, progress: bool) -> None:
+    """Part I of N: its share into the shared staging folder, then, if every part is done, publish (once)."""
+    index, count = result.part
+    save_path = result.save_path
+    digests = [checkpoint.tokenizer or b""] + [name.encode() + data for name, data in
+                                               sorted(checkpoint.tokenizer_files.items())]
+    label = f"part {index}/{count}"
+    parent = os.path.dirname(target)
+    made = make_folders(parent)
+    try:
+        staged = parts.join(target, index, count, parts.identity(fields, plan, result.config, digests, inputs))
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+    if staged.published:
+        if not os.path.isdir(target):
+            raise ConversionError(f"{label}: this conversion was published to {save_path}, which is gone now; "
+                                  f"remove {staged.folder} to convert again")
+        result.streamed, result.outcome = False, f"-> {save_path} (all {count} parts were done and published before)"
+        return
+    if staged.done(index):
+        result.streamed = False
+    else:
+        check_save_path(save_path, fields["--overwrite"], inputs)
+        _check_free_space(parent, result.plan.file_bytes, save_path)
+        try:
+            result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress)
+            staged.mark_done()
+        except OSError as exc:
+            raise _write_error(exc, save_path, staged.model, result.plan) from None
+    missing = staged.missing()
+    if missing:
+        waiting = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        result.outcome = f"-> {staged.folder} (waiting for part(s) {waiting} of {count})"
+        return
+    with staged.publishing() as holder:
+        if holder is not None:
+            result.outcome = (f"-> {staged.folder} (all {count} parts done; {holder} publishes it: if that process "
+                              f"is gone, remove {staged.claim} and run any part again)")
+            return
+        try:
+            _publish_parts(staged, plan, checkpoint, result.config, notes, save_path, fields["--overwrite"], inputs)
+        except ConversionError as exc:
+            raise ConversionError(f"all {count} parts are done, but {save_path} was not published: {exc}; "
+                                  "then run any part again to publish it") from None
+    result.outcome = f"-> {save_path} (all {count} parts done)"
+
+
+def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, config: dict, notes: list[str],
+                   save_path: str, overwrite: bool, inputs: list[str]) -> None:
+    """Index, config and tokenizer into the staged folder, then the single run's swap under its lock.
+
+    The staged folder's inode is recorded before the swap, so a publisher killed during it is told apart on the
+    rerun: `model/` still that folder (not swapped: publish it), another one (the old model, swapped out: remove
+    it) or gone (published).
+    """
+    began = staged.swapped() is not None  # the save path may hold this conversion's model already
+    with claimed(save_path, overwrite or began, inputs) as target:
+        if staged.published:
+            return
+        swapped = staged.swapped()
+        if swapped is None:
+            for shard in plan.shards:
+                path = os.path.join(staged.model, shard.filename)
+                size = os.path.getsize(path) if os.path.isfile(path) else None
+                if size != shard.file_size:
+                    raise ConversionError(f"the staged {shard.filename} has {size} bytes, the plan {shard.file_size}"
+                                          f"; remove {staged.folder} and run every part again")
+            background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
+            try:
+                checked = write_extras(staged.model, checkpoint, config, notes, background)
+                finish(staged.model, plan, checked, notes)
+            finally:
+                background.shutdown(wait=True)
+            staged.mark_swapping()
+            publish(staged.model, target, save_path, overwrite)
+        elif swapped:
+            shutil.rmtree(staged.model, ignore_errors=True)
+        staged.mark_published()
 
 
 def _open_and_plan(stack: contextlib.ExitStack, checkpoint_path: str | os.PathLike[str],

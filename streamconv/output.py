@@ -115,8 +115,8 @@ def claimed(save_path: str, overwrite: bool, inputs: Iterable[str | None] = ()) 
     (an old folder put back where no target is) before the target's contents are checked.
     """
     target = check_save_path(save_path, overwrite, inputs)
-    made = _make_folders(os.path.dirname(target))
-    lock = _hidden(target, "lock")
+    made = make_folders(os.path.dirname(target))
+    lock = sibling(target, "lock")
     done = False
     try:
         fd = _lock(lock, save_path)
@@ -135,7 +135,7 @@ def claimed(save_path: str, overwrite: bool, inputs: Iterable[str | None] = ()) 
                 os.rmdir(folder)
 
 
-def _make_folders(path: str) -> list[str]:
+def make_folders(path: str) -> list[str]:
     """os.makedirs, returning the folders it made, innermost first (removed again if the run fails)."""
     missing = []
     while not os.path.isdir(path):
@@ -171,7 +171,7 @@ def _lock(path: str, save_path: str) -> int:
         os.close(fd)  # its holder unlinked it meanwhile: lock the new one
 
 
-def _hidden(target: str, kind: str) -> str:
+def sibling(target: str, kind: str) -> str:
     """The path of one of streamconv's hidden siblings of the target: `.<name>.streamconv-<kind>`."""
     parent, name = os.path.split(target)
     return os.path.join(parent, f".{name}{_MARK}{kind}")
@@ -183,7 +183,7 @@ def _recover(target: str) -> None:
     A staging folder is never the only copy of a model; an `-old` folder is one when the target is missing,
     and is put back there.
     """
-    old, tmp = _hidden(target, "old-"), _hidden(target, "tmp-")
+    old, tmp = sibling(target, "old-"), sibling(target, "tmp-")
     try:
         for path in sorted(os.path.join(os.path.dirname(target), e) for e in os.listdir(os.path.dirname(target))):
             if path.startswith(old) and not os.path.lexists(target):
@@ -197,7 +197,7 @@ def _recover(target: str) -> None:
 
 def staging_folder(target: str) -> str:
     """A fresh sibling of the target on the same filesystem, so the final swap is atomic."""
-    staging = _hidden(target, f"tmp-{os.getpid()}")
+    staging = sibling(target, f"tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.mkdir(staging)
     return staging
@@ -219,7 +219,7 @@ def publish(staging: str, target: str, save_path: str, overwrite: bool) -> None:
             if os.path.lexists(target):
                 os.rename(staging, target)  # over an empty folder only
             else:
-                _rename(staging, target, RENAME_NOREPLACE)
+                renameat2(staging, target, RENAME_NOREPLACE)
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                 raise
@@ -230,18 +230,18 @@ def publish(staging: str, target: str, save_path: str, overwrite: bool) -> None:
             return
     check_save_path(target, overwrite=True)
     try:
-        _rename(staging, target, RENAME_EXCHANGE)
+        renameat2(staging, target, RENAME_EXCHANGE)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        old = _hidden(target, f"old-{os.getpid()}")  # recoverable at every step: see _recover
+        old = sibling(target, f"old-{os.getpid()}")  # recoverable at every step: see _recover
         os.rename(target, old)
         os.rename(staging, target)
         fsync(parent)
         shutil.rmtree(old, ignore_errors=True)
         return
     if any(not _ours(staging, entry) for entry in os.listdir(staging)):  # (the old folder, now)
-        _rename(staging, target, RENAME_EXCHANGE)
+        renameat2(staging, target, RENAME_EXCHANGE)
         raise written
     fsync(parent)
     shutil.rmtree(staging, ignore_errors=True)
@@ -253,7 +253,7 @@ _AT_FDCWD = -100
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276, "ppc64le": 357, "s390x": 347, "i686": 353}
 
 
-def _rename(src: str, dst: str, flags: int) -> None:
+def renameat2(src: str, dst: str, flags: int) -> None:
     """Linux renameat2(2); a filesystem without RENAME_NOREPLACE gets rename(2), which still refuses a
     non-empty folder (FileExistsError either way)."""
     code = _renameat2(src, dst, flags)

@@ -76,6 +76,9 @@ class TensorSpec:
 
 @dataclass
 class Shard:
+    """One output file: its tensors in order and its header. A part of a split conversion (`streamconv.parts`)
+    holds a run of a shard's tensors under the shard's own name and header."""
+
     filename: str
     tensors: list[TensorSpec] = field(default_factory=list)
     header: bytes = b""

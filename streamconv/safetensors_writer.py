@@ -11,6 +11,10 @@ rarely share the output's alignment.) A filesystem that refuses O_DIRECT (tmpfs,
 gets ordinary writes, with write-behind: every WINDOW bytes the kernel is told to start writing that window
 to disk, and the window before it is waited for and dropped from the page cache, so dirty pages never pile
 up on a small-RAM machine.
+
+A part of a conversion split over processes (`streamconv.parts`) writes only a run of a shard's tensors, into
+the file the other parts write too: the writer then starts at that run's offset (its unaligned head goes through
+the ordinary descriptor), writes the header only if the run starts the shard, and never truncates the file.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import numpy as np
 
 from streamconv.plan import Shard, TensorSpec
-from streamconv.reads import aligned_empty
+from streamconv.reads import ALIGN, aligned_empty
 
 STAGING_BYTES = 8 * 2**20
 WINDOW = 64 * 2**20
@@ -34,21 +38,26 @@ _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
 
 class ShardWriter:
-    """One shard file, written sequentially. `close` writes the tail and fsyncs; closing twice is harmless."""
+    """One shard file, or the run of it that `shard.tensors` covers, written sequentially. `close` writes the
+    tail and fsyncs; closing twice is harmless."""
 
     def __init__(self, path: str, shard: Shard) -> None:
         self.path = path
         self.shard = shard
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        start = shard.tensors[0].begin if shard.tensors else 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
             self._direct = -1
         self._staging = aligned_empty(STAGING_BYTES) if self._direct >= 0 else None
         self._staged = 0  # bytes in the staging buffer, which goes to the file at offset _flushed
-        self._file_pos = 0  # bytes appended so far
-        self._flushed = 0  # direct: bytes on disk; buffered: file offset up to which writeback has been started
-        self._write(memoryview(shard.header))
+        # The file offset appended up to; direct: up to which bytes are on disk; buffered: up to which writeback
+        # has been started
+        self._file_pos = self._flushed = len(shard.header) + start if start else 0
+        self._head = -self._file_pos % ALIGN  # bytes before the first aligned offset: not written directly
+        if not start:
+            self._write(memoryview(shard.header))
 
     @property
     def written(self) -> int:
@@ -83,6 +92,12 @@ class ShardWriter:
         if self._staging is None:
             self._write_buffered(view)
             return
+        if self._head:
+            n = min(view.nbytes, self._head)
+            self._pwrite(self._fd, view[:n], self._flushed)
+            self._head -= n
+            self._flushed += n
+            view = view[n:]
         while view.nbytes:
             n = min(view.nbytes, STAGING_BYTES - self._staged)
             self._staging[self._staged : self._staged + n] = view[:n]

@@ -1,0 +1,380 @@
+"""One conversion split over the tasks of a job array (`--part I/N`), with no coordinator.
+
+The plan is a pure function of the checkpoint's metadata and the flags, so every part computes the same one and
+takes its own share of it: a run of consecutive tensors, cut by bytes (`boundaries`). Parts agree without talking
+on a staging folder beside the save path, `.<name>.streamconv-parts-<fingerprint>/`, the fingerprint hashing what
+decides the output (the flags, the source's identity, N, the plan, streamconv's version). Each part writes its
+tensors into the shard files under `model/` at the plan's offsets (a shard cut between two parts is written by
+both, each its own bytes), fsyncs them, then records `done-I` (written aside, fsynced, renamed: the part's
+commit). A part that is rerun before its marker exists writes its whole share again, so nothing a killed part
+left is trusted. The part that finds every marker claims publishing with an `O_EXCL` file, which is atomic on
+NFS (v3 and later), Lustre, GPFS and local filesystems alike, where `flock` is not (node-local on Lustre without
+`-o flock`); it then writes the index, config and tokenizer and publishes `model/` with the single run's lock and
+atomic swap, and records `published`, which makes a rerun of any part a no-op. A claim left by a killed
+publisher is taken over by a rerun on the same host (its pid is gone); one from another host is named in the
+message, to be removed by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import psutil
+
+from streamconv.errors import ConversionError
+from streamconv.output import RENAME_NOREPLACE, fsync, renameat2, sibling
+from streamconv.plan import Plan, Shard
+
+SLURM = "slurm"
+_FIELDS = "parts.json"
+_CLAIM = "publishing"
+_PUBLISHED = "published"
+_SWAPPING = "swapping"
+_MAX_FIELDS_BYTES = 2**16
+
+
+def parse_part(part: str | tuple[int, int], environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(I, N) from 'I/N', a pair, or 'slurm' (a job array task: I = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
+    N = SLURM_ARRAY_TASK_COUNT)."""
+    if part == SLURM:
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+        missing = [name for name in names if name not in environ]
+        if missing:
+            raise ConversionError(f"--part slurm needs {', '.join(missing)}, which Slurm sets in the tasks of a job "
+                                  "array (sbatch --array=0-N); outside one, give --part I/N")
+        try:
+            task, first, count = (int(environ[name]) for name in names)
+        except ValueError:
+            raise ConversionError(f"--part slurm: {', '.join(f'{n}={environ[n]!r}' for n in names)} are not whole "
+                                  "numbers; run it in a Slurm job array task, or give --part I/N") from None
+        index = task - first
+    elif isinstance(part, tuple):
+        index, count = part
+    else:
+        match = re.fullmatch(r"\s*(-?[0-9]+)\s*/\s*(-?[0-9]+)\s*", str(part))
+        if match is None:
+            raise ConversionError(f"cannot read --part {part!r}; give I/N (part I of N, counted from 0, e.g. 0/3), or "
+                                  "slurm in a job array")
+        index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise ConversionError(f"--part {index}/{count}: N must be at least 1; give I/N with 0 <= I < N, e.g. 0/3")
+    if not 0 <= index < count:
+        raise ConversionError(f"--part {index}/{count}: I must be 0 to {count - 1} (parts count from 0); give I/N "
+                              f"with 0 <= I < N, e.g. 0/{count}")
+    return index, count
+
+
+def boundaries(sizes: list[int], count: int) -> list[int]:
+    """Where `count` runs of consecutive items cut a list of byte sizes: item indices, first 0, last len(sizes).
+
+    Each cut goes to the item boundary nearest its ideal byte offset (k * total / count), so a run differs from
+    total / count by less than the largest item; a run may be empty when there are fewer items than runs.
+    """
+    total = sum(sizes)
+    cuts, offset, item = [0], 0, 0
+    for k in range(1, count):
+        ideal = total * k / count
+        while item < len(sizes) and abs(offset + sizes[item] - ideal) < abs(offset - ideal):
+            offset += sizes[item]
+            item += 1
+        cuts.append(item)
+    return [*cuts, len(sizes)]
+
+
+def share(plan: Plan, index: int, count: int) -> Plan:
+    """Part `index` of `count`: a plan holding only its run of the tensors, under their shards' names and headers."""
+    tensors = plan.tensors
+    cuts = boundaries([t.nbytes for t in tensors], count)
+    mine = {id(t) for t in tensors[cuts[index] : cuts[index + 1]]}
+    shards = []
+    for shard in plan.shards:
+        run = [t for t in shard.tensors if id(t) in mine]
+        if run:
+            shards.append(Shard(shard.filename, run, shard.header))
+    return Plan(shards, sum(t.nbytes for s in shards for t in s.tensors))
+
+
+def identity(fields: Mapping[str, object], plan: Plan, config: dict, tokenizer_bytes: list[bytes],
+             sources: list[str]) -> dict[str, str]:
+    """What every part of one conversion must share, in the order a difference is named: N and the flags
+    (`fields`), the sources (realpath, and the size and mtime of every file in them), the plan, config and
+    tokenizer (digests) and streamconv's version."""
+    from streamconv.cli import version
+
+    def digest(*chunks: bytes) -> str:
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(len(chunk).to_bytes(8, "little"))
+            h.update(chunk)
+        return h.hexdigest()[:16]
+
+    found = {key: str(value) for key, value in fields.items()}
+    for k, source in enumerate(sources):
+        label = "checkpoint" if k == 0 else "tokenizer file"
+        found[label] = os.path.realpath(source)
+        found[f"{label}'s size and modification time"] = digest(*_stat_lines(source))
+    found["plan (tensor names, shapes, dtypes, shards)"] = digest(*(s.filename.encode() + s.header
+                                                                    for s in plan.shards))
+    found["config"] = digest(json.dumps(config, sort_keys=True).encode())
+    found["tokenizer"] = digest(*tokenizer_bytes)
+    found["streamconv version"] = version()
+    return found
+
+
+def _stat_lines(source: str) -> Iterator[bytes]:
+    """Size and mtime of a file, or of every file under a folder (by relative path, links not followed)."""
+    if not os.path.isdir(source):
+        st = os.stat(source)
+        yield f"{st.st_size} {st.st_mtime_ns}".encode()
+        return
+    found = []
+    for folder, subfolders, files in os.walk(source):
+        subfolders.sort()
+        for name in files:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                found.append(f"{os.path.relpath(path, source)} {st.st_size} {st.st_mtime_ns}".encode())
+    yield from sorted(found)
+
+
+@dataclass
+class Staged:
+    """The staging folder all parts of one conversion share; `model` becomes the save path."""
+
+    folder: str
+    index: int
+    count: int
+
+    @property
+    def model(self) -> str:
+        return os.path.join(self.folder, "model")
+
+    @property
+    def label(self) -> str:
+        return f"part {self.index}/{self.count}"
+
+    def done(self, index: int) -> bool:
+        return os.path.exists(os.path.join(self.folder, f"done-{index}"))
+
+    def missing(self) -> list[int]:
+        """The parts not done yet (each marker looked up by name: a network filesystem may cache listings)."""
+        return [i for i in range(self.count) if not self.done(i)]
+
+    @property
+    def published(self) -> bool:
+        return os.path.exists(os.path.join(self.folder, _PUBLISHED))
+
+    def mark_done(self) -> None:
+        self._mark(f"done-{self.index}", _owner())
+
+    def mark_published(self) -> None:
+        self._mark(_PUBLISHED, _owner())
+
+    def mark_swapping(self) -> None:
+        """Record which folder `model/` is before it is swapped into place (see `swapped`)."""
+        st = os.stat(self.model)
+        self._mark(_SWAPPING, f"{st.st_dev} {st.st_ino}")
+
+    def swapped(self) -> bool | None:
+        """After a publisher was killed: None if no swap began or `model/` is still the staged folder; True if it
+        is another (the old model, swapped out), False if it is gone (published)."""
+        recorded = _read(os.path.join(self.folder, _SWAPPING), 4096)
+        if recorded is None:
+            return None
+        try:
+            st = os.stat(self.model)
+        except FileNotFoundError:
+            return False
+        return None if recorded.strip() == f"{st.st_dev} {st.st_ino}" else True
+
+    def _mark(self, name: str, text: str) -> None:
+        """A marker file, made durable before it appears under its name."""
+        aside = os.path.join(self.folder, f".{name}.tmp-{os.getpid()}")
+        with open(aside, "w") as f:
+            f.write(f"{text}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(aside, os.path.join(self.folder, name))
+        fsync(self.folder)
+
+    @property
+    def claim(self) -> str:
+        return os.path.join(self.folder, _CLAIM)
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[str | None]:
+        """Claim publishing (O_EXCL); yields None, or who holds the claim when another part does. Released at
+        the end."""
+        claim = self.claim
+        mine = _owner()
+        holder = _claim(claim, mine)
+        if holder is not None:
+            yield holder
+            return
+        try:
+            yield None
+        finally:
+            if _read(claim, 4096) == mine:
+                os.unlink(claim)
+
+
+def _claim(claim: str, mine: str) -> str | None:
+    """Create the claim file; None once it is ours, else its holder. A claim whose process is gone (a killed
+    publisher on this host) is renamed aside by exactly one of the parts that find it, then claimed anew."""
+    for _ in range(3):
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            holder = _read(claim, 4096)
+            if holder is None:  # released meanwhile
+                continue
+            if not _gone(holder):
+                return _describe(holder)
+            aside = f"{claim}.stale-{os.getpid()}"
+            try:
+                os.rename(claim, aside)
+            except FileNotFoundError:
+                continue
+            if _read(aside, 4096) != holder:  # a live claim made in between: put it back
+                with contextlib.suppress(FileExistsError):
+                    renameat2(aside, claim, RENAME_NOREPLACE)
+                return "another part"
+            os.unlink(aside)
+            continue
+        try:
+            os.write(fd, mine.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return None
+    return "another part"
+
+
+def _owner() -> str:
+    """Who holds a claim: pid, host and the process's start time (a reused pid is not taken for the claimant)."""
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": psutil.Process().create_time()})
+
+
+def _describe(holder: str) -> str:
+    try:
+        owner = json.loads(holder)
+        return f"pid {int(owner['pid'])} on {str(owner['host']):.100}"
+    except (ValueError, KeyError, TypeError):
+        return "another part"
+
+
+def _gone(holder: str) -> bool:
+    """A claim whose process is known to be dead: on this host, and no process of that pid and start time."""
+    try:
+        owner = json.loads(holder)
+        pid, host, started = int(owner["pid"]), str(owner["host"]), float(owner["started"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        return psutil.Process(pid).create_time() != started
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _read(path: str, limit: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _folders(target: str) -> dict[str, str]:
+    """Staging folders of split conversions beside the target, by fingerprint."""
+    prefix = os.path.basename(sibling(target, "parts-"))
+    pattern = re.compile(re.escape(prefix) + r"([0-9a-f]{16})")
+    parent = os.path.dirname(target)
+    found = {}
+    for entry in os.listdir(parent):
+        match = pattern.fullmatch(entry)
+        if match:
+            found[match.group(1)] = os.path.join(parent, entry)
+    return found
+
+
+def _difference(theirs: dict | None, ours: dict[str, str]) -> str:
+    """The first field in which staged parts differ from this one, worded for a message."""
+    if not isinstance(theirs, dict):
+        return "it holds parts of another conversion"
+    for key, value in ours.items():
+        other = f"{theirs.get(key)!s:.100}"
+        if other == value:
+            continue
+        if key == "parts":
+            return f"they are parts of {other}, this one of {value}"
+        if key.startswith("--"):
+            return f"they were run with {key} {other}, this part with {key} {value:.100}"
+        if key.endswith(" size and modification time"):
+            return f"the {key.split(' size')[0]} files changed (size or modification time) since they were staged"
+        if key in ("checkpoint", "tokenizer file", "streamconv version"):
+            return f"their {key} is {other}, this part's {value:.100}"
+        return f"their {key} differs from this part's"
+    return "they were run differently"
+
+
+def _fields_of(folder: str) -> dict | None:
+    text = _read(os.path.join(folder, _FIELDS), _MAX_FIELDS_BYTES)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
+    """The staging folder of this conversion, made by the first part to come; refused (nothing staged touched)
+    when parts of another conversion of the same save path are staged and not published."""
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    folder = sibling(target, f"parts-{fingerprint}")
+    label = f"part {index}/{count}"
+
+    def refuse_others() -> None:
+        for other, path in sorted(_folders(target).items()):
+            if other != fingerprint and not os.path.exists(os.path.join(path, _PUBLISHED)):
+                raise ConversionError(f"{label} does not match the parts staged in {path}: "
+                                      f"{_difference(_fields_of(path), fields)}; run every part with the same flags "
+                                      f"and source, or remove {path} to start over")
+
+    refuse_others()
+    made = False
+    if not os.path.isdir(folder):
+        fresh = f"{folder}-new-{os.getpid()}"
+        shutil.rmtree(fresh, ignore_errors=True)
+        os.mkdir(fresh)
+        os.mkdir(os.path.join(fresh, "model"))
+        with open(os.path.join(fresh, _FIELDS), "w") as f:
+            json.dump(fields, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            renameat2(fresh, folder, RENAME_NOREPLACE)
+            made = True
+        except FileExistsError:  # another part made it first
+            shutil.rmtree(fresh, ignore_errors=True)
+        fsync(os.path.dirname(folder))
+    if _fields_of(folder) != fields:
+        raise ConversionError(f"{label} does not match the parts staged in {folder}: "
+                              f"{_difference(_fields_of(folder), fields)}; remove {folder} to start over")
+    try:
+        refuse_others()  # parts of two conversions started at once: both refused
+    except ConversionError:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Staged(folder, index, count)

@@ -1,0 +1,336 @@
+"""A conversion split over parts (`--part I/N`): each part a separate process, the published folder byte for byte
+a single run's, whatever the order, concurrency or kills; mismatched parts refused."""
+
+import filecmp
+import hashlib
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import streamconv
+from streamconv import parts
+from streamconv.plan import make_plan
+from streamconv.recipes import gpt_sw3
+from streamconv.testing import SyntheticModel, make_parallel
+from tests.conftest import run_cli
+from tests.test_cli import assert_one_line_error
+from tests.test_output_safety import _strace_works
+
+MODEL = SyntheticModel(n_embd=64, n_layer=3, n_head=8, vocab_size=1000, n_positions=64)
+FLAGS = ("--vocab-size", "1000", "--shard-size", "100kB", "--quiet")  # 5 shards: parts cut some of them
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoints):
+    return checkpoints("parts", MODEL, dtype=torch.bfloat16).path
+
+
+def convert(source, out, *args):
+    return run_cli("--checkpoint-path", source, "--save-path", out, *FLAGS, *args)
+
+
+def start(source, out, *args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
+                             *FLAGS, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def assert_same_folder(made, reference):
+    """Every file of `made` byte-equal to the single run's, and no other file."""
+    assert sorted(os.listdir(made)) == sorted(os.listdir(reference))
+    match, mismatch, errors = filecmp.cmpfiles(made, reference, os.listdir(reference), shallow=False)
+    assert not mismatch and not errors
+
+
+@pytest.fixture(scope="module")
+def single(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    assert convert(ckpt, out).returncode == 0
+    assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) == 5
+    return out
+
+
+def staged_folders(parent):
+    return [e for e in os.listdir(parent) if ".streamconv-parts-" in e]
+
+
+# --- the assignment: a pure function of the plan and N ----------------------------------------------------------
+
+def plan_40b(layers=64):
+    """GPT-SW3 40B-shaped (hidden 8192, 64 heads, FFN 32768), from metadata only: no file."""
+    dims = gpt_sw3.Dims(8192, layers, 64, 32768, 2048, 64000, embedding_rows=64000)
+    recipes = gpt_sw3.tensor_recipes(dims)
+    return make_plan(recipes, ["torch.bfloat16"] * len(recipes), 5 * 10**9)
+
+
+def test_the_parts_of_a_40b_plan_are_balanced_and_cover_every_tensor_once():
+    plan = plan_40b()
+    shares = [parts.share(plan, i, 8) for i in range(8)]
+    sizes = [s.total_size for s in shares]
+    assert max(sizes) / min(sizes) <= 1.2, sizes
+    names = [t.name for s in shares for t in s.tensors]
+    assert names == [t.name for t in plan.tensors]  # each once, in plan order
+    assert sum(sizes) == plan.total_size
+    assert len(plan.shards) < 8 * 3  # so shards alone (about 5 GB each) could not balance 8 parts
+    whole = {s.filename: s for s in plan.shards}
+    for share in shares:
+        for shard in share.shards:  # a run of its shard's tensors, at the shard's offsets, under its header
+            full = whole[shard.filename]
+            start = full.tensors.index(shard.tensors[0])
+            assert full.tensors[start : start + len(shard.tensors)] == shard.tensors
+            assert shard.header == full.header
+
+
+def test_more_parts_than_tensors_leave_parts_idle():
+    sizes = [5, 1, 1]  # ideal cuts at 1.4, 2.8, 4.2 and 5.6 bytes: nearest are 0, 5, 5, 6
+    assert parts.boundaries(sizes, 5) == [0, 0, 1, 1, 2, 3]
+    assert parts.boundaries([], 3) == [0, 0, 0, 0]
+    assert parts.boundaries([3, 3, 3, 3], 2) == [0, 2, 4]
+    assert parts.boundaries([1] * 10, 1) == [0, 10]
+
+
+def test_the_cuts_are_the_nearest_to_equal_bytes():
+    sizes = [7, 1, 1, 1, 7, 1, 1, 1]  # 20 bytes: the cut nearest 10 is after the 4th item (10)
+    assert parts.boundaries(sizes, 2) == [0, 4, 8]
+
+
+# --- arguments ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,fragment", [("3/3", "I must be 0 to 2"), ("0/0", "N must be at least 1"),
+                                            ("-1/2", "I must be 0 to 1"), ("x", "cannot read --part 'x'"),
+                                            ("1/", "cannot read --part"), ("slurm", "SLURM_ARRAY_TASK_ID")])
+def test_bad_part_values_are_one_line_errors(ckpt, tmp_path, value, fragment):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", ckpt, "--save-path",
+                           tmp_path / "out", *FLAGS, f"--part={value}"], capture_output=True, text=True, env=env)
+    assert_one_line_error(proc, fragment)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_python_api_names_the_keyword(ckpt, tmp_path):
+    with pytest.raises(streamconv.ConversionError, match=r"part=3/3"):
+        streamconv.convert(ckpt, tmp_path / "out", part="3/3")
+
+
+def test_slurm_task_variables_give_the_part(ckpt, tmp_path, single):
+    out = tmp_path / "out"
+    for task in (7, 5, 6):  # an array 5-7: parts 2, 0, 1 of 3
+        env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}
+        proc = start(ckpt, out, "--part", "slurm", env=env)
+        assert proc.wait() == 0, proc.stderr.read()
+        assert f"part {task - 5}/3: " in proc.stdout.read()
+    assert_same_folder(out, single)
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_three_parts_in_any_order_make_the_single_runs_folder(ckpt, tmp_path, single, order):
+    out = tmp_path / "out"
+    for k, index in enumerate(order):
+        proc = convert(ckpt, out, "--part", f"{index}/3")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        last = k == len(order) - 1
+        assert out.exists() == last  # nothing at the save path until the last part ends
+        assert ("(all 3 parts done)" in proc.stdout) == last, proc.stdout
+    assert_same_folder(out, single)
+    assert streamconv.verify(ckpt, out, vocab_size=1000) == []
+    (staged,) = staged_folders(tmp_path)  # what makes a rerun a no-op: no tensor bytes left there
+    assert sorted(os.listdir(tmp_path / staged)) == ["done-0", "done-1", "done-2", "parts.json", "published",
+                                                     "swapping"]
+
+
+def test_three_concurrent_parts_publish_once(ckpt, tmp_path, single):
+    out = tmp_path / "out"
+    procs = [start(ckpt, out, "--part", f"{i}/3") for i in range(3)]
+    outputs = [(p.wait(), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(code == 0 and not err for code, _, err in outputs), outputs
+    published = [text for _, text, _ in outputs if f"-> {out} (all 3 parts done)" in text]
+    assert len(published) == 1, outputs
+    assert_same_folder(out, single)
+
+
+def test_a_finished_part_run_again_is_a_no_op(ckpt, tmp_path, single):
+    out = tmp_path / "out"
+    for i in range(3):
+        assert convert(ckpt, out, "--part", f"{i}/3").returncode == 0
+    before = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+    started = time.monotonic()
+    again = convert(ckpt, out, "--part", "1/3")
+    assert again.returncode == 0 and "part 1/3: done before -> " in again.stdout, again
+    assert time.monotonic() - started < 30
+    assert {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)} == before
+    assert_same_folder(out, single)
+
+
+def test_a_published_folder_removed_is_said_to_be_gone(ckpt, tmp_path):
+    out = tmp_path / "out"
+    for i in range(2):
+        assert convert(ckpt, out, "--part", f"{i}/2").returncode == 0
+    for f in os.listdir(out):
+        os.unlink(out / f)
+    os.rmdir(out)
+    assert_one_line_error(convert(ckpt, out, "--part", "0/2"), "which is gone now", "to convert again")
+
+
+def snapshot(folder):
+    """Every entry under `folder` with its size, mtime and content digest."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = (os.stat(path).st_mtime_ns,
+                                                        hashlib.sha256(f.read()).hexdigest())
+    return found
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--part", "1/3", "--dtype", "fp16"), "they were run with --dtype auto, this part with --dtype fp16"),
+    (("--part", "1/4"), "they are parts of 3, this one of 4"),
+    (("--part", "1/3", "--shard-size", "200kB"), "--shard-size 100000, this part with --shard-size 200000"),
+    (("--part", "1/3", "--overwrite"), "--overwrite False, this part with --overwrite True"),
+])
+def test_a_part_unlike_the_staged_ones_is_refused_and_touches_nothing(ckpt, tmp_path, args, fragment):
+    out = tmp_path / "out"
+    assert convert(ckpt, out, "--part", "0/3").returncode == 0
+    (staged,) = staged_folders(tmp_path)
+    before = snapshot(tmp_path / staged)
+    assert_one_line_error(convert(ckpt, out, *args), "does not match the parts staged", fragment,
+                          f"remove {tmp_path / staged}")
+    assert staged_folders(tmp_path) == [staged] and snapshot(tmp_path / staged) == before
+    assert not out.exists()
+
+
+def test_a_part_of_a_changed_checkpoint_is_refused(tmp_path):
+    source = tmp_path / "in.ckpt"
+    from streamconv.testing import make_checkpoint
+
+    make_checkpoint(source, MODEL, optimizer=False)
+    out = tmp_path / "out"
+    assert convert(source, out, "--part", "0/2").returncode == 0
+    make_checkpoint(source, MODEL, optimizer=False, seed=5)  # same shapes, other weights
+    os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert_one_line_error(convert(source, out, "--part", "1/2"), "checkpoint's files changed")
+
+
+def test_parts_of_a_tensor_parallel_nemo(tmp_path):
+    source = make_parallel(tmp_path / "tp2.nemo", MODEL, tp=2, kind="nemo").path
+    reference = tmp_path / "single"
+    assert convert(source, reference).returncode == 0
+    out = tmp_path / "out"
+    for i in (1, 0):
+        assert convert(source, out, "--part", f"{i}/2").returncode == 0
+    assert_same_folder(out, reference)
+    concurrent = tmp_path / "concurrent"
+    procs = [start(source, concurrent, "--part", f"{i}/3") for i in range(3)]
+    assert [p.wait() for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
+    assert_same_folder(concurrent, reference)
+
+
+def test_parts_of_a_distributed_checkpoint(tmp_path, mcore_cases):
+    case = mcore_cases({"llama": dict(groups=2, tp=2, layout="nemo2", layers=2)})["llama"]
+    reference = tmp_path / "single"
+    args = ("--vocab-size", "256", "--shard-size", "50kB", "--quiet")
+    single = run_cli("--checkpoint-path", case.checkpoint, "--save-path", reference, *args)
+    assert single.returncode == 0, single.stderr
+    assert len([f for f in os.listdir(reference) if f.endswith(".safetensors")]) >= 3
+    out = tmp_path / "out"
+    for i in (2, 0, 1):
+        proc = run_cli("--checkpoint-path", case.checkpoint, "--save-path", out, *args, "--part", f"{i}/3")
+        assert proc.returncode == 0, proc.stderr
+    assert_same_folder(out, reference)
+    assert streamconv.verify(case.checkpoint, out, vocab_size=256) == []
+    concurrent = tmp_path / "concurrent"
+    procs = [subprocess.Popen([sys.executable, "-m", "streamconv", "--checkpoint-path", case.checkpoint,
+                               "--save-path", concurrent, *args, "--part", f"{i}/3"], stderr=subprocess.PIPE)
+             for i in range(3)]
+    assert [p.wait() for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
+    assert_same_folder(concurrent, reference)
+
+
+# --- kills -------------------------------------------------------------------------------------------------------
+
+def test_a_part_killed_mid_stream_is_completed_by_its_rerun(checkpoints, tmp_path):
+    wide = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=8)
+    source = checkpoints("parts_wide", wide, optimizer=False).path
+    args = ("--vocab-size", "2048", "--shard-size", "20MB")
+    reference = tmp_path / "single"
+    assert run_cli("--checkpoint-path", source, "--save-path", reference, *args, "--quiet").returncode == 0
+    out = tmp_path / "out"
+    assert run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "0/2").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
+                             *args, "--part", "1/2", "--quiet"], stderr=subprocess.PIPE)
+    (staged,) = staged_folders(tmp_path)
+    deadline = time.monotonic() + 60
+    while written_by(proc.pid) < 30 * 2**20:  # of its share's 100 MB
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert not out.exists() and not (tmp_path / staged / "done-1").exists()
+    rerun = run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "1/2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_folder(out, reference)
+
+
+def written_by(pid):
+    with open(f"/proc/{pid}/io") as f:
+        return int(re.search(r"^wchar: (\d+)", f.read(), re.M).group(1))
+
+
+def renames_of(log):
+    return re.findall(r"^(\d+)\s+(rename|renameat|renameat2)\(", log.read_text() if log.exists() else "", re.M)
+
+
+@pytest.mark.skipif(not _strace_works(), reason="needs strace, and ptrace permitted")
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_last_part_killed_at_any_rename_is_completed_by_a_rerun(ckpt, tmp_path, single, overwrite):
+    """The last part renames its done marker, the swapping marker, the folder into place and the published
+    marker (and, with --overwrite, exchanges the old model out). Each rename is held by strace and the part
+    SIGKILLed there; rerunning it gives the single run's folder, and nothing else is left at the save path."""
+    extra = ("--overwrite",) if overwrite else ()
+    count = None
+    held = 1
+    while count is None or held <= count:
+        case = tmp_path / (f"held-{held}" if count is not None else "counting")
+        case.mkdir()
+        out = case / "out"
+        if overwrite:  # an older model to replace
+            assert convert(ckpt, out, "--vocab-size", "1024").returncode == 0
+        for i in (0, 1):
+            assert convert(ckpt, out, "--part", f"{i}/3", *extra).returncode == 0
+        log = case / "strace.log"
+        proc = subprocess.Popen(["strace", "-f", "-qq", "-o", log, "-e", "trace=rename,renameat,renameat2",
+                                 "-e", "inject=rename,renameat,renameat2:delay_enter=1s", sys.executable, "-m",
+                                 "streamconv", "--checkpoint-path", ckpt, "--save-path", out, *FLAGS, "--part", "2/3",
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if count is None:  # a first run, held at every rename, counts them
+            assert proc.wait() == 0, proc.stderr.read()
+            count = len(renames_of(log))
+            assert count >= 4
+            assert_same_folder(out, single)
+            continue
+        deadline = time.monotonic() + 60
+        while len(found := renames_of(log)) < held:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        os.kill(int(found[held - 1][0]), signal.SIGKILL)
+        proc.wait()
+        rerun = convert(ckpt, out, "--part", "2/3", *extra)
+        assert rerun.returncode == 0, (held, rerun.stderr)
+        assert_same_folder(out, single)
+        assert sorted(e for e in os.listdir(case) if not e.startswith(".out.streamconv-parts-")) == ["out",
+                                                                                                     "strace.log"]
+        held += 1
+
+
+# --- Ray ---------------------------------------------------------------------------------------------------------

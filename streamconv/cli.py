@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert only part I of N (0 <= I < N) into a staging folder beside the save path, shared by "
                    "all N parts; the last part to finish publishes the folder. 'slurm' reads I and N from a job "
                    "array task's variables")
+    p.add_argument("--ray", metavar="N", type=int, default=None,
+                   help="run the N parts as Ray tasks, on the cluster RAY_ADDRESS names, else on a local Ray "
+                   "(pip install \"streamconv[ray]\"); the save path must be on a filesystem all nodes share")
     p.add_argument("--print-checkpoint-structure", action="store_true",
                    help="print every output tensor with its shape, dtype and source; without --save-path, "
                    "only that")
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             before_write=print_structure if args.print_checkpoint_structure else None,
             part=args.part,
+            ray=args.ray,
         )
         if structure_only:
             return 0

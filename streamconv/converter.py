@@ -229,6 +229,8 @@ def convert(
     progress: bool = False,
     before_write: Callable[[Plan], None] | None = None,
     part: str | tuple[int, int] | None = None,
+    ray: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> ConversionResult:
     """Convert a NeMo or Megatron checkpoint of a GPT-SW3 or Llama-style model into a Hugging Face folder of sharded
     safetensors (GPT-2 or Llama; `family`, 'gpt-sw3' or 'llama', forces one, else the checkpoint shows which).
@@ -240,8 +242,17 @@ def convert(
     torch is imported only for `device` cuda or a `dtype` that casts. A dry run needs no `save_path`.
     The save path is checked (see output.check_save_path) and locked before anything is read.
     `part` ('I/N', (I, N) or 'slurm') converts only part I of N of the conversion, into a staging folder all
-    parts share; the part that finds every part done publishes the folder (see streamconv.parts).
+    parts share; the part that finds every part done publishes the folder (see streamconv.parts). `ray` runs
+    that many parts as Ray tasks (see streamconv.ray_parts). `on_bytes(n)` is told of the bytes as they are written.
     """
+    if ray is not None:
+        if part is not None or dry_run:
+            raise ConversionError("--ray runs every part itself: drop --part and --dry-run")
+        from streamconv.ray_parts import convert_with_ray
+
+        return convert_with_ray(ray, os.fspath(checkpoint_path), os.fspath(save_path), progress, device=device,
+                                shard_size=shard_size, dtype=dtype, vocab_size=vocab_size, num_heads=num_heads,
+                                family=family, tokenizer_path=tokenizer_path, overwrite=overwrite)
     started = time.perf_counter()
     if save_path is None and not dry_run:
         raise ConversionError("a save path is needed to convert (only a dry run goes without)")
@@ -273,7 +284,7 @@ def convert(
             fields = {"parts": count, "--dtype": short[out_dtype] if out_dtype else "auto", "--shard-size": limit,
                       "--vocab-size": vocab_size, "--num-heads": num_heads, "--family": family,
                       "--overwrite": overwrite}
-            _convert_part(result, checkpoint, plan, notes, fields, target, inputs, dev, progress)
+            _convert_part(result, checkpoint, plan, notes, fields, target, inputs, dev, progress, on_bytes)
             result.seconds = time.perf_counter() - started
             result.peak_rss = peak_rss()
             result.note = "; ".join(notes)
@@ -287,7 +298,7 @@ def convert(
         background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
         try:
             checked = write_extras(staging, checkpoint, config, notes, background)
-            result.stream_seconds = stream_into(staging, plan, checkpoint, dev, progress)
+            result.stream_seconds = stream_into(staging, plan, checkpoint, dev, progress, on_bytes)
             finish(staging, plan, checked, notes)
             publish(staging, target, save_path, overwrite)
         except OSError as exc:
@@ -302,7 +313,8 @@ def convert(
 
 
 def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, notes: list[str],
-                  fields: dict, target: str, inputs: list[str], device: str, progress: bool) -> None:
+                  fields: dict, target: str, inputs: list[str], device: str, progress: bool,
+                  on_bytes: Callable[[int], None] | None) -> None:
     """Part I of N: its share into the shared staging folder, then, if every part is done, publish (once)."""
     index, count = result.part
     save_path = result.save_path
@@ -330,7 +342,7 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
         check_save_path(save_path, fields["--overwrite"], inputs)
         _check_free_space(parent, result.plan.file_bytes, save_path)
         try:
-            result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress)
+            result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress, on_bytes)
             staged.mark_done()
         except OSError as exc:
             raise _write_error(exc, save_path, staged.model, result.plan) from None
@@ -443,12 +455,19 @@ def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[
     return None
 
 
-def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, progress: bool) -> float:
+def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, progress: bool,
+                on_bytes: Callable[[int], None] | None = None) -> float:
     """Phase 2: the plan's tensors into their shard files in `folder`, with a progress bar; the seconds taken."""
     bar = _progress_bar(plan.total_size, enabled=progress)
     started = time.perf_counter()
+
+    def written(n: int) -> None:
+        bar.update(n)
+        if on_bytes is not None:
+            on_bytes(n)
+
     try:
-        stream(plan, checkpoint, folder, device, on_bytes=bar.update)
+        stream(plan, checkpoint, folder, device, on_bytes=written)
     finally:
         bar.close()  # before any message: an interrupted bar would be glued to it, and redrawn after it
     return time.perf_counter() - started

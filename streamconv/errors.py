@@ -13,7 +13,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The command line's flags and the Python API's keyword arguments for the same setting.
 KEYWORDS = {"--checkpoint-path": "checkpoint_path", "--save-path": "save_path", "--shard-size": "shard_size",
             "--device": "device", "--dtype": "dtype", "--vocab-size": "vocab_size", "--tokenizer": "tokenizer_path",
-            "--num-heads": "num_heads", "--family": "family", "--part": "part",
+            "--num-heads": "num_heads", "--family": "family", "--part": "part", "--ray": "ray",
             "--overwrite": "overwrite=True", "--dry-run": "dry_run=True"}
 _FLAG = re.compile(r"(--[a-z][a-z-]*)(?: (N|[0-9]+)\b)?")
 

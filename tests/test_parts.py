@@ -4,6 +4,7 @@ a single run's, whatever the order, concurrency or kills; mismatched parts refus
 import filecmp
 import hashlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -334,3 +335,39 @@ def test_the_last_part_killed_at_any_rename_is_completed_by_a_rerun(ckpt, tmp_pa
 
 
 # --- Ray ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
+    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_runs_the_parts_as_tasks(local_ray, ckpt, tmp_path, single):
+    out = tmp_path / "out"
+    result = streamconv.convert(ckpt, out, ray=3, vocab_size=1000, shard_size="100kB")
+    assert_same_folder(out, single)
+    assert "(3 Ray tasks" in result.summary()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert result.bytes == index["metadata"]["total_size"]
+    (staged,) = staged_folders(tmp_path)
+    assert "published" in os.listdir(tmp_path / staged)
+
+
+def test_a_ray_task_refused_is_the_drivers_one_line_error(local_ray, ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert convert(ckpt, out, "--part", "0/3", "--dtype", "fp16").returncode == 0
+    with pytest.raises(streamconv.ConversionError, match=r"^part \d/3 does not match the parts staged in .*"
+                                                         r"dtype fp16, this part with dtype auto"):
+        streamconv.convert(ckpt, out, ray=3, vocab_size=1000, shard_size="100kB")
+    assert not out.exists()
+
+
+def test_without_ray_installed_ray_says_how_to_get_it(ckpt, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from streamconv.cli import main; "
+            f"sys.exit(main({['--checkpoint-path', str(ckpt), '--save-path', str(tmp_path / 'out'), *FLAGS]!r} "
+            "+ ['--ray', '3']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert_one_line_error(proc, "--ray needs Ray", 'pip install "streamconv[ray]"')
+    assert os.listdir(tmp_path) == []

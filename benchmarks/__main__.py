@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run copy, dd and streamconv on the same model saved as a megatron-core torch_dist "
                         "distributed checkpoint of TP tensor-parallel ranks (default 2); check that the two "
                         "conversions are byte-identical and time opening each (a dry run)")
+    p.add_argument("--parts", type=int, nargs="?", const=3, metavar="N",
+                   help="also run the N parts of one streamconv conversion (--part I/N) at once, on the .ckpt "
+                        "(default 3); check their folder is byte-identical to the single run's and report the "
+                        "part balance")
     p.add_argument("--scaling", metavar="L1,L2",
                    help="run copy and streamconv on the profile at two layer counts; check RSS flat, time linear")
     args = p.parse_args(argv)
@@ -89,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds must be at least 1")
     if args.distributed is not None and args.distributed < 1:
         p.error("--distributed takes a tensor-parallel size of at least 1")
+    if args.parts is not None and (args.parts < 2 or args.scaling or args.profile == LLAMA_PROFILE):
+        p.error("--parts takes N >= 2, on a GPT-SW3 profile, without --scaling")
+    if args.parts is not None and "streamconv" not in args.contenders.split(","):
+        p.error("--parts is measured against the streamconv contender: keep it in --contenders")
     return args
 
 
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped["dd"] = why
         names.remove("dd")
     chosen = harness.contenders(model.vocab_size, _devices(), names, args.dtype)
-    plain = [c for c in chosen if harness.uncast(c.name) is None]  # what also runs on the .nemo and dist inputs
+    plain = [c for c in chosen if harness.plain_of(c.name) is None]  # what also runs on the .nemo and dist inputs
     meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": os.path.getsize(src),
                  "weight_bytes": nbytes, "largest_rearranged_bytes": largest_rearranged(model, args.source_dtype),
                  "skipped": skipped})
@@ -160,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         split = ensure_parallel(profile, cache, args.layers, args.tp, args.source_dtype)
         meta["parallel_checkpoint"] = str(split)
         jobs += [(f"{c.name}-tp{args.tp}", c, split, nbytes) for c in plain if c.name.startswith(harness.STREAMCONV)]
+    split = None
+    if args.parts:
+        split = harness.parts_contender(model.vocab_size, args.parts)
+        jobs.append((split.name, split, src, nbytes))
+        meta["parts"] = {"count": args.parts, **part_balance(src, model.vocab_size, args.parts)}
     pairs: list[tuple[str, str]] = []  # (job on the .ckpt, the same on the distributed checkpoint)
     if args.distributed:
         dist = ensure_distributed(profile, cache, args.layers, args.distributed, args.optimizer, args.source_dtype)
@@ -170,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                      or c.name.startswith(harness.STREAMCONV)]
         jobs += dist_jobs
         pairs = [(key.removesuffix("-dist"), key) for key, c, *_ in dist_jobs if c.name.startswith(harness.STREAMCONV)]
-    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest={k for pair in pairs for k in pair},
-                              limit=limit)
+    digest = {k for pair in pairs for k in pair} | ({harness.STREAMCONV, split.name} if split else set())
+    runs = harness.run_rounds(jobs, scratch, args.rounds, cold, digest=digest, limit=limit)
     dist_failures = distributed_checks(meta, runs, pairs, src, model.vocab_size, args.rounds, cold) if pairs else []
+    if split:
+        differences = harness.output_differences(runs, harness.STREAMCONV, split.name)
+        meta["parts"].update({"identical": not differences, "differences": differences})
+        dist_failures += [f"--parts: {d}" for d in differences]
     record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
     failures = []
     if ci is not None:
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.table(record))
     if "distributed" in record:
         print("\n" + "\n".join(distributed_report(record)))
+    if "parts" in record:
+        print("\n" + "\n".join(parts_report(record)))
     print(f"\nrecord: {path}")
     if not args.no_plots:
         for plot in _plots(record, path):
@@ -278,6 +297,32 @@ def distributed_report(record: dict) -> list[str]:
         lines.append(f"opening (dry run, convert() start to plan, median): .ckpt {o['ckpt']['seconds']:.2f} s, "
                      f"distributed {o['dist']['seconds']:.2f} s (per round: "
                      f"{', '.join(f'{x:.2f}' for x in o['dist']['per_round'])})")
+    return lines
+
+
+def part_balance(src: Path, vocab_size: int, count: int) -> dict:
+    """How `count` parts share the conversion of `src`: tensor bytes and tensors per part (from a dry run's plan,
+    cut as `--part` cuts it)."""
+    from streamconv import parts
+    from streamconv.converter import convert
+
+    plan = convert(src, None, dry_run=True, vocab_size=vocab_size).plan
+    shares = [parts.share(plan, i, count) for i in range(count)]
+    sizes = [s.total_size for s in shares]
+    return {"bytes": sizes, "tensors": [len(s.tensors) for s in shares], "largest_tensor_bytes":
+            max(t.nbytes for t in plan.tensors), "max_over_min": max(sizes) / min(sizes) if min(sizes) else None}
+
+
+def parts_report(record: dict) -> list[str]:
+    """Lines on the split conversion: the part balance, and whether its folder is the single run's."""
+    p, name = record["parts"], f"{harness.STREAMCONV}-parts{record['parts']['count']}"
+    balance = "inf" if p["max_over_min"] is None else f"{p['max_over_min']:.3f}"
+    lines = [f"{name}: {p['count']} parts at once, tensor bytes per part "
+             f"{' / '.join(f'{b / 1e9:.3f}' for b in p['bytes'])} GB (max/min {balance}; largest tensor "
+             f"{p['largest_tensor_bytes'] / 1e9:.3f} GB), tensors per part {' / '.join(map(str, p['tensors']))}"]
+    if "identical" in p:
+        lines.append(f"{name}'s folder: byte-identical to the single run's in every round" if p["identical"] else
+                     f"{name}'s folder DIFFERS from the single run's:\n  " + "\n  ".join(p["differences"]))
     return lines
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import cgroup
+from streamconv import parts
 from streamconv.testing import measure
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,16 +37,24 @@ STREAMCONV = "streamconv"  # contenders whose name starts with this are measured
 BASELINES = ("copy", "dd", "naive")
 DTYPES = ("bf16", "fp16", "fp32")  # --dtype: a `streamconv-as-<dtype>` contender each
 CONVERTED = "converted"  # a run's status when it exited 0 (copies too); else OOM-killed or failed (exit N)
-CAST = re.compile(rf"^{STREAMCONV}-as-(?:{'|'.join(DTYPES)})")
+# A variant of the plain conversion, measured against it: a cast (`streamconv-as-fp16`) or a split one
+# (`streamconv-parts3`, `--parts`)
+VARIANT = re.compile(rf"^{STREAMCONV}-(?:as-(?:{'|'.join(DTYPES)})|parts[0-9]+)")
 # `cp` + fsync of a checkpoint file, or of every file (and folder) of a checkpoint folder
 COPY = ('if [ -d "$0" ]; then cp -r -- "$0" "$1" && find "$1" -exec sync -- {} +; '
         'else cp -- "$0" "$1" && sync -- "$1"; fi')
-# The targets tracked (benchmarks/README.md): (source dtype, ratio, figure, ceiling)
+# The targets tracked (benchmarks/README.md): (source dtype or None for any, ratio (a regular expression),
+# figure, ceiling). Split conversions: N parts at once on one disk cost no time, and no part more memory.
 TARGETS = (
     ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "wall", 1.15),
     ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "peak_rss", 1.10),
     ("fp32", f"{STREAMCONV}-as-bf16/copy", "wall", 1.15),
+    (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "wall", 1.10),
+    (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "peak_rss", 1.00),
 )
+# `sh -c PARTS sh N CMD...`: CMD --part I/N for every I at once, then wait for each; exit 1 if any failed
+PARTS = ('n=$1; shift; i=0; pids=; while [ "$i" -lt "$n" ]; do "$@" --part "$i/$n" & pids="$pids $!"; '
+         'i=$((i + 1)); done; rc=0; for p in $pids; do wait "$p" || rc=1; done; exit "$rc"')
 DD_FLAGS = "bs=64M iflag=direct oflag=direct conv=fsync status=none"
 # The direct-I/O copy (no page cache either side), of a file or of each file of a folder into the same layout
 DD = (f'if [ -d "$0" ]; then find "$0" -type f | while IFS= read -r f; do r="${{f#"$0"/}}"; '
@@ -59,24 +68,35 @@ class Contender:
     argv: Callable[[Path, Path], list[str]]  # (checkpoint, output path) -> command
 
 
+def _streamconv(vocab_size: int, *flags: str) -> Callable[[Path, Path], list[str]]:
+    return lambda src, dst: [sys.executable, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path",
+                             str(dst), "--quiet", "--vocab-size", str(vocab_size), *flags]
+
+
 def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None,
                dtypes: Collection[str] = ()) -> list[Contender]:
     """copy (what users compare with), dd (the I/O floor), naive (the reference, in RAM), streamconv on each
     device, then streamconv on the CPU casting to each of `dtypes` (whatever `names` says); in run order."""
-    py = sys.executable
-
-    def streamconv(*flags: str) -> Callable[[Path, Path], list[str]]:
-        return lambda src, dst: [py, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path", str(dst),
-                                 "--quiet", "--vocab-size", str(vocab_size), *flags]
-
     made = [
         Contender("copy", lambda src, dst: ["sh", "-c", COPY, str(src), str(dst)]),
         Contender("dd", lambda src, dst: ["sh", "-c", DD, str(src), str(dst)]),
-        Contender("naive", lambda src, dst: [py, str(NAIVE), str(src), str(dst), "--vocab-size", str(vocab_size)]),
+        Contender("naive", lambda src, dst: [sys.executable, str(NAIVE), str(src), str(dst), "--vocab-size",
+                                             str(vocab_size)]),
     ]
-    made += [Contender(STREAMCONV if d == "cpu" else f"{STREAMCONV}-{d}", streamconv("--device", d)) for d in devices]
+    made += [Contender(STREAMCONV if d == "cpu" else f"{STREAMCONV}-{d}", _streamconv(vocab_size, "--device", d))
+             for d in devices]
     chosen = [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
-    return chosen + [Contender(f"{STREAMCONV}-as-{d}", streamconv("--device", "cpu", "--dtype", d)) for d in dtypes]
+    return chosen + [Contender(f"{STREAMCONV}-as-{d}", _streamconv(vocab_size, "--device", "cpu", "--dtype", d))
+                     for d in dtypes]
+
+
+def parts_contender(vocab_size: int, count: int) -> Contender:
+    """`streamconv-partsN`: the N parts of one conversion (`--part I/N`) started at once under one shell, which
+    waits for them all and fails if any part does. Its wall time ends with the last part; its ru_maxrss (that of
+    its children) is the largest part's; its RSS timeline sums the parts."""
+    conversion = _streamconv(vocab_size, "--device", "cpu")
+    return Contender(f"{STREAMCONV}-parts{count}",
+                     lambda src, dst: ["sh", "-c", PARTS, "sh", str(count), *conversion(src, dst)])
 
 
 def dd_refusal(src: Path, scratch: Path) -> str | None:
@@ -109,6 +129,10 @@ def drop_page_cache() -> bool:
 
 
 def remove(path: Path) -> None:
+    """`path` and what split conversions staged beside it (a published one's markers would make the next
+    round's parts no-ops)."""
+    for staged in parts.staged_folders(str(path.resolve())).values() if path.parent.is_dir() else ():
+        shutil.rmtree(staged)
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
@@ -245,22 +269,23 @@ def pair_ratios(num: list[dict], den: list[dict], key: str = "wall") -> list[flo
     return [a[key] / b[key] for a, b in zip(num, den, strict=True) if b[key] and converted([a, b]) == [a, b]]
 
 
-def uncast(name: str) -> str | None:
-    """`streamconv-as-fp16` -> `streamconv` (`streamconv-as-fp16-dist` -> `streamconv-dist`): the same
-    conversion without the cast; None for a name that is not a cast."""
-    m = CAST.match(name)
+def plain_of(name: str) -> str | None:
+    """`streamconv-as-fp16` -> `streamconv` (`streamconv-as-fp16-dist` -> `streamconv-dist`, `streamconv-parts3`
+    -> `streamconv`): the same conversion without the cast or the split; None for a name that is neither."""
+    m = VARIANT.match(name)
     return None if m is None else STREAMCONV + name[m.end():]
 
 
 def ratios(runs: dict[str, list[dict]]) -> dict:
     """`streamconv*/copy`, `streamconv*/dd` and `streamconv*/naive`, against a baseline run on the same input
-    (`streamconv-dist/copy-dist`), and a cast against the plain conversion (`streamconv-as-fp16/streamconv`):
-    medians of the per-round ratios of wall time and peak RSS."""
+    (`streamconv-dist/copy-dist`), and a cast or a split conversion against the plain one
+    (`streamconv-as-fp16/streamconv`, `streamconv-parts3/streamconv`): medians of the per-round ratios of wall
+    time and peak RSS."""
     out = {}
     for num in (k for k in runs if k.startswith(STREAMCONV)):
         same_input = [k for k in runs if (base := k.split("-")[0]) in BASELINES and k != base
                       and num.endswith(k[len(base):])]
-        plain = [k for k in [uncast(num)] if k in runs]
+        plain = [k for k in [plain_of(num)] if k in runs]
         for den in [k for k in BASELINES if k in runs] + same_input + plain:
             per_round = pair_ratios(runs[num], runs[den])
             if not per_round:  # no round where both converted
@@ -296,8 +321,8 @@ def targets(source_dtype: str, found: dict) -> list[dict]:
     """The tracked targets (`TARGETS`) that the ratios `found` on a `source_dtype` checkpoint measure: each
     with its value and whether it is met."""
     out = []
-    for dtype, name, figure, ceiling in TARGETS:
-        if dtype == source_dtype and name in found:
+    for dtype, pattern, figure, ceiling in TARGETS:
+        for name in (n for n in found if dtype in (None, source_dtype) and re.fullmatch(pattern, n)):
             value = found[name][figure]
             out.append({"ratio": name, "figure": figure, "ceiling": ceiling, "value": value, "met": value <= ceiling})
     return out

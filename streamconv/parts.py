@@ -295,8 +295,8 @@ def _read(path: str, limit: int) -> str | None:
         return None
 
 
-def _folders(target: str) -> dict[str, str]:
-    """Staging folders of split conversions beside the target, by fingerprint."""
+def staged_folders(target: str) -> dict[str, str]:
+    """Staging folders of split conversions beside the target (an absolute path), by fingerprint."""
     prefix = os.path.basename(sibling(target, "parts-"))
     pattern = re.compile(re.escape(prefix) + r"([0-9a-f]{16})")
     parent = os.path.dirname(target)
@@ -344,7 +344,7 @@ def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
     label = f"part {index}/{count}"
 
     def refuse_others() -> None:
-        for other, path in sorted(_folders(target).items()):
+        for other, path in sorted(staged_folders(target).items()):
             if other != fingerprint and not os.path.exists(os.path.join(path, _PUBLISHED)):
                 raise ConversionError(f"{label} does not match the parts staged in {path}: "
                                       f"{_difference(_fields_of(path), fields)}; run every part with the same flags "

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from benchmarks import cgroup, harness
-from benchmarks.__main__ import byte_size, ci_failures, dtype_list, memory_limit, scaling_verdict
+from benchmarks.__main__ import (
+    byte_size,
+    ci_failures,
+    dtype_list,
+    memory_limit,
+    part_balance,
+    parts_report,
+    scaling_verdict,
+)
 from benchmarks.workloads import (
     PROFILES,
     STACKED,
@@ -26,6 +35,7 @@ from benchmarks.workloads import (
     mcore_shards,
     weight_bytes,
 )
+from streamconv.converter import convert
 from streamconv.testing import (
     SyntheticModel,
     make_checkpoint,
@@ -72,8 +82,9 @@ def test_casts_are_streamconv_contenders_measured_against_the_plain_conversion()
     argv = made[2].argv("in.ckpt", "out")
     assert argv[argv.index("--dtype") + 1] == "fp16" and argv[argv.index("--device") + 1] == "cpu"
     assert [c.name for c in harness.contenders(2048, ["cpu"], ["copy"], ["bf16"])] == ["copy", "streamconv-as-bf16"]
-    assert harness.uncast("streamconv-as-fp16") == "streamconv" and harness.uncast("streamconv") is None
-    assert harness.uncast("streamconv-as-bf16-dist") == "streamconv-dist"
+    assert harness.plain_of("streamconv-as-fp16") == "streamconv" and harness.plain_of("streamconv") is None
+    assert harness.plain_of("streamconv-as-bf16-dist") == "streamconv-dist"
+    assert harness.plain_of("streamconv-parts3") == "streamconv" and harness.plain_of("streamconv-cuda") is None
 
     runs = {"copy": [run(1.0)], "dd": [run(0.5)], "streamconv": [run(2.0, rss=100)],
             "streamconv-as-fp16": [run(2.2, rss=105)]}
@@ -224,6 +235,45 @@ def test_tiny_conversion_under_a_memory_limit(tmp_path):
     assert "model.safetensors" in r["outputs"]
     assert 10 * 2**20 < r["cgroup_peak"] < 2**30 and r["peak_rss"] < 2**30
     assert _children(limit) == [] and not (tmp_path / "scratch" / "streamconv").exists()
+
+
+def test_parts_contender_runs_every_part_at_once_into_the_single_runs_folder(tmp_path):
+    """`--parts 3`: three real part processes under one shell give the single run's folder, byte for byte; the
+    staged folder they leave is cleared with the output, so the next round converts again; one failing part
+    fails the run; the balance is read off the plan as --part cuts it."""
+    src = ensure_checkpoint(TINY, tmp_path)
+    scratch = tmp_path / "scratch"
+    single = harness.contenders(TINY.vocab_size, ["cpu"], ["streamconv"])[0]
+    split = harness.parts_contender(TINY.vocab_size, 3)
+    assert split.name == "streamconv-parts3" and harness.plain_of(split.name) == "streamconv"
+    runs = harness.run_rounds([("streamconv", single, src, 1), (split.name, split, src, 1)], scratch, 2, cold=False,
+                              digest={"streamconv", split.name})
+    assert harness.output_differences(runs, "streamconv", split.name) == []
+    assert "model.safetensors" in runs[split.name][0]["outputs"] and sorted(os.listdir(scratch)) == []
+    assert {r["status"] for r in runs[split.name]} == {"converted"}
+
+    broken = harness.Contender("broken", lambda s, d: ["sh", "-c", harness.PARTS, "sh", "3", sys.executable, "-c",
+                                                       "import sys; sys.exit(sys.argv[-1] == '1/3')"])
+    with pytest.raises(SystemExit, match="broken failed"):
+        harness.run_once(broken, src, scratch, 1, cold=False)
+
+    balance = part_balance(src, TINY.vocab_size, 3)
+    convert(src, tmp_path / "out", vocab_size=TINY.vocab_size)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert sum(balance["bytes"]) == sum(f.get_tensor(k).nbytes for k in names)
+        assert sum(balance["tensors"]) == len(names)
+    assert max(balance["bytes"]) - min(balance["bytes"]) <= balance["largest_tensor_bytes"]
+    lines = parts_report({"parts": {"count": 3, **balance, "identical": True, "differences": []}})
+    assert lines[0].startswith("streamconv-parts3: 3 parts at once") and "byte-identical" in lines[1]
+
+
+def test_split_conversions_are_tracked_against_the_single_run():
+    runs = {"streamconv": [run(2.0, rss=100)], "streamconv-parts3": [run(2.1, rss=90)]}
+    found = harness.ratios(runs)
+    assert found["streamconv-parts3/streamconv"]["wall"] == pytest.approx(1.05)
+    assert [(t["figure"], t["ceiling"], t["met"]) for t in harness.targets("fp32", found)] == [
+        ("wall", 1.10, True), ("peak_rss", 1.00, True)]
 
 
 def test_output_differences_name_each_file_and_round():

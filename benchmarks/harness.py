@@ -44,13 +44,15 @@ VARIANT = re.compile(rf"^{STREAMCONV}-(?:as-(?:{'|'.join(DTYPES)})|parts[0-9]+)"
 COPY = ('if [ -d "$0" ]; then cp -r -- "$0" "$1" && find "$1" -exec sync -- {} +; '
         'else cp -- "$0" "$1" && sync -- "$1"; fi')
 # The targets tracked (benchmarks/README.md): (source dtype or None for any, ratio (a regular expression),
-# figure, ceiling). Split conversions: N parts at once on one disk cost no time, and no part more memory.
+# figure, ceiling). Split conversions: N parts at once on one disk cost no time, and no part more memory; the
+# part holding the largest tensor needs the single run's buffers, so its peak is the single run's give or take
+# a few pages (+0.02% and -0.03% seen), which the 1% allows.
 TARGETS = (
     ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "wall", 1.15),
     ("bf16", f"{STREAMCONV}-as-fp16/{STREAMCONV}", "peak_rss", 1.10),
     ("fp32", f"{STREAMCONV}-as-bf16/copy", "wall", 1.15),
     (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "wall", 1.10),
-    (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "peak_rss", 1.00),
+    (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "peak_rss", 1.01),
 )
 # `sh -c PARTS sh N CMD...`: CMD --part I/N for every I at once, then wait for each; exit 1 if any failed
 PARTS = ('n=$1; shift; i=0; pids=; while [ "$i" -lt "$n" ]; do "$@" --part "$i/$n" & pids="$pids $!"; '

@@ -8,11 +8,11 @@ tensors into the shard files under `model/` at the plan's offsets (a shard cut b
 both, each its own bytes), fsyncs them, then records `done-I` (written aside, fsynced, renamed: the part's
 commit). A part that is rerun before its marker exists writes its whole share again, so nothing a killed part
 left is trusted. The part that finds every marker claims publishing with an `O_EXCL` file, which is atomic on
-NFS (v3 and later), Lustre, GPFS and local filesystems alike, where `flock` is not (node-local on Lustre without
-`-o flock`); it then writes the index, config and tokenizer and publishes `model/` with the single run's lock and
-atomic swap, and records `published`, which makes a rerun of any part a no-op. A claim left by a killed
-publisher is taken over by a rerun on the same host (its pid is gone); one from another host is named in the
-message, to be removed by hand.
+NFS (v3 and later), Lustre, GPFS and local filesystems alike, where what `flock` means across nodes depends on
+the mount (on Lustre: off, node-local or cluster-wide); it then writes the index, config and tokenizer and
+publishes `model/` with the single run's lock and atomic swap, and records `published`, which makes a rerun of
+any part a no-op. A claim left by a killed publisher is taken over by a rerun on the same host (its pid is gone);
+one from another host is named in the message, to be removed by hand.
 """
 
 from __future__ import annotations

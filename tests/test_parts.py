@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,6 +257,63 @@ def test_parts_of_a_distributed_checkpoint(tmp_path, mcore_cases):
              for i in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
     assert_same_folder(concurrent, reference)
+
+
+# --- the README's Slurm scripts -------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_script(tmp_path, name):
+    """The script between the README's `<!-- name -->` markers, written to a file."""
+    text = README.read_text()
+    block = re.search(rf"<!-- {name} -->\n```bash\n(.*?)```\n<!-- /{name} -->", text, re.S)
+    assert block, f"README.md has no {name} script"
+    path = tmp_path / f"{name}.sbatch"
+    path.write_text(block.group(1))
+    return path
+
+
+def slurm_task(script, task, count, *args, first=0):
+    """`script` as Slurm runs an array task: bash, the job's arguments, the array variables, streamconv on PATH."""
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(first + task), "SLURM_ARRAY_TASK_MIN": str(first),
+           "SLURM_ARRAY_TASK_COUNT": str(count),
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    return subprocess.Popen(["bash", script, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_the_readme_sbatch_script_splits_one_conversion_over_16_tasks(ckpt, tmp_path, single):
+    script = readme_script(tmp_path, "sbatch-parts")
+    assert "#SBATCH --array=0-15" in script.read_text()
+    out = tmp_path / "out"
+    order = (7, 0, 15, *(task for task in range(1, 15) if task != 7))  # tasks of array 3-18, started at once
+    tasks = [slurm_task(script, task, 16, ckpt, out, *FLAGS[:4], first=3) for task in order]
+    assert [t.wait() for t in tasks] == [0] * 16, [t.stderr.read() for t in tasks]
+    assert_same_folder(out, single)
+
+
+def test_the_readme_sbatch_script_converts_every_iteration_of_a_megatron_lm_run(tmp_path, mcore_cases):
+    case = mcore_cases({"mlm": dict(groups=2, layout="megatron_lm", tp=2)})["mlm"]
+    iterations = sorted(case.checkpoint.glob("iter_*"))
+    assert [p.name for p in iterations] == ["iter_0000005", "iter_0000010"]
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("".join(f"{p}\n" for p in iterations))  # as `ls -d .../iter_* > manifest.txt`
+    script, out = readme_script(tmp_path, "sbatch-iterations"), tmp_path / "hf"
+    out.mkdir()
+    tasks = [slurm_task(script, task, 2, manifest, out, "--vocab-size", "256") for task in (1, 0)]
+    assert [t.wait() for t in tasks] == [0, 0], [t.stderr.read() for t in tasks]
+    for iteration in iterations:
+        reference = tmp_path / f"single-{iteration.name}"
+        assert run_cli("--checkpoint-path", iteration, "--save-path", reference, "--vocab-size", "256",
+                       "--quiet").returncode == 0
+        assert_same_folder(out / iteration.name, reference)
+    assert not filecmp.cmp(out / "iter_0000005" / "model.safetensors", out / "iter_0000010" / "model.safetensors",
+                           shallow=False)
+    beyond = slurm_task(script, 2, 3, manifest, out)  # an index past the manifest's end
+    assert beyond.wait() == 2 and "no line 3 in" in beyond.stderr.read()
+    again = slurm_task(script, 0, 2, manifest, out, "--vocab-size", "256")  # a requeued task, already done
+    assert again.wait() == 2 and "not empty" in again.stderr.read()
 
 
 # --- kills -------------------------------------------------------------------------------------------------------

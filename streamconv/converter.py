@@ -322,9 +322,14 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
                                                sorted(checkpoint.tokenizer_files.items())]
     label = f"part {index}/{count}"
     parent = os.path.dirname(target)
+    identity = parts.identity(fields, plan, result.config, digests, inputs)
     made = make_folders(parent)
     try:
-        staged = parts.join(target, index, count, parts.identity(fields, plan, result.config, digests, inputs))
+        before = parts.staged(target, index, count, identity)
+        if before is None or not (before.published or before.done(index)):  # it will stream: as a single run would
+            check_save_path(save_path, fields["--overwrite"], inputs)
+            _check_free_space(parent, result.plan.file_bytes, save_path)
+        staged = parts.join(target, index, count, identity)
     except BaseException:
         for folder in made:
             with contextlib.suppress(OSError):
@@ -339,8 +344,6 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
     if staged.done(index):
         result.streamed = False
     else:
-        check_save_path(save_path, fields["--overwrite"], inputs)
-        _check_free_space(parent, result.plan.file_bytes, save_path)
         try:
             result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress, on_bytes)
             staged.mark_done()

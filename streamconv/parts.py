@@ -336,11 +336,22 @@ def _fields_of(folder: str) -> dict | None:
         return None
 
 
+def _staging_folder(target: str, fields: dict[str, str]) -> tuple[str, str]:
+    """(fingerprint, staging folder) of the conversion that `fields` describe."""
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint, sibling(target, f"parts-{fingerprint}")
+
+
+def staged(target: str, index: int, count: int, fields: dict[str, str]) -> Staged | None:
+    """This conversion's staging folder if a part made it already; None (and nothing made) if not."""
+    folder = _staging_folder(target, fields)[1]
+    return Staged(folder, index, count) if _fields_of(folder) == fields else None
+
+
 def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
     """The staging folder of this conversion, made by the first part to come; refused (nothing staged touched)
     when parts of another conversion of the same save path are staged and not published."""
-    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    folder = sibling(target, f"parts-{fingerprint}")
+    fingerprint, folder = _staging_folder(target, fields)
     label = f"part {index}/{count}"
 
     def refuse_others() -> None:

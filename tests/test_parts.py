@@ -183,6 +183,20 @@ def test_a_published_folder_removed_is_said_to_be_gone(ckpt, tmp_path):
     assert_one_line_error(convert(ckpt, out, "--part", "0/2"), "which is gone now", "to convert again")
 
 
+def test_a_part_refused_for_a_full_save_path_stages_nothing(ckpt, tmp_path, single):
+    """Parts over a folder that holds a model: refused as a single run is, leaving no staging folder behind
+    (which would refuse the --overwrite run the message asks for); with --overwrite they replace it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert_one_line_error(convert(ckpt, out, "--part", "1/2"), "is not empty", "--overwrite")
+    assert staged_folders(tmp_path) == [] and os.listdir(out) == ["config.json"]
+    for i in (1, 0):
+        done = convert(ckpt, out, "--part", f"{i}/2", "--overwrite")
+        assert done.returncode == 0, done.stderr
+    assert_same_folder(out, single)
+
+
 def snapshot(folder):
     """Every entry under `folder` with its size, mtime and content digest."""
     found = {}

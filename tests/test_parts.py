@@ -1,6 +1,7 @@
 """A conversion split over parts (`--part I/N`): each part a separate process, the published folder byte for byte
 a single run's, whatever the order, concurrency or kills; mismatched parts refused."""
 
+import contextlib
 import filecmp
 import hashlib
 import itertools
@@ -425,6 +426,36 @@ def test_ray_runs_the_parts_as_tasks(local_ray, ckpt, tmp_path, single):
     assert result.bytes == index["metadata"]["total_size"]
     (staged,) = staged_folders(tmp_path)
     assert "published" in os.listdir(tmp_path / staged)
+
+
+def test_a_ray_task_whose_worker_is_killed_is_retried(local_ray, checkpoints, tmp_path):
+    """SIGKILL the worker of a running part mid-stream (as a lost node would): Ray runs the task again, and the
+    folder is still the single run's."""
+    import concurrent.futures
+
+    import psutil
+
+    wide = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=8)
+    source = checkpoints("parts_wide", wide, optimizer=False).path
+    options = dict(vocab_size=2048, shard_size="20MB")
+    reference, out = tmp_path / "single", tmp_path / "out"
+    streamconv.convert(source, reference, **options)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(streamconv.convert, source, out, ray=2, **options)
+        deadline, killed = time.monotonic() + 120, None
+        while killed is None:
+            assert not running.done() and time.monotonic() < deadline, running.exception()
+            for proc in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if "ray::_run_part" in " ".join(proc.info["cmdline"] or []) and \
+                            written_by(proc.pid) > 30 * 2**20:
+                        proc.kill()
+                        killed = proc.pid
+            time.sleep(0.002)
+        result = running.result(timeout=300)
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    assert "(2 Ray tasks" in result.summary()
+    assert_same_folder(out, reference)
 
 
 def test_a_ray_task_refused_is_the_drivers_one_line_error(local_ray, ckpt, tmp_path):

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING
 
 from streamconv import parts, recipes, tokenizer
 from streamconv.errors import ConversionError
-from streamconv.output import check_save_path, claimed, fsync, make_folders, publish, staging_folder
+from streamconv.output import (
+    check_save_path,
+    claimed,
+    fsync,
+    make_folders,
+    only_model_files,
+    publish,
+    staging_folder,
+)
 from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -49,6 +57,7 @@ class ConversionResult:
     part: tuple[int, int] | None = None  # (I, N): this was part I of N (`plan` is its share)
     streamed: bool = True  # False: a part found its share done before
     outcome: str = ""  # where the output went, when not simply to the save path (a part)
+    published: bool = False  # a part: it published the folder
 
     @property
     def tensors(self) -> int:
@@ -246,8 +255,9 @@ def convert(
     that many parts as Ray tasks (see streamconv.ray_parts). `on_bytes(n)` is told of the bytes as they are written.
     """
     if ray is not None:
-        if part is not None or dry_run:
-            raise ConversionError("--ray runs every part itself: drop --part and --dry-run")
+        if part is not None or dry_run or save_path is None:
+            raise ConversionError("--ray runs every part itself into a save path: give --save-path, drop --part "
+                                  "and --dry-run")
         from streamconv.ray_parts import convert_with_ray
 
         return convert_with_ray(ray, os.fspath(checkpoint_path), os.fspath(save_path), progress, device=device,
@@ -302,7 +312,7 @@ def convert(
             finish(staging, plan, checked, notes)
             publish(staging, target, save_path, overwrite)
         except OSError as exc:
-            raise _write_error(exc, save_path, staging, plan) from None
+            raise _write_error(exc, save_path, staging, plan.file_bytes) from None
         finally:
             background.shutdown(wait=True)
             shutil.rmtree(staging, ignore_errors=True)
@@ -328,7 +338,7 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
         before = parts.staged(target, index, count, identity)
         if before is None or not (before.published or before.done(index)):  # it will stream: as a single run would
             check_save_path(save_path, fields["--overwrite"], inputs)
-            _check_free_space(parent, result.plan.file_bytes, save_path)
+            _check_free_space(parent, parts.written_bytes(result.plan), save_path)
         staged = parts.join(target, index, count, identity)
     except BaseException:
         for folder in made:
@@ -348,7 +358,7 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
             result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress, on_bytes)
             staged.mark_done()
         except OSError as exc:
-            raise _write_error(exc, save_path, staged.model, result.plan) from None
+            raise _write_error(exc, save_path, staged.model, parts.written_bytes(result.plan)) from None
     missing = staged.missing()
     if missing:
         waiting = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -360,27 +370,30 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
                               f"is gone, remove {staged.claim} and run any part again)")
             return
         try:
-            _publish_parts(staged, plan, checkpoint, result.config, notes, save_path, fields["--overwrite"], inputs)
+            kept = _publish_parts(staged, plan, checkpoint, result.config, notes, save_path, fields["--overwrite"],
+                                  inputs)
         except ConversionError as exc:
             raise ConversionError(f"all {count} parts are done, but {save_path} was not published: {exc}; "
                                   "then run any part again to publish it") from None
-    result.outcome = f"-> {save_path} (all {count} parts done)"
+    result.published = True
+    result.outcome = f"-> {save_path} (all {count} parts done{kept})"
 
 
 def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, config: dict, notes: list[str],
-                   save_path: str, overwrite: bool, inputs: list[str]) -> None:
-    """Index, config and tokenizer into the staged folder, then the single run's swap under its lock.
+                   save_path: str, overwrite: bool, inputs: list[str]) -> str:
+    """Index, config and tokenizer into the staged folder, then the single run's swap under its lock; returns
+    what the summary must add.
 
     The staged folder's inode is recorded before the swap, so a publisher killed during it is told apart on the
-    rerun: `model/` still that folder (not swapped: publish it), another one (the old model, swapped out: remove
-    it) or gone (published).
+    rerun (see parts.Staged.swapped): not swapped (publish it), or swapped (what `model/` holds is the old
+    model: remove it, unless another program wrote into it).
     """
-    began = staged.swapped() is not None  # the save path may hold this conversion's model already
-    with claimed(save_path, overwrite or began, inputs) as target:
+    target, kept = os.path.realpath(save_path), ""
+    began = staged.swapped(target)  # the save path may hold this conversion's model already
+    with claimed(save_path, overwrite or began, inputs, lock_required=False) as target:
         if staged.published:
-            return
-        swapped = staged.swapped()
-        if swapped is None:
+            return kept
+        if not staged.swapped(target):
             for shard in plan.shards:
                 path = os.path.join(staged.model, shard.filename)
                 size = os.path.getsize(path) if os.path.isfile(path) else None
@@ -395,9 +408,13 @@ def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, con
                 background.shutdown(wait=True)
             staged.mark_swapping()
             publish(staged.model, target, save_path, overwrite)
-        elif swapped:
+        elif os.path.isdir(staged.model) and not only_model_files(staged.model):
+            # swapped by a publisher killed before it checked the old contents, which another program wrote into
+            kept = f"; the old contents of {save_path} gained other files meanwhile: they are kept in {staged.model}"
+        else:  # swapped by a publisher killed before it recorded so: `model/` holds the old model, if anything
             shutil.rmtree(staged.model, ignore_errors=True)
         staged.mark_published()
+    return kept
 
 
 def _open_and_plan(stack: contextlib.ExitStack, checkpoint_path: str | os.PathLike[str],
@@ -502,11 +519,11 @@ def _named_tokenizer(checkpoint: Checkpoint) -> str:
     return ""
 
 
-def _write_error(exc: OSError, save_path: str, staging: str, plan: Plan) -> BaseException:
+def _write_error(exc: OSError, save_path: str, staging: str, needed: int) -> BaseException:
     """The one line for a write that failed: the disk full or a size limit, or the folder deleted; else `exc`."""
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return ConversionError(f"could not write {save_path}: {os.strerror(exc.errno)}; the output needs "
-                               f"{_size(plan.file_bytes)}, free space or raise the limit and run again")
+                               f"{_size(needed)}, free space or raise the limit and run again")
     if not os.path.isdir(staging):
         return _deleted(staging, save_path)
     return exc

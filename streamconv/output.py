@@ -106,20 +106,28 @@ def _ours(folder: str, entry: str) -> bool:
             or any(fnmatch.fnmatchcase(entry, p) for p in MODEL_PATTERNS))
 
 
+def only_model_files(folder: str) -> bool:
+    """Whether `folder` holds nothing but a model folder's own files (what --overwrite may remove)."""
+    return all(_ours(folder, entry) for entry in os.listdir(folder))
+
+
 @contextlib.contextmanager
-def claimed(save_path: str, overwrite: bool, inputs: Iterable[str | None] = ()) -> Iterator[str]:
+def claimed(save_path: str, overwrite: bool, inputs: Iterable[str | None] = (),
+            lock_required: bool = True) -> Iterator[str]:
     """Check the save path, then hold its lock for the whole run; yields the target's realpath.
 
     The lock is `fcntl.flock` on `.<name>.streamconv-lock` beside the target, so a second run on the same path
     fails at once instead of replacing the first one's output. Holding it, what killed runs left is recovered
-    (an old folder put back where no target is) before the target's contents are checked.
+    (an old folder put back where no target is) before the target's contents are checked. Where the filesystem
+    has no flock, a run is refused, unless not `lock_required` (a part publishing holds its own claim, and no
+    single run can take the lock there).
     """
     target = check_save_path(save_path, overwrite, inputs)
     made = make_folders(os.path.dirname(target))
     lock = sibling(target, "lock")
     done = False
     try:
-        fd = _lock(lock, save_path)
+        fd = _lock(lock, save_path, lock_required)
         try:
             _recover(target)
             check_save_path(save_path, overwrite, inputs)
@@ -151,8 +159,9 @@ def make_folders(path: str) -> list[str]:
     return missing
 
 
-def _lock(path: str, save_path: str) -> int:
-    """An fd holding an exclusive flock on `path`, the file that is there now (the holder unlinks it when done)."""
+def _lock(path: str, save_path: str, required: bool = True) -> int:
+    """An fd holding an exclusive flock on `path`, the file that is there now (the holder unlinks it when done);
+    where the filesystem has no flock and the lock is not `required`, the fd unlocked."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -165,6 +174,15 @@ def _lock(path: str, save_path: str) -> int:
             os.close(fd)
             raise ConversionError(f"another streamconv is writing {save_path}; wait for it to finish or choose "
                                   "another --save-path") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            if not required:
+                return fd
+            os.close(fd)
+            raise ConversionError(f"the filesystem of {save_path} has no file locks (flock: {exc.strerror}), which "
+                                  "a single run takes on its save path; mount it with them (Lustre: -o flock; NFS: "
+                                  "with the lock manager running), or convert with --part I/N") from None
         with contextlib.suppress(OSError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd
@@ -240,7 +258,7 @@ def publish(staging: str, target: str, save_path: str, overwrite: bool) -> None:
         fsync(parent)
         shutil.rmtree(old, ignore_errors=True)
         return
-    if any(not _ours(staging, entry) for entry in os.listdir(staging)):  # (the old folder, now)
+    if not only_model_files(staging):  # (the old folder, now)
         renameat2(staging, target, RENAME_EXCHANGE)
         raise written
     fsync(parent)

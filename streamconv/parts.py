@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 from collections.abc import Iterator, Mapping
@@ -39,6 +40,7 @@ _CLAIM = "publishing"
 _PUBLISHED = "published"
 _SWAPPING = "swapping"
 _MAX_FIELDS_BYTES = 2**16
+_MARKER_BYTES = 4096  # a marker or claim is a line of JSON or an inode number
 
 
 def parse_part(part: str | tuple[int, int], environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -102,6 +104,11 @@ def share(plan: Plan, index: int, count: int) -> Plan:
     return Plan(shards, sum(t.nbytes for s in shards for t in s.tensors))
 
 
+def written_bytes(share: Plan) -> int:
+    """The disk a part's share takes: its tensors' bytes and, at most, the header of each shard it writes into."""
+    return share.total_size + sum(len(shard.header) for shard in share.shards)
+
+
 def identity(fields: Mapping[str, object], plan: Plan, config: dict, tokenizer_bytes: list[bytes],
              sources: list[str]) -> dict[str, str]:
     """What every part of one conversion must share, in the order a difference is named: N and the flags
@@ -153,6 +160,7 @@ class Staged:
     folder: str
     index: int
     count: int
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the folder this part joined
 
     @property
     def model(self) -> str:
@@ -174,6 +182,8 @@ class Staged:
         return os.path.exists(os.path.join(self.folder, _PUBLISHED))
 
     def mark_done(self) -> None:
+        """This part's commit: its shard files are durable (written with fsync) and so are their names."""
+        fsync(self.model)
         self._mark(f"done-{self.index}", _owner())
 
     def mark_published(self) -> None:
@@ -181,23 +191,31 @@ class Staged:
 
     def mark_swapping(self) -> None:
         """Record which folder `model/` is before it is swapped into place (see `swapped`)."""
-        st = os.stat(self.model)
-        self._mark(_SWAPPING, f"{st.st_dev} {st.st_ino}")
+        self._mark(_SWAPPING, str(os.stat(self.model).st_ino))
 
-    def swapped(self) -> bool | None:
-        """After a publisher was killed: None if no swap began or `model/` is still the staged folder; True if it
-        is another (the old model, swapped out), False if it is gone (published)."""
-        recorded = _read(os.path.join(self.folder, _SWAPPING), 4096)
+    def swapped(self, target: str) -> bool:
+        """Whether the staged model was swapped into `target` by a publisher that was killed before recording it.
+
+        Decided by the inode recorded before the swap, which is the same on every client of a network filesystem
+        (st_dev is not): True when `target` is that folder (a `model/` left is the old model, swapped out); False
+        when no swap began or `model/` is still that folder; refused when neither is.
+        """
+        recorded = _read(os.path.join(self.folder, _SWAPPING), _MARKER_BYTES)
         if recorded is None:
-            return None
-        try:
-            st = os.stat(self.model)
-        except FileNotFoundError:
             return False
-        return None if recorded.strip() == f"{st.st_dev} {st.st_ino}" else True
+        if _inode(target) == recorded.strip():
+            return True
+        if _inode(self.model) == recorded.strip():
+            return False
+        raise ConversionError(f"cannot tell whether the model staged in {self.folder} was published to {target}; "
+                              f"check {target}, then remove {self.folder} and run every part again")
 
     def _mark(self, name: str, text: str) -> None:
-        """A marker file, made durable before it appears under its name."""
+        """A marker file, made durable before it appears under its name, in the folder this part joined (one
+        removed or replaced meanwhile is refused: this part's bytes are not in it)."""
+        if self.identity is not None and self.identity != _identity(self.folder):
+            raise ConversionError(f"the staging folder {self.folder} was removed or replaced while {self.label} "
+                                  "ran; run this part again")
         aside = os.path.join(self.folder, f".{name}.tmp-{os.getpid()}")
         with open(aside, "w") as f:
             f.write(f"{text}\n")
@@ -223,7 +241,7 @@ class Staged:
         try:
             yield None
         finally:
-            if _read(claim, 4096) == mine:
+            if _read(claim, _MARKER_BYTES) == mine:
                 os.unlink(claim)
 
 
@@ -234,7 +252,7 @@ def _claim(claim: str, mine: str) -> str | None:
         try:
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
-            holder = _read(claim, 4096)
+            holder = _read(claim, _MARKER_BYTES)
             if holder is None:  # released meanwhile
                 continue
             if not _gone(holder):
@@ -244,7 +262,7 @@ def _claim(claim: str, mine: str) -> str | None:
                 os.rename(claim, aside)
             except FileNotFoundError:
                 continue
-            if _read(aside, 4096) != holder:  # a live claim made in between: put it back
+            if _read(aside, _MARKER_BYTES) != holder:  # a live claim made in between: put it back
                 with contextlib.suppress(FileExistsError):
                     renameat2(aside, claim, RENAME_NOREPLACE)
                 return "another part"
@@ -285,6 +303,22 @@ def _gone(holder: str) -> bool:
         return psutil.Process(pid).create_time() != started
     except psutil.NoSuchProcess:
         return True
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which folder `path` is now, for this process (st_dev is per client on a network filesystem)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _inode(path: str) -> str | None:
+    try:
+        return str(os.stat(path).st_ino)
+    except FileNotFoundError:
+        return None
 
 
 def _read(path: str, limit: int) -> str | None:
@@ -364,8 +398,7 @@ def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
     refuse_others()
     made = False
     if not os.path.isdir(folder):
-        fresh = f"{folder}-new-{os.getpid()}"
-        shutil.rmtree(fresh, ignore_errors=True)
+        fresh = f"{folder}-new-{secrets.token_hex(8)}"  # unique on every host: never another part's
         os.mkdir(fresh)
         os.mkdir(os.path.join(fresh, "model"))
         with open(os.path.join(fresh, _FIELDS), "w") as f:
@@ -382,10 +415,11 @@ def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
     if _fields_of(folder) != fields:
         raise ConversionError(f"{label} does not match the parts staged in {folder}: "
                               f"{_difference(_fields_of(folder), fields)}; remove {folder} to start over")
+    identity = _identity(folder)
     try:
         refuse_others()  # parts of two conversions started at once: both refused
     except ConversionError:
-        if made:
+        if made:  # (a part that joined it meanwhile is refused when it marks itself done)
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    return Staged(folder, index, count)
+    return Staged(folder, index, count, identity)

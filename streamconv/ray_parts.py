@@ -56,7 +56,11 @@ def convert_with_ray(count: int, checkpoint_path: str, save_path: str, progress:
         parts = [_unwrapped(ray, ref) for ref in refs]
     finally:
         bar.close()
-    published = [p for p in parts if p.outcome.endswith("parts done)")]
+    published = [p for p in parts if p.published]
+    if not published:  # every part done, and the one that claimed publishing did not publish
+        waiting = [p.outcome for p in parts if p.outcome.startswith("-> ") and "publishes it" in p.outcome]
+        raise ConversionError(f"the {count} Ray tasks ended, but none published {save_path}"
+                              + (f": {waiting[0][3:]:.400}" if waiting else "; run the same command again"))
     result.dry_run = False
     result.seconds = time.perf_counter() - started
     result.stream_seconds = max(p.stream_seconds for p in parts)
@@ -73,7 +77,12 @@ def _unwrapped(ray: Any, ref: Any) -> Any:
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, ConversionError):
             raise ConversionError(str(exc.cause)) from None
-        raise exc.cause if isinstance(exc.cause, OSError) else exc from None
+        raise exc.cause from None  # an OSError is the CLI's one line, as in a single run; anything else a bug
+    except ray.exceptions.RayError as exc:  # a worker or node lost more often than retried, an OOM kill
+        lines = str(exc).strip().splitlines()
+        raise ConversionError(f"a Ray task failed ({type(exc).__name__}: {lines[0] if lines else ''!s:.200}) "
+                              f"after {RETRIES} retries; run the same command again (finished parts are not "
+                              "redone)") from None
 
 
 class _Counter:

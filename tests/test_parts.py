@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,15 @@ def test_the_parts_of_a_40b_plan_are_balanced_and_cover_every_tensor_once():
             start = full.tensors.index(shard.tensors[0])
             assert full.tensors[start : start + len(shard.tensors)] == shard.tensors
             assert shard.header == full.header
+
+
+def test_a_part_needs_the_space_of_its_share_not_of_its_shards():
+    plan = plan_40b(layers=4)
+    shares = [parts.share(plan, i, 8) for i in range(8)]
+    for share in shares:
+        assert share.total_size < parts.written_bytes(share) < share.total_size + 2**20 * len(share.shards)
+    assert parts.written_bytes(shares[-1]) < plan.shards[-1].file_size + plan.total_size / 4
+    assert sum(parts.written_bytes(s) for s in shares) >= plan.file_bytes
 
 
 def test_more_parts_than_tensors_leave_parts_idle():
@@ -354,6 +364,57 @@ def test_a_part_killed_mid_stream_is_completed_by_its_rerun(checkpoints, tmp_pat
     rerun = run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "1/2")
     assert rerun.returncode == 0, rerun.stderr
     assert_same_folder(out, reference)
+
+
+def test_a_part_whose_staging_folder_is_replaced_while_it_runs_does_not_mark_itself_done(checkpoints, tmp_path):
+    """The staging folder moved away and a copy put in its place while a part streams (its bytes now go to the
+    old one): the part is refused when it would record itself done in the copy, and its rerun completes it."""
+    wide = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=8)
+    source = checkpoints("parts_wide", wide, optimizer=False).path
+    args = ("--vocab-size", "2048", "--shard-size", "20MB")
+    reference = tmp_path / "single"
+    assert run_cli("--checkpoint-path", source, "--save-path", reference, *args, "--quiet").returncode == 0
+    out = tmp_path / "out"
+    assert run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "0/2").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
+                             *args, "--part", "1/2", "--quiet"], stderr=subprocess.PIPE, text=True)
+    (staged,) = staged_folders(tmp_path)
+    deadline = time.monotonic() + 60
+    while written_by(proc.pid) < 30 * 2**20:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
+    os.rename(tmp_path / staged, tmp_path / "moved")
+    shutil.copytree(tmp_path / "moved", tmp_path / staged)
+    assert proc.wait() == 2
+    assert "was removed or replaced while part 1/2 ran; run this part again" in proc.stderr.read()
+    assert not (tmp_path / staged / "done-1").exists() and not out.exists()
+    shutil.rmtree(tmp_path / "moved")
+    rerun = run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "1/2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_folder(out, reference)
+
+
+def test_without_file_locks_parts_publish_and_a_single_run_says_why_not(ckpt, tmp_path, single, monkeypatch):
+    """A filesystem without flock (Lustre mounted without it, NFS without a lock manager): the O_EXCL claim
+    still publishes parts; a single run, which needs the lock, is refused in one line."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(streamconv.ConversionError, match="has no file locks .*Lustre: -o flock.*or convert with part"):
+        streamconv.convert(ckpt, tmp_path / "one", vocab_size=1000, shard_size="100kB")
+    out = tmp_path / "out"
+    for i in (1, 0):
+        streamconv.convert(ckpt, out, vocab_size=1000, shard_size="100kB", part=(i, 2))
+    assert_same_folder(out, single)
+
+
+def test_ray_needs_a_save_path(ckpt):
+    with pytest.raises(streamconv.ConversionError, match="give save_path"):
+        streamconv.convert(ckpt, None, ray=2)
 
 
 def written_by(pid):

@@ -318,6 +318,25 @@ def test_the_readme_sbatch_script_splits_one_conversion_over_16_tasks(ckpt, tmp_
     assert_same_folder(out, single)
 
 
+def test_the_readme_kubernetes_job_runs_its_parts(ckpt, tmp_path, single):
+    """The README's Indexed Job: its pods' command, with this test's paths and flags, one pod per index."""
+    import yaml
+
+    manifest = yaml.safe_load(re.search(r"```yaml\n(.*?)```", README.read_text(), re.S).group(1))
+    spec = manifest["spec"]
+    assert (manifest["kind"], spec["completionMode"]) == ("Job", "Indexed")
+    shell, flag, command = spec["template"]["spec"]["containers"][0]["command"]
+    assert (shell, flag) == ("sh", "-c") and f'--part "$JOB_COMPLETION_INDEX/{spec["completions"]}"' in command
+    out = tmp_path / "out"
+    command = (command.replace("/data/ckpt/gpt-sw3-40b.nemo", str(ckpt)).replace("/data/hf/gpt-sw3-40b", str(out))
+               .replace("--shard-size 5GB", " ".join(FLAGS[:4])))
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    pods = [subprocess.Popen(["sh", "-c", command], env={**env, "JOB_COMPLETION_INDEX": str(i)},
+                             stderr=subprocess.PIPE, text=True) for i in range(spec["completions"])]
+    assert [p.wait() for p in pods] == [0] * spec["completions"], [p.stderr.read() for p in pods]
+    assert_same_folder(out, single)
+
+
 def test_the_readme_sbatch_script_converts_every_iteration_of_a_megatron_lm_run(tmp_path, mcore_cases):
     case = mcore_cases({"mlm": dict(groups=2, layout="megatron_lm", tp=2)})["mlm"]
     iterations = sorted(case.checkpoint.glob("iter_*"))

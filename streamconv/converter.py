@@ -358,6 +358,7 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
             result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress, on_bytes)
             staged.mark_done()
         except OSError as exc:
+            staged.check_joined()
             raise _write_error(exc, save_path, staged.model, parts.written_bytes(result.plan)) from None
     missing = staged.missing()
     if missing:

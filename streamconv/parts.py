@@ -210,12 +210,16 @@ class Staged:
         raise ConversionError(f"cannot tell whether the model staged in {self.folder} was published to {target}; "
                               f"check {target}, then remove {self.folder} and run every part again")
 
-    def _mark(self, name: str, text: str) -> None:
-        """A marker file, made durable before it appears under its name, in the folder this part joined (one
-        removed or replaced meanwhile is refused: this part's bytes are not in it)."""
+    def check_joined(self) -> None:
+        """Refuse to go on if the staging folder is no longer the one this part joined."""
         if self.identity is not None and self.identity != _identity(self.folder):
             raise ConversionError(f"the staging folder {self.folder} was removed or replaced while {self.label} "
                                   "ran; run this part again")
+
+    def _mark(self, name: str, text: str) -> None:
+        """A marker file, made durable before it appears under its name, in the folder this part joined (one
+        removed or replaced meanwhile is refused: this part's bytes are not in it)."""
+        self.check_joined()
         aside = os.path.join(self.folder, f".{name}.tmp-{os.getpid()}")
         with open(aside, "w") as f:
             f.write(f"{text}\n")

@@ -330,13 +330,12 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
     save_path = result.save_path
     digests = [checkpoint.tokenizer or b""] + [name.encode() + data for name, data in
                                                sorted(checkpoint.tokenizer_files.items())]
-    label = f"part {index}/{count}"
     parent = os.path.dirname(target)
     identity = parts.identity(fields, plan, result.config, digests, inputs)
     made = make_folders(parent)
     try:
-        before = parts.staged(target, index, count, identity)
-        if before is None or not (before.published or before.done(index)):  # it will stream: as a single run would
+        already = parts.staged(target, index, count, identity)
+        if already is None or not (already.published or already.done(index)):  # it will stream, as a single run
             check_save_path(save_path, fields["--overwrite"], inputs)
             _check_free_space(parent, parts.written_bytes(result.plan), save_path)
         staged = parts.join(target, index, count, identity)
@@ -347,7 +346,7 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
         raise
     if staged.published:
         if not os.path.isdir(target):
-            raise ConversionError(f"{label}: this conversion was published to {save_path}, which is gone now; "
+            raise ConversionError(f"{staged.label}: this conversion was published to {save_path}, which is gone now; "
                                   f"remove {staged.folder} to convert again")
         result.streamed, result.outcome = False, f"-> {save_path} (all {count} parts were done and published before)"
         return

@@ -319,10 +319,9 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 def _inode(path: str) -> str | None:
-    try:
-        return str(os.stat(path).st_ino)
-    except FileNotFoundError:
-        return None
+    """The inode number of `path`, the same on every client of a network filesystem."""
+    found = _identity(path)
+    return None if found is None else str(found[1])
 
 
 def _read(path: str, limit: int) -> str | None:

@@ -362,25 +362,39 @@ def test_the_readme_sbatch_script_converts_every_iteration_of_a_megatron_lm_run(
 
 # --- kills -------------------------------------------------------------------------------------------------------
 
-def test_a_part_killed_mid_stream_is_completed_by_its_rerun(checkpoints, tmp_path):
+WIDE_ARGS = ("--vocab-size", "2048", "--shard-size", "20MB")
+
+
+def wide_checkpoint(checkpoints):
+    """200 MB of bf16 weights without optimizer state: long enough to catch a part mid-stream."""
     wide = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=8)
-    source = checkpoints("parts_wide", wide, optimizer=False).path
-    args = ("--vocab-size", "2048", "--shard-size", "20MB")
+    return checkpoints("parts_wide", wide, optimizer=False).path
+
+
+def second_part_streaming(checkpoints, tmp_path):
+    """A 200 MB conversion in two parts: the single run's folder, part 0 done, and part 1 running, caught 30 MB
+    into its 100 MB share. Returns (source, reference folder, save path, part 1's process, staged folder name)."""
+    source = wide_checkpoint(checkpoints)
     reference = tmp_path / "single"
-    assert run_cli("--checkpoint-path", source, "--save-path", reference, *args, "--quiet").returncode == 0
+    assert run_cli("--checkpoint-path", source, "--save-path", reference, *WIDE_ARGS, "--quiet").returncode == 0
     out = tmp_path / "out"
-    assert run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "0/2").returncode == 0
+    assert run_cli("--checkpoint-path", source, "--save-path", out, *WIDE_ARGS, "--part", "0/2").returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
-                             *args, "--part", "1/2", "--quiet"], stderr=subprocess.PIPE)
+                             *WIDE_ARGS, "--part", "1/2", "--quiet"], stderr=subprocess.PIPE, text=True)
     (staged,) = staged_folders(tmp_path)
     deadline = time.monotonic() + 60
-    while written_by(proc.pid) < 30 * 2**20:  # of its share's 100 MB
+    while written_by(proc.pid) < 30 * 2**20:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.002)
+    return source, reference, out, proc, staged
+
+
+def test_a_part_killed_mid_stream_is_completed_by_its_rerun(checkpoints, tmp_path):
+    source, reference, out, proc, staged = second_part_streaming(checkpoints, tmp_path)
     proc.kill()
     proc.wait()
     assert not out.exists() and not (tmp_path / staged / "done-1").exists()
-    rerun = run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "1/2")
+    rerun = run_cli("--checkpoint-path", source, "--save-path", out, *WIDE_ARGS, "--part", "1/2")
     assert rerun.returncode == 0, rerun.stderr
     assert_same_folder(out, reference)
 
@@ -388,27 +402,14 @@ def test_a_part_killed_mid_stream_is_completed_by_its_rerun(checkpoints, tmp_pat
 def test_a_part_whose_staging_folder_is_replaced_while_it_runs_does_not_mark_itself_done(checkpoints, tmp_path):
     """The staging folder moved away and a copy put in its place while a part streams (its bytes now go to the
     old one): the part is refused when it would record itself done in the copy, and its rerun completes it."""
-    wide = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=8)
-    source = checkpoints("parts_wide", wide, optimizer=False).path
-    args = ("--vocab-size", "2048", "--shard-size", "20MB")
-    reference = tmp_path / "single"
-    assert run_cli("--checkpoint-path", source, "--save-path", reference, *args, "--quiet").returncode == 0
-    out = tmp_path / "out"
-    assert run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "0/2").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
-                             *args, "--part", "1/2", "--quiet"], stderr=subprocess.PIPE, text=True)
-    (staged,) = staged_folders(tmp_path)
-    deadline = time.monotonic() + 60
-    while written_by(proc.pid) < 30 * 2**20:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.002)
+    source, reference, out, proc, staged = second_part_streaming(checkpoints, tmp_path)
     os.rename(tmp_path / staged, tmp_path / "moved")
     shutil.copytree(tmp_path / "moved", tmp_path / staged)
     assert proc.wait() == 2
     assert "was removed or replaced while part 1/2 ran; run this part again" in proc.stderr.read()
     assert not (tmp_path / staged / "done-1").exists() and not out.exists()
     shutil.rmtree(tmp_path / "moved")
-    rerun = run_cli("--checkpoint-path", source, "--save-path", out, *args, "--part", "1/2")
+    rerun = run_cli("--checkpoint-path", source, "--save-path", out, *WIDE_ARGS, "--part", "1/2")
     assert rerun.returncode == 0, rerun.stderr
     assert_same_folder(out, reference)
 
@@ -515,8 +516,7 @@ def test_a_ray_task_whose_worker_is_killed_is_retried(local_ray, checkpoints, tm
 
     import psutil
 
-    wide = SyntheticModel(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512, n_layer=8)
-    source = checkpoints("parts_wide", wide, optimizer=False).path
+    source = wide_checkpoint(checkpoints)
     options = dict(vocab_size=2048, shard_size="20MB")
     reference, out = tmp_path / "single", tmp_path / "out"
     streamconv.convert(source, reference, **options)

@@ -127,7 +127,7 @@ def test_config_loads_as_the_one_gpt2config_writes(bf16_ckpt, tmp_path):
 def test_6_7b_hidden_size_uses_its_tokenizer_ids():
     from streamconv.recipes.gpt_sw3 import Dims, hf_config
 
-    def no_hparams(key, default=None):
+    def no_hparams(key, default=None, **null):
         return default
 
     ids = lambda h: {k: hf_config(no_hparams, Dims(h, 32, 32, 4 * h, 2048, 64000), "bfloat16")[k]  # noqa: E731

@@ -308,7 +308,8 @@ def test_a_compressed_zarr_checkpoint_is_refused_by_name(cases, tmp_path):
 @pytest.mark.parametrize("edit, named", [
     ({"position_embedding_type": "rope"}, "LayerNorm, a plain MLP, rotary positions, multi-head attention, biases"),
     ({"normalization": "rmsnorm", "activation": "swiglu"}, "RMSNorm, a gated MLP, learned positions"),
-    ({"share_embeddings_and_output_weights": False}, "an untied output layer"),
+    ({"share_embeddings_and_output_weights": False},  # (the tensors say tied: a contradiction)
+     "the cfg says share_embeddings_and_output_weights False, but the checkpoint has no 'model.output_layer.weight'"),
     ({"activation": "squared-relu"}, "the activation squared-relu"),
 ])
 def test_a_model_of_no_known_family_is_refused_naming_its_features(cases, tmp_path, edit, named):

@@ -21,7 +21,8 @@ from typing import Any
 
 from streamconv.errors import ConversionError, describe, is_whole
 
-HParam = Callable[..., Any]  # hparam(key, default=None): one resolved cfg value
+HParam = Callable[..., Any]  # hparam(key, default=None, null=default): one resolved cfg value
+NULL = object()  # what `hparam(key, null=NULL)` gives for an explicit null, where null differs from absent
 
 
 @dataclass(frozen=True)
@@ -138,20 +139,46 @@ def layer_ids(shapes: Collection[str], names: Names) -> list[int]:
     return sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
 
 
-def number(key: str, value: Any, kind: type) -> Any:
-    """A cfg value as an int or float, or a one-line error naming the key."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) >= 2**63 \
+MAX_POSITIONS = 2**24  # a context length: the longest models have 10**7 positions
+MAX_SIZE = 2**20  # a model dimension (hidden, heads, a layer count): the largest models have a few 10**4
+
+
+def number(key: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
+           above: float | None = None) -> Any:
+    """A cfg value as an int or float in the range a model can have (`low` <= value <= `high`, value > `above`),
+    or a one-line error naming the key: NaN, infinities and null are no model's setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 2**63 \
             or kind is int and not is_whole(value):
         wanted = "a whole number" if kind is int else "a number"
         raise ConversionError(f"hyper-parameter {key!r} is {describe(value)}, not {wanted}; fix the checkpoint's cfg")
+    if above is not None and not value > above or low is not None and value < low \
+            or high is not None and value > high:
+        wanted = " and ".join(f"{word} {bound}" for word, bound in
+                              (("above", above), ("at least", low), ("at most", high)) if bound is not None)
+        raise ConversionError(f"hyper-parameter {key!r} is {describe(value)}; a model's {key} is {wanted}: fix the "
+                              "checkpoint's cfg")
     return kind(value)
+
+
+def flag(hparam: HParam, key: str) -> bool | None:
+    """A cfg flag: true, false, or None when absent. Anything else (1, "true") is malformed, never taken as
+    false. (YAML files are read by YAML 1.1's own rule, in which yes/no/on/off are booleans too.)"""
+    value = hparam(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConversionError(f"hyper-parameter {key!r} is {describe(value)}, not true or false; fix the "
+                              "checkpoint's cfg")
+    return value
 
 
 def sizes(hparam: HParam, inferred: dict[str, int | None], num_heads: int | None) -> dict[str, int]:
     """Whole-number hyper-parameters from the cfg, else as read from the tensors (`inferred`); --num-heads wins."""
-    values = {}
+    values: dict[str, int] = {}
     for key, guess in inferred.items():
-        value = num_heads if key == "num_attention_heads" and num_heads else hparam(key)
+        value = num_heads if key == "num_attention_heads" and num_heads else hparam(key, null=NULL)
+        if value is NULL and key == "ffn_hidden_size":
+            value = 4 * values["hidden_size"]  # (megatron-core's meaning of a null ffn_hidden_size)
+        elif value is NULL:
+            raise ConversionError(f"hyper-parameter {key!r} is null in the checkpoint's cfg; fix the cfg")
         if value is None:
             value = guess
         if value is None:
@@ -159,12 +186,16 @@ def sizes(hparam: HParam, inferred: dict[str, int | None], num_heads: int | None
             raise ConversionError(
                 f"hyper-parameter {key!r} is not in the checkpoint's cfg and cannot be read from the tensors; {fix}"
             )
-        values[key] = number(key, value, int)
+        values[key] = number(key, value, int, high=MAX_POSITIONS if key in POSITION_KEYS else MAX_SIZE, above=0)
     return values
 
 
+POSITION_KEYS = ("encoder_seq_length", "max_position_embeddings")
+
+
 def check_layers(layers: int, found: list[int]) -> None:
-    if found != list(range(layers)):
+    """The cfg's layer count is the tensors' (compared by count first: the cfg's number is untrusted)."""
+    if layers != len(found) or found != list(range(len(found))):
         text = f"layers {found[0]}..{found[-1]}" if found else "no layers"
         raise ConversionError(
             f"the cfg says num_layers {layers} but the state_dict holds {text} ({len(found)} in all); "
@@ -202,22 +233,25 @@ class Features:
         return ", ".join(words)
 
 
+_FLAGS = ("gated_linear_unit", "swiglu", "share_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
+          "layernorm_zero_centered_gamma", "apply_layernorm_1p", "bias", "add_bias_linear", "group_query_attention",
+          "qkv_bias", "add_qkv_bias", "qk_layernorm")
+
+
 def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> Features:
-    """What the cfg says (NeMo's and Megatron-LM's keys), else what the tensors show."""
+    """What the cfg says (NeMo's and Megatron-LM's keys), else what the tensors show; a cfg that contradicts the
+    tensors about the output layer is refused."""
     qkv, fc1, fc2 = (shapes.get(names.of(0, role, "weight")) for role in ("qkv", "fc1", "fc2"))
     hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
     said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
-                                          "gated_linear_unit", "swiglu", "share_embeddings_and_output_weights",
-                                          "untie_embeddings_and_output_weights", "layernorm_zero_centered_gamma",
-                                          "apply_layernorm_1p", "bias", "add_bias_linear", "num_query_groups",
-                                          "group_query_attention", "num_attention_heads", "qkv_bias", "add_qkv_bias",
-                                          "qk_layernorm", "activation_func._target_")}
+                                          "num_query_groups", "num_attention_heads", "activation_func._target_")}
+    said.update({key: flag(hparam, key) for key in _FLAGS})
     text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
     odd = []
     norm = text.get("normalization")
     if norm not in (None, "layernorm", "rmsnorm"):
         odd.append(f"{said['normalization']} normalization")
-    if said["layernorm_zero_centered_gamma"] is True or said["apply_layernorm_1p"] is True:
+    if said["layernorm_zero_centered_gamma"] or said["apply_layernorm_1p"]:
         odd.append("zero-centred layer norms")
     rms = norm == "rmsnorm" if norm in ("layernorm", "rmsnorm") else \
         names.of(0, "input_norm", "weight") in shapes and names.of(0, "input_norm", "bias") not in shapes
@@ -231,10 +265,9 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
     if function is not None and function.rsplit(".", 1)[-1] != ("silu" if gated else "gelu"):
         odd.append(f"the activation function {said['activation_func._target_']}"
                    + (" in a gated MLP" if gated else ""))
-    if (said["qkv_bias"] is True or said["add_qkv_bias"] is True) and said["bias"] is not True \
-            and said["add_bias_linear"] is not True:
+    if (said["qkv_bias"] or said["add_qkv_bias"]) and not said["bias"] and not said["add_bias_linear"]:
         odd.append("biases on the query, key and value projections only")
-    if said["qk_layernorm"] is True:
+    if said["qk_layernorm"]:
         odd.append("query and key layer norms")
     positions = text.get("position_embedding_type")
     rotary = positions == "rope" if positions is not None else \
@@ -247,8 +280,21 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
     if not grouped and qkv is not None and hidden is not None and not gated and qkv[0] != 3 * hidden:
         grouped = True  # (a GPT-2 model's QKV rows are 3 x hidden; Llama's may differ with its head size too)
     bias_said = said["bias"] if said["bias"] is not None else said["add_bias_linear"]
-    bias = bias_said is True if isinstance(bias_said, bool) else names.of(0, "qkv", "bias") in shapes
-    tied = not (said["share_embeddings_and_output_weights"] is False
-                or said["untie_embeddings_and_output_weights"] is True
-                or (names.output_layer is not None and names.output_layer in shapes))
-    return Features(rms, gated, rotary, grouped, bias, tied, tuple(odd))
+    bias = bias_said if bias_said is not None else names.of(0, "qkv", "bias") in shapes
+    return Features(rms, gated, rotary, grouped, bias, _tied(said, shapes, names), tuple(odd))
+
+
+def _tied(said: dict[str, Any], shapes: dict[str, tuple[int, ...]], names: Names) -> bool:
+    """Whether the output layer is the word embedding: megatron-core stores an output layer only when untied (a
+    pipeline's last-stage copy of a tied one is dropped when its ranks are merged), so the cfg must agree."""
+    share, untie = said["share_embeddings_and_output_weights"], said["untie_embeddings_and_output_weights"]
+    cfg = None if share is None and untie is None else share is not False and untie is not True
+    stored = names.output_layer is not None and names.output_layer in shapes
+    if cfg is None:
+        return not stored
+    if cfg and stored or not cfg and names.output_layer is not None and not stored:
+        key = "share_embeddings_and_output_weights" if share is not None else "untie_embeddings_and_output_weights"
+        raise ConversionError(f"the cfg says {key} {share if share is not None else untie}, but the checkpoint "
+                              f"{'holds' if stored else 'has no'} {names.output_layer!r}; is the cfg from another "
+                              "run?")
+    return cfg

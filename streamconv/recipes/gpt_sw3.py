@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.recipes.base import (
     SCHEMES,
     Arrangement,
@@ -20,6 +20,7 @@ from streamconv.recipes.base import (
     check_layers,
     check_matrices,
     copy,
+    flag,
     layer_ids,
     names_of,
     number,
@@ -30,6 +31,8 @@ from streamconv.recipes.base import (
 NAME = "gpt-sw3"
 MODEL_TYPE = "gpt2"
 DESCRIPTION = "GPT-SW3 (GPT-2: LayerNorm, a GELU MLP, learned positions, biases, a tied output layer)"
+HF_CLASS = "GPT2LMHeadModel"
+SETTINGS = ()  # the forward-changing settings (`settings.FORWARD`) read here: none, GPT-2 has megatron-core's defaults
 HEADS_KEY = "n_head"  # config.json's head count
 GPT_SW3_VOCAB_SIZE = 64000
 # A GPT-2 layer module (below `transformer.h.N.`) -> its role in the source's naming scheme
@@ -91,6 +94,10 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
             f"hidden_size {dims.hidden} is not divisible by num_attention_heads {dims.heads}; check the cfg "
             "or --num-heads"
         )
+    kv_channels = hparam("kv_channels")
+    if kv_channels is not None and kv_channels != dims.head_dim:
+        raise ConversionError(f"the cfg says kv_channels {describe(kv_channels)}, not hidden_size / "
+                              f"num_attention_heads = {dims.head_dim}, which GPT-2 cannot express; fix the cfg")
     check_layers(dims.layers, found)
     if dims.vocab <= 0:
         raise ConversionError(f"--vocab-size must be positive, got {dims.vocab}")
@@ -183,9 +190,10 @@ def hf_config(hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
         "resid_pdrop": 0.1,
         "embd_pdrop": 0.1,
         "attn_pdrop": 0.1,
-        "layer_norm_epsilon": number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5), float),
-        "initializer_range": number("init_method_std", hparam("init_method_std", 0.02), float),
-        "apply_query_key_layer_scaling": bool(hparam("apply_query_key_layer_scaling", True)),
+        "layer_norm_epsilon": number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
+                                     above=0, high=1),
+        "initializer_range": number("init_method_std", hparam("init_method_std", 0.02), float, low=0),
+        "apply_query_key_layer_scaling": flag(hparam, "apply_query_key_layer_scaling") is not False,
         "normalize_attention_scores": True,
         "use_cache": True,
         "bos_token_id": bos,

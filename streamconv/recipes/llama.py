@@ -20,7 +20,12 @@ from streamconv.recipes.base import Features, HParam, Names, TensorRecipe
 NAME = "llama"
 MODEL_TYPE = "llama"
 DESCRIPTION = "Llama (RMSNorm, a SwiGLU MLP, rotary positions, no biases)"
+HF_CLASS = "LlamaForCausalLM"
 HEADS_KEY = "num_attention_heads"  # config.json's head count
+# The forward-changing settings (`settings.FORWARD`) read here: rotary positions, with their scalings
+SETTINGS = ("rotary_base", "rotary_percent", "rotary_percentage", "rotary_interleaved", "seq_len_interpolation_factor",
+            "rope_scaling", "use_rope_scaling", "rope_scaling_factor", "scale_positional_embedding", "scale_factor",
+            "low_freq_factor", "high_freq_factor", "old_context_len")
 
 
 def accepts(found: Features) -> bool:
@@ -65,8 +70,9 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
     base.check_layers(values["num_layers"], found)
     if heads <= 0:
         raise ConversionError(f"num_attention_heads is {heads}; check the cfg or --num-heads")
-    kv_channels = hparam("kv_channels")
-    head_dim = base.number("kv_channels", kv_channels, int) if kv_channels is not None else hidden // heads
+    kv_channels = hparam("kv_channels")  # (null: megatron-core's hidden / heads, as absent)
+    head_dim = base.number("kv_channels", kv_channels, int, high=base.MAX_SIZE, above=0) \
+        if kv_channels is not None else hidden // heads
     if head_dim <= 0 or kv_channels is None and hidden % heads:
         raise ConversionError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}, and the cfg "
                               "gives no kv_channels; check the cfg or --num-heads")
@@ -74,8 +80,8 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
         raise ConversionError(f"source tensor {names.of(0, 'qkv', 'weight')!r} is missing from the checkpoint's "
                               "state_dict")
     groups = _groups(qkv[0], heads, head_dim, names)
-    said = hparam("num_query_groups")
-    if hparam("group_query_attention") is not False and said is not None and said != groups:
+    said = hparam("num_query_groups", null=heads)  # (null: megatron-core's multi-head attention)
+    if base.flag(hparam, "group_query_attention") is not False and said is not None and said != groups:
         raise ConversionError(f"the cfg says num_query_groups {said}, but {names.of(0, 'qkv', 'weight')!r} holds "
                               f"{groups} key/value groups of {heads} heads of {head_dim}; fix the cfg or --num-heads")
     if local_slices > 1 and (ffn % local_slices or groups % local_slices):
@@ -95,8 +101,9 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
         raise ConversionError(f"vocabulary size {vocab_size} is larger than the {rows} embedding rows in the "
                               f"checkpoint; pass --vocab-size {rows} or less")
     tied = names.output_layer not in shapes
-    return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn, base.number("max_position_embeddings",
-                positions, int), int(vocab_size), names, rows, tied, local_slices)
+    return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn, base.number(
+        "max_position_embeddings", positions, int, high=base.MAX_POSITIONS, above=0), int(vocab_size), names, rows,
+        tied, local_slices)
 
 
 def _groups(rows: int, heads: int, head_dim: int, names: Names) -> int:
@@ -157,24 +164,30 @@ def _rope_scaling(hparam: HParam) -> dict[str, Any] | None:
     """Llama 3.1's frequency scaling (Megatron-LM's `use_rope_scaling`, NeMo 2.0's Llama31Config fields, NeMo 1.x's
     `scale_positional_embedding`; megatron-core's defaults: factor 8, low 1, high 4, context 8192) or a
     linear position interpolation (`seq_len_interpolation_factor`), as transformers' `rope_scaling`."""
-    if hparam("use_rope_scaling") is True or hparam("old_context_len") is not None \
-            or hparam("scale_positional_embedding") is True:  # (Megatron-LM's, NeMo 2.0's, NeMo 1.x's)
-        factor = hparam("rope_scaling_factor", hparam("scale_factor", 8.0))
-        return {"rope_type": "llama3", "factor": base.number("rope_scaling_factor", factor, float),
-                "low_freq_factor": base.number("low_freq_factor", hparam("low_freq_factor", 1.0), float),
-                "high_freq_factor": base.number("high_freq_factor", hparam("high_freq_factor", 4.0), float),
-                "original_max_position_embeddings": base.number("old_context_len", hparam("old_context_len", 8192),
-                                                                int)}
+    if base.flag(hparam, "use_rope_scaling") or base.flag(hparam, "rope_scaling") \
+            or base.flag(hparam, "scale_positional_embedding") or hparam("old_context_len") is not None:
+        # (Megatron-LM's, Megatron-Bridge's, NeMo 1.x's, NeMo 2.0's)
+        factor = hparam("rope_scaling_factor", hparam("scale_factor", 8.0, null=None), null=None)
+        low, high = (base.number(key, hparam(key, default, null=None), float, above=0)
+                     for key, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0)))
+        if not low < high:
+            raise ConversionError(f"the cfg says low_freq_factor {low:g} and high_freq_factor {high:g}: Llama 3.1's "
+                                  "scaling needs the low one below the high one; fix the checkpoint's cfg")
+        return {"rope_type": "llama3", "factor": base.number("rope_scaling_factor", factor, float, above=0),
+                "low_freq_factor": low, "high_freq_factor": high,
+                "original_max_position_embeddings": base.number(
+                    "old_context_len", hparam("old_context_len", 8192, null=None), int, high=base.MAX_POSITIONS,
+                    above=0)}
     factor = hparam("seq_len_interpolation_factor")
     if factor is not None:
-        return {"rope_type": "linear", "factor": base.number("seq_len_interpolation_factor", factor, float)}
+        return {"rope_type": "linear", "factor": base.number("seq_len_interpolation_factor", factor, float, above=0)}
     return None
 
 
 def hf_config(hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
     """LlamaConfig keyword arguments."""
     percent = hparam("rotary_percent", hparam("rotary_percentage", 1.0))
-    if percent != 1.0 or hparam("rotary_interleaved") is True:
+    if percent != 1.0 or base.flag(hparam, "rotary_interleaved"):
         raise ConversionError(f"the cfg says rotary_percent {percent}, rotary_interleaved "
                               f"{hparam('rotary_interleaved')}: Hugging Face Llama rotates every dimension, "
                               "half-split; streamconv cannot convert this model")
@@ -190,13 +203,14 @@ def hf_config(hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
         "head_dim": dims.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": dims.positions,
-        "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5), float),
-        "rope_theta": base.number("rotary_base", hparam("rotary_base", 10000), float),
+        "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
+                                    above=0, high=1),
+        "rope_theta": base.number("rotary_base", hparam("rotary_base", 10000, null=None), float, above=0),
         "rope_scaling": _rope_scaling(hparam),
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": dims.tied,
-        "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float),
+        "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float, low=0),
         "use_cache": True,
         "dtype": dtype_name,
     }

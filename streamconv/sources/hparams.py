@@ -25,6 +25,7 @@ _MAX_DEPTH = 32  # interpolations followed from one key (a chain or a loop)
 _MAX_STEPS = 10_000  # keys looked up while reading one hyper-parameter
 _MAX_STRING = 65_536  # characters of a string built by interpolation
 _MISSING = "???"  # OmegaConf's mandatory-missing value
+_SAME = object()  # Config.get's `null` when not given: a null reads as absent
 _INTERPOLATION = re.compile(r"\\\$\{|\$\{([^${}]*)\}")
 _KEY = re.compile(r"[^.\[\]]+|\[[^\]]*\]")
 _RESOLVER = re.compile(r"\$\{\s*+([^${}:\s]*+)\s*+:")  # possessive: no backtracking on long runs of blanks
@@ -110,8 +111,9 @@ class Config:
                                   "fix the checkpoint's cfg")
         return cls(root, base, source, aliases)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value at dotted `key` with interpolations resolved; `default` when absent or '???'.
+    def get(self, key: str, default: Any = None, null: Any = _SAME) -> Any:
+        """The value at dotted `key` with interpolations resolved; `default` when absent or '???', and when null
+        unless `null` says what to give then (a null that means something in megatron-core, or is refused).
         A mapping or list comes back as a `Section`, which only says what it is (it is never walked)."""
         key = self.aliases.get(key, key)
         self._steps, self._asked = 0, key
@@ -120,7 +122,9 @@ class Config:
             value = self._read(path, key)
         except _Absent:
             return default
-        if value is None or value == _MISSING:
+        if value is None:
+            return default if null is _SAME else null
+        if value == _MISSING:
             return default
         return Section(_kind(value)) if isinstance(value, dict | list) else value
 

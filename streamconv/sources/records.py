@@ -143,9 +143,10 @@ class Checkpoint:
         if mapped is not None:
             mapped.advise(array, mmap.MADV_DONTNEED)
 
-    def hparam(self, key: str, default: Any = None) -> Any:
-        """One hyper-parameter, with interpolations such as `${.encoder_seq_length}` resolved."""
-        return default if self.hparams is None else self.hparams.get(key, default)
+    def hparam(self, key: str, default: Any = None, **null: Any) -> Any:
+        """One hyper-parameter, with interpolations such as `${.encoder_seq_length}` resolved (`null=X`: what an
+        explicit null gives, where it differs from absent)."""
+        return default if self.hparams is None else self.hparams.get(key, default, **null)
 
 
 @dataclass(frozen=True, eq=False)

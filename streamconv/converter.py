@@ -31,6 +31,7 @@ from streamconv.output import (
 )
 from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
+from streamconv.recipes import settings
 from streamconv.sources import Checkpoint, open_checkpoint
 from streamconv.sources.records import Split
 
@@ -177,6 +178,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
     chosen = recipes.choose(checkpoint.hparam, shapes, family)
+    settings.check(checkpoint.hparam, chosen.SETTINGS, chosen.HF_CLASS)
     if vocab_size is None and checkpoint.tokenizer_files and not tokenizer.ships(chosen.MODEL_TYPE):
         vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)

@@ -157,8 +157,8 @@ def test_a_hub_tokenizer_the_cfg_names_is_said_not_fetched(cases, tmp_path):
 
 
 def test_forcing_the_wrong_family_is_one_line(cases, tmp_path):
-    assert "is missing from the checkpoint" in refused(cases["gqa_megatron_lm_tp2"].checkpoint, tmp_path,
-                                                       "--family", "gpt-sw3")
+    assert "rotary_base 500000 (megatron-core's default: 10000), which GPT2LMHeadModel cannot express" in refused(
+        cases["gqa_megatron_lm_tp2"].checkpoint, tmp_path, "--family", "gpt-sw3")
 
 
 def test_biases_on_a_llama_style_model_are_refused_naming_them(cases, tmp_path):
@@ -204,7 +204,7 @@ def test_rotary_frequencies_are_megatron_cores(cfg):
     from streamconv.recipes import base, llama
 
     values = {"rotary_base": 500000, "max_position_embeddings": 131072, **cfg}
-    hparam = lambda key, default=None: values.get(key, default)  # noqa: E731
+    hparam = lambda key, default=None, **null: values.get(key, default)  # noqa: E731
     dims = llama.Dims(1024, 2, 8, 2, 128, 4096, 131072, 256, base.SCHEMES[1], 256, False, 1)
     config = llama.hf_config(hparam, dims, "float32")
     ours = LlamaRotaryEmbedding(LlamaConfig(**config)).inv_freq

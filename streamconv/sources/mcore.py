@@ -40,7 +40,8 @@ _MAX_COMMON = 2**30  # common.pt: the hyper-parameters, the optimizer's param gr
 _MAX_LAYERS = 4096  # a stacked tensor's first axis (the deepest models have a few hundred layers)
 _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
 # Hyper-parameters are asked for by their NeMo 1.x names (what the recipes read); other writers' names:
-MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon"}
+MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon",
+               "num_moe_experts": "num_experts", "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor"}
 NEMO2 = {"encoder_seq_length": "seq_length"}
 HF_TOKENIZER = "nemo_tokenizer"  # NeMo 2.0's folder in context/ for a Hugging Face tokenizer's save_pretrained
 

@@ -625,8 +625,11 @@ def retar_all(data: bytes) -> bytes:
     ("import sys; print('streamconv: error: x', file=sys.stderr); sys.exit(2)", "refused"),
 ])
 def test_the_judge_catches_each_failure(tmp_path, program, kind):
-    """Each failure the fuzz test promises to catch is caught (a stand-in program plays the CLI)."""
+    """Each failure the fuzz test promises to catch is caught (a stand-in program plays the CLI). Only the hang
+    gets a short timeout (3 s against its 60 s sleep): the others have the fuzz run's own, so that a loaded machine
+    cannot turn a slow 600 MiB allocation into a timeout."""
     path = tmp_path / "in.ckpt"
     path.write_bytes(b"x")
-    outcome = check(str(path), str(tmp_path / "out"), tool=(sys.executable, "-c", program), timeout=3)
+    timeout = 3 if kind == "timeout" else TIMEOUT_S
+    outcome = check(str(path), str(tmp_path / "out"), tool=(sys.executable, "-c", program), timeout=timeout)
     assert outcome.kind == kind, outcome

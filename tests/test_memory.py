@@ -59,9 +59,13 @@ def test_peak_bounded_by_largest_tensor(peaks):
 
 
 def test_peak_flat_in_layers_and_optimizer_state(peaks):
-    rss, _ = peaks
-    assert abs(rss["24"] - rss["12"]) < 0.1 * rss["12"]
-    assert rss["12+adam"] < 1.1 * rss["12"]
+    """Twelve more layers (300 MB) or Adam state (four times the weights) move the peak by less than one set of the
+    conversion's own buffers (which of them a run has touched at its peak varies by a few 8 MiB chunks)."""
+    rss, sizes = peaks
+    buffers = (2 + reads.BUFFERS) * LARGEST + STAGING_BYTES
+    assert buffers < (sizes["24"] - sizes["12"]) / 4
+    assert abs(rss["24"] - rss["12"]) < buffers
+    assert rss["12+adam"] - rss["12"] < buffers
 
 
 def test_dry_run_predicts_working_memory(checkpoints):

@@ -145,6 +145,12 @@ class DcpIndex:
     tensors: dict[str, DcpTensor]  # the weights, by fqn
     skipped: tuple[str, ...]  # keys never read: optimizer state, rng state, _extra_state, bytes objects
     extra: dict[str, Any]  # other Metadata fields (megatron-core's `mcore_data`), as plain data
+    common_state: tuple[str, int, int] | None = None  # (file, offset, length) of megatron-core's COMMON_STATE
+
+
+# megatron-core >= 0.17 keeps what common.pt held as a ShardedObject: a bytes item, the torch.save archive of
+# `[state]`, under this key (rank 0's copy)
+COMMON_STATE = "common_state/shard_0_1"
 
 
 _NOT_WEIGHTS = re.compile(r"^(optimizer[./]|rng_state(?:$|[./]))|(^|[./])_extra_state")
@@ -170,7 +176,7 @@ def read_metadata(files: Files | str | os.PathLike[str]) -> DcpIndex:
     metadata = _load(path, files.read(METADATA, _MAX_METADATA))
     fields = metadata.state
     tensors, skipped = _entries(path, fields.get("state_dict_metadata"))
-    places = _places(files, path, fields.get("storage_data"), tensors)
+    places = _places(files, path, fields.get("storage_data"), {**tensors, COMMON_STATE: None})
     index: dict[str, DcpTensor] = {}
     for fqn, (dtype, shape, boxes) in tensors.items():
         if fqn not in places:  # (not a weight)
@@ -188,7 +194,8 @@ def read_metadata(files: Files | str | os.PathLike[str]) -> DcpIndex:
         index[fqn] = DcpTensor(fqn, dtype, shape, tuple(chunks))
     known = ("state_dict_metadata", "storage_data", "planner_data", "storage_meta", "version")
     extra = {k: v for k, v in fields.items() if k not in known}
-    return DcpIndex(files, index, tuple(skipped), extra)
+    common = places[COMMON_STATE].get(()) if COMMON_STATE in skipped else None
+    return DcpIndex(files, index, tuple(skipped), extra, common)
 
 
 def chunk_tensor(files: Files | str | os.PathLike[str], chunk: Chunk) -> tuple[str, torch_zip.StoredTensor]:
@@ -273,7 +280,8 @@ def _places(files: Files, path: str, storage: Any, tensors: dict) -> dict[str, d
             raise damaged(path, f"a storage key is a {type(key).__name__}")
         if key.get("fqn") not in places:
             continue
-        offsets = naturals(path, key.get("offset"), f"a chunk offset of {key.get('fqn')!r}")
+        offset = key.get("offset")  # (a bytes item has none)
+        offsets = () if offset is None else naturals(path, offset, f"a chunk offset of {key.get('fqn')!r}")
         if not _is(info, "_StorageInfo"):
             raise damaged(path, f"the storage of {key.get('fqn')!r} is a {type(info).__name__}")
         places[key.get("fqn")][offsets] = _place(files, path, key.get("fqn"), info, sizes)

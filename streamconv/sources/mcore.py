@@ -78,11 +78,17 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
     """The distributed checkpoint in `files`; hyper-parameters from `cfg` (a layout's config file) or else its
     `common.pt` (NeMo's `hyper_parameters`, Megatron-LM's `args`)."""
     backend = _backend(files)
-    if cfg is None and files.exists(COMMON):
-        cfg, config_name = _common_cfg(files)
+    index = dcp.read_metadata(files) if backend == "torch_dist" else None
+    if cfg is None and files.exists(COMMON):  # (a legacy common.pt wins, as in megatron-core's loader)
+        cfg, config_name = _common_cfg(files.path(COMMON), *files.locate(COMMON), COMMON)
+    elif cfg is None and index is not None and index.common_state is not None:
+        name, offset, length = index.common_state
+        file, start, _ = files.locate(name)
+        cfg, config_name = _common_cfg(f"{files.path(name)} ({dcp.COMMON_STATE})", file, start + offset, length,
+                                       "common_state")
     mapped: dict[str, MappedFile] = {}
     try:
-        tensors = _tensors(files, backend, mapped)
+        tensors = _tensors(files, index, mapped)
         return Checkpoint(path=files.label, tensors=tensors, hparams=cfg, files=list(mapped.values()),
                           config_name=config_name or f"hyper-parameters (no {COMMON} or layout config beside it)",
                           tokenizer=tokenizer)
@@ -111,21 +117,22 @@ def _backend(files: Files) -> str:
     return backend
 
 
-def _common_cfg(files: Files) -> tuple[Config | None, str]:
-    """The hyper-parameters in `common.pt`: NeMo's Lightning `hyper_parameters.cfg`, or Megatron-LM's `args`."""
-    file, offset, size = files.locate(COMMON)
+def _common_cfg(label: str, file: str, offset: int, size: int, where: str) -> tuple[Config | None, str]:
+    """The hyper-parameters in megatron-core's common state (`common.pt`, or from 0.17 on the `common_state` item,
+    whose archive holds `[state]`): NeMo's Lightning `hyper_parameters.cfg`, or Megatron-LM's `args`."""
     if size > _MAX_COMMON:
-        raise ConversionError(f"{files.path(COMMON)} has {size} bytes, more than such a file needs; the checkpoint "
-                              "is damaged or hostile")
-    label = files.path(COMMON)
+        raise ConversionError(f"{label} has {size} bytes, more than such a file needs; the checkpoint is damaged or "
+                              "hostile")
     payload = torch_zip.load(file, offset, size, label)
+    if where != COMMON and isinstance(payload, list) and len(payload) == 1:
+        payload = payload[0]
     if not isinstance(payload, Mapping):
         raise ConversionError(f"{label} holds a {type(payload).__name__}, not megatron-core's common state dict")
     if "hyper_parameters" in payload:
-        return lightning_cfg(label, payload), f"'hyper_parameters.cfg' entry of {COMMON}"
+        return lightning_cfg(label, payload), f"'hyper_parameters.cfg' entry of {where}"
     if "args" in payload:  # Megatron-LM's: only plain values are read (its enums and dtypes stay inert placeholders)
-        return Config.of(payload, ("args",), f"{label} (args)", MEGATRON_LM), f"'args' entry of {COMMON}"
-    return None, f"hyper-parameters ({COMMON} has neither NeMo's hyper_parameters nor Megatron-LM's args)"
+        return Config.of(payload, ("args",), f"{label} (args)", MEGATRON_LM), f"'args' entry of {where}"
+    return None, f"hyper-parameters ({where} has neither NeMo's hyper_parameters nor Megatron-LM's args)"
 
 
 def _tracked_iteration(path: str) -> str:
@@ -172,7 +179,7 @@ def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
     return checkpoint
 
 
-def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[str, Any]:
+def _tensors(files: Files, index: dcp.DcpIndex | None, mapped: dict[str, MappedFile]) -> dict[str, Any]:
     """Every weight, its stacked layers unstacked, each a view into the mapped files (or a `Split` of views)."""
     def view(file: str, stored: torch_zip.StoredTensor) -> SourceTensor:
         if file not in mapped:
@@ -180,8 +187,8 @@ def _tensors(files: Files, backend: str, mapped: dict[str, MappedFile]) -> dict[
         return mapped[file].tensor(stored)
 
     pieces: dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], SourceTensor]]]] = {}
-    if backend == "torch_dist":
-        tensors = dcp.read_metadata(files).tensors
+    if index is not None:  # (torch_dist; else zarr)
+        tensors = index.tensors
         names = {c.file for t in tensors.values() for c in t.chunks}
         _allow_open_files(files.label, len({files.locate(name)[0] for name in names}))
         for fqn, tensor in tensors.items():

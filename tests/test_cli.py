@@ -113,7 +113,7 @@ def save_broken(path, drop=None, **changes):
     ("vocab_too_large", ["vocabulary size 300 ", "256 embedding rows", "--vocab-size 256"]),
     ("bad_shard_size", ["cannot parse shard size"]),
     ("no_cuda", ["CUDA"]),
-    ("malicious", ["state_dict", "posix.system", "refuses"]),
+    ("malicious", ["reference to posix.system", "refuses", "tampered"]),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case, fragments):
     ckpt = tmp_path / "in.ckpt"

@@ -214,6 +214,8 @@ def _load(path: str, data: bytes) -> _Record:
         # Each chunk costs about 140 opcodes in a megatron-core index (2.4 bytes each): the bounds grow with
         # the file beyond 8 MB, so a model of some 100,000 chunks reads, and a small file stays bounded.
         metadata = _Unpickler(io.BytesIO(data), scale=max(1, -(-len(data) // safe_pickle.MAX_OPCODES))).load()
+    except safe_pickle.Dangerous as exc:
+        raise safe_pickle.tampered(path, exc) from None
     except Exception as exc:  # a damaged pickle can fail in many ways
         raise ConversionError(f"cannot read {path}: it is truncated or damaged ({first_line(exc):.200}); "
                               "copy the checkpoint again") from None

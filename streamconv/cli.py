@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, one_line
 
 EXIT_BAD_INPUT = 2
 
@@ -75,11 +75,16 @@ def version() -> str:
         return __version__
 
 
+def say(line: str, file=None) -> None:
+    """Print one line: a path or a checkpoint's key in it may hold a newline or a terminal escape, shown escaped."""
+    print(one_line(line), file=file)
+
+
 def print_structure(plan) -> None:
     for spec in plan.tensors:
         shape = "x".join(map(str, spec.recipe.shape))
         dtype = str(spec.dtype).removeprefix("torch.")
-        print(f"{spec.name:<40} {shape:>14} {dtype:<9} <- {spec.recipe.source} ({spec.recipe.arrangement.name})")
+        say(f"{spec.name:<40} {shape:>14} {dtype:<9} <- {spec.recipe.source} ({spec.recipe.arrangement.name})")
 
 
 def print_plan(result) -> None:
@@ -105,11 +110,11 @@ def run_verify(args: argparse.Namespace) -> int:
     problems = verify(args.checkpoint_path, args.save_path, dtype=args.dtype, vocab_size=args.vocab_size,
                       num_heads=args.num_heads, family=args.family, tokenizer_path=args.tokenizer)
     for problem in problems:
-        print(f"verify: {problem}")
+        say(f"verify: {problem}")
     if problems:
-        print(f"verify: {len(problems)} problem(s): {args.save_path} is not the conversion of {args.checkpoint_path}")
+        say(f"verify: {len(problems)} problem(s): {args.save_path} is not the conversion of {args.checkpoint_path}")
         return 1
-    print(f"verify: OK: {args.save_path} is exactly the conversion of {args.checkpoint_path}")
+    say(f"verify: OK: {args.save_path} is exactly the conversion of {args.checkpoint_path}")
     return 0
 
 
@@ -156,19 +161,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.dry_run:
             print_plan(result)
-        print(result.summary())
+        say(result.summary())
         return 0
     except ConversionError as exc:
         if args.debug:
             raise
-        print(f"streamconv: error: {exc}", file=sys.stderr)
+        say(f"streamconv: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # the machine, not the input: a permission, a failing disk, a file gone
         if args.debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"streamconv: error: {exc.strerror or exc}{where}; nothing was written: check the paths and the "
-              "disk, then run again (--debug shows where it happened)", file=sys.stderr)
+        say(f"streamconv: error: {exc.strerror or exc}{where}; nothing was written: check the paths and the "
+            "disk, then run again (--debug shows where it happened)", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("streamconv: interrupted; nothing was written", file=sys.stderr)

@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamconv import parts, recipes, tokenizer
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, one_line
 from streamconv.output import (
     check_save_path,
     claimed,
@@ -538,8 +539,11 @@ def _deleted(folder: str, save_path: str) -> ConversionError:
 
 def read_tokenizer(path: str) -> bytes:
     """The SentencePiece model given with --tokenizer, refused if sentencepiece is installed and cannot read it."""
-    try:
-        with open(path, "rb") as f:
+    try:  # (opened without waiting: a pipe would block the open, or the read forever)
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConversionError(f"the tokenizer {path} is not a regular file (a folder, a pipe or a device?); "
+                                      "give --tokenizer the SentencePiece model file itself")
             model = f.read(tokenizer.MAX_BYTES + 1)
     except OSError as exc:
         raise ConversionError(f"cannot read the tokenizer {path} ({exc.strerror}); check --tokenizer") from None
@@ -584,6 +588,6 @@ def _progress_bar(total: int, enabled: bool, description: str = "converting"):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=description,
+        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=one_line(description),
         file=sys.stderr, dynamic_ncols=True,
     )

@@ -9,6 +9,7 @@ import tempfile
 import torch
 
 from streamconv.converter import convert
+from streamconv.errors import one_line
 from streamconv.output import check_save_path
 from streamconv.testing import SyntheticModel, make_checkpoint
 
@@ -35,7 +36,7 @@ def run_demo(save_path: str | None = None, *, device: str = "cpu", shard_size: s
         out = save_path or os.path.join(tmp, "hf")
         result = convert(ckpt_path, out, device=device, shard_size=shard_size, overwrite=overwrite,
                          progress=not quiet)
-        print(result.summary())
+        print(one_line(result.summary()))
 
         reference = GPT2LMHeadModel(source.gpt2_config())
         reference.load_state_dict(source.hf_state_dict, strict=False)  # lm_head is tied to wte
@@ -47,7 +48,7 @@ def run_demo(save_path: str | None = None, *, device: str = "cpu", shard_size: s
     ok = diff == 0.0
     print(f"demo: logits of the converted model vs the source model on {tokens.numel()} tokens: "
           f"max abs diff {diff} -> {'OK' if ok else 'MISMATCH'}")
-    print(f"demo: the converted model is in {save_path}" if save_path
+    print(one_line(f"demo: the converted model is in {save_path}") if save_path
           else "demo: the converted model was in a temporary folder; pass --save-path DIR to keep it")
     sys.stdout.flush()
     return 0 if ok else 1

@@ -41,6 +41,15 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them (a newline as \\n), so that a line
+    naming a path or a checkpoint's key stays one line and cannot move the terminal's cursor."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class ConversionError(Exception):
     """Bad input or arguments. The CLI prints the message as one line and exits with code 2."""
 

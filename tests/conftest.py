@@ -49,9 +49,10 @@ def fp32_ckpt(checkpoints):
                                               n_positions=32), dtype=torch.float32, optimizer=False)
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """Run `python -m streamconv ARGS` in a child process and capture its output."""
+def run_cli(*args: str, cwd=None, stdin=None, timeout=None) -> subprocess.CompletedProcess:
+    """Run `python -m streamconv ARGS` in a child process and capture its output (killed past `timeout` s)."""
     return subprocess.run(
         [sys.executable, "-m", "streamconv", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdin=stdin,
+        timeout=timeout,
     )

@@ -113,7 +113,7 @@ def save_broken(path, drop=None, **changes):
     ("vocab_too_large", ["vocabulary size 300 ", "256 embedding rows", "--vocab-size 256"]),
     ("bad_shard_size", ["cannot parse shard size"]),
     ("no_cuda", ["CUDA"]),
-    ("malicious", ["state_dict", "posix.system", "refuses"]),
+    ("malicious", ["reference to posix.system", "refuses", "tampered"]),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case, fragments):
     ckpt = tmp_path / "in.ckpt"
@@ -156,6 +156,40 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
+
+
+def test_a_newline_or_escape_in_a_path_is_printed_escaped_on_one_line(bf16_ckpt, tmp_path):
+    missing = tmp_path / "new\nline.ckpt"
+    assert_one_line_error(run_cli("--checkpoint-path", missing, "--save-path", tmp_path / "out"),
+                          f"checkpoint not found: {tmp_path}/new\\nline.ckpt;")
+    save = tmp_path / "hf\nout\x1b[2J"
+    convert = ("--checkpoint-path", bf16_ckpt.path, "--save-path", save, "--vocab-size", "1000", "--quiet")
+    done = run_cli(*convert)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.count("\n") == 1 and f"-> {tmp_path}/hf\\nout\\x1b[2J" in done.stdout, done.stdout
+    assert (save / "config.json").exists()
+    assert_one_line_error(run_cli(*convert), f"save path {tmp_path}/hf\\nout\\x1b[2J is not empty")
+    verified = run_cli("--verify", *convert)
+    assert verified.returncode == 0 and verified.stdout.count("\n") == 1 and "\\nout" in verified.stdout
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-path", "--tokenizer"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/stdin"])
+def test_a_pipe_or_a_device_is_refused_without_waiting(bf16_ckpt, tmp_path, flag, kind):
+    """Opening a FIFO waits for a writer, reading /dev/stdin (a pipe held open here) for its end: both are refused
+    before they are opened. A regression fails at the timeout instead of hanging the suite."""
+    os.mkfifo(tmp_path / "fifo")
+    given = str(tmp_path / "fifo") if kind == "fifo" else kind
+    inputs = {"--checkpoint-path": bf16_ckpt.path, "--tokenizer": None, flag: given}
+    read_end, write_end = os.pipe()
+    try:
+        proc = run_cli(*(a for k, v in inputs.items() if v for a in (k, v)), "--save-path", tmp_path / "out",
+                       "--vocab-size", "1000", stdin=read_end, timeout=120)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert_one_line_error(proc, f"{given} is not a regular file", f"give {flag} the ")
+    assert os.listdir(tmp_path) == ["fifo"]
 
 
 def test_demo(tmp_path):

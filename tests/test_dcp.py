@@ -227,6 +227,18 @@ def test_a_chunk_past_the_end_of_its_file_is_refused(sharded, tmp_path):
     assert f"__1_0.distcp is truncated: .metadata puts a chunk of 'r' at bytes {r.offset}" in refusal(folder)
 
 
+def test_two_chunks_of_a_tensor_at_the_same_bytes_are_refused(sharded, tmp_path):
+    """Both halves of 'v' (columns 0..2 and 3..5, each a valid [3, 3] archive) pointing at the first half's bytes
+    would read as a whole tensor of repeated columns."""
+    folder = copy(sharded, tmp_path)
+    metadata = torch_metadata(folder)
+    first, second = storage_of(metadata, "v", 0), storage_of(metadata, "v", 1)
+    second.relative_path, second.offset, second.length = first.relative_path, first.offset, first.length
+    save_metadata(folder, metadata)
+    assert (f".metadata is damaged (the chunks of 'v' at [0, 0] and [0, 3] are the same bytes, {first.length} at "
+            f"byte {first.offset} of {first.relative_path}); copy the checkpoint again") in refusal(folder, True)
+
+
 def test_stream_transforms_are_refused_by_name(sharded, tmp_path):
     folder = copy(sharded, tmp_path)
     metadata = torch_metadata(folder)

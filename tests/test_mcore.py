@@ -268,6 +268,10 @@ def test_a_truncated_metadata_is_refused(cases, tmp_path):
     assert "truncated or damaged" in refused(folder, tmp_path)
 
 
+class Custom:
+    """A class of the training code, not importable where streamconv runs."""
+
+
 class Hostile:
     def __init__(self, marker):
         self.marker = marker
@@ -293,10 +297,23 @@ def test_a_hostile_common_pt_runs_nothing(cases, tmp_path):
     torch.save(common, folder / "common.pt")
     assert "posix.system" in refused(folder, tmp_path) and not marker.exists()
     common["hyper_parameters"] = {"cfg": {"num_attention_heads": 4}}
-    common["loops"] = Hostile(marker)  # elsewhere: never built, never needed
+    common["loops"] = Hostile(marker)  # elsewhere, never built nor needed: still a tampered file
+    torch.save(common, folder / "common.pt")
+    assert "reference to posix.system" in refused(folder, tmp_path) and not marker.exists()
+    common["loops"] = {"custom": Custom()}  # an unknown harmless class stays an inert placeholder
     torch.save(common, folder / "common.pt")
     streamconv.convert(folder, tmp_path / "fine", vocab_size=VOCAB)
-    assert not marker.exists()
+
+
+def test_a_dangerous_callable_in_megatron_lm_args_is_refused_though_never_used(cases, tmp_path):
+    """`args` holds megatron's enums and torch dtypes (inert placeholders, converted today) and here `os.system`
+    as a plain value: never called, never read, yet only an attack pickles it."""
+    folder = copied(cases["megatron_lm_tp2"], tmp_path)
+    common = torch.load(folder / "common.pt", weights_only=False)  # (trusted: megatron wrote it)
+    common["args"].exit_signal_handler = os.system
+    torch.save(common, folder / "common.pt")
+    message = refused(folder, tmp_path)
+    assert "common.pt contains a pickled reference to posix.system" in message and "tampered" in message
 
 
 def test_a_compressed_zarr_checkpoint_is_refused_by_name(cases, tmp_path):

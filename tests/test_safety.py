@@ -70,18 +70,28 @@ def test_malicious_pickle_is_refused_by_name(small, tmp_path, where, name):
     torch.save(ckpt, small)
     out = tmp_path / "out"
     assert_one_line_error(run_cli("--checkpoint-path", small, "--save-path", out, "--vocab-size", "256"),
-                          where, name, "refuses")
+                          f"in.ckpt contains a pickled reference to {name}", "refuses the whole file as tampered")
     assert not sentinel.exists() and not out.exists()
 
 
+@pytest.mark.parametrize("name, value", [("posix.system", os.system), ("builtins.getattr", getattr),
+                                         ("io.open", open), ("shutil.rmtree", shutil.rmtree)])
+def test_a_dangerous_callable_never_used_still_refuses_the_file(small, tmp_path, name, value):
+    """A plain value in an entry no conversion reads (a callback's state): never called, yet only an attack
+    pickles it."""
+    rewrite(small, callbacks={"Evil": {"handler": value}})
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("--checkpoint-path", small, "--save-path", out, "--vocab-size", "256"),
+                          f"reference to {name}", "tampered")
+    assert sorted(os.listdir(tmp_path)) == ["in.ckpt"]
+
+
 def test_foreign_objects_beside_the_weights_are_neutralised(small, tmp_path):
-    sentinel = tmp_path / "pwned"
-    rewrite(small, callbacks={"Evil": Exploit(os.system, f"touch {sentinel}")},
-            loops={"custom": Custom()}, optimizer_states=[{"wrapper": Custom(), "fn": Exploit(print, "hi")}])
+    rewrite(small, loops={"custom": Custom(), "signal": signal.SIGTERM},
+            optimizer_states=[{"wrapper": Custom(), "fn": Exploit(print, "hi")}])
     out = tmp_path / "out"
     proc = run_cli("--checkpoint-path", small, "--save-path", out, "--vocab-size", "256", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert not sentinel.exists()
     assert "hi" not in proc.stdout.splitlines()
     assert run_cli("--verify", "--checkpoint-path", small, "--save-path", out, "--vocab-size", "256").returncode == 0
 

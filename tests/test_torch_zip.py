@@ -62,6 +62,11 @@ def test_load_runs_no_code_from_the_pickle(tmp_path):
     payload["state_dict"]["model.evil"] = Exploit(os.system, f"touch {sentinel}")
     payload["callbacks"] = {"Evil": Exploit(eval, f"open({str(sentinel)!r}, 'w')")}
     torch.save(payload, path)
+    with pytest.raises(ConversionError, match="reference to posix.system, .* tampered"):
+        torch_zip.load(str(path))
+    payload["state_dict"]["model.evil"] = Exploit(print, "hi")  # harmless and unknown: an inert placeholder
+    payload["callbacks"] = {}
+    torch.save(payload, path)
     loaded = torch_zip.load(str(path))
     assert type(loaded["state_dict"]["model.evil"]).__name__ == "Refused"
     assert not sentinel.exists()

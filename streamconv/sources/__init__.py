@@ -6,9 +6,11 @@ One module per container kind; none imports another. `open_checkpoint` recognise
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
+from streamconv.errors import ConversionError
 from streamconv.sources import lightning, mcore, nemo
 from streamconv.sources.records import Checkpoint
 
@@ -24,6 +26,13 @@ def open_checkpoint(path: str | os.PathLike[str], scratch: str | None = None,
     `progress(description, total bytes)` makes the bar the extraction is shown by.
     """
     path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # (named by the reader: not found, not readable)
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # (opening a pipe waits for a writer)
+        raise ConversionError(f"checkpoint path {path} is not a regular file or folder (a pipe or a device?); "
+                              "give --checkpoint-path the checkpoint file or folder itself")
     if nemo.is_nemo(path):
         return nemo.open_nemo(path, scratch, progress, mcore.open_distributed)
     if mcore.is_distributed(path):

@@ -167,7 +167,7 @@ def read_metadata(files: Files | str | os.PathLike[str]) -> DcpIndex:
 
     Refused (ConversionError, one line): a damaged or hostile `.metadata`, a chunk file that is missing, not
     a regular file or outside the folder, a chunk past its file's end or stored through stream transforms,
-    chunks that do not tile their tensor exactly.
+    chunks that do not tile their tensor exactly, two chunks of a tensor at the same bytes.
     """
     files = files if isinstance(files, Files) else Folder(os.fspath(files))
     path = files.path(METADATA)
@@ -184,12 +184,16 @@ def read_metadata(files: Files | str | os.PathLike[str]) -> DcpIndex:
         if dtype.removeprefix("torch.") not in safe_pickle.DTYPES:
             raise ConversionError(f"{path}: weight {fqn!r} has dtype {dtype}, which streamconv does not convert")
         check_tiling(path, fqn, shape, boxes)
-        chunks = []
+        chunks, placed = [], {}
         for offsets, sizes in boxes:
             place = places[fqn].get(offsets)
             if place is None:
                 raise ConversionError(f"{path} names no file for the chunk of {fqn!r} at {list(offsets)}; "
                                       "the checkpoint is incomplete, copy it again")
+            if place in placed:
+                raise damaged(path, f"the chunks of {fqn!r} at {list(placed[place])} and {list(offsets)} are the "
+                                    f"same bytes, {place[2]} at byte {place[1]} of {place[0]}")
+            placed[place] = offsets
             chunks.append(Chunk(fqn, dtype, offsets, sizes, *place))
         index[fqn] = DcpTensor(fqn, dtype, shape, tuple(chunks))
     known = ("state_dict_metadata", "storage_data", "planner_data", "storage_meta", "version")
@@ -221,6 +225,8 @@ def _load(path: str, data: bytes) -> _Record:
         # Each chunk costs about 140 opcodes in a megatron-core index (2.4 bytes each): the bounds grow with
         # the file beyond 8 MB, so a model of some 100,000 chunks reads, and a small file stays bounded.
         metadata = _Unpickler(io.BytesIO(data), scale=max(1, -(-len(data) // safe_pickle.MAX_OPCODES))).load()
+    except safe_pickle.Dangerous as exc:
+        raise safe_pickle.tampered(path, exc) from None
     except Exception as exc:  # a damaged pickle can fail in many ways
         raise ConversionError(f"cannot read {path}: it is truncated or damaged ({first_line(exc):.200}); "
                               "copy the checkpoint again") from None

@@ -9,6 +9,8 @@ ignores whatever it is called with. Nothing is imported.
 Lightning checkpoints carry objects beside the weights (callbacks, loop state, optimizer wrappers) that
 may name other classes; as placeholders they load harmlessly and are never used. The reader then
 refuses a checkpoint whose `state_dict` or `hyper_parameters` holds a placeholder, naming the global.
+A callable that only an attack would pickle (`posix.system`, `builtins.eval`, `subprocess.Popen`: `DANGEROUS`)
+refuses the whole file wherever it appears, even where its value would never be used.
 """
 
 from __future__ import annotations
@@ -42,6 +44,37 @@ def _allowed() -> dict[str, Any]:
         **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, bool, str)},
         **_omegaconf(),
     }
+
+
+# Globals no checkpoint pickles but an attack does: they run commands or code, or reach files, processes or the
+# network. Found anywhere in a pickle, they refuse the whole file (`Dangerous`), used or not. A module here refuses
+# its submodules too, a name the attributes under it; so does an attribute path through a dunder ('x.__globals__').
+DANGEROUS_MODULES = frozenset({
+    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys", "shutil", "socket", "_socket",
+    "ssl", "importlib", "pkgutil", "zipimport", "pickle", "_pickle", "pickletools", "marshal", "shelve", "dill",
+    "cloudpickle", "joblib", "runpy", "ctypes", "_ctypes", "cffi", "code", "codeop", "pty", "tty", "webbrowser",
+    "multiprocessing", "concurrent", "asyncio", "threading", "_thread", "pdb", "bdb", "timeit", "trace", "profile",
+    "cProfile", "tempfile", "glob", "fileinput", "mmap", "urllib", "http", "ftplib", "smtplib", "telnetlib", "xmlrpc",
+    "requests", "httpx", "aiohttp", "pip", "setuptools", "distutils", "torch.hub", "torch.package",
+    "torch.utils.cpp_extension", "torch._dynamo", "torch._inductor", "torch.jit", "numpy.testing", "numpy.ctypeslib",
+})
+DANGEROUS_NAMES = frozenset({
+    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open", "builtins.__import__", "builtins.getattr",
+    "builtins.setattr", "builtins.delattr", "builtins.globals", "builtins.locals", "builtins.vars", "builtins.input",
+    "builtins.breakpoint", "builtins.help", "builtins.exit", "builtins.quit", "builtins.__build_class__",
+    "io.open", "io.open_code", "io.FileIO", "_io.open", "_io.open_code", "_io.FileIO", "codecs.open",
+    "operator.attrgetter", "operator.methodcaller", "types.FunctionType", "types.LambdaType", "types.CodeType",
+    "types.ModuleType", "signal.signal", "signal.alarm", "signal.setitimer", "signal.pthread_kill", "torch.load",
+    "numpy.load", "numpy.fromfile", "numpy.memmap",
+})
+
+
+def dangerous(module: str, name: str) -> bool:
+    """Whether the global `module`.`name` is one only an attack pickles (DANGEROUS_MODULES, DANGEROUS_NAMES)."""
+    modules, names = module.split("."), name.split(".")
+    return any(".".join(modules[:i]) in DANGEROUS_MODULES for i in range(1, len(modules) + 1)) \
+        or any(f"{module}.{'.'.join(names[:i])}" in DANGEROUS_NAMES for i in range(1, len(names) + 1)) \
+        or any(n.startswith("__") and n.endswith("__") for n in names[1:])
 
 
 class Placeholder:
@@ -88,6 +121,16 @@ _COERCIONS = (str, int, float, bool)  # called on a container, these walk it (st
 
 class Refused(pickle.UnpicklingError):
     """The pickle asks for more than a checkpoint ever needs: damaged, or built to hang or fill memory."""
+
+
+class Dangerous(pickle.UnpicklingError):
+    """The pickle names a global only an attack pickles (its message is the global's name)."""
+
+
+def tampered(path: str, exc: Dangerous) -> ConversionError:
+    """The one line for a file whose pickle names a `DANGEROUS` global."""
+    return ConversionError(f"{path} contains a pickled reference to {exc}, which can run commands or reach files; "
+                           "streamconv refuses the whole file as tampered: do not trust this checkpoint")
 
 
 class _Dispatch(dict):
@@ -236,7 +279,11 @@ class Unpickler(pickle._Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self.allowed().get(f"{module}.{name}")
-        return self.hand(found) if found is not None else placeholder_class(f"{module}.{name}")
+        if found is not None:
+            return self.hand(found)
+        if dangerous(module, name):
+            raise Dangerous(f"{module:.60}.{name:.60}")
+        return placeholder_class(f"{module}.{name}")
 
 
 def _weighed(load: Any) -> Any:

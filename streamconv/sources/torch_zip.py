@@ -232,6 +232,8 @@ def load(path: str, offset: int = 0, size: int | None = None, label: str | None 
         raise
     except _Repeated as exc:
         raise ConversionError(f"{path}: {exc}") from None
+    except safe_pickle.Dangerous as exc:
+        raise safe_pickle.tampered(label or path, exc) from None
     except safe_pickle.Refused as exc:
         raise ConversionError(f"cannot read checkpoint {path}: its pickle {exc}, more than any checkpoint needs; "
                               "it is damaged or hostile: do not trust this file") from None

@@ -67,7 +67,7 @@ def read_zarr(files: Files | str | os.PathLike[str]) -> dict[str, ZarrTensor]:
 
     Refused (ConversionError, one line): a `.zarray` that is not megatron-core's uncompressed C-order layout
     or is damaged, a dtype streamconv does not convert, a chunk file that is missing, of the wrong size, not a
-    regular file or outside the folder, more chunks than the folder holds files.
+    regular file or outside the folder, two chunks in the same file, more chunks than the folder holds files.
     """
     files = files if isinstance(files, Files) else Folder(os.fspath(files))
     names = files.names()
@@ -98,13 +98,17 @@ def _tensor(files: Files, fqn: str, listed: int) -> ZarrTensor:
                               "copy it again")
     chunk_bytes = math.prod(chunk_shape) * itemsize
     strides = tuple(math.prod(chunk_shape[d + 1:]) for d in range(len(chunk_shape)))
-    chunks = []
+    chunks, placed = [], {}
     for index in itertools.product(*map(range, grid)):  # C order (a 0-d array has one, at ())
         name = f"{fqn}/{'.'.join(map(str, index)) or '0'}"  # (a 0-d array's one chunk is '0')
         if not files.exists(name):
             raise ConversionError(f"{files.path(name)} is missing: it is the chunk {list(index)} of {fqn!r}; "
                                   "the checkpoint is incomplete, copy all of its files")
         file, start, size = files.locate(name)
+        if (file, start) in placed:  # (a link to another chunk of the tensor)
+            raise ConversionError(f"{files.path(name)} is the same file as {files.path(placed[file, start])}: two "
+                                  f"chunks of {fqn!r} at the same bytes; the checkpoint is damaged, copy it again")
+        placed[file, start] = name
         if size != chunk_bytes:
             raise ConversionError(f"{files.path(name)} is damaged: it has {size} bytes, a chunk of {fqn!r} "
                                   f"({dtype} {list(chunk_shape)}) has {chunk_bytes}; copy the checkpoint again")

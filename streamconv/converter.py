@@ -345,9 +345,9 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
                 os.rmdir(folder)
         raise
     if staged.published:
-        if not os.path.isdir(target):
-            raise ConversionError(f"{staged.label}: this conversion was published to {save_path}, which is gone now; "
-                                  f"remove {staged.folder} to convert again")
+        if not staged.still_published(target):
+            raise ConversionError(f"{staged.label}: this conversion was published to {save_path}, which was removed "
+                                  f"or replaced since; remove {staged.folder} to convert again")
         result.streamed, result.outcome = False, f"-> {save_path} (all {count} parts were done and published before)"
         return
     if staged.done(index):
@@ -394,26 +394,21 @@ def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, con
         if staged.published:
             return kept
         if not staged.swapped(target):
-            for shard in plan.shards:
-                path = os.path.join(staged.model, shard.filename)
-                size = os.path.getsize(path) if os.path.isfile(path) else None
-                if size != shard.file_size:
-                    raise ConversionError(f"the staged {shard.filename} has {size} bytes, the plan {shard.file_size}"
-                                          f"; remove {staged.folder} and run every part again")
+            staged.check_shards(plan)
             background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
             try:
                 checked = write_extras(staged.model, checkpoint, config, notes, background)
                 finish(staged.model, plan, checked, notes)
             finally:
                 background.shutdown(wait=True)
-            staged.mark_swapping()
+            staged.mark_swapping(target)
             publish(staged.model, target, save_path, overwrite)
         elif os.path.isdir(staged.model) and not only_model_files(staged.model):
             # swapped by a publisher killed before it checked the old contents, which another program wrote into
             kept = f"; the old contents of {save_path} gained other files meanwhile: they are kept in {staged.model}"
         else:  # swapped by a publisher killed before it recorded so: `model/` holds the old model, if anything
             shutil.rmtree(staged.model, ignore_errors=True)
-        staged.mark_published()
+        staged.mark_published(target)
     return kept
 
 

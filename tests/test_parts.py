@@ -184,14 +184,18 @@ def test_a_finished_part_run_again_is_a_no_op(ckpt, tmp_path, single):
     assert_same_folder(out, single)
 
 
-def test_a_published_folder_removed_is_said_to_be_gone(ckpt, tmp_path):
+@pytest.mark.parametrize("made_again", [False, True])
+def test_a_published_folder_removed_or_replaced_is_said_to_be(ckpt, tmp_path, made_again):
+    """`rm -rf out` (and `mkdir out`) after publishing: a part run again says so, rather than that it is done."""
     out = tmp_path / "out"
     for i in range(2):
         assert convert(ckpt, out, "--part", f"{i}/2").returncode == 0
-    for f in os.listdir(out):
-        os.unlink(out / f)
-    os.rmdir(out)
-    assert_one_line_error(convert(ckpt, out, "--part", "0/2"), "which is gone now", "to convert again")
+    shutil.rmtree(out)
+    if made_again:
+        out.mkdir()
+    assert_one_line_error(convert(ckpt, out, "--part", "0/2"), f"was published to {out}, which was removed or "
+                          "replaced since", "to convert again")
+    assert os.listdir(out) == [] if made_again else not out.exists()
 
 
 def test_a_part_refused_for_a_full_save_path_stages_nothing(ckpt, tmp_path, single):

@@ -118,11 +118,13 @@ def test_the_cuts_are_the_nearest_to_equal_bytes():
 
 @pytest.mark.parametrize("value,fragment", [("3/3", "I must be 0 to 2"), ("0/0", "N must be at least 1"),
                                             ("-1/2", "I must be 0 to 1"), ("x", "cannot read --part 'x'"),
-                                            ("1/", "cannot read --part"), ("slurm", "SLURM_ARRAY_TASK_ID")])
+                                            ("1/", "cannot read --part"), ("slurm", "SLURM_ARRAY_TASK_ID"),
+                                            ("0/10000000000", "N must be at most 65536")])
 def test_bad_part_values_are_one_line_errors(ckpt, tmp_path, value, fragment):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", ckpt, "--save-path",
-                           tmp_path / "out", *FLAGS, f"--part={value}"], capture_output=True, text=True, env=env)
+                           tmp_path / "out", *FLAGS, f"--part={value}"], capture_output=True, text=True, env=env,
+                          timeout=60)
     assert_one_line_error(proc, fragment)
     assert os.listdir(tmp_path) == []
 
@@ -286,6 +288,154 @@ def test_parts_of_a_distributed_checkpoint(tmp_path, mcore_cases):
              for i in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
     assert_same_folder(concurrent, reference)
+
+
+# --- a planted or tampered staging folder (it may be on a filesystem others write) -----------------------------
+
+def convert_within(source, out, *args, seconds=120):
+    """A part that must end promptly: a pipe planted in the staging folder must not hang it."""
+    return subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
+                           *FLAGS, *map(str, args)], capture_output=True, text=True, timeout=seconds)
+
+
+def first_part_staged(ckpt, out):
+    """Part 0 of 2 run: (the staging folder, its model/)."""
+    assert convert(ckpt, out, "--part", "0/2").returncode == 0
+    (staged,) = staged_folders(out.parent)
+    return out.parent / staged, out.parent / staged / "model"
+
+
+LAST_SHARD = "model-00005-of-00005.safetensors"  # written by part 1 of 2 alone
+
+
+@pytest.mark.parametrize("plant", ["symbolic link", "pipe", "hard link"])
+def test_a_shard_planted_in_the_staging_folder_is_refused_and_nothing_is_written_through_it(ckpt, tmp_path, plant):
+    out = tmp_path / "out"
+    folder, model = first_part_staged(ckpt, out)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(model / LAST_SHARD)
+    {"symbolic link": os.symlink, "pipe": lambda _, path: os.mkfifo(path), "hard link": os.link}[plant](
+        victim, model / LAST_SHARD)
+    proc = convert_within(ckpt, out, "--part", "1/2")
+    assert_one_line_error(proc, f"{model / LAST_SHARD} is not a file streamconv wrote", "remove it")
+    assert victim.read_bytes() == b"precious"
+    assert not (folder / "done-1").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["a symbolic link", "writable by others"])
+def test_a_staging_folder_others_could_have_planted_is_refused(ckpt, tmp_path, how):
+    """A link sends shards and markers elsewhere; a folder others can write holds what they planted."""
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    elsewhere = tmp_path / "elsewhere"
+    if how == "a symbolic link":
+        os.rename(folder, elsewhere)
+        os.symlink(elsewhere, folder)
+    else:
+        os.chmod(folder, 0o777)
+    before = snapshot(elsewhere if how == "a symbolic link" else folder)
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2"), f"the staging folder {folder} is not a folder "
+                          f"only this user can write ({how})", "remove it")
+    assert snapshot(elsewhere if how == "a symbolic link" else folder) == before and not out.exists()
+
+
+@pytest.mark.parametrize("plant", ["pipe", "symbolic link"])
+@pytest.mark.parametrize("name", ["parts.json", "done-1", "publishing", "swapping", "published"])
+def test_a_marker_that_is_not_a_plain_file_is_refused_promptly(ckpt, tmp_path, name, plant):
+    """Never waited on (a pipe) or followed (a link): refused in one line, in a few seconds, and nothing published."""
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    (tmp_path / "victim").write_text("precious")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / name)
+    os.mkfifo(folder / name) if plant == "pipe" else os.symlink(tmp_path / "victim", folder / name)
+    kind = "a pipe, socket or device" if plant == "pipe" else "a symbolic link"
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2", seconds=60),
+                          f"{folder / name} is not a file this user wrote ({kind})", f"remove {folder}")
+    assert not out.exists() and (tmp_path / "victim").read_text() == "precious"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant files of another user")
+@pytest.mark.parametrize("planted,fragment", [("done-1", "is not a file this user wrote (owned by uid 65534)"),
+                                              (f"model/{LAST_SHARD}", "is not a file streamconv wrote")])
+def test_markers_and_shards_of_another_user_are_refused(ckpt, tmp_path, planted, fragment):
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    (folder / planted).write_text("{}\n")
+    os.chown(folder / planted, 65534, 65534)
+    for index in (1, 0):  # part 1 meets the shard or its forged marker; part 0, done, meets the forged marker
+        proc = convert_within(ckpt, out, "--part", f"{index}/2")
+        if planted == "done-1" or index == 1:
+            assert_one_line_error(proc, f"{folder / planted} {fragment}")
+    assert not out.exists()
+
+
+def test_a_forged_swapping_marker_with_overwrite_keeps_the_staged_model_and_publishes_nothing(ckpt, tmp_path):
+    """A marker naming the save path's own folder as the staged one: neither the staged model is deleted nor
+    the old model left in place with exit 0."""
+    out = tmp_path / "out"
+    assert convert(ckpt, out, "--vocab-size", "1024").returncode == 0  # an older model, to be replaced
+    old = snapshot(out)
+    assert convert(ckpt, out, "--part", "0/2", "--overwrite").returncode == 0
+    (staged,) = staged_folders(tmp_path)
+    folder = tmp_path / staged
+    inode = os.stat(out).st_ino
+    for forged in (f"{inode}\n", f"{inode} {inode}\n"):
+        (folder / "swapping").write_text(forged)
+        proc = convert_within(ckpt, out, "--part", "1/2", "--overwrite")
+        assert_one_line_error(proc, f"cannot tell whether the model staged in {folder} was published to {out}")
+        assert snapshot(out) == old
+        assert LAST_SHARD in os.listdir(folder / "model") and not (folder / "published").exists()
+
+
+@pytest.mark.parametrize("save_path_made", [False, True])
+def test_a_forged_published_marker_is_not_taken_for_a_publish(ckpt, tmp_path, save_path_made):
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    if save_path_made:
+        out.mkdir()
+    (folder / "published").write_text(f"{os.stat(tmp_path).st_ino} 0\n")
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2"), f"was published to {out}, which was removed "
+                          "or replaced since")
+    assert os.listdir(out) == [] if save_path_made else not out.exists()
+
+
+def test_a_staging_folder_tampered_with_this_users_rights_is_published_and_verify_tells(ckpt, tmp_path, single):
+    """A staging folder is trusted only as far as the filesystem's writers are: done markers forged and a shard
+    changed with this user's own rights are published as staged, and --verify names what differs."""
+    out = tmp_path / "out"
+    folder, model = first_part_staged(ckpt, out)
+    for name in os.listdir(single):
+        if name.endswith(".safetensors"):
+            shutil.copyfile(single / name, model / name)
+    with open(model / LAST_SHARD, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    (folder / "done-1").write_text("{}\n")
+    assert convert(ckpt, out, "--part", "0/2").returncode == 0
+    check = run_cli("--verify", "--checkpoint-path", ckpt, "--save-path", out, "--vocab-size", "1000")
+    assert check.returncode == 1 and f"{out} is not the conversion of" in check.stdout, check.stdout
+
+
+def test_n_is_bounded_and_a_part_computes_only_its_own_share():
+    plan = plan_40b(layers=4)
+    started = time.monotonic()
+    shares = [parts.share(plan, i, 10**10) for i in (0, 5 * 10**9, 10**10 - 1)]
+    assert time.monotonic() - started < 10  # two cuts each, not 10**10
+    assert sum(s.total_size for s in shares) < plan.total_size
+    with pytest.raises(streamconv.ConversionError, match=r"ray=10000000000: give the number of parts, 1 to 65536"):
+        streamconv.convert("unused.ckpt", "out", ray=10**10)
+
+
+def test_the_most_parts_allowed_are_far_more_than_tensors(ckpt, tmp_path):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    proc = convert_within(ckpt, out, "--part", "65535/65536", seconds=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "(waiting for part(s) 0, 1, 2, 3, 4, 5, 6, 7 and 65527 more of 65536)" in proc.stdout
+    assert time.monotonic() - started < 60 and not out.exists()
 
 
 # --- the README's Slurm scripts -------------------------------------------------------------------------------

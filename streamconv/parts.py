@@ -171,17 +171,30 @@ class Staged:
     index: int
     count: int
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the folder this part joined
+    fd: int | None = None  # that folder, open: see `root`
+
+    @property
+    def root(self) -> str:
+        """The path every file of the folder this part joined is reached by: through its descriptor (Linux's
+        /proc/self/fd, openat-style), so that a folder renamed away and a link put in its place mid-run sends
+        nothing elsewhere. `folder` is the name, for messages and for noticing that."""
+        return f"/proc/self/fd/{self.fd}" if self.fd is not None else self.folder
 
     @property
     def model(self) -> str:
-        return os.path.join(self.folder, "model")
+        return os.path.join(self.root, "model")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     @property
     def label(self) -> str:
         return f"part {self.index}/{self.count}"
 
     def done(self, index: int) -> bool:
-        return _present(os.path.join(self.folder, f"done-{index}"))
+        return _present(os.path.join(self.root, f"done-{index}"))
 
     def missing(self) -> list[int]:
         """The parts not done yet (each marker looked up by name: a network filesystem may cache listings)."""
@@ -189,12 +202,12 @@ class Staged:
 
     @property
     def published(self) -> bool:
-        return _present(os.path.join(self.folder, _PUBLISHED))
+        return _present(os.path.join(self.root, _PUBLISHED))
 
     def still_published(self, target: str) -> bool:
         """Whether `target` is still the folder this conversion published, not removed or replaced since: told by
         the inodes of the folder and of its config.json (a folder made again may get the freed inode)."""
-        return _published_inodes(target) == (_read(os.path.join(self.folder, _PUBLISHED), _MARKER_BYTES) or "").strip()
+        return _published_inodes(target) == (_read(os.path.join(self.root, _PUBLISHED), _MARKER_BYTES) or "").strip()
 
     def mark_done(self) -> None:
         """This part's commit: its shard files are durable (written with fsync) and so are their names."""
@@ -213,7 +226,7 @@ class Staged:
     def mark_published(self, target: str) -> None:
         """Record the published folder, once `target` is the folder staged (see `swapping`): a publish never ends
         well unless the save path holds the model it built."""
-        recorded = (_read(os.path.join(self.folder, _SWAPPING), _MARKER_BYTES) or "").split()
+        recorded = (_read(os.path.join(self.root, _SWAPPING), _MARKER_BYTES) or "").split()
         if not recorded or _inode(target) != recorded[0]:
             raise ConversionError(f"{target} is not the folder staged in {self.folder}, though it was published; "
                                   f"check {target}, then remove {self.folder} and run every part again")
@@ -231,7 +244,7 @@ class Staged:
         target (swapped out); False when no swap began or `model/` is still the staged folder; refused when
         neither is (a marker that does not describe these folders).
         """
-        recorded = _read(os.path.join(self.folder, _SWAPPING), _MARKER_BYTES)
+        recorded = _read(os.path.join(self.root, _SWAPPING), _MARKER_BYTES)
         if recorded is None:
             return False
         staged, _, old = recorded.strip().partition(" ")
@@ -253,7 +266,7 @@ class Staged:
         """A marker file, made durable before it appears under its name, in the folder this part joined (one
         removed or replaced meanwhile is refused: this part's bytes are not in it)."""
         self.check_joined()
-        aside = os.path.join(self.folder, f".{name}.tmp-{os.getpid()}")
+        aside = os.path.join(self.root, f".{name}.tmp-{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(aside)
         fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -262,8 +275,8 @@ class Staged:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(aside, os.path.join(self.folder, name))
-        fsync(self.folder)
+        os.replace(aside, os.path.join(self.root, name))
+        fsync(self.root)
 
     @property
     def claim(self) -> str:
@@ -273,7 +286,7 @@ class Staged:
     def publishing(self) -> Iterator[str | None]:
         """Claim publishing (O_EXCL); yields None, or who holds the claim when another part does. Released at
         the end."""
-        claim = self.claim
+        claim = os.path.join(self.root, _CLAIM)
         mine = _owner()
         holder = _claim(claim, mine)
         if holder is not None:
@@ -395,22 +408,41 @@ def _present(path: str) -> bool:
 
 def _check_file(path: str, found: os.stat_result) -> None:
     if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
-        raise ConversionError(f"{path} is not a file this user wrote ({_kind(found)}): the staging folder was "
-                              f"tampered with; remove {os.path.dirname(path)} and run every part again")
+        folder = os.path.realpath(os.path.dirname(path))  # its name, when reached through /proc/self/fd
+        raise ConversionError(f"{os.path.join(folder, os.path.basename(path))} is not a file this user wrote "
+                              f"({_kind(found)}): the staging folder was tampered with; remove {folder} and run "
+                              "every part again")
 
 
 def check_folder(path: str) -> None:
     """Refuse a staging folder (or its `model/`) that is not a plain folder of the running user's which only they
     can write: what others can plant in it is never trusted."""
-    try:
-        found = os.lstat(path)
-    except FileNotFoundError:
-        return
+    with contextlib.suppress(FileNotFoundError):
+        _check_folder(path, os.lstat(path))
+
+
+def _check_folder(path: str, found: os.stat_result) -> None:
     if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o022:
         what = _kind(found) if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() else \
             "writable by others"
         raise ConversionError(f"the staging folder {path} is not a folder only this user can write ({what}); "
                               "remove it and run every part again")
+
+
+def _open_folder(path: str) -> int:
+    """A descriptor of the staging folder at `path`, refused (see check_folder) unless it is one to trust."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        check_folder(path)  # names what is there instead
+        raise
+    try:
+        _check_folder(path, os.fstat(fd))
+        check_folder(os.path.join(path, "model"))
+    except ConversionError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _kind(found: os.stat_result) -> str:
@@ -507,16 +539,20 @@ def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
         except FileExistsError:  # another part made it first
             shutil.rmtree(fresh, ignore_errors=True)
         fsync(os.path.dirname(folder))
-    check_folder(folder)
-    check_folder(os.path.join(folder, "model"))
-    if _fields_of(folder) != fields:
-        raise ConversionError(f"{label} does not match the parts staged in {folder}: "
-                              f"{_difference(_fields_of(folder), fields)}; remove {folder} to start over")
-    identity = _identity(folder)
+    staged = Staged(folder, index, count, fd=_open_folder(folder))
     try:
-        refuse_others()  # parts of two conversions started at once: both refused
-    except ConversionError:
-        if made:  # (a part that joined it meanwhile is refused when it marks itself done)
-            shutil.rmtree(folder, ignore_errors=True)
+        found = os.fstat(staged.fd)
+        staged.identity = found.st_dev, found.st_ino
+        if _fields_of(staged.root) != fields:
+            raise ConversionError(f"{label} does not match the parts staged in {folder}: "
+                                  f"{_difference(_fields_of(staged.root), fields)}; remove {folder} to start over")
+        try:
+            refuse_others()  # parts of two conversions started at once: both refused
+        except ConversionError:
+            if made:  # (a part that joined it meanwhile is refused when it marks itself done)
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    except BaseException:
+        staged.close()
         raise
-    return Staged(folder, index, count, identity)
+    return staged

@@ -164,6 +164,7 @@ def _open_own_file(path: str, flags: int) -> int:
     if found is None or not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid() or found.st_nlink != 1:
         if fd is not None:
             os.close(fd)
-        raise ConversionError(f"{path} is not a file streamconv wrote (a link, a pipe, another user's file or a "
+        shown = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # not /proc/self/fd
+        raise ConversionError(f"{shown} is not a file streamconv wrote (a link, a pipe, another user's file or a "
                               "hard link was put there); remove it, or the folder holding it, and run again")
     return fd

@@ -568,6 +568,19 @@ def test_a_part_whose_staging_folder_is_replaced_while_it_runs_does_not_mark_its
     assert_same_folder(out, reference)
 
 
+def test_a_staging_folder_swapped_for_a_link_while_a_part_runs_sends_nothing_through_it(checkpoints, tmp_path):
+    """Renamed away and a link to another folder put in its place mid-stream: the part goes on writing into the
+    folder it joined (it holds it open), writes nothing through the link, and is refused at its marker."""
+    source, reference, out, proc, staged = second_part_streaming(checkpoints, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "model").mkdir(parents=True)
+    os.rename(tmp_path / staged, tmp_path / "moved")
+    os.symlink(elsewhere, tmp_path / staged)
+    assert proc.wait() == 2
+    assert "was removed or replaced while part 1/2 ran; run this part again" in proc.stderr.read()
+    assert os.listdir(elsewhere) == ["model"] and os.listdir(elsewhere / "model") == [] and not out.exists()
+
+
 def test_without_file_locks_parts_publish_and_a_single_run_says_why_not(ckpt, tmp_path, single, monkeypatch):
     """A filesystem without flock (Lustre mounted without it, NFS without a lock manager): the O_EXCL claim
     still publishes parts; a single run, which needs the lock, is refused in one line."""

@@ -438,7 +438,8 @@ def _open_folder(path: str) -> int:
         raise
     try:
         _check_folder(path, os.fstat(fd))
-        check_folder(os.path.join(path, "model"))
+        with contextlib.suppress(FileNotFoundError):  # (gone once published)
+            _check_folder(os.path.join(path, "model"), os.stat("model", dir_fd=fd, follow_symlinks=False))
     except ConversionError:
         os.close(fd)
         raise

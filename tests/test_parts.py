@@ -324,21 +324,23 @@ def test_a_shard_planted_in_the_staging_folder_is_refused_and_nothing_is_written
     assert not (folder / "done-1").exists() and not out.exists()
 
 
-@pytest.mark.parametrize("how", ["a symbolic link", "writable by others"])
-def test_a_staging_folder_others_could_have_planted_is_refused(ckpt, tmp_path, how):
+@pytest.mark.parametrize("planted,how", [("", "a symbolic link"), ("", "writable by others"),
+                                         ("model", "a symbolic link")])
+def test_a_staging_folder_others_could_have_planted_is_refused(ckpt, tmp_path, planted, how):
     """A link sends shards and markers elsewhere; a folder others can write holds what they planted."""
     out = tmp_path / "out"
     folder, _ = first_part_staged(ckpt, out)
-    elsewhere = tmp_path / "elsewhere"
+    path, elsewhere = folder / planted, tmp_path / "elsewhere"
     if how == "a symbolic link":
-        os.rename(folder, elsewhere)
-        os.symlink(elsewhere, folder)
+        os.rename(path, elsewhere)
+        os.symlink(elsewhere, path)
     else:
-        os.chmod(folder, 0o777)
-    before = snapshot(elsewhere if how == "a symbolic link" else folder)
-    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2"), f"the staging folder {folder} is not a folder "
-                          f"only this user can write ({how})", "remove it")
-    assert snapshot(elsewhere if how == "a symbolic link" else folder) == before and not out.exists()
+        os.chmod(path, 0o777)
+    watched = elsewhere if how == "a symbolic link" else folder
+    before = snapshot(watched)
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2"), f"the staging folder {os.path.normpath(path)} "
+                          f"is not a folder only this user can write ({how})", "remove it")
+    assert snapshot(watched) == before and not out.exists()
 
 
 @pytest.mark.parametrize("plant", ["pipe", "symbolic link"])

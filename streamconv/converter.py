@@ -347,39 +347,44 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
-    if staged.published:
-        if not os.path.isdir(target):
-            raise ConversionError(f"{staged.label}: this conversion was published to {save_path}, which is gone now; "
-                                  f"remove {staged.folder} to convert again")
-        result.streamed, result.outcome = False, f"-> {save_path} (all {count} parts were done and published before)"
-        return
-    if staged.done(index):
-        result.streamed = False
-    else:
-        try:
-            result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress, on_bytes)
-            staged.mark_done()
-        except OSError as exc:
-            staged.check_joined()
-            raise _write_error(exc, save_path, staged.model, parts.written_bytes(result.plan)) from None
-    missing = staged.missing()
-    if missing:
-        waiting = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        result.outcome = f"-> {staged.folder} (waiting for part(s) {waiting} of {count})"
-        return
-    with staged.publishing() as holder:
-        if holder is not None:
-            result.outcome = (f"-> {staged.folder} (all {count} parts done; {holder} publishes it: if that process "
-                              f"is gone, remove {staged.claim} and run any part again)")
+    try:
+        if staged.published:
+            if not staged.still_published(target):
+                raise ConversionError(f"{staged.label}: this conversion was published to {save_path}, which was "
+                                      f"removed or replaced since; remove {staged.folder} to convert again")
+            result.streamed = False
+            result.outcome = f"-> {save_path} (all {count} parts were done and published before)"
             return
-        try:
-            kept = _publish_parts(staged, plan, checkpoint, result.config, notes, save_path, fields["--overwrite"],
-                                  inputs)
-        except ConversionError as exc:
-            raise ConversionError(f"all {count} parts are done, but {save_path} was not published: {exc}; "
-                                  "then run any part again to publish it") from None
-    result.published = True
-    result.outcome = f"-> {save_path} (all {count} parts done{kept})"
+        if staged.done(index):
+            result.streamed = False
+        else:
+            try:
+                result.stream_seconds = stream_into(staged.model, result.plan, checkpoint, device, progress, on_bytes)
+                staged.mark_done()
+            except OSError as exc:
+                staged.check_joined()
+                raise _write_error(exc, save_path, os.path.join(staged.folder, "model"),
+                                   parts.written_bytes(result.plan)) from None
+        missing = staged.missing()
+        if missing:
+            waiting = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            result.outcome = f"-> {staged.folder} (waiting for part(s) {waiting} of {count})"
+            return
+        with staged.publishing() as holder:
+            if holder is not None:
+                result.outcome = (f"-> {staged.folder} (all {count} parts done; {holder} publishes it: if that process "
+                                  f"is gone, remove {staged.claim} and run any part again)")
+                return
+            try:
+                kept = _publish_parts(staged, plan, checkpoint, result.config, notes, save_path, fields["--overwrite"],
+                                      inputs)
+            except ConversionError as exc:
+                raise ConversionError(f"all {count} parts are done, but {save_path} was not published: {exc}; "
+                                      "then run any part again to publish it") from None
+        result.published = True
+        result.outcome = f"-> {save_path} (all {count} parts done{kept})"
+    finally:
+        staged.close()
 
 
 def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, config: dict, notes: list[str],
@@ -397,26 +402,22 @@ def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, con
         if staged.published:
             return kept
         if not staged.swapped(target):
-            for shard in plan.shards:
-                path = os.path.join(staged.model, shard.filename)
-                size = os.path.getsize(path) if os.path.isfile(path) else None
-                if size != shard.file_size:
-                    raise ConversionError(f"the staged {shard.filename} has {size} bytes, the plan {shard.file_size}"
-                                          f"; remove {staged.folder} and run every part again")
+            staged.check_shards(plan)
             background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
             try:
                 checked = write_extras(staged.model, checkpoint, config, notes, background)
                 finish(staged.model, plan, checked, notes)
             finally:
                 background.shutdown(wait=True)
-            staged.mark_swapping()
+            staged.mark_swapping(target)
             publish(staged.model, target, save_path, overwrite)
         elif os.path.isdir(staged.model) and not only_model_files(staged.model):
             # swapped by a publisher killed before it checked the old contents, which another program wrote into
-            kept = f"; the old contents of {save_path} gained other files meanwhile: they are kept in {staged.model}"
+            kept = (f"; the old contents of {save_path} gained other files meanwhile: they are kept in "
+                    f"{os.path.join(staged.folder, 'model')}")
         else:  # swapped by a publisher killed before it recorded so: `model/` holds the old model, if anything
             shutil.rmtree(staged.model, ignore_errors=True)
-        staged.mark_published()
+        staged.mark_published(target)
     return kept
 
 

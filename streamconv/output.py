@@ -198,19 +198,32 @@ def sibling(target: str, kind: str) -> str:
 def _recover(target: str) -> None:
     """Clean up after killed runs (the caller holds the lock, so no run of this target is alive).
 
-    A staging folder is never the only copy of a model; an `-old` folder is one when the target is missing,
-    and is put back there.
+    Only the exact names streamconv writes (`-tmp-<pid>`, `-old-<pid>`) are touched, and only plain folders of the
+    running user's. A staging folder is never the only copy of a model; an `-old` folder is one when the target is
+    missing, and is put back there.
     """
-    old, tmp = sibling(target, "old-"), sibling(target, "tmp-")
+    parent = os.path.dirname(target)
+    leftover = re.compile(re.escape(os.path.basename(sibling(target, ""))) + r"(tmp|old)-[0-9]+")
     try:
-        for path in sorted(os.path.join(os.path.dirname(target), e) for e in os.listdir(os.path.dirname(target))):
-            if path.startswith(old) and not os.path.lexists(target):
-                os.rename(path, target)
-            elif path.startswith((old, tmp)):
-                shutil.rmtree(path, ignore_errors=True)
+        for entry in sorted(os.listdir(parent)):
+            match = leftover.fullmatch(entry)
+            if match is None or not _own_folder(os.path.join(parent, entry)):
+                continue
+            if match.group(1) == "old" and not os.path.lexists(target):
+                os.rename(os.path.join(parent, entry), target)
+            else:
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     except OSError as exc:
         raise ConversionError(f"cannot clean up beside {target} ({exc.strerror}: {exc.filename}); check the "
                               "folder's permissions") from None
+
+
+def _own_folder(path: str) -> bool:
+    """A folder, not a link to one, of the running user's."""
+    with contextlib.suppress(FileNotFoundError):
+        found = os.lstat(path)
+        return stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid()
+    return False
 
 
 def staging_folder(target: str) -> str:

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -40,7 +41,8 @@ _CLAIM = "publishing"
 _PUBLISHED = "published"
 _SWAPPING = "swapping"
 _MAX_FIELDS_BYTES = 2**16
-_MARKER_BYTES = 4096  # a marker or claim is a line of JSON or an inode number
+_MARKER_BYTES = 4096  # a marker or claim is a line of JSON or inode numbers
+MAX_PARTS = 65536  # far beyond any cluster's parts, and few enough for every part to look up every marker
 
 
 def parse_part(part: str | tuple[int, int], environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -68,6 +70,9 @@ def parse_part(part: str | tuple[int, int], environ: Mapping[str, str] = os.envi
         index, count = int(match.group(1)), int(match.group(2))
     if count < 1:
         raise ConversionError(f"--part {index}/{count}: N must be at least 1; give I/N with 0 <= I < N, e.g. 0/3")
+    if count > MAX_PARTS:
+        raise ConversionError(f"--part {index}/{count}: N must be at most {MAX_PARTS} (each part looks up the "
+                              "markers of all N); give fewer parts")
     if not 0 <= index < count:
         raise ConversionError(f"--part {index}/{count}: I must be 0 to {count - 1} (parts count from 0); give I/N "
                               f"with 0 <= I < N, e.g. 0/{count}")
@@ -75,27 +80,32 @@ def parse_part(part: str | tuple[int, int], environ: Mapping[str, str] = os.envi
 
 
 def boundaries(sizes: list[int], count: int) -> list[int]:
-    """Where `count` runs of consecutive items cut a list of byte sizes: item indices, first 0, last len(sizes).
+    """Where `count` runs of consecutive items cut a list of byte sizes: item indices, first 0, last len(sizes)."""
+    return [cut(sizes, k, count) for k in range(count + 1)]
+
+
+def cut(sizes: list[int], k: int, count: int) -> int:
+    """The item index where run k of `count` starts (len(sizes) for k = count): computed alone, so that a part
+    computes only its own two cuts, whatever N.
 
     Each cut goes to the item boundary nearest its ideal byte offset (k * total / count), so a run differs from
     total / count by less than the largest item; a run may be empty when there are fewer items than runs.
     """
-    total = sum(sizes)
-    cuts, offset, item = [0], 0, 0
-    for k in range(1, count):
-        ideal = total * k / count
-        while item < len(sizes) and abs(offset + sizes[item] - ideal) < abs(offset - ideal):
-            offset += sizes[item]
-            item += 1
-        cuts.append(item)
-    return [*cuts, len(sizes)]
+    if k == count:
+        return len(sizes)
+    ideal = sum(sizes) * k / count
+    offset, item = 0, 0
+    while item < len(sizes) and abs(offset + sizes[item] - ideal) < abs(offset - ideal):
+        offset += sizes[item]
+        item += 1
+    return item
 
 
 def share(plan: Plan, index: int, count: int) -> Plan:
     """Part `index` of `count`: a plan holding only its run of the tensors, under their shards' names and headers."""
     tensors = plan.tensors
-    cuts = boundaries([t.nbytes for t in tensors], count)
-    mine = {id(t) for t in tensors[cuts[index] : cuts[index + 1]]}
+    sizes = [t.nbytes for t in tensors]
+    mine = {id(t) for t in tensors[cut(sizes, index, count) : cut(sizes, index + 1, count)]}
     shards = []
     for shard in plan.shards:
         run = [t for t in shard.tensors if id(t) in mine]
@@ -161,17 +171,30 @@ class Staged:
     index: int
     count: int
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the folder this part joined
+    fd: int | None = None  # that folder, open: see `root`
+
+    @property
+    def root(self) -> str:
+        """The path every file of the folder this part joined is reached by: through its descriptor (Linux's
+        /proc/self/fd, openat-style), so that a folder renamed away and a link put in its place mid-run sends
+        nothing elsewhere. `folder` is the name, for messages and for noticing that."""
+        return f"/proc/self/fd/{self.fd}" if self.fd is not None else self.folder
 
     @property
     def model(self) -> str:
-        return os.path.join(self.folder, "model")
+        return os.path.join(self.root, "model")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     @property
     def label(self) -> str:
         return f"part {self.index}/{self.count}"
 
     def done(self, index: int) -> bool:
-        return os.path.exists(os.path.join(self.folder, f"done-{index}"))
+        return _present(os.path.join(self.root, f"done-{index}"))
 
     def missing(self) -> list[int]:
         """The parts not done yet (each marker looked up by name: a network filesystem may cache listings)."""
@@ -179,33 +202,56 @@ class Staged:
 
     @property
     def published(self) -> bool:
-        return os.path.exists(os.path.join(self.folder, _PUBLISHED))
+        return _present(os.path.join(self.root, _PUBLISHED))
+
+    def still_published(self, target: str) -> bool:
+        """Whether `target` is still the folder this conversion published, not removed or replaced since: told by
+        the inodes of the folder and of its config.json (a folder made again may get the freed inode)."""
+        return _published_inodes(target) == (_read(os.path.join(self.root, _PUBLISHED), _MARKER_BYTES) or "").strip()
 
     def mark_done(self) -> None:
         """This part's commit: its shard files are durable (written with fsync) and so are their names."""
         fsync(self.model)
         self._mark(f"done-{self.index}", _owner())
 
-    def mark_published(self) -> None:
-        self._mark(_PUBLISHED, _owner())
+    def check_shards(self, plan: Plan) -> None:
+        """Refuse to publish unless every shard is a regular file of this user's, of the size the plan gives."""
+        for shard in plan.shards:
+            path = os.path.join(self.model, shard.filename)
+            size = os.lstat(path).st_size if _present(path) else None
+            if size != shard.file_size:
+                raise ConversionError(f"the staged {shard.filename} has {size} bytes, the plan {shard.file_size}; "
+                                      f"remove {self.folder} and run every part again")
 
-    def mark_swapping(self) -> None:
-        """Record which folder `model/` is before it is swapped into place (see `swapped`)."""
-        self._mark(_SWAPPING, str(os.stat(self.model).st_ino))
+    def mark_published(self, target: str) -> None:
+        """Record the published folder, once `target` is the folder staged (see `swapping`): a publish never ends
+        well unless the save path holds the model it built."""
+        recorded = (_read(os.path.join(self.root, _SWAPPING), _MARKER_BYTES) or "").split()
+        if not recorded or _inode(target) != recorded[0]:
+            raise ConversionError(f"{target} is not the folder staged in {self.folder}, though it was published; "
+                                  f"check {target}, then remove {self.folder} and run every part again")
+        self._mark(_PUBLISHED, _published_inodes(target))
+
+    def mark_swapping(self, target: str) -> None:
+        """Record which folders `model/` and `target` are before they are swapped (see `swapped`)."""
+        self._mark(_SWAPPING, f"{_inode(self.model)} {_inode(target) or '-'}")
 
     def swapped(self, target: str) -> bool:
         """Whether the staged model was swapped into `target` by a publisher that was killed before recording it.
 
-        Decided by the inode recorded before the swap, which is the same on every client of a network filesystem
-        (st_dev is not): True when `target` is that folder (a `model/` left is the old model, swapped out); False
-        when no swap began or `model/` is still that folder; refused when neither is.
+        Decided by the inodes recorded before the swap, which are the same on every client of a network
+        filesystem (st_dev is not): True when `target` is the staged folder and `model/` is gone or is the old
+        target (swapped out); False when no swap began or `model/` is still the staged folder; refused when
+        neither is (a marker that does not describe these folders).
         """
-        recorded = _read(os.path.join(self.folder, _SWAPPING), _MARKER_BYTES)
+        recorded = _read(os.path.join(self.root, _SWAPPING), _MARKER_BYTES)
         if recorded is None:
             return False
-        if _inode(target) == recorded.strip():
+        staged, _, old = recorded.strip().partition(" ")
+        model = _inode(self.model)
+        if _inode(target) == staged and model in (None, old):
             return True
-        if _inode(self.model) == recorded.strip():
+        if model == staged:
             return False
         raise ConversionError(f"cannot tell whether the model staged in {self.folder} was published to {target}; "
                               f"check {target}, then remove {self.folder} and run every part again")
@@ -220,13 +266,17 @@ class Staged:
         """A marker file, made durable before it appears under its name, in the folder this part joined (one
         removed or replaced meanwhile is refused: this part's bytes are not in it)."""
         self.check_joined()
-        aside = os.path.join(self.folder, f".{name}.tmp-{os.getpid()}")
-        with open(aside, "w") as f:
-            f.write(f"{text}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(aside, os.path.join(self.folder, name))
-        fsync(self.folder)
+        aside = os.path.join(self.root, f".{name}.tmp-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{text}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(aside, os.path.join(self.root, name))
+        fsync(self.root)
 
     @property
     def claim(self) -> str:
@@ -236,7 +286,7 @@ class Staged:
     def publishing(self) -> Iterator[str | None]:
         """Claim publishing (O_EXCL); yields None, or who holds the claim when another part does. Released at
         the end."""
-        claim = self.claim
+        claim = os.path.join(self.root, _CLAIM)
         mine = _owner()
         holder = _claim(claim, mine)
         if holder is not None:
@@ -254,7 +304,7 @@ def _claim(claim: str, mine: str) -> str | None:
     publisher on this host) is renamed aside by exactly one of the parts that find it, then claimed anew."""
     for _ in range(3):
         try:
-            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             holder = _read(claim, _MARKER_BYTES)
             if holder is None:  # released meanwhile
@@ -310,9 +360,10 @@ def _gone(holder: str) -> bool:
 
 
 def _identity(path: str) -> tuple[int, int] | None:
-    """Which folder `path` is now, for this process (st_dev is per client on a network filesystem)."""
+    """Which folder `path` is now (a link is not followed), for this process (st_dev is per client on a network
+    filesystem)."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
@@ -324,12 +375,85 @@ def _inode(path: str) -> str | None:
     return None if found is None else str(found[1])
 
 
+def _published_inodes(target: str) -> str:
+    return f"{_inode(target)} {_inode(os.path.join(target, 'config.json'))}"
+
+
 def _read(path: str, limit: int) -> str | None:
+    """A marker's text, None if there is none; refused if it is not a regular file of the running user's (a link
+    or a pipe is never followed or waited on)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(limit).decode("utf-8", "replace")
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError:
+        _present(path)  # names what is there instead
+        raise
+    try:
+        _check_file(path, os.fstat(fd))
+        return os.read(fd, limit).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def _present(path: str) -> bool:
+    """Whether a marker exists; refused if it is not a regular file of the running user's."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    _check_file(path, found)
+    return True
+
+
+def _check_file(path: str, found: os.stat_result) -> None:
+    if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+        folder = os.path.realpath(os.path.dirname(path))  # its name, when reached through /proc/self/fd
+        raise ConversionError(f"{os.path.join(folder, os.path.basename(path))} is not a file this user wrote "
+                              f"({_kind(found)}): the staging folder was tampered with; remove {folder} and run "
+                              "every part again")
+
+
+def check_folder(path: str) -> None:
+    """Refuse a staging folder (or its `model/`) that is not a plain folder of the running user's which only they
+    can write: what others can plant in it is never trusted."""
+    with contextlib.suppress(FileNotFoundError):
+        _check_folder(path, os.lstat(path))
+
+
+def _check_folder(path: str, found: os.stat_result) -> None:
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o022:
+        what = _kind(found) if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() else \
+            "writable by others"
+        raise ConversionError(f"the staging folder {path} is not a folder only this user can write ({what}); "
+                              "remove it and run every part again")
+
+
+def _open_folder(path: str) -> int:
+    """A descriptor of the staging folder at `path`, refused (see check_folder) unless it is one to trust."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        check_folder(path)  # names what is there instead
+        raise
+    try:
+        _check_folder(path, os.fstat(fd))
+        with contextlib.suppress(FileNotFoundError):  # (gone once published)
+            _check_folder(os.path.join(path, "model"), os.stat("model", dir_fd=fd, follow_symlinks=False))
+    except ConversionError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(found: os.stat_result) -> str:
+    """What a path that should be this user's plain file or folder is instead, in a few words."""
+    if stat.S_ISLNK(found.st_mode):
+        return "a symbolic link"
+    if found.st_uid != os.geteuid():
+        return f"owned by uid {found.st_uid}"
+    return "a regular file" if stat.S_ISREG(found.st_mode) else "a folder" if stat.S_ISDIR(found.st_mode) else \
+        "a pipe, socket or device"
 
 
 def staged_folders(target: str) -> dict[str, str]:
@@ -382,6 +506,7 @@ def _staging_folder(target: str, fields: dict[str, str]) -> tuple[str, str]:
 def staged(target: str, index: int, count: int, fields: dict[str, str]) -> Staged | None:
     """This conversion's staging folder if a part made it already; None (and nothing made) if not."""
     folder = _staging_folder(target, fields)[1]
+    check_folder(folder)
     return Staged(folder, index, count) if _fields_of(folder) == fields else None
 
 
@@ -402,8 +527,8 @@ def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
     made = False
     if not os.path.isdir(folder):
         fresh = f"{folder}-new-{secrets.token_hex(8)}"  # unique on every host: never another part's
-        os.mkdir(fresh)
-        os.mkdir(os.path.join(fresh, "model"))
+        os.mkdir(fresh, 0o755)  # only this user writes into it, whatever the umask lets the group do
+        os.mkdir(os.path.join(fresh, "model"), 0o755)
         with open(os.path.join(fresh, _FIELDS), "w") as f:
             json.dump(fields, f, indent=1)
             f.write("\n")
@@ -415,14 +540,20 @@ def join(target: str, index: int, count: int, fields: dict[str, str]) -> Staged:
         except FileExistsError:  # another part made it first
             shutil.rmtree(fresh, ignore_errors=True)
         fsync(os.path.dirname(folder))
-    if _fields_of(folder) != fields:
-        raise ConversionError(f"{label} does not match the parts staged in {folder}: "
-                              f"{_difference(_fields_of(folder), fields)}; remove {folder} to start over")
-    identity = _identity(folder)
+    staged = Staged(folder, index, count, fd=_open_folder(folder))
     try:
-        refuse_others()  # parts of two conversions started at once: both refused
-    except ConversionError:
-        if made:  # (a part that joined it meanwhile is refused when it marks itself done)
-            shutil.rmtree(folder, ignore_errors=True)
+        found = os.fstat(staged.fd)
+        staged.identity = found.st_dev, found.st_ino
+        if _fields_of(staged.root) != fields:
+            raise ConversionError(f"{label} does not match the parts staged in {folder}: "
+                                  f"{_difference(_fields_of(staged.root), fields)}; remove {folder} to start over")
+        try:
+            refuse_others()  # parts of two conversions started at once: both refused
+        except ConversionError:
+            if made:  # (a part that joined it meanwhile is refused when it marks itself done)
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    except BaseException:
+        staged.close()
         raise
-    return Staged(folder, index, count, identity)
+    return staged

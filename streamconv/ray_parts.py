@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from streamconv.errors import ConversionError
+from streamconv.parts import MAX_PARTS
 
 CPUS_PER_PART = 2  # a part's reader and writer threads; arranging (GPT-SW3's transposes) reached the disk's speed
 # with two threads on the machines measured
@@ -34,8 +35,8 @@ def convert_with_ray(count: int, checkpoint_path: str, save_path: str, progress:
     and return the driver's ConversionResult; a part's ConversionError is raised here as it was raised there."""
     from streamconv.converter import _progress_bar, convert
 
-    if count < 1:
-        raise ConversionError(f"--ray {count}: give the number of parts, 1 or more")
+    if not 1 <= count <= MAX_PARTS:
+        raise ConversionError(f"--ray {count}: give the number of parts, 1 to {MAX_PARTS}")
     ray = _ray()
     started = time.perf_counter()
     result = convert(checkpoint_path, save_path, dry_run=True, **options)

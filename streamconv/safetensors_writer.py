@@ -23,9 +23,11 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
 import numpy as np
 
+from streamconv.errors import ConversionError
 from streamconv.plan import Shard, TensorSpec
 from streamconv.reads import ALIGN, aligned_empty
 
@@ -45,10 +47,13 @@ class ShardWriter:
         self.path = path
         self.shard = shard
         start = shard.tensors[0].begin if shard.tensors else 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = _open_own_file(path, os.O_CREAT)
         try:
-            self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
+            self._direct = _open_own_file(path, os.O_DIRECT)
+        except (OSError, ConversionError):
+            self._direct = -1
+        if self._direct >= 0 and not os.path.samestat(os.fstat(self._direct), os.fstat(self._fd)):
+            os.close(self._direct)  # the name was replaced between the two opens: only the first file is written
             self._direct = -1
         self._staging = aligned_empty(STAGING_BYTES) if self._direct >= 0 else None
         self._staged = 0  # bytes in the staging buffer, which goes to the file at offset _flushed
@@ -144,3 +149,22 @@ class ShardWriter:
             previous = start - length
             _libc.sync_file_range(self._fd, previous, length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
             os.posix_fadvise(self._fd, previous, length, os.POSIX_FADV_DONTNEED)
+
+
+def _open_own_file(path: str, flags: int) -> int:
+    """Open `path` for writing only if it is (or becomes) a regular file of the running user's with one name: a
+    link, a pipe or another user's file planted there (a part writes into files others may see) is refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | flags, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # a symbolic link; a pipe nobody reads
+            raise
+        fd = None
+    found = os.fstat(fd) if fd is not None else None
+    if found is None or not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid() or found.st_nlink != 1:
+        if fd is not None:
+            os.close(fd)
+        shown = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # not /proc/self/fd
+        raise ConversionError(f"{shown} is not a file streamconv wrote (a link, a pipe, another user's file or a "
+                              "hard link was put there); remove it, or the folder holding it, and run again")
+    return fd

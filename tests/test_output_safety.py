@@ -200,6 +200,30 @@ def test_a_kill_after_the_fallback_moved_the_old_folder_aside_is_recovered_witho
     assert streamconv.verify(small, out, vocab_size=256) == []
 
 
+def test_only_the_exact_leftover_names_are_cleaned_up_or_put_back(small, tmp_path):
+    """What a killed run leaves is `-tmp-<pid>` and `-old-<pid>`: a user's `.out.streamconv-tmp-mine/` is kept,
+    and neither a planted `-old-x` folder nor a link named like a leftover is moved into the absent save path."""
+    mine = tmp_path / ".out.streamconv-tmp-mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    planted = tmp_path / ".out.streamconv-old-x"
+    planted.mkdir()
+    (planted / "config.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / ".out.streamconv-old-12345")
+    os.symlink(elsewhere, tmp_path / ".out.streamconv-tmp-12345")
+    (tmp_path / ".out.streamconv-tmp-99999").mkdir()  # a killed run's: removed
+    out = tmp_path / "out"
+    done = convert(small, out)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.islink(out) and streamconv.verify(small, out, vocab_size=256) == []
+    assert sorted(os.listdir(tmp_path)) == [".out.streamconv-old-12345", ".out.streamconv-old-x",
+                                            ".out.streamconv-tmp-12345", ".out.streamconv-tmp-mine", "elsewhere",
+                                            "in", "out"]
+    assert (mine / "notes.txt").read_text() == "mine" and os.listdir(planted) == ["config.json"]
+
+
 def test_a_second_run_on_the_same_path_is_refused_while_the_first_runs(checkpoints, tmp_path):
     source = checkpoints("mem_24", WIDE, optimizer=False)
     out = tmp_path / "out"

@@ -118,11 +118,13 @@ def test_the_cuts_are_the_nearest_to_equal_bytes():
 
 @pytest.mark.parametrize("value,fragment", [("3/3", "I must be 0 to 2"), ("0/0", "N must be at least 1"),
                                             ("-1/2", "I must be 0 to 1"), ("x", "cannot read --part 'x'"),
-                                            ("1/", "cannot read --part"), ("slurm", "SLURM_ARRAY_TASK_ID")])
+                                            ("1/", "cannot read --part"), ("slurm", "SLURM_ARRAY_TASK_ID"),
+                                            ("0/10000000000", "N must be at most 65536")])
 def test_bad_part_values_are_one_line_errors(ckpt, tmp_path, value, fragment):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", ckpt, "--save-path",
-                           tmp_path / "out", *FLAGS, f"--part={value}"], capture_output=True, text=True, env=env)
+                           tmp_path / "out", *FLAGS, f"--part={value}"], capture_output=True, text=True, env=env,
+                          timeout=60)
     assert_one_line_error(proc, fragment)
     assert os.listdir(tmp_path) == []
 
@@ -184,14 +186,18 @@ def test_a_finished_part_run_again_is_a_no_op(ckpt, tmp_path, single):
     assert_same_folder(out, single)
 
 
-def test_a_published_folder_removed_is_said_to_be_gone(ckpt, tmp_path):
+@pytest.mark.parametrize("made_again", [False, True])
+def test_a_published_folder_removed_or_replaced_is_said_to_be(ckpt, tmp_path, made_again):
+    """`rm -rf out` (and `mkdir out`) after publishing: a part run again says so, rather than that it is done."""
     out = tmp_path / "out"
     for i in range(2):
         assert convert(ckpt, out, "--part", f"{i}/2").returncode == 0
-    for f in os.listdir(out):
-        os.unlink(out / f)
-    os.rmdir(out)
-    assert_one_line_error(convert(ckpt, out, "--part", "0/2"), "which is gone now", "to convert again")
+    shutil.rmtree(out)
+    if made_again:
+        out.mkdir()
+    assert_one_line_error(convert(ckpt, out, "--part", "0/2"), f"was published to {out}, which was removed or "
+                          "replaced since", "to convert again")
+    assert os.listdir(out) == [] if made_again else not out.exists()
 
 
 def test_a_part_refused_for_a_full_save_path_stages_nothing(ckpt, tmp_path, single):
@@ -282,6 +288,156 @@ def test_parts_of_a_distributed_checkpoint(tmp_path, mcore_cases):
              for i in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
     assert_same_folder(concurrent, reference)
+
+
+# --- a planted or tampered staging folder (it may be on a filesystem others write) -----------------------------
+
+def convert_within(source, out, *args, seconds=120):
+    """A part that must end promptly: a pipe planted in the staging folder must not hang it."""
+    return subprocess.run([sys.executable, "-m", "streamconv", "--checkpoint-path", source, "--save-path", out,
+                           *FLAGS, *map(str, args)], capture_output=True, text=True, timeout=seconds)
+
+
+def first_part_staged(ckpt, out):
+    """Part 0 of 2 run: (the staging folder, its model/)."""
+    assert convert(ckpt, out, "--part", "0/2").returncode == 0
+    (staged,) = staged_folders(out.parent)
+    return out.parent / staged, out.parent / staged / "model"
+
+
+LAST_SHARD = "model-00005-of-00005.safetensors"  # written by part 1 of 2 alone
+
+
+@pytest.mark.parametrize("plant", ["symbolic link", "pipe", "hard link"])
+def test_a_shard_planted_in_the_staging_folder_is_refused_and_nothing_is_written_through_it(ckpt, tmp_path, plant):
+    out = tmp_path / "out"
+    folder, model = first_part_staged(ckpt, out)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(model / LAST_SHARD)
+    {"symbolic link": os.symlink, "pipe": lambda _, path: os.mkfifo(path), "hard link": os.link}[plant](
+        victim, model / LAST_SHARD)
+    proc = convert_within(ckpt, out, "--part", "1/2")
+    assert_one_line_error(proc, f"{model / LAST_SHARD} is not a file streamconv wrote", "remove it")
+    assert victim.read_bytes() == b"precious"
+    assert not (folder / "done-1").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("planted,how", [("", "a symbolic link"), ("", "writable by others"),
+                                         ("model", "a symbolic link")])
+def test_a_staging_folder_others_could_have_planted_is_refused(ckpt, tmp_path, planted, how):
+    """A link sends shards and markers elsewhere; a folder others can write holds what they planted."""
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    path, elsewhere = folder / planted, tmp_path / "elsewhere"
+    if how == "a symbolic link":
+        os.rename(path, elsewhere)
+        os.symlink(elsewhere, path)
+    else:
+        os.chmod(path, 0o777)
+    watched = elsewhere if how == "a symbolic link" else folder
+    before = snapshot(watched)
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2"), f"the staging folder {os.path.normpath(path)} "
+                          f"is not a folder only this user can write ({how})", "remove it")
+    assert snapshot(watched) == before and not out.exists()
+
+
+@pytest.mark.parametrize("plant", ["pipe", "symbolic link"])
+@pytest.mark.parametrize("name", ["parts.json", "done-1", "publishing", "swapping", "published"])
+def test_a_marker_that_is_not_a_plain_file_is_refused_promptly(ckpt, tmp_path, name, plant):
+    """Never waited on (a pipe) or followed (a link): refused in one line, in a few seconds, and nothing published."""
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    (tmp_path / "victim").write_text("precious")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / name)
+    os.mkfifo(folder / name) if plant == "pipe" else os.symlink(tmp_path / "victim", folder / name)
+    kind = "a pipe, socket or device" if plant == "pipe" else "a symbolic link"
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2", seconds=60),
+                          f"{folder / name} is not a file this user wrote ({kind})", f"remove {folder}")
+    assert not out.exists() and (tmp_path / "victim").read_text() == "precious"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant files of another user")
+@pytest.mark.parametrize("planted,fragment", [("done-1", "is not a file this user wrote (owned by uid 65534)"),
+                                              (f"model/{LAST_SHARD}", "is not a file streamconv wrote")])
+def test_markers_and_shards_of_another_user_are_refused(ckpt, tmp_path, planted, fragment):
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    (folder / planted).write_text("{}\n")
+    os.chown(folder / planted, 65534, 65534)
+    for index in (1, 0):  # part 1 meets the shard or its forged marker; part 0, done, meets the forged marker
+        proc = convert_within(ckpt, out, "--part", f"{index}/2")
+        if planted == "done-1" or index == 1:
+            assert_one_line_error(proc, f"{folder / planted} {fragment}")
+    assert not out.exists()
+
+
+def test_a_forged_swapping_marker_with_overwrite_keeps_the_staged_model_and_publishes_nothing(ckpt, tmp_path):
+    """A marker naming the save path's own folder as the staged one: neither the staged model is deleted nor
+    the old model left in place with exit 0."""
+    out = tmp_path / "out"
+    assert convert(ckpt, out, "--vocab-size", "1024").returncode == 0  # an older model, to be replaced
+    old = snapshot(out)
+    assert convert(ckpt, out, "--part", "0/2", "--overwrite").returncode == 0
+    (staged,) = staged_folders(tmp_path)
+    folder = tmp_path / staged
+    inode = os.stat(out).st_ino
+    for forged in (f"{inode}\n", f"{inode} {inode}\n"):
+        (folder / "swapping").write_text(forged)
+        proc = convert_within(ckpt, out, "--part", "1/2", "--overwrite")
+        assert_one_line_error(proc, f"cannot tell whether the model staged in {folder} was published to {out}")
+        assert snapshot(out) == old
+        assert LAST_SHARD in os.listdir(folder / "model") and not (folder / "published").exists()
+
+
+@pytest.mark.parametrize("save_path_made", [False, True])
+def test_a_forged_published_marker_is_not_taken_for_a_publish(ckpt, tmp_path, save_path_made):
+    out = tmp_path / "out"
+    folder, _ = first_part_staged(ckpt, out)
+    if save_path_made:
+        out.mkdir()
+    (folder / "published").write_text(f"{os.stat(tmp_path).st_ino} 0\n")
+    assert_one_line_error(convert_within(ckpt, out, "--part", "1/2"), f"was published to {out}, which was removed "
+                          "or replaced since")
+    assert os.listdir(out) == [] if save_path_made else not out.exists()
+
+
+def test_a_staging_folder_tampered_with_this_users_rights_is_published_and_verify_tells(ckpt, tmp_path, single):
+    """A staging folder is trusted only as far as the filesystem's writers are: done markers forged and a shard
+    changed with this user's own rights are published as staged, and --verify names what differs."""
+    out = tmp_path / "out"
+    folder, model = first_part_staged(ckpt, out)
+    for name in os.listdir(single):
+        if name.endswith(".safetensors"):
+            shutil.copyfile(single / name, model / name)
+    with open(model / LAST_SHARD, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    (folder / "done-1").write_text("{}\n")
+    assert convert(ckpt, out, "--part", "0/2").returncode == 0
+    check = run_cli("--verify", "--checkpoint-path", ckpt, "--save-path", out, "--vocab-size", "1000")
+    assert check.returncode == 1 and f"{out} is not the conversion of" in check.stdout, check.stdout
+
+
+def test_n_is_bounded_and_a_part_computes_only_its_own_share():
+    plan = plan_40b(layers=4)
+    started = time.monotonic()
+    shares = [parts.share(plan, i, 10**10) for i in (0, 5 * 10**9, 10**10 - 1)]
+    assert time.monotonic() - started < 10  # two cuts each, not 10**10
+    assert sum(s.total_size for s in shares) < plan.total_size
+    with pytest.raises(streamconv.ConversionError, match=r"ray=10000000000: give the number of parts, 1 to 65536"):
+        streamconv.convert("unused.ckpt", "out", ray=10**10)
+
+
+def test_the_most_parts_allowed_are_far_more_than_tensors(ckpt, tmp_path):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    proc = convert_within(ckpt, out, "--part", "65535/65536", seconds=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "(waiting for part(s) 0, 1, 2, 3, 4, 5, 6, 7 and 65527 more of 65536)" in proc.stdout
+    assert time.monotonic() - started < 60 and not out.exists()
 
 
 # --- the README's Slurm scripts -------------------------------------------------------------------------------
@@ -412,6 +568,19 @@ def test_a_part_whose_staging_folder_is_replaced_while_it_runs_does_not_mark_its
     rerun = run_cli("--checkpoint-path", source, "--save-path", out, *WIDE_ARGS, "--part", "1/2")
     assert rerun.returncode == 0, rerun.stderr
     assert_same_folder(out, reference)
+
+
+def test_a_staging_folder_swapped_for_a_link_while_a_part_runs_sends_nothing_through_it(checkpoints, tmp_path):
+    """Renamed away and a link to another folder put in its place mid-stream: the part goes on writing into the
+    folder it joined (it holds it open), writes nothing through the link, and is refused at its marker."""
+    source, reference, out, proc, staged = second_part_streaming(checkpoints, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "model").mkdir(parents=True)
+    os.rename(tmp_path / staged, tmp_path / "moved")
+    os.symlink(elsewhere, tmp_path / staged)
+    assert proc.wait() == 2
+    assert "was removed or replaced while part 1/2 ran; run this part again" in proc.stderr.read()
+    assert os.listdir(elsewhere) == ["model"] and os.listdir(elsewhere / "model") == [] and not out.exists()
 
 
 def test_without_file_locks_parts_publish_and_a_single_run_says_why_not(ckpt, tmp_path, single, monkeypatch):

@@ -8,6 +8,10 @@ The same seed gives the same weights whatever the parallelism: the model is buil
 TP=1, PP=1 (its logits computed there), saved as a distributed checkpoint, and every TPxPP case loads that
 checkpoint in a TPxPP process group with `dist_checkpointing.load` (megatron's own resharding) and saves again.
 
+The same code runs unchanged under Python 3.12 with megatron-core 0.19.2 (plus psutil, which its writer needs),
+which keeps the non-sharded state as the sharded object `common_state` inside rank 0's `.distcp` instead of
+`common.pt`: tests/fixtures/generate_mcore019.py writes the committed 0.19.2 fixtures with it.
+
 Megatron runs in a child process (`python -m tests.mcore_models`): pytest's process never initialises
 torch.distributed, and importing this module costs nothing (no torch, no megatron at import). Everything on
 CPU: a few torch.cuda calls megatron makes unconditionally are stubbed in the child only (see `_cpu_stubs`).
@@ -49,7 +53,8 @@ EPS = 1e-5
 # `weights`: the distributed checkpoint's folder (or, for the legacy container, the folder holding the rank
 # folders), relative to the case folder; `checkpoint`: the path handed to streamconv; `prefix`: the prefix of
 # the model's sharded keys; `pack`: the folder tarred into `checkpoint` as a plain (uncompressed) .nemo.
-# What each container puts beside the ShardedTensors (common.pt) is in `_container_state`.
+# What each container puts beside the ShardedTensors (common.pt; megatron-core >= 0.17: common_state) is in
+# `_container_state`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +173,7 @@ def nemo_cfg(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def megatron_lm_args(c: dict[str, Any]):
-    """Megatron-LM's `args` (an argparse.Namespace, pickled into common.pt) for this model."""
+    """Megatron-LM's `args` (an argparse.Namespace, pickled into common.pt or common_state) for this model."""
     import argparse
 
     import torch
@@ -203,7 +208,8 @@ def megatron_lm_args(c: dict[str, Any]):
 def _container_state(c: dict[str, Any], model_sd: dict, optim_sd: dict | None, iteration: int,
                      rank: tuple[int, int]) -> dict:
     """The state dict given to dist_checkpointing.save: the model's ShardedTensors nested as each container nests
-    them, and the container's other entries, which megatron's save puts into common.pt (rank 0's copy)."""
+    them, and the container's other entries, which megatron's save puts into common.pt (rank 0's copy;
+    megatron-core >= 0.17: the byte item `common_state/shard_0_1` in rank 0's .distcp)."""
     layout = c["layout"]
     if layout in ("bare", "nemo1", "nemo1_folder"):
         return {**model_sd, **({"optimizer": optim_sd} if optim_sd else {})}
@@ -248,7 +254,8 @@ def _container_state(c: dict[str, Any], model_sd: dict, optim_sd: dict | None, i
 
 
 def _cpu_stubs() -> None:
-    """megatron-core 0.16 calls these unconditionally; on a CPU-only torch they would raise. Also imports
+    """megatron-core 0.16 and 0.19 call these unconditionally; on a CPU-only torch they would raise (on the CUDA
+    build without a GPU, in a forked rank: "Cannot re-initialize CUDA in forked subprocess"). Also imports
     megatron-core with its `jit_fuser` a no-op (as megatron itself falls back to): `torch.compile` as a decorator
     imports torch._dynamo, ~3 s, for fused kernels this model does not use (bias/activation fusion is off)."""
     import torch

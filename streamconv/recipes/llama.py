@@ -89,8 +89,9 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
                               f"{groups} key/value groups; are the ranks from one checkpoint?")
     positions = hparam("max_position_embeddings", hparam("encoder_seq_length"))
     if positions is None:
-        raise ConversionError("the cfg gives neither max_position_embeddings nor encoder_seq_length (the context "
-                              "length config.json needs); fix the checkpoint's cfg")
+        raise ConversionError("the cfg gives no context length (max_position_embeddings, seq_length), and a Llama "
+                              "model's context length and rotary base are not in its tensors; convert the checkpoint "
+                              "with its cfg (streamconv does not guess them)")
     if vocab_size is None:
         raise ConversionError("the vocabulary size is unknown (the checkpoint ships no SentencePiece tokenizer that "
                               "says it); pass --vocab-size N")

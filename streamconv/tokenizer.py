@@ -45,8 +45,8 @@ SAFE_KEYS = frozenset({
     "strip_accents", "tokenize_chinese_chars", "trim_offsets", "use_default_system_prompt",
     "spaces_between_special_tokens", "extra_ids", "keep_accents", "remove_space", "sp_model_kwargs",
     "processor_class", "backend", "is_local", "local_files_only"})  # (the last three: transformers 5 writes them)
-# Keys outside SAFE_KEYS said to name a file, a module or code (the others are refused as unknown: only the
-# message differs); a `*_token` key matching them is no special token.
+# Keys outside SAFE_KEYS said to name a file, a module, code or a loader option (the others are refused as
+# unknown: only the message differs); a `*_token` key matching them is no special token.
 _CODE_OR_FILE = re.compile(r"auto_map|remote|code|module|class|init_inputs|name_or_path|revision|cache|proxies|"
                            r"subfolder|auth|gguf|_files?$|_path$|_dir$|_spm$|_dic$|_option$|kwargs$")
 _TOKEN_FIELDS = frozenset({"content", "lstrip", "rstrip", "normalized", "single_word", "special", "__type"})
@@ -137,7 +137,7 @@ def _settings_problem(content: dict) -> str | None:
         special = key not in SAFE_KEYS and key.endswith("_token") and _NAME.fullmatch(key) is not None \
             and not _CODE_OR_FILE.search(key)
         if not special and key not in SAFE_KEYS:
-            why = "names a file, a module or code for transformers to load" if _CODE_OR_FILE.search(key) \
+            why = "names a file, a module, code or a loader option" if _CODE_OR_FILE.search(key) \
                 else "is not one streamconv knows to be plain data"
             return f"the key {describe(key)} {why}"
         if key in ("added_tokens_decoder", "additional_special_tokens", "extra_special_tokens"):
@@ -153,11 +153,14 @@ def _plain(key: str, value: object, special: bool) -> bool:
     """Whether `value` is what transformers saves under `key`: data that names no file, class or option."""
     if special:
         return value is None or isinstance(value, str) or _added_token(value)
-    if key == "added_tokens_decoder":
-        return isinstance(value, dict) and all(_added_token(token) for token in value.values())
-    if key in ("additional_special_tokens", "extra_special_tokens"):
+    if key == "added_tokens_decoder":  # id -> token
+        return isinstance(value, dict) and all(i.isdigit() and len(i) < 10 and _added_token(token)
+                                               for i, token in value.items())
+    if key in ("additional_special_tokens", "extra_special_tokens"):  # a list, or names (attributes) -> tokens
+        names = value.keys() if isinstance(value, dict) else ()
         tokens = value.values() if isinstance(value, dict) else value
-        return isinstance(value, (list, dict)) and all(isinstance(t, str) or _added_token(t) for t in tokens)
+        return isinstance(value, (list, dict)) and all(isinstance(t, str) or _added_token(t) for t in tokens) \
+            and all(name.endswith("_token") and _NAME.fullmatch(name) for name in names)
     if key == "chat_template":  # a Jinja template, run later by transformers in its sandbox: data
         return isinstance(value, str) or isinstance(value, list) and all(
             isinstance(t, dict) and set(t) == {"name", "template"} and all(isinstance(v, str) for v in t.values())
@@ -186,7 +189,7 @@ def check_hf(folder: str, config: dict) -> str:
     except BaseException as exc:  # whatever a damaged file makes the library raise, the tokenizers library's
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # panics too (PanicException is no Exception)
             raise
-        return f"tokenizer files copied but they do not load ({first_line(exc)})"
+        return f"tokenizer files copied but they do not load ({first_line(exc)[:300]})"
     name, size = type(loaded).__name__, len(loaded)
     if size > config["vocab_size"]:
         return f"tokenizer files copied: {name} of {size} tokens, more than the model's {config['vocab_size']}"

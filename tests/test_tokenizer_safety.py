@@ -59,7 +59,7 @@ def test_a_key_naming_a_file_or_code_is_refused(nemo2, tmp_path, name, key, valu
     secret = tmp_path / "secret.json"
     value = json.loads(json.dumps(value).replace("{secret}", str(secret)))
     message = refused(shipping(nemo2, tmp_path, name, updated(**{key: value})), tmp_path)
-    assert f"nemo_tokenizer/{name}: the key {key!r} names a file, a module or code" in message
+    assert f"nemo_tokenizer/{name}: the key {key!r} names a file, a module, code or a loader option" in message
     assert "fix or remove that file in the checkpoint" in message
 
 
@@ -69,6 +69,7 @@ def test_a_key_naming_a_file_or_code_is_refused(nemo2, tmp_path, name, key, valu
     ("sp_model_kwargs", {"model_file": "/etc/passwd"}, "holds {'model_file': '/etc/passwd'}"),
     ("tokenizer_class", "../../evil", "holds '../../evil'"),
     ("pad_token", {"content": "<pad>", "vocab_file": "x"}, "the key 'pad_token' holds"),
+    ("extra_special_tokens", {"encode": "<e>"}, "the key 'extra_special_tokens' holds {'encode': '<e>'}"),
 ])
 def test_a_key_or_value_not_known_to_be_data_is_refused(nemo2, tmp_path, key, value, said):
     message = refused(shipping(nemo2, tmp_path, "tokenizer_config.json", updated(**{key: value})), tmp_path)

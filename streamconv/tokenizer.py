@@ -4,6 +4,10 @@ GPT-SW3's tokenizer is a SentencePiece model; transformers' `GPTSw3Tokenizer` re
 and `AutoTokenizer.from_pretrained(folder)` finds that class through `tokenizer_config.json`. Reading the
 model needs the `sentencepiece` package (the `tokenizer` extra); without it the file is still copied, but
 neither its vocabulary size nor the tokenizer can be checked.
+
+A Hugging Face tokenizer's files (NeMo 2.0's) are untrusted data: refused before they are copied or loaded
+if they name a file, a module or code, or hold more entries than a real tokenizer (`check_hf_files`). Every
+load check runs in a child process (`LoadCheck`), which a timeout or a stopped run kills.
 """
 
 from __future__ import annotations

@@ -94,8 +94,10 @@ def test_200k_extra_special_tokens_are_refused_at_once(nemo2, tmp_path):
 ])
 def test_tokenizer_json_counts_are_bounded(tmp_path, monkeypatch, limit, edit, said):
     saved = real_tokenizer(tmp_path)
-    monkeypatch.setattr(tokenizer, limit, 10)
     files = {"tokenizer.json": json.dumps(edit(json.loads(saved["tokenizer.json"]))).encode()}
+    monkeypatch.setattr(tokenizer, limit, 11)
+    tokenizer.check_hf_files(files, "nemo_tokenizer")  # (as many as the limit: copied)
+    monkeypatch.setattr(tokenizer, limit, 10)
     with pytest.raises(ConversionError, match=said):
         tokenizer.check_hf_files(files, "nemo_tokenizer")
 

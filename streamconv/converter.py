@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -303,21 +302,23 @@ def convert(
             result.note = "; ".join(notes)
             return result
 
-        _check_free_space(parent, plan.file_bytes, save_path)
+        needed = plan.file_bytes + _tokenizer_bytes(checkpoint)
+        _check_free_space(parent, needed, save_path)
         try:
             staging = staging_folder(target)
         except FileNotFoundError:
             raise _deleted(parent, save_path) from None
-        background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
+        checked = None
         try:
-            checked = write_extras(staging, checkpoint, config, notes, background)
+            checked = write_extras(staging, checkpoint, config, notes)
             result.stream_seconds = stream_into(staging, plan, checkpoint, dev, progress, on_bytes)
             finish(staging, plan, checked, notes)
             publish(staging, target, save_path, overwrite)
         except OSError as exc:
-            raise _write_error(exc, save_path, staging, plan.file_bytes) from None
+            raise _write_error(exc, save_path, staging, needed) from None
         finally:
-            background.shutdown(wait=True)
+            if checked is not None:
+                checked.stop()
             shutil.rmtree(staging, ignore_errors=True)
         result.seconds = time.perf_counter() - started
         result.peak_rss = peak_rss()
@@ -340,7 +341,7 @@ def _convert_part(result: ConversionResult, checkpoint: Checkpoint, plan: Plan, 
         already = parts.staged(target, index, count, identity)
         if already is None or not (already.published or already.done(index)):  # it will stream, as a single run
             check_save_path(save_path, fields["--overwrite"], inputs)
-            _check_free_space(parent, parts.written_bytes(result.plan), save_path)
+            _check_free_space(parent, parts.written_bytes(result.plan) + _tokenizer_bytes(checkpoint), save_path)
         staged = parts.join(target, index, count, identity)
     except BaseException:
         for folder in made:
@@ -403,12 +404,13 @@ def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, con
             return kept
         if not staged.swapped(target):
             staged.check_shards(plan)
-            background = ThreadPoolExecutor(1, thread_name_prefix="streamconv-tokenizer")
+            checked = None
             try:
-                checked = write_extras(staged.model, checkpoint, config, notes, background)
+                checked = write_extras(staged.model, checkpoint, config, notes)
                 finish(staged.model, plan, checked, notes)
             finally:
-                background.shutdown(wait=True)
+                if checked is not None:
+                    checked.stop()
             staged.mark_swapping(target)
             publish(staged.model, target, save_path, overwrite)
         elif os.path.isdir(staged.model) and not only_model_files(staged.model):
@@ -455,16 +457,20 @@ def _check_free_space(parent: str, needed: int, save_path: str) -> None:
         )
 
 
-def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str],
-                 background: ThreadPoolExecutor) -> Future[str] | None:
-    """`config.json` and the tokenizer's files; returns the tokenizer's load check, run in `background`."""
+def _tokenizer_bytes(checkpoint: Checkpoint) -> int:
+    """The bytes a conversion writes for the tokenizer (at most: a SentencePiece model may not be copied)."""
+    return len(checkpoint.tokenizer or b"") + sum(map(len, checkpoint.tokenizer_files.values()))
+
+
+def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str]) -> tokenizer.LoadCheck | None:
+    """`config.json` and the tokenizer's files; returns the tokenizer's load check, started in a child process."""
     _write_config(folder, config)
     sentencepiece = tokenizer.ships(config["model_type"])
     if not sentencepiece and checkpoint.tokenizer_files:
         for name, data in checkpoint.tokenizer_files.items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
-        return background.submit(tokenizer.check_hf, folder, config)
+        return tokenizer.LoadCheck("hf", folder, config)
     if not sentencepiece:
         what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
             else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/"
@@ -475,7 +481,10 @@ def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[
         notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
     else:  # checked (transformers imported) while the tensors stream
         tokenizer.save(folder, checkpoint.tokenizer, config)
-        return background.submit(tokenizer.check, folder, config)
+        if not tokenizer.sentencepiece_available():
+            notes.append(tokenizer.UNCHECKED)
+            return None
+        return tokenizer.LoadCheck("sentencepiece", folder, config)
     return None
 
 
@@ -497,7 +506,7 @@ def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, pr
     return time.perf_counter() - started
 
 
-def finish(folder: str, plan: Plan, checked: Future[str] | None, notes: list[str]) -> None:
+def finish(folder: str, plan: Plan, checked: tokenizer.LoadCheck | None, notes: list[str]) -> None:
     """Phase 3: the tokenizer check's outcome, the index, and everything in `folder` made durable."""
     if checked is not None:
         notes.append(checked.result())

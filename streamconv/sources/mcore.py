@@ -30,7 +30,7 @@ from streamconv.errors import ConversionError, describe
 from streamconv.sources import dcp, torch_zip
 from streamconv.sources.hparams import MAX_CONFIG_BYTES, Config, lightning_cfg, yaml_config
 from streamconv.sources.records import Checkpoint, Files, Folder, MappedFile, SourceTensor, Split
-from streamconv.tokenizer import HF_MAX_BYTES, HF_TOKENIZER_FILES, MAX_BYTES
+from streamconv.tokenizer import HF_MAX_BYTES, HF_TOKENIZER_FILES, MAX_BYTES, check_hf_files
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -173,6 +173,7 @@ def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
     try:  # the Hugging Face tokenizer NeMo 2.0 saves beside the model, files of known names only
         checkpoint.tokenizer_files = {name: folder.read(f"{HF_TOKENIZER}/{name}", HF_MAX_BYTES)
                                       for name in HF_TOKENIZER_FILES if folder.exists(f"{HF_TOKENIZER}/{name}")}
+        check_hf_files(checkpoint.tokenizer_files, folder.path(HF_TOKENIZER))
     except BaseException:
         checkpoint.close()
         raise

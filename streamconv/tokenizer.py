@@ -246,10 +246,12 @@ class LoadCheck:
 
     def __init__(self, kind: str, folder: str, config: dict) -> None:
         self.deadline = time.monotonic() + LOAD_SECONDS
+        # A part's staged folder is reached through its descriptor (/proc/self/fd/N/...): the child gets descriptor N
+        held = folder.split("/")[4] if folder.startswith("/proc/self/fd/") else None
         self.process = subprocess.Popen(
             [sys.executable, "-c", _CHILD, kind, folder, json.dumps(config), str(LOAD_SECONDS + 5), *sys.path],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, pass_fds=(int(held),) if held else ())
 
     def result(self) -> str:
         """The check's note, waited for until the deadline at most."""

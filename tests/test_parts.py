@@ -280,6 +280,7 @@ def test_parts_of_a_distributed_checkpoint(tmp_path, mcore_cases):
     for i in (2, 0, 1):
         proc = run_cli("--checkpoint-path", case.checkpoint, "--save-path", out, *args, "--part", f"{i}/3")
         assert proc.returncode == 0, proc.stderr
+    assert "tokenizer files copied and checked" in proc.stdout, proc.stdout  # (by the publisher, in its folder)
     assert_same_folder(out, reference)
     assert streamconv.verify(case.checkpoint, out, vocab_size=256) == []
     concurrent = tmp_path / "concurrent"

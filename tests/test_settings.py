@@ -78,6 +78,16 @@ def test_every_megatron_core_field_is_classified():
         assert set(family.SETTINGS) <= set(settings.FORWARD), family.NAME
 
 
+def test_every_field_of_megatron_core_0_19_is_classified():
+    """The same for megatron-core 0.19.2, whose fields tests/fixtures/generate_mcore019.py recorded (it needs
+    Python 3.12: CI's megatron-core is 0.16.1)."""
+    from tests.test_fixtures_mcore019 import MANIFEST
+
+    fields = set(MANIFEST["transformer_config_fields"])
+    assert len(fields) > 300 and "use_mup" in fields
+    assert not sorted(fields - set(settings.FORWARD) - settings.READ - settings.HARMLESS)
+
+
 def _non_default(key, default):
     special = {"window_size": [4, 0], "softmax_type": "off-by-one", "transformer_block_type": "post_ln",
                "moe_router_score_function": "sigmoid", "moe_token_drop_policy": "position"}

@@ -10,8 +10,8 @@ Megatron-Bridge all pass through under the same names, plus the few that only on
 - `ACTS_WITH`: settings that act only when another one is set (a router's settings with experts): checked only
   when that one is set, so a dense model's cfg full of MoE defaults is not refused for them.
 - `READ`: what every family reads, as sizes or through `base.features` (which picks the family).
-- `HARMLESS`: the rest of megatron-core's fields, named so that `tests/test_settings.py` can tell a field
-  megatron-core adds from one classified: kernels, fusions, parallelism, precision of training, dropout,
+- `HARMLESS`: the rest of megatron-core's fields (0.16.1 and 0.19.2), named so that `tests/test_settings.py` can
+  tell a field megatron-core adds from one classified: kernels, fusions, parallelism, precision of training, dropout,
   initialisation, recompute, training-only losses.
 """
 
@@ -35,8 +35,10 @@ FORWARD: dict[str, Any] = {
     # the MLP
     "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "num_moe_experts": None,
     "openai_gelu": False, "squared_relu": False, "quick_geglu": False,  # (Megatron-LM's and NeMo 1.x's)
-    # whole-model structure
-    "heterogeneous_block_specs": False, "is_hybrid_model": False, "quant_recipe": None,
+    # whole-model structure, and width-scaled parametrisation (MuP, megatron-core 0.19)
+    "heterogeneous_block_specs": False, "is_hybrid_model": False, "quant_recipe": None, "use_mup": False,
+    "mup_width_mult": 1.0, "mup_base_hidden_size": None, "mup_embedding_mult": 1.0, "mup_output_mult": 1.0,
+    "mup_base_head_dim": None, "mup_attn_scale_power": 1.0,
     # rotary positions (act with position_embedding_type 'rope': see ACTS_WITH)
     "rotary_base": 10000, "rotary_percent": 1.0, "rotary_percentage": 1.0, "rotary_interleaved": False,
     "seq_len_interpolation_factor": None, "rope_scaling": False, "use_rope_scaling": False,
@@ -49,12 +51,15 @@ FORWARD: dict[str, Any] = {
     "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
     "moe_apply_probs_on_input": False, "moe_latent_size": None, "moe_router_topk_limited_devices": None,
     "moe_expert_capacity_factor": None, "moe_token_drop_policy": "probs", "moe_pad_expert_input_to_capacity": False,
-    "moe_token_dropping": False,
+    "moe_token_dropping": False, "moe_shared_expert_glu_interleave_size": None, "moe_mlp_glu_interleave_size": None,
+    "moe_router_force_biased": None, "moe_expert_rank_capacity_factor": None,
     # sliding windows, DeepSeek's sparse attention, linear attention, Mamba (each acts with its switch)
     "window_attn_skip_freq": None, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None,
-    "dsa_indexer_topk": None, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
-    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "mamba_state_dim": 128, "mamba_head_dim": 64,
-    "mamba_num_groups": 8, "mamba_num_heads": None,
+    "dsa_indexer_topk": None, "dsa_indexer_topk_freq": 1, "dsa_indexer_skip_topk_offset": 0,
+    "dsa_indexer_rope_interleaved": False, "dsa_indexer_rotate_activation": True, "dsa_indexer_scoring_relu": True,
+    "dsa_indexer_k_norm_epsilon": None, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32, "mamba_state_dim": 128,
+    "mamba_head_dim": 64, "mamba_num_groups": 8, "mamba_num_heads": None,
 }
 
 _ROTARY = ("rotary_base", "rotary_percent", "rotary_percentage", "rotary_interleaved", "seq_len_interpolation_factor",
@@ -67,6 +72,7 @@ ACTS_WITH: dict[str, tuple[str, ...]] = {
     "experimental_attention_variant": tuple(k for k in FORWARD if k.startswith("dsa_")),
     "linear_attention_freq": tuple(k for k in FORWARD if k.startswith("linear_") and k != "linear_attention_freq"),
     "is_hybrid_model": tuple(k for k in FORWARD if k.startswith("mamba_")),
+    "use_mup": tuple(k for k in FORWARD if k.startswith("mup_")),
 }
 _SWITCH_DEFAULTS = {"position_embedding_type": "learned_absolute"}  # switches that are not in FORWARD
 
@@ -88,7 +94,8 @@ HARMLESS = frozenset({
     "fp8", "fp8_recipe", "fp8_param", "fp8_quantizer_factory", "fp8_margin", "fp8_interval", "fp8_amax_history_len",
     "fp8_amax_compute_algo", "fp8_wgrad", "fp8_dot_product_attention", "fp8_multi_head_attention", "tp_only_amax_red",
     "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16", "fp4", "fp4_recipe",
-    "fp4_param", "fp4_quantizer_factory", "activation_func_fp8_input_store",
+    "fp4_param", "fp4_quantizer_factory", "activation_func_fp8_input_store", "fp8_output_proj",
+    "mamba_training_ssm_states_dtype", "dsa_indexer_k_norm_fp32",
     # kernels, fusions and implementations
     "attention_backend", "transformer_impl", "use_kitchen", "use_kitchen_attention", "kitchen_attention_backend",
     "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm", "memory_efficient_layer_norm",
@@ -101,7 +108,15 @@ HARMLESS = frozenset({
     "gradient_accumulation_fusion", "use_te_rng_tracker", "inference_rng_tracker", "inference_sampling_seed",
     "clone_scatter_output_in_embedding", "disable_parameter_transpose_cache",
     "enable_cuda_graph", "cuda_graph_use_single_mempool", "cuda_graph_retain_backward_graph", "cuda_graph_warmup_steps",
-    "external_cuda_graph", "cuda_graph_impl", "cuda_graph_scope",
+    "external_cuda_graph", "cuda_graph_impl", "cuda_graph_scope", "cuda_graph_modules", "inference_cuda_graph_scope",
+    "fused_residual_rmsnorm", "use_transformer_engine_op_fuser", "flash_attention_version", "dsa_kernel_backend",
+    "use_grouped_gemm_for_shared_expert", "use_grouped_gemm_for_dense_mlp", "moe_single_grouped_weight",
+    "moe_single_grouped_bias", "moe_permute_fusion_into_hybridep", "moe_hybridep_pad_uneven_dispatch_inputs",
+    "moe_pad_experts_for_cuda_graph_inference", "moe_flex_dispatcher_num_sms", "moe_hybridep_num_blocks_permute",
+    "moe_hybridep_num_blocks_unpermute", "moe_hybridep_num_sms_preprocessing", "moe_ncclep_static_shape",
+    "moe_ncclep_zero_copy", "nccl_all_reduce_for_prefill", "inference_disable_triton_nvls_kernels",
+    "inference_grouped_gemm_backend", "inference_moe_disable_fused_quant_kernels",
+    "inference_moe_token_dispatcher_type", "mlp_chunks_for_training", "high_priority_a2a_comm_stream",
     # parallelism and pipelining
     "tensor_model_parallel_size", "pipeline_model_parallel_comm_backend", "pipeline_model_parallel_size",
     "virtual_pipeline_model_parallel_size", "sequence_parallel", "context_parallel_size",
@@ -117,12 +132,19 @@ HARMLESS = frozenset({
     "defer_embedding_wgrad_compute", "wgrad_deferral_limit", "overlap_p2p_comm_warmup_flush",
     "microbatch_group_size_per_vp_stage", "mtp_standalone", "barrier_with_L1_time", "hetereogenous_dist_checkpoint",
     "timers", "finalize_model_grads_func", "grad_scale_func", "no_sync_func", "grad_sync_func", "param_sync_func",
+    "tensor_parallel_num_weight_shards", "gtp_weight_remat_size", "expert_tensor_parallel_num_weight_shards",
+    "expert_gtp_weight_remat_size", "moe_grad_scale_func", "mtp_grad_scale_func",
+    "overlap_dispatch_backward_with_experts_wgrad",
     # memory: offloading and recompute
     "cpu_offloading", "cpu_offloading_num_layers", "_cpu_offloading_context", "cpu_offloading_activations",
     "cpu_offloading_weights", "cpu_offloading_double_buffering", "fine_grained_activation_offloading",
     "offload_modules", "min_offloaded_tensor_size", "recompute_granularity", "recompute_method",
     "recompute_num_layers", "distribute_saved_activations", "recompute_modules",
     "num_microbatches_with_partial_activation_checkpoints", "moe_layer_recompute",
+    "cpu_offloading_retain_pinned_cpu_buffers", "delay_offload_until_cuda_graph", "delta_offload_bytes_across_pp_ranks",
+    "activation_offload_fraction", "moe_paged_stash", "moe_paged_stash_page_size",
+    "moe_paged_stash_buffer_size_factor_cuda", "moe_paged_stash_buffer_size_factor_cpu",
+    "fine_grained_offloading_max_inflight_offloads",
     # initialisation and dropout (inference has none)
     "perform_initialization", "use_cpu_initialization", "init_method", "output_layer_init_method",
     "embedding_init_method", "embedding_init_method_std", "init_model_with_meta_device", "hidden_dropout",
@@ -133,6 +155,8 @@ HARMLESS = frozenset({
     "moe_enable_routing_replay", "moe_router_padding_for_quantization", "moe_router_padding_for_fp8",
     "moe_router_bias_update_rate", "moe_router_force_load_balancing", "moe_aux_loss_coeff", "moe_z_loss_coeff",
     "moe_input_jitter_eps", "moe_per_layer_logging", "dsa_indexer_loss_coeff", "dsa_indexer_use_sparse_loss",
+    "mtp_use_repeated_layer", "mtp_detach_heads", "mtp_hybrid_override_pattern",
+    "experimental_attention_variant_loss_scale_func", "moe_router_quantile_balancing_ema",
 })
 
 

@@ -32,6 +32,7 @@ from streamconv.output import (
 from streamconv.pipeline import split_view_axis, stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, make_plan, parse_size
 from streamconv.recipes import settings
+from streamconv.recipes.base import MAX_SIZE, number
 from streamconv.sources import Checkpoint, open_checkpoint
 from streamconv.sources.records import Split
 
@@ -174,6 +175,8 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
             f"{checkpoint.path} has no {checkpoint.config_name}; pass --num-heads N to convert it anyway "
             "(the other sizes are read from the tensor shapes)"
         )
+    if vocab_size is None and checkpoint.vocab_size is not None:  # (the true vocabulary, as Megatron-Bridge says it)
+        vocab_size = number("vocab_size", checkpoint.vocab_size, int, above=0, high=MAX_SIZE)
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
@@ -437,7 +440,9 @@ def _open_and_plan(stack: contextlib.ExitStack, checkpoint_path: str | os.PathLi
         checkpoint.tokenizer = model
     plan, config = build_plan(checkpoint, limit, dtype, vocab_size, num_heads, family)
     notes = [checkpoint.note] if checkpoint.note else []
-    if vocab_size is None:
+    if vocab_size is None and checkpoint.vocab_size is not None:
+        notes.append(f"vocabulary {config['vocab_size']} from the {checkpoint.config_name}")
+    elif vocab_size is None:
         told = checkpoint.tokenizer is not None and tokenizer.vocab_size(checkpoint.tokenizer) is not None \
             or tokenizer.hf_vocab_size(checkpoint.tokenizer_files) is not None
         notes.append(f"vocabulary {config['vocab_size']} " + ("from the tokenizer" if told else

@@ -43,6 +43,7 @@ _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon",
                "num_moe_experts": "num_experts", "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor"}
 NEMO2 = {"encoder_seq_length": "seq_length"}
+RUN_CONFIG = "run_config.yaml"  # Megatron-Bridge's, beside the weights: its ConfigContainer, the model under model:
 HF_TOKENIZER = "nemo_tokenizer"  # NeMo 2.0's folder in context/ for a Hugging Face tokenizer's save_pretrained
 
 
@@ -79,6 +80,10 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
     `common.pt` (NeMo's `hyper_parameters`, Megatron-LM's `args`)."""
     backend = _backend(files)
     index = dcp.read_metadata(files) if backend == "torch_dist" else None
+    vocab_size = None
+    if cfg is None and files.exists(RUN_CONFIG):  # (Megatron-Bridge keeps no hyper-parameters in the common state)
+        cfg = yaml_config(files.path(RUN_CONFIG), files.read(RUN_CONFIG, MAX_CONFIG_BYTES), ("model",), NEMO2)
+        config_name, vocab_size = f"'model' section of {RUN_CONFIG}", cfg and cfg.get("vocab_size")
     if cfg is None and files.exists(COMMON):  # (a legacy common.pt wins, as in megatron-core's loader)
         cfg, config_name = _common_cfg(files.path(COMMON), *files.locate(COMMON), COMMON)
     elif cfg is None and index is not None and index.common_state is not None:
@@ -91,7 +96,7 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
         tensors = _tensors(files, index, mapped)
         return Checkpoint(path=files.label, tensors=tensors, hparams=cfg, files=list(mapped.values()),
                           config_name=config_name or f"hyper-parameters (no {COMMON} or layout config beside it)",
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, vocab_size=vocab_size)
     except BaseException:
         for m in mapped.values():
             m.close()

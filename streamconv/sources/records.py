@@ -116,6 +116,8 @@ class Checkpoint:
     local_slices: int = 1
     # A Hugging Face tokenizer's files by name (NeMo 2.0's context/nemo_tokenizer/), copied as they are
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    # The true vocabulary, where the layout's config states it (Megatron-Bridge's run_config.yaml); unchecked
+    vocab_size: Any = None
 
     def __enter__(self) -> Checkpoint:
         return self

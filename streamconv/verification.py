@@ -16,6 +16,7 @@ handed back after each chunk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -43,12 +44,16 @@ from streamconv.pipeline import (
 from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
 from streamconv.reads import ReadAhead
 from streamconv.sources import Checkpoint, open_checkpoint
+from streamconv.sources.mcore import INTEGRITY
+from streamconv.sources.records import Files
 
 if TYPE_CHECKING:
     import torch
 
 JSON_LIMIT = 16 * 2**20  # config, index, a shard header: a conversion writes kilobytes (GPT-SW3 40B: 75 kB)
 MAX_PROBLEMS = 1000  # lines kept; a damaged folder can hold millions
+_MAX_INTEGRITY = 2**24  # integrity.json: a name and a digest per file of the checkpoint folder
+_HASH_CHUNK = 8 * 2**20
 COMPARE_BYTES = 2**20  # compared at once (numpy's comparison allocates a bool per byte)
 ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 SINGLE = "model.safetensors"
@@ -231,6 +236,43 @@ def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_si
         _check_index(index, found, total, problems)
     compared = _check_tensors(plan, found, complete, problems)
     _compare_bytes(checkpoint, folder, compared, found)
+    if checkpoint.integrity is not None:
+        _check_integrity(checkpoint.integrity, problems)
+
+
+def _check_integrity(files: Files, problems: _Problems) -> None:
+    """The source files megatron-core's integrity.json names against the SHA-256 it recorded: each is read whole
+    (the optimizer state too), so this costs a read of the checkpoint's folder."""
+    where = files.path(INTEGRITY)
+    try:
+        manifest = json.loads(files.read(INTEGRITY, _MAX_INTEGRITY))
+    except (ValueError, RecursionError, ConversionError) as exc:
+        problems.add(f"{where}: cannot be read ({str(exc)[:200]})")
+        return
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or manifest.get("algorithm", "sha256") != "sha256":
+        problems.add(f"{where}: not megatron-core's integrity manifest ({{\"algorithm\": \"sha256\", \"files\": "
+                     "{name: digest}})")
+        return
+    for name, digest in sorted(listed.items()):
+        try:
+            actual = _sha256(*files.locate(name))
+        except (ConversionError, OSError) as exc:
+            problems.add(f"{where}: names {describe(name)}, which cannot be read ({str(exc)[:200]})")
+            continue
+        if actual != digest:
+            problems.add(f"{_shown(files.path(name))}: its SHA-256 is not the one {INTEGRITY} recorded: the checkpoint "
+                         "changed after it was saved")
+
+
+def _sha256(file: str, offset: int, size: int) -> str:
+    digest, fd = hashlib.sha256(), os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for start in range(offset, offset + size, _HASH_CHUNK):
+            digest.update(os.pread(fd, min(_HASH_CHUNK, offset + size - start), start))
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def _positive(value: Any) -> int | None:

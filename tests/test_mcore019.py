@@ -6,6 +6,8 @@ generator); a bare folder, which carries no hyper-parameters, needs --num-heads 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,3 +50,20 @@ def test_a_bare_llama_folder_is_refused_naming_what_the_tensors_lack(tmp_path):
         streamconv.convert(FIXTURES / CASES["llama_gqa-bare"]["checkpoint"], tmp_path / "hf", vocab_size=256,
                            num_heads=4)
     assert not (tmp_path / "hf").exists()
+
+
+def test_verify_checks_megatron_cores_integrity_manifest(tmp_path):
+    """integrity.json (written by megatron-core's own save_integrity_manifest) names each file's SHA-256: verify
+    hashes them, so a change that leaves the weights alone (here metadata.json) is found."""
+    case = CASES["llama_gqa-nemo1_train"]
+    source = shutil.copytree(FIXTURES / case["checkpoint"], tmp_path / "ckpt")
+    assert (source / "integrity.json").is_file()
+    streamconv.convert(source, tmp_path / "hf", vocab_size=256)
+    assert streamconv.verify(source, tmp_path / "hf") == []
+    (source / "metadata.json").write_text((source / "metadata.json").read_text() + " ")
+    assert streamconv.verify(source, tmp_path / "hf") == [
+        f"{source}/metadata.json: its SHA-256 is not the one integrity.json recorded: the checkpoint changed after it "
+        "was saved"]
+    (source / "integrity.json").write_text('{"algorithm": "sha256", "files": {"../hf/config.json": "0"}}')
+    problems = streamconv.verify(source, tmp_path / "hf")
+    assert len(problems) == 1 and "names '../hf/config.json', which cannot be read" in problems[0], problems

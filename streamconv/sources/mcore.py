@@ -43,6 +43,7 @@ _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon",
                "num_moe_experts": "num_experts", "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor"}
 NEMO2 = {"encoder_seq_length": "seq_length"}
+INTEGRITY = "integrity.json"  # megatron-core >= 0.18's optional {"algorithm": "sha256", "files": {name: digest}}
 RUN_CONFIG = "run_config.yaml"  # Megatron-Bridge's, beside the weights: its ConfigContainer, the model under model:
 HF_TOKENIZER = "nemo_tokenizer"  # NeMo 2.0's folder in context/ for a Hugging Face tokenizer's save_pretrained
 
@@ -96,7 +97,8 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
         tensors = _tensors(files, index, mapped)
         return Checkpoint(path=files.label, tensors=tensors, hparams=cfg, files=list(mapped.values()),
                           config_name=config_name or f"hyper-parameters (no {COMMON} or layout config beside it)",
-                          tokenizer=tokenizer, vocab_size=vocab_size)
+                          tokenizer=tokenizer, vocab_size=vocab_size,
+                          integrity=files if files.exists(INTEGRITY) else None)
     except BaseException:
         for m in mapped.values():
             m.close()

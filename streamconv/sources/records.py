@@ -118,6 +118,8 @@ class Checkpoint:
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     # The true vocabulary, where the layout's config states it (Megatron-Bridge's run_config.yaml); unchecked
     vocab_size: Any = None
+    # The distributed checkpoint's files, where megatron-core (0.18+) left integrity.json there: --verify hashes them
+    integrity: Files | None = None
 
     def __enter__(self) -> Checkpoint:
         return self

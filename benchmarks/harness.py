@@ -70,12 +70,14 @@ class Contender:
     argv: Callable[[Path, Path], list[str]]  # (checkpoint, output path) -> command
 
 
-def _streamconv(vocab_size: int, *flags: str) -> Callable[[Path, Path], list[str]]:
+def _streamconv(vocab_size: int | None, *flags: str) -> Callable[[Path, Path], list[str]]:
+    """streamconv's command line; `vocab_size` None: no --vocab-size (the checkpoint says it)."""
+    vocab = ("--vocab-size", str(vocab_size)) if vocab_size is not None else ()
     return lambda src, dst: [sys.executable, "-m", "streamconv", "--checkpoint-path", str(src), "--save-path",
-                             str(dst), "--quiet", "--vocab-size", str(vocab_size), *flags]
+                             str(dst), "--quiet", *vocab, *flags]
 
 
-def contenders(vocab_size: int, devices: list[str], names: list[str] | None = None,
+def contenders(vocab_size: int | None, devices: list[str], names: list[str] | None = None,
                dtypes: Collection[str] = ()) -> list[Contender]:
     """copy (what users compare with), dd (the I/O floor), naive (the reference, in RAM), streamconv on each
     device, then streamconv on the CPU casting to each of `dtypes` (whatever `names` says); in run order."""

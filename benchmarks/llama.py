@@ -5,10 +5,15 @@ output layer, bf16), two layers, saved as NeMo 1.x saves a megatron-core model: 
 torch's own DCP writer from `tp` gloo processes, each handing it its tensor-parallel slices as ShardedTensors
 (layers stacked, one chunk per layer and slice; `linear_fc1`'s gate and up halves as separate chunks, as
 megatron-core's SwiGLU factory does), and a `common.pt` holding the NeMo cfg. Weights are random normals.
+
+`--profile bridge8b` is the same model as Megatron-Bridge saves it with megatron-core 0.19: no `common.pt`, the
+common state (without hyper-parameters) as the bytes item `common_state/shard_0_1`, the architecture and the true
+vocabulary in `run_config.yaml`'s `model:` section, so that streamconv converts it with no flag.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -62,16 +67,36 @@ class LlamaModel:
                 "rotary_base": 500000, "bias": False, "share_embeddings_and_output_weights": False,
                 "layernorm_epsilon": 1e-5, "make_vocab_size_divisible_by": 128}
 
+    def run_config(self, tp: int) -> str:
+        """Megatron-Bridge's run_config.yaml, the part of it streamconv reads: the model provider's fields."""
+        import yaml
 
-def ensure_llama(cache: Path, model: LlamaModel, tp: int) -> Path:
-    """The distributed checkpoint folder `llama8b-L<layers>-tp<tp>.dist` in `cache`, written once."""
+        model = {
+            "_target_": "megatron.bridge.models.llama.llama_provider.Llama3ModelProvider8B",
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1, "num_layers": self.n_layer,
+            "hidden_size": self.hidden, "ffn_hidden_size": self.ffn, "num_attention_heads": self.heads,
+            "num_query_groups": self.groups, "kv_channels": self.head_dim, "seq_length": self.positions,
+            "vocab_size": self.vocab_size, "make_vocab_size_divisible_by": 128, "normalization": "RMSNorm",
+            "gated_linear_unit": True, "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+            "position_embedding_type": "rope", "rotary_base": 500000, "rotary_percent": 1.0,
+            "share_embeddings_and_output_weights": False, "add_bias_linear": False, "add_qkv_bias": False,
+            "layernorm_epsilon": 1e-5, "bf16": True, "params_dtype": {"_target_": "torch.bfloat16", "_call_": False},
+        }
+        return yaml.safe_dump({"model": model, "checkpoint": {"ckpt_format": "torch_dist"}})
+
+
+def ensure_llama(cache: Path, model: LlamaModel, tp: int, bridge: bool = False) -> Path:
+    """The distributed checkpoint folder `llama8b-L<layers>-tp<tp>.dist` in `cache` (`bridge8b-...` as
+    Megatron-Bridge lays it out), written once."""
     need = model.weight_bytes()
-    return _generate_once(cache / f"llama8b-L{model.n_layer}-tp{tp}.dist", need, need / tp + tp * 2**30,
-                          f"{need / 1e9:.2f} GB, Llama 3 8B shapes, {tp} TP ranks, torch_dist",
-                          lambda partial: _write(partial, model, tp))
+    name = "bridge8b" if bridge else "llama8b"
+    return _generate_once(cache / f"{name}-L{model.n_layer}-tp{tp}.dist", need, need / tp + tp * 2**30,
+                          f"{need / 1e9:.2f} GB, Llama 3 8B shapes, {tp} TP ranks, torch_dist"
+                          + (", as Megatron-Bridge saves it" if bridge else ""),
+                          lambda partial: _write(partial, model, tp, bridge))
 
 
-def _write(folder: Path, model: LlamaModel, tp: int) -> None:
+def _write(folder: Path, model: LlamaModel, tp: int, bridge: bool) -> None:
     import torch.multiprocessing as mp
 
     if folder.exists():
@@ -80,7 +105,7 @@ def _write(folder: Path, model: LlamaModel, tp: int) -> None:
     rendezvous = folder.with_name(folder.name + ".rendezvous")
     rendezvous.unlink(missing_ok=True)
     try:
-        mp.spawn(_write_rank, args=(tp, model, str(folder), str(rendezvous)), nprocs=tp)
+        mp.spawn(_write_rank, args=(tp, model, str(folder), str(rendezvous), bridge), nprocs=tp)
     finally:
         rendezvous.unlink(missing_ok=True)
 
@@ -113,11 +138,17 @@ def _chunks(key: str, shape: tuple[int, ...], axis: int | None, rank: int, tp: i
     return out
 
 
-def _write_rank(rank: int, tp: int, model: LlamaModel, folder: str, rendezvous: str) -> None:
+def _write_rank(rank: int, tp: int, model: LlamaModel, folder: str, rendezvous: str, bridge: bool) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+    class BytesAsTheyAre(dcp.DefaultSavePlanner):
+        """megatron-core's planner writes a bytes item as it is (torch's default would torch.save it again)."""
+
+        def transform_object(self, write_item, object):
+            return object
 
     dist.init_process_group("gloo", init_method=Path(rendezvous).as_uri(), rank=rank, world_size=tp)
     try:
@@ -128,11 +159,20 @@ def _write_rank(rank: int, tp: int, model: LlamaModel, folder: str, rendezvous: 
                            ShardMetadata(list(offsets), list(piece), f"rank:{rank}/cpu"))
                      for offsets, piece in _chunks(key, shape, axis, rank, tp, model.ffn)]
             state["model." + key] = init_from_local_shards(local, *shape)
-        dcp.save(state, checkpoint_id=folder)
+        if bridge and rank == 0:  # megatron-core 0.19's ShardedObject: the archive of [common state], rank 0's copy
+            common = io.BytesIO()
+            torch.save([{"checkpoint_version": 3.0, "iteration": 0, "content_metadata": {}}], common)
+            state["common_state/shard_0_1"] = io.BytesIO(common.getvalue())
+        dcp.save(state, checkpoint_id=folder, planner=BytesAsTheyAre())
         if rank == 0:
             with open(os.path.join(folder, "metadata.json"), "w") as f:
-                json.dump(DIST_METADATA, f)
-            torch.save({"hyper_parameters": {"cfg": model.cfg(tp)}, **COMMON_KEYS}, os.path.join(folder, "common.pt"))
+                json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1} if bridge else
+                          DIST_METADATA, f)
+            if bridge:
+                Path(folder, "run_config.yaml").write_text(model.run_config(tp))
+            else:
+                torch.save({"hyper_parameters": {"cfg": model.cfg(tp)}, **COMMON_KEYS},
+                           os.path.join(folder, "common.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -500,3 +500,19 @@ def test_the_llama_workload_is_a_distributed_checkpoint_streamconv_converts(tmp_
     qkv = sd["decoder.layers.self_attention.linear_qkv.weight"][0].reshape(2, 4, 16, 64)
     assert torch.equal(got["model.layers.0.self_attn.k_proj.weight"], qkv[:, 2].reshape(32, 64))
     assert torch.equal(got["lm_head.weight"], sd["output_layer.weight"])
+
+
+def test_the_bridge_workload_converts_with_no_flag_to_the_llama_workloads_bytes(tmp_path):
+    """`--profile bridge8b`: the same weights as Megatron-Bridge lays them out (no common.pt; the common state as
+    megatron-core 0.19's bytes item; run_config.yaml): converted with no flag, the same model folder."""
+    import streamconv
+    from benchmarks import harness
+    from benchmarks.llama import LlamaModel, ensure_llama
+
+    model = LlamaModel(hidden=64, heads=4, groups=2, ffn=128, vocab_size=256, n_layer=2, positions=64)
+    bridge = ensure_llama(tmp_path / "cache", model, 2, bridge=True)
+    assert {"run_config.yaml", ".metadata"} <= set(os.listdir(bridge)) and "common.pt" not in os.listdir(bridge)
+    result = streamconv.convert(bridge, tmp_path / "bridge")
+    assert "vocabulary 256 from the 'model' section of run_config.yaml" in result.summary()
+    streamconv.convert(ensure_llama(tmp_path / "cache", model, 2), tmp_path / "llama", vocab_size=256)
+    assert harness.digests(tmp_path / "bridge") == harness.digests(tmp_path / "llama")

@@ -46,6 +46,7 @@ NEMO2 = {"encoder_seq_length": "seq_length"}
 INTEGRITY = "integrity.json"  # megatron-core >= 0.18's optional {"algorithm": "sha256", "files": {name: digest}}
 RUN_CONFIG = "run_config.yaml"  # Megatron-Bridge's, beside the weights: its ConfigContainer, the model under model:
 HF_TOKENIZER = "nemo_tokenizer"  # NeMo 2.0's folder in context/ for a Hugging Face tokenizer's save_pretrained
+BRIDGE_TOKENIZER = "tokenizer"  # Megatron-Bridge's, beside the weights (save_tokenizer_assets, on by default)
 
 
 def is_distributed(path: str) -> bool:
@@ -81,10 +82,11 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
     `common.pt` (NeMo's `hyper_parameters`, Megatron-LM's `args`)."""
     backend = _backend(files)
     index = dcp.read_metadata(files) if backend == "torch_dist" else None
-    vocab_size = None
+    vocab_size, tokenizer_files = None, {}
     if cfg is None and files.exists(RUN_CONFIG):  # (Megatron-Bridge keeps no hyper-parameters in the common state)
         cfg = yaml_config(files.path(RUN_CONFIG), files.read(RUN_CONFIG, MAX_CONFIG_BYTES), ("model",), NEMO2)
         config_name, vocab_size = f"'model' section of {RUN_CONFIG}", cfg and cfg.get("vocab_size")
+        tokenizer_files = hf_tokenizer(files, BRIDGE_TOKENIZER)
     if cfg is None and files.exists(COMMON):  # (a legacy common.pt wins, as in megatron-core's loader)
         cfg, config_name = _common_cfg(files.path(COMMON), *files.locate(COMMON), COMMON)
     elif cfg is None and index is not None and index.common_state is not None:
@@ -97,7 +99,7 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
         tensors = _tensors(files, index, mapped)
         return Checkpoint(path=files.label, tensors=tensors, hparams=cfg, files=list(mapped.values()),
                           config_name=config_name or f"hyper-parameters (no {COMMON} or layout config beside it)",
-                          tokenizer=tokenizer, vocab_size=vocab_size,
+                          tokenizer=tokenizer, tokenizer_files=tokenizer_files, vocab_size=vocab_size,
                           integrity=files if files.exists(INTEGRITY) else None)
     except BaseException:
         for m in mapped.values():
@@ -177,14 +179,21 @@ def _open_nemo2(weights: str, context: str, label: str) -> Checkpoint:
     except ConversionError:
         tokenizer = None
     checkpoint = open_distributed(Folder(weights), cfg, "'config' section of context/model.yaml", tokenizer)
-    try:  # the Hugging Face tokenizer NeMo 2.0 saves beside the model, files of known names only
-        checkpoint.tokenizer_files = {name: folder.read(f"{HF_TOKENIZER}/{name}", HF_MAX_BYTES)
-                                      for name in HF_TOKENIZER_FILES if folder.exists(f"{HF_TOKENIZER}/{name}")}
-        check_hf_files(checkpoint.tokenizer_files, folder.path(HF_TOKENIZER))
+    try:
+        checkpoint.tokenizer_files = hf_tokenizer(folder, HF_TOKENIZER)
     except BaseException:
         checkpoint.close()
         raise
     return checkpoint
+
+
+def hf_tokenizer(files: Files, folder: str) -> dict[str, bytes]:
+    """The Hugging Face tokenizer a trainer saved in `folder` (NeMo 2.0's context/nemo_tokenizer/, Megatron-Bridge's
+    tokenizer/ beside the weights): files of known names only, checked as data before anything copies or loads them."""
+    found = {name: files.read(f"{folder}/{name}", HF_MAX_BYTES)
+             for name in HF_TOKENIZER_FILES if files.exists(f"{folder}/{name}")}
+    check_hf_files(found, files.path(folder))
+    return found
 
 
 def _tensors(files: Files, index: dcp.DcpIndex | None, mapped: dict[str, MappedFile]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from benchmarks.workloads import COMMON_KEYS, DIST_METADATA, _generate_once
 
+BRIDGE_RUN_CONFIG = Path(__file__).resolve().parents[1] / "tests/fixtures/bridge062/tp1/iter_0000000/run_config.yaml"
+
 
 @dataclass(frozen=True)
 class LlamaModel:
@@ -68,21 +70,16 @@ class LlamaModel:
                 "layernorm_epsilon": 1e-5, "make_vocab_size_divisible_by": 128}
 
     def run_config(self, tp: int) -> str:
-        """Megatron-Bridge's run_config.yaml, the part of it streamconv reads: the model provider's fields."""
+        """The run_config.yaml Megatron-Bridge 0.6.2 wrote for the test fixture (its whole ConfigContainer: some 340
+        model fields), with this model's sizes."""
         import yaml
 
-        model = {
-            "_target_": "megatron.bridge.models.llama.llama_provider.Llama3ModelProvider8B",
-            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1, "num_layers": self.n_layer,
-            "hidden_size": self.hidden, "ffn_hidden_size": self.ffn, "num_attention_heads": self.heads,
-            "num_query_groups": self.groups, "kv_channels": self.head_dim, "seq_length": self.positions,
-            "vocab_size": self.vocab_size, "make_vocab_size_divisible_by": 128, "normalization": "RMSNorm",
-            "gated_linear_unit": True, "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
-            "position_embedding_type": "rope", "rotary_base": 500000, "rotary_percent": 1.0,
-            "share_embeddings_and_output_weights": False, "add_bias_linear": False, "add_qkv_bias": False,
-            "layernorm_epsilon": 1e-5, "bf16": True, "params_dtype": {"_target_": "torch.bfloat16", "_call_": False},
-        }
-        return yaml.safe_dump({"model": model, "checkpoint": {"ckpt_format": "torch_dist"}})
+        whole = yaml.safe_load(BRIDGE_RUN_CONFIG.read_text())
+        whole["model"].update({
+            "tensor_model_parallel_size": tp, "num_layers": self.n_layer, "hidden_size": self.hidden,
+            "ffn_hidden_size": self.ffn, "num_attention_heads": self.heads, "num_query_groups": self.groups,
+            "kv_channels": self.head_dim, "seq_length": self.positions, "vocab_size": self.vocab_size})
+        return yaml.safe_dump(whole)
 
 
 def ensure_llama(cache: Path, model: LlamaModel, tp: int, bridge: bool = False) -> Path:

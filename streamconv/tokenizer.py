@@ -55,6 +55,8 @@ _CODE_OR_FILE = re.compile(r"auto_map|remote|code|module|class|init_inputs|name_
                            r"subfolder|auth|gguf|_files?$|_path$|_dir$|_spm$|_dic$|_option$|kwargs$")
 _TOKEN_FIELDS = frozenset({"content", "lstrip", "rstrip", "normalized", "single_word", "special", "__type"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+# transformers resolves tokenizer_class by name among all its classes: `LlamaForCausalLM` would build the model
+_TOKENIZER_CLASS = re.compile(r"[A-Za-z0-9_]{0,90}(?:Tokenizer(?:Fast)?|TokenizersBackend)")
 
 
 def sentencepiece_available() -> bool:
@@ -169,7 +171,9 @@ def _plain(key: str, value: object, special: bool) -> bool:
         return isinstance(value, str) or isinstance(value, list) and all(
             isinstance(t, dict) and set(t) == {"name", "template"} and all(isinstance(v, str) for v in t.values())
             for t in value)
-    if key in ("tokenizer_class", "processor_class"):  # looked up by name among transformers' own classes
+    if key == "tokenizer_class":  # looked up by name among transformers' classes: a tokenizer's, never a model's
+        return value is None or isinstance(value, str) and _TOKENIZER_CLASS.fullmatch(value) is not None
+    if key == "processor_class":  # (recorded for processors; AutoTokenizer does not load it)
         return value is None or isinstance(value, str) and _NAME.fullmatch(value) is not None
     if key == "model_input_names":
         return isinstance(value, list) and all(isinstance(name, str) for name in value)

@@ -68,6 +68,7 @@ def test_a_key_naming_a_file_or_code_is_refused(nemo2, tmp_path, name, key, valu
     ("some_new_setting", 1, "is not one streamconv knows to be plain data"),
     ("sp_model_kwargs", {"model_file": "/etc/passwd"}, "holds {'model_file': '/etc/passwd'}"),
     ("tokenizer_class", "../../evil", "holds '../../evil'"),
+    ("tokenizer_class", "LlamaForCausalLM", "holds 'LlamaForCausalLM'"),  # (AutoTokenizer would build the model)
     ("pad_token", {"content": "<pad>", "vocab_file": "x"}, "the key 'pad_token' holds"),
     ("extra_special_tokens", {"encode": "<e>"}, "the key 'extra_special_tokens' holds {'encode': '<e>'}"),
 ])

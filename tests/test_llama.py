@@ -193,7 +193,10 @@ def test_memory_stays_bounded_by_the_read_buffers(mcore_cases, tmp_path):
 
 @pytest.mark.parametrize("cfg", [{}, {"use_rope_scaling": True, "rope_scaling_factor": 8.0},
                                  {"use_rope_scaling": True, "rope_scaling_factor": 16.0},
-                                 {"scale_positional_embedding": True}, {"seq_len_interpolation_factor": 4.0}])
+                                 {"scale_positional_embedding": True}, {"seq_len_interpolation_factor": 4.0},
+                                 # megatron-core's scaling fixes the frequency factors: the cfg's are not its
+                                 {"use_rope_scaling": True, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                                  "rope_scaling_factor": 16.0}])
 def test_rotary_frequencies_are_megatron_cores(cfg):
     """transformers' inverse frequencies for the config written equal megatron-core's for the cfg (Llama 3.1
     scaling, linear interpolation: megatron-core divides the positions, transformers the frequencies)."""

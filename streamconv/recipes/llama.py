@@ -162,33 +162,47 @@ def tensor_recipes(dims: Dims) -> list[TensorRecipe]:
 
 
 def _rope_scaling(hparam: HParam) -> dict[str, Any] | None:
-    """Llama 3.1's frequency scaling (Megatron-LM's `use_rope_scaling`, NeMo 2.0's Llama31Config fields, NeMo 1.x's
-    `scale_positional_embedding`; megatron-core's defaults: factor 8, low 1, high 4, context 8192) or a
-    linear position interpolation (`seq_len_interpolation_factor`), as transformers' `rope_scaling`."""
-    if base.flag(hparam, "use_rope_scaling") or base.flag(hparam, "rope_scaling") \
-            or base.flag(hparam, "scale_positional_embedding") or hparam("old_context_len") is not None:
-        # (Megatron-LM's, Megatron-Bridge's, NeMo 1.x's, NeMo 2.0's)
-        factor = hparam("rope_scaling_factor", hparam("scale_factor", 8.0, null=None), null=None)
+    """Llama 3.1's frequency scaling or a linear position interpolation, as transformers' `rope_scaling`.
+
+    megatron-core's own scaling (Megatron-LM's `use_rope_scaling`, Megatron-Bridge's `rope_scaling`, NeMo 1.x's
+    `scale_positional_embedding`) reads only its factor (`rope_scaling_factor`, 8 by default): the low and high
+    frequency factors and the original context are fixed at 1, 4 and 8192 there. NeMo 2.0's Llama31Config scales
+    with its own four fields (`scale_factor`, `low_freq_factor`, `high_freq_factor`, `old_context_len`). Linear
+    interpolation (`seq_len_interpolation_factor`) divides the positions; transformers has no form for it together
+    with Llama 3.1's scaling, nor for both scalings at once, so those are refused."""
+    core = any(base.flag(hparam, key) for key in ("use_rope_scaling", "rope_scaling", "scale_positional_embedding"))
+    nemo2 = hparam("old_context_len") is not None
+    linear = hparam("seq_len_interpolation_factor")
+    if (core or nemo2) and linear is not None or core and nemo2:
+        raise ConversionError("the cfg asks for two rotary scalings at once (" + ", ".join(
+            what for what, on in (("megatron-core's Llama 3.1 scaling", core), ("NeMo 2.0's old_context_len", nemo2),
+                                  (f"seq_len_interpolation_factor {linear}", linear is not None)) if on)
+            + "), which Hugging Face Llama cannot express; streamconv will not write a different model")
+    if core:
+        return {"rope_type": "llama3", "factor": base.number(
+                    "rope_scaling_factor", hparam("rope_scaling_factor", 8.0, null=None), float, above=0),
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if nemo2:
         low, high = (base.number(key, hparam(key, default, null=None), float, above=0)
                      for key, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0)))
         if not low < high:
             raise ConversionError(f"the cfg says low_freq_factor {low:g} and high_freq_factor {high:g}: Llama 3.1's "
                                   "scaling needs the low one below the high one; fix the checkpoint's cfg")
-        return {"rope_type": "llama3", "factor": base.number("rope_scaling_factor", factor, float, above=0),
+        return {"rope_type": "llama3", "factor": base.number("scale_factor", hparam("scale_factor", 8.0, null=None),
+                                                             float, above=0),
                 "low_freq_factor": low, "high_freq_factor": high,
                 "original_max_position_embeddings": base.number(
                     "old_context_len", hparam("old_context_len", 8192, null=None), int, high=base.MAX_POSITIONS,
                     above=0)}
-    factor = hparam("seq_len_interpolation_factor")
-    if factor is not None:
-        return {"rope_type": "linear", "factor": base.number("seq_len_interpolation_factor", factor, float, above=0)}
+    if linear is not None:
+        return {"rope_type": "linear", "factor": base.number("seq_len_interpolation_factor", linear, float, above=0)}
     return None
 
 
 def hf_config(hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
     """LlamaConfig keyword arguments."""
-    percent = hparam("rotary_percent", hparam("rotary_percentage", 1.0))
-    if percent != 1.0 or base.flag(hparam, "rotary_interleaved"):
+    percent = next((p for p in (hparam("rotary_percent", 1.0), hparam("rotary_percentage", 1.0)) if p != 1.0), 1.0)
+    if percent != 1.0 or base.flag(hparam, "rotary_interleaved"):  # (either spelling other than 1: refused)
         raise ConversionError(f"the cfg says rotary_percent {percent}, rotary_interleaved "
                               f"{hparam('rotary_interleaved')}: Hugging Face Llama rotates every dimension, "
                               "half-split; streamconv cannot convert this model")

@@ -45,10 +45,14 @@ def with_cfg(case, tmp_path, **edit):
     whole = yaml.safe_load(path.read_text())
     cfg = whole[section] if section else whole
     for key, value in edit.items():
-        if value is None and key in cfg:
-            del cfg[key]
+        *sections, name = key.split(".")  # (a dotted key is nested, as megatron's cfg nests it)
+        place = cfg
+        for section in sections:
+            place = place.setdefault(section, {})
+        if value is None and name in place:
+            del place[name]
         else:
-            cfg[key] = value
+            place[name] = value
     path.write_text(yaml.safe_dump(whole))
     return folder
 
@@ -89,7 +93,7 @@ def test_every_field_of_megatron_core_0_19_is_classified():
 
 
 def _non_default(key, default):
-    special = {"window_size": [4, 0], "softmax_type": "off-by-one", "transformer_block_type": "post_ln",
+    special = {"window_size": [4, 0], "drop_layers": [1], "softmax_type": "off-by-one", "transformer_block_type": "post_ln",
                "moe_router_score_function": "sigmoid", "moe_token_drop_policy": "position"}
     if key in special:
         return special[key]
@@ -172,6 +176,8 @@ def test_a_null_is_read_as_megatron_core_reads_it(cases, tmp_path):
     assert "the cfg sets glu_linear_offset to null, for which megatron-core has no meaning" in plan_error(folder)
     folder = with_cfg(cases["llama"], tmp_path / "base", rotary_base=None)
     assert "'rotary_base' is None, not a number" in plan_error(explicit_null(folder, "rotary_base"))
+    folder = with_cfg(cases["llama"], tmp_path / "drop", drop_layers=[])  # (an empty list sets nothing)
+    streamconv.convert(folder, None, vocab_size=VOCAB, dry_run=True)
 
 
 def test_a_yaml_1_1_boolean_is_a_boolean(cases, tmp_path):

@@ -32,6 +32,8 @@ FORWARD: dict[str, Any] = {
     # the residual stream and the norms
     "apply_residual_connection_post_layernorm": False, "transformer_block_type": "pre_ln",  # (NeMo 1.x's)
     "headscale": False, "normalize_attention_scores": True, "megatron_legacy": False,  # (NeMo 1.x's)
+    # NeMo 1.x's model customisations of megatron-core (layers made no-ops, a scaled embedding, soft-capped logits)
+    "drop_layers": None, "apply_embedding_scaling": False, "mcore_customization_config.final_logit_softcapping": 0.0,
     # the MLP
     "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "num_moe_experts": None,
     "openai_gelu": False, "squared_relu": False, "quick_geglu": False,  # (Megatron-LM's and NeMo 1.x's)

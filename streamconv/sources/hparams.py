@@ -114,7 +114,8 @@ class Config:
     def get(self, key: str, default: Any = None, null: Any = _SAME) -> Any:
         """The value at dotted `key` with interpolations resolved; `default` when absent or '???', and when null
         unless `null` says what to give then (a null that means something in megatron-core, or is refused).
-        A mapping or list comes back as a `Section`, which only says what it is (it is never walked)."""
+        A mapping or list comes back as a `Section`, which only says what it is (it is never walked); an empty one
+        as absent."""
         key = self.aliases.get(key, key)
         self._steps, self._asked = 0, key
         path = self.base + tuple(key.split("."))
@@ -126,7 +127,9 @@ class Config:
             return default if null is _SAME else null
         if value == _MISSING:
             return default
-        return Section(_kind(value)) if isinstance(value, dict | list) else value
+        if isinstance(value, dict | list):  # (an empty one sets nothing: read as absent)
+            return Section(_kind(value)) if value else default
+        return value
 
     def _read(self, path: tuple[Any, ...], key: str, depth: int = 0) -> Any:
         """The resolved value at absolute `path`; `key` is what the user asked for, for errors."""

@@ -254,9 +254,17 @@ def _check_integrity(files: Files, problems: _Problems) -> None:
         problems.add(f"{where}: not megatron-core's integrity manifest ({{\"algorithm\": \"sha256\", \"files\": "
                      "{name: digest}})")
         return
+    hashed: set[tuple[int, int, int]] = set()
     for name, digest in sorted(listed.items()):
         try:
-            actual = _sha256(*files.locate(name))
+            if "/" in name:  # (megatron-core lists the folder's own files: a path elsewhere is no entry of its)
+                raise ConversionError("not a file of the checkpoint folder itself")
+            file, offset, size = files.locate(name)
+            found = os.stat(file)
+            if (found.st_dev, found.st_ino, offset) in hashed:  # (links to one file: read once, said once)
+                raise ConversionError("the same bytes as another entry")
+            hashed.add((found.st_dev, found.st_ino, offset))
+            actual = _sha256(file, offset, size)
         except (ConversionError, OSError) as exc:
             problems.add(f"{where}: names {describe(name)}, which cannot be read ({str(exc)[:200]})")
             continue
@@ -266,10 +274,14 @@ def _check_integrity(files: Files, problems: _Problems) -> None:
 
 
 def _sha256(file: str, offset: int, size: int) -> str:
-    digest, fd = hashlib.sha256(), os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    """The digest of `size` bytes at `offset`, their pages handed back as they are read (the whole checkpoint passes
+    through here, optimizer state included)."""
+    digest, fd = hashlib.sha256(), os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         for start in range(offset, offset + size, _HASH_CHUNK):
-            digest.update(os.pread(fd, min(_HASH_CHUNK, offset + size - start), start))
+            length = min(_HASH_CHUNK, offset + size - start)
+            digest.update(os.pread(fd, length, start))
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     return digest.hexdigest()

@@ -67,3 +67,8 @@ def test_verify_checks_megatron_cores_integrity_manifest(tmp_path):
     (source / "integrity.json").write_text('{"algorithm": "sha256", "files": {"../hf/config.json": "0"}}')
     problems = streamconv.verify(source, tmp_path / "hf")
     assert len(problems) == 1 and "names '../hf/config.json', which cannot be read" in problems[0], problems
+    for name in ("a", "b"):  # links to one big file, listed many times, are read once
+        (source / name).symlink_to(source / "__0_0.distcp")
+    (source / "integrity.json").write_text('{"files": {"a": "0", "b": "0"}}')
+    problems = streamconv.verify(source, tmp_path / "hf")
+    assert len(problems) == 2 and "names 'b', which cannot be read (the same bytes as another entry)" in problems[1]

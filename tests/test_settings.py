@@ -93,8 +93,9 @@ def test_every_field_of_megatron_core_0_19_is_classified():
 
 
 def _non_default(key, default):
-    special = {"window_size": [4, 0], "drop_layers": [1], "softmax_type": "off-by-one", "transformer_block_type": "post_ln",
-               "moe_router_score_function": "sigmoid", "moe_token_drop_policy": "position"}
+    special = {"window_size": [4, 0], "drop_layers": [1], "softmax_type": "off-by-one",
+               "transformer_block_type": "post_ln", "moe_router_score_function": "sigmoid",
+               "moe_token_drop_policy": "position"}
     if key in special:
         return special[key]
     if isinstance(default, bool):

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from typing import TextIO
 
 from streamconv.errors import ConversionError, one_line
 
@@ -75,7 +76,7 @@ def version() -> str:
         return __version__
 
 
-def say(line: str, file=None) -> None:
+def say(line: str, file: TextIO | None = None) -> None:
     """Print one line: a path or a checkpoint's key in it may hold a newline or a terminal escape, shown escaped."""
     print(one_line(line), file=file)
 

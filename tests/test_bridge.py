@@ -65,3 +65,9 @@ def test_run_config_yaml_is_read_by_the_setting_rule(tmp_path):
     assert "\n  qk_layernorm: false\n" in text
     path.write_text(text.replace("\n  qk_l2_norm: false\n", "\n  qk_l2_norm: true\n"))
     assert "the cfg sets qk_l2_norm True" in refused(source, tmp_path)
+
+
+def test_a_run_config_without_its_model_section_is_refused(tmp_path):
+    source = shutil.copytree(FIXTURES / MANIFEST["cases"]["tp1"]["checkpoint"], tmp_path / "run")
+    (source / "iter_0000000" / "run_config.yaml").write_text("train:\n  train_iters: 10\n")
+    assert "run_config.yaml has no model: section" in refused(source, tmp_path)

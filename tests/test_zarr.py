@@ -214,10 +214,11 @@ def test_link_inside(checkpoint):
     assert np.array_equal(assemble(zarr_source.read_zarr(checkpoint)[KEY]), bits_of(WEIGHTS[KEY][0]))
 
 
-def test_two_chunks_linked_to_the_same_file(checkpoint):
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_two_chunks_linked_to_the_same_file(checkpoint, link):
     folder = checkpoint / KEY
     (folder / "1.0").unlink()
-    (folder / "1.0").symlink_to("0.1")
+    link("0.1" if link is os.symlink else folder / "0.1", folder / "1.0")
     with pytest.raises(ConversionError, match=fr"{KEY}/1\.0 is the same file as .*{KEY}/0\.1: two chunks of '{KEY}' "
                        "at the same bytes; the checkpoint is damaged"):
         zarr_source.read_zarr(checkpoint)

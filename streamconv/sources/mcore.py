@@ -85,7 +85,10 @@ def open_distributed(files: Files, cfg: Config | None = None, config_name: str |
     vocab_size, tokenizer_files = None, {}
     if cfg is None and files.exists(RUN_CONFIG):  # (Megatron-Bridge keeps no hyper-parameters in the common state)
         cfg = yaml_config(files.path(RUN_CONFIG), files.read(RUN_CONFIG, MAX_CONFIG_BYTES), ("model",), NEMO2)
-        config_name, vocab_size = f"'model' section of {RUN_CONFIG}", cfg and cfg.get("vocab_size")
+        if cfg is None:
+            raise ConversionError(f"{files.path(RUN_CONFIG)} has no model: section, where Megatron-Bridge keeps the "
+                                  "architecture; the checkpoint is damaged: copy it again")
+        config_name, vocab_size = f"'model' section of {RUN_CONFIG}", cfg.get("vocab_size")
         tokenizer_files = hf_tokenizer(files, BRIDGE_TOKENIZER)
     if cfg is None and files.exists(COMMON):  # (a legacy common.pt wins, as in megatron-core's loader)
         cfg, config_name = _common_cfg(files.path(COMMON), *files.locate(COMMON), COMMON)

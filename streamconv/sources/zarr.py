@@ -105,10 +105,12 @@ def _tensor(files: Files, fqn: str, listed: int) -> ZarrTensor:
             raise ConversionError(f"{files.path(name)} is missing: it is the chunk {list(index)} of {fqn!r}; "
                                   "the checkpoint is incomplete, copy all of its files")
         file, start, size = files.locate(name)
-        if (file, start) in placed:  # (a link to another chunk of the tensor)
-            raise ConversionError(f"{files.path(name)} is the same file as {files.path(placed[file, start])}: two "
+        found = os.stat(file)
+        where = (found.st_dev, found.st_ino, start)  # (a link, symbolic or hard, to another chunk of the tensor)
+        if where in placed:
+            raise ConversionError(f"{files.path(name)} is the same file as {files.path(placed[where])}: two "
                                   f"chunks of {fqn!r} at the same bytes; the checkpoint is damaged, copy it again")
-        placed[file, start] = name
+        placed[where] = name
         if size != chunk_bytes:
             raise ConversionError(f"{files.path(name)} is damaged: it has {size} bytes, a chunk of {fqn!r} "
                                   f"({dtype} {list(chunk_shape)}) has {chunk_bytes}; copy the checkpoint again")

@@ -290,7 +290,9 @@ _ODD_VALUES = [math.nan, math.inf, -1, 0, 2**62, 2**70, -(2**40), 0.5, "", "true
 @pytest.mark.parametrize("seed", range(40))
 def test_cfg_value_mutations_convert_or_are_refused(cases, tmp_path, seed):
     """Seeded edits of a Llama cfg's values (types, NaN, negative, huge, null, mappings): each converts and then
-    verifies, or is refused with a ConversionError; nothing else is raised."""
+    verifies, or is refused with a ConversionError; nothing else is raised. A mutant that converts although it
+    edited no setting the family reads gives megatron-core's logits of the unedited model: an edit that mattered
+    would have had to be refused."""
     import random
 
     rng = random.Random(seed)
@@ -305,3 +307,6 @@ def test_cfg_value_mutations_convert_or_are_refused(cases, tmp_path, seed):
         assert not (tmp_path / "hf").exists()
         return
     assert streamconv.verify(folder, tmp_path / "hf", vocab_size=VOCAB) == [], edit
+    if not set(edit) & (settings.READ | set(llama.SETTINGS)):
+        case = cases["llama"]
+        assert (llama_logits(tmp_path / "hf", case.input_ids) - case.logits_fp32).abs().max() < 1e-4, edit

@@ -76,7 +76,7 @@ def test_a_run_config_without_its_model_section_is_refused(tmp_path):
 @pytest.mark.parametrize("family, named", [
     ("qwen2", "biases on the query, key and value projections only"),
     ("qwen3", "query and key layer norms"),
-    ("mistral", "the cfg sets window_size <a list of 2 items>"),  # (once a Llama with no sliding window, exit 0)
+    ("mistral", "the cfg sets window_size <a list of 2 items>"),
     ("gemma3", "zero-centred layer norms"),
 ])
 def test_families_streamconv_does_not_know_yet_are_refused_by_name(tmp_path, family, named):

@@ -240,6 +240,7 @@ def check(folder: str, config: dict) -> str:
         return f"tokenizer copied as {MODEL_FILE}: {name}, but " + "; ".join(wrong)
     return f"tokenizer copied as {MODEL_FILE} and checked: {name} of {size} tokens"
 
+
 _CHILD = "import sys; sys.path[:] = sys.argv[5:]; from streamconv.tokenizer import _child; _child(*sys.argv[1:5])"
 
 

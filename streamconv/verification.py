@@ -29,7 +29,7 @@ import numpy as np
 
 from streamconv import recipes, tokenizer
 from streamconv.arrange import Arranger
-from streamconv.converter import CONFIG_NAME, INDEX_NAME, build_plan, read_tokenizer, resolve_dtype
+from streamconv.converter import CONFIG_NAME, INDEX_NAME, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
 from streamconv.pipeline import (
     CHUNK_BYTES,
@@ -42,6 +42,7 @@ from streamconv.pipeline import (
     source_of,
 )
 from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
+from streamconv.planning import build_plan
 from streamconv.reads import ReadAhead
 from streamconv.sources import Checkpoint, open_checkpoint
 from streamconv.sources.mcore import INTEGRITY

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from streamconv import parts, tokenizer
 from streamconv.errors import ConversionError, one_line
+from streamconv.formats.safetensors import DTYPE_NAMES
 from streamconv.output import (
     check_save_path,
     claimed,
@@ -30,7 +31,7 @@ from streamconv.output import (
     staging_folder,
 )
 from streamconv.pipeline import stream, working_memory
-from streamconv.plan import DTYPE_NAMES, Plan, parse_size
+from streamconv.plan import Plan, parse_size
 from streamconv.planning import build_plan
 from streamconv.sources import Checkpoint, open_checkpoint
 

@@ -6,27 +6,12 @@ the predicted working memory before a byte moves.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
 from streamconv.errors import ConversionError
+from streamconv.formats import safetensors
 from streamconv.recipes.base import TensorRecipe
-
-# Keyed by the dtype names a checkpoint's pickle gives (str(torch.dtype)): streamconv plans without torch.
-_DTYPES = {  # name -> (safetensors dtype, bytes per element)
-    "torch.float32": ("F32", 4),
-    "torch.float16": ("F16", 2),
-    "torch.bfloat16": ("BF16", 2),
-    "torch.float64": ("F64", 8),
-}
-
-DTYPE_NAMES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}  # --dtype choices
-
-
-def safetensors_dtype(dtype: str) -> str:
-    """'BF16' for 'torch.bfloat16'."""
-    return _DTYPES[dtype][0]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -67,7 +52,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return _DTYPES[self.dtype][1]
+        return safetensors.DTYPES[self.dtype].itemsize
 
     @property
     def nbytes(self) -> int:
@@ -117,35 +102,14 @@ class Plan:
         }
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def safetensors_header(tensors: list[TensorSpec]) -> bytes:
-    """8-byte little-endian length, then the JSON header padded with spaces to a multiple of 8."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    for t in tensors:
-        header[t.name] = {
-            "dtype": safetensors_dtype(t.dtype),
-            "shape": list(t.recipe.shape),
-            "data_offsets": [t.begin, t.end],
-        }
-    body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return len(body).to_bytes(8, "little") + body
-
-
 def make_plan(recipes: list[TensorRecipe], dtypes: list[str], shard_size: int) -> Plan:
     """Assign tensors to shards greedily in recipe order (huggingface_hub's rule), then lay out each shard."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     for r, dtype in zip(recipes, dtypes, strict=True):
-        if dtype not in _DTYPES:
+        if dtype not in safetensors.DTYPES:
             raise ConversionError(f"source tensor {r.source} has dtype {dtype}, which streamconv does not convert")
-    sizes = {r.name: _numel(r.shape) * _DTYPES[d][1] for r, d in zip(recipes, dtypes, strict=True)}
+    sizes = {r.name: safetensors.tensor_bytes(d, r.shape) for r, d in zip(recipes, dtypes, strict=True)}
     by_name = {r.name: (r, d) for r, d in zip(recipes, dtypes, strict=True)}
     split = split_state_dict_into_shards_factory(
         {r.name: r for r in recipes},  # the splitter only needs sizes, never tensors
@@ -155,11 +119,9 @@ def make_plan(recipes: list[TensorRecipe], dtypes: list[str], shard_size: int) -
     )
     shards = []
     for filename, names in split.filename_to_tensors.items():
-        shard, offset = Shard(filename), 0
-        for name in names:
-            recipe, dtype = by_name[name]
-            shard.tensors.append(TensorSpec(recipe, dtype, offset, offset + sizes[name]))
-            offset += sizes[name]
-        shard.header = safetensors_header(shard.tensors)
-        shards.append(shard)
+        chosen = [by_name[name] for name in names]
+        entries = [(recipe.name, dtype, recipe.shape) for recipe, dtype in chosen]
+        spans = safetensors.data_offsets(entries)
+        tensors = [TensorSpec(recipe, dtype, *span) for (recipe, dtype), span in zip(chosen, spans, strict=True)]
+        shards.append(Shard(filename, tensors, safetensors.header(entries)))
     return Plan(shards=shards, total_size=sum(sizes.values()))

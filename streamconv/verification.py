@@ -31,6 +31,8 @@ from streamconv import recipes, tokenizer
 from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
+from streamconv.formats import safetensors
+from streamconv.formats.safetensors import DTYPE_NAMES
 from streamconv.pipeline import (
     CHUNK_BYTES,
     Fetch,
@@ -41,7 +43,7 @@ from streamconv.pipeline import (
     read_chunks,
     source_of,
 )
-from streamconv.plan import DTYPE_NAMES, Plan, TensorSpec, safetensors_dtype
+from streamconv.plan import Plan, TensorSpec
 from streamconv.planning import build_plan
 from streamconv.reads import ReadAhead
 from streamconv.sources import Checkpoint, open_checkpoint
@@ -323,7 +325,7 @@ def _recorded_cast(recorded: dict, stored: set[str]) -> str | None:
     """The --dtype a conversion was given, if config.json names one and every stored tensor has it."""
     name = recorded.get("dtype", recorded.get("torch_dtype"))
     full = f"torch.{name}" if isinstance(name, str) else None
-    return full if full in DTYPE_NAMES.values() and stored == {safetensors_dtype(full)} else None
+    return full if full in DTYPE_NAMES.values() and stored == {safetensors.DTYPES[full].code} else None
 
 
 def _check_config(written: dict, config: dict, problems: _Problems) -> None:
@@ -510,7 +512,7 @@ def _check_tensors(plan: Plan, found: dict[str, _Stored], complete: bool, proble
                      f"read ({missing[0]}, ...)")
     for spec in plan.tensors:
         stored = found.get(spec.name)
-        expected = (safetensors_dtype(spec.dtype), list(spec.recipe.shape))
+        expected = (safetensors.DTYPES[spec.dtype].code, list(spec.recipe.shape))
         if stored is None:
             if complete:
                 problems.add(f"{spec.name}: missing from the output")

@@ -20,7 +20,6 @@ import hashlib
 import json
 import mmap
 import os
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ from streamconv.arrange import Arranger
 from streamconv.converter import CONFIG_NAME, INDEX_NAME, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
 from streamconv.formats import safetensors
-from streamconv.formats.safetensors import DTYPE_NAMES
+from streamconv.formats.safetensors import DTYPE_NAMES, is_int, json_kind
 from streamconv.pipeline import (
     CHUNK_BYTES,
     Fetch,
@@ -58,7 +57,6 @@ MAX_PROBLEMS = 1000  # lines kept; a damaged folder can hold millions
 _MAX_INTEGRITY = 2**24  # integrity.json: a name and a digest per file of the checkpoint folder
 _HASH_CHUNK = 8 * 2**20
 COMPARE_BYTES = 2**20  # compared at once (numpy's comparison allocates a bool per byte)
-ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 SINGLE = "model.safetensors"
 
 
@@ -114,15 +112,6 @@ def _shown(text: str) -> str:
     return text if text.isprintable() and len(text) <= 200 else describe(text)
 
 
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class _Folder:
     """The output folder's entries, read without following links (nor waiting on a pipe); problems go to
     `problems`."""
@@ -175,7 +164,7 @@ class _Folder:
         if value is NOT_JSON:
             return None
         if not isinstance(value, dict):
-            self.problems.add(f"{name}: {_kind(value)}, not a JSON object")
+            self.problems.add(f"{name}: {json_kind(value)}, not a JSON object")
             return None
         return value
 
@@ -291,7 +280,7 @@ def _sha256(file: str, offset: int, size: int) -> str:
 
 
 def _positive(value: Any) -> int | None:
-    return value if _is_int(value) and value > 0 else None
+    return value if is_int(value) and value > 0 else None
 
 
 def _settings(checkpoint: Checkpoint, recorded: dict, vocab_size: int | None, num_heads: int | None,
@@ -392,14 +381,9 @@ def _read_header(folder: _Folder, file: str) -> list[tuple[str, _Stored]] | None
     try:
         with open(folder.join(file), "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            raw = f.read(8)
-            if len(raw) < 8:
-                problems.add(f"{label}: shorter than a safetensors header")
-                return None
-            (length,) = struct.unpack("<Q", raw)
-            if length > JSON_LIMIT or 8 + length > size:
-                problems.add(f"{label}: header length {length} runs past the end of the file or past {JSON_LIMIT} "
-                             "bytes (a conversion writes far less)")
+            length = safetensors.header_length(f.read(safetensors.LENGTH.size), size, JSON_LIMIT)
+            if isinstance(length, str):
+                problems.add(f"{label}: {length}")
                 return None
             data = f.read(length)
     except OSError as exc:
@@ -409,46 +393,21 @@ def _read_header(folder: _Folder, file: str) -> list[tuple[str, _Stored]] | None
     if header is NOT_JSON:
         return None
     if not isinstance(header, dict):
-        problems.add(f"{label}: header is {_kind(header)}, not a JSON object")
+        problems.add(f"{label}: header is {json_kind(header)}, not a JSON object")
         return None
-    if header.pop("__metadata__", None) != {"format": "pt"}:
+    if header.pop("__metadata__", None) != safetensors.METADATA:
         problems.add(f'{label}: metadata is not {{"format": "pt"}}')
-    start = 8 + length
+    start = safetensors.LENGTH.size + length
     stored = []
     for name, entry in header.items():
-        wrong = _entry_problem(entry)
-        if wrong:
-            problems.add(f"{label}: tensor {_shown(name)}: {wrong}")
+        parsed = safetensors.parse_entry(entry, start)
+        if isinstance(parsed, str):
+            problems.add(f"{label}: tensor {_shown(name)}: {parsed}")
             continue
-        begin, end = entry["data_offsets"]
-        stored.append((name, _Stored(file, entry["dtype"], entry["shape"], start + begin, start + end)))
-    end = start
-    for begin, stop in sorted((s.begin, s.end) for _, s in stored):
-        if begin != end:
-            problems.add(f"{label}: data has a gap or overlap at byte {begin}")
-            break
-        end = stop
-    if end != size:
-        problems.add(f"{label}: file is {size} bytes, its tensors end at {end}")
+        stored.append((name, _Stored(file, *parsed)))
+    for wrong in safetensors.layout_problems((s for _, s in stored), start, size):
+        problems.add(f"{label}: {wrong}")
     return stored
-
-
-def _entry_problem(entry: Any) -> str | None:
-    """What is wrong with one header entry, None if nothing."""
-    if not isinstance(entry, dict):
-        return f"{_kind(entry)}, not a JSON object"
-    missing = [k for k in ENTRY_FIELDS if k not in entry]
-    if missing or len(entry) != len(ENTRY_FIELDS):
-        return f"lacks {', '.join(missing)}" if missing else "has fields other than dtype, shape and data_offsets"
-    shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(entry["dtype"], str):
-        return f"dtype is {_kind(entry['dtype'])}, not a string"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        return "shape is not a list of sizes"
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) \
-            or not 0 <= offsets[0] <= offsets[1]:
-        return "data_offsets are not two increasing integers"
-    return None
 
 
 def _check_index(index: dict, found: dict[str, _Stored], total: int, problems: _Problems) -> None:

@@ -10,7 +10,7 @@ Three things overlap, each bounded:
   from its read buffer to the writer, or, when it is only cast (`cast_only`), through one of CAST_BUFFERS
   small buffers, so a cast never needs a buffer the size of the embedding;
 - writing: a writer thread appends finished buffers and chunks to the shard files in plan order, with direct
-  writes (`safetensors_writer`).
+  writes (`formats.safetensors_writer`).
 So memory holds at most BUFFERS output buffers, the read buffers, the cast chunks and a few small tensors,
 whatever the model size. (A strided source, which torch.save can keep, is copied whole into memory when
 reached.) A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
@@ -33,10 +33,10 @@ import numpy as np
 
 from streamconv import reads
 from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
+from streamconv.formats.safetensors_writer import STAGING_BYTES, ShardWriter
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.reads import ReadAhead
 from streamconv.recipes.base import Arrangement
-from streamconv.safetensors_writer import STAGING_BYTES, ShardWriter
 from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split, row_ranges
 
 # Source bytes read at once: direct reads of 8 MB run at the disk's speed (2.23 s for 2.6 GB, 2.26 s in 64 MB

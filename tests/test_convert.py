@@ -153,7 +153,7 @@ def test_default_vocab_is_gpt_sw3s(checkpoints, tmp_path):
     (KeyboardInterrupt(), KeyboardInterrupt),
 ])
 def test_failure_mid_stream_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch, error, raised):
-    from streamconv.safetensors_writer import ShardWriter
+    from streamconv.formats.safetensors_writer import ShardWriter
 
     calls = []
     real_append = ShardWriter.append
@@ -175,7 +175,7 @@ def test_failure_mid_stream_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch, err
 
 
 def test_failed_overwrite_keeps_the_old_folder(bf16_ckpt, tmp_path, monkeypatch):
-    from streamconv.safetensors_writer import ShardWriter
+    from streamconv.formats.safetensors_writer import ShardWriter
 
     out = tmp_path / "hf"
     out.mkdir()
@@ -260,7 +260,7 @@ def _converted_as_reference(ckpt, out, **kwargs) -> None:
 def test_reads_and_writes_are_direct(bf16_ckpt, tmp_path, monkeypatch):
     """Every source byte is read with O_DIRECT (aligned spans around each chunk), and the output written with
     it in whole staging buffers, the unaligned tail through the ordinary descriptor."""
-    from streamconv import safetensors_writer
+    from streamconv.formats import safetensors_writer
 
     monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
     seen = _direct_io(monkeypatch)
@@ -275,7 +275,7 @@ def test_reads_and_writes_are_direct(bf16_ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("refused", ["at open", "at the first read or write"])
 def test_a_filesystem_without_direct_io_gets_buffered_reads_and_writes(bf16_ckpt, tmp_path, monkeypatch, refused):
-    from streamconv import safetensors_writer
+    from streamconv.formats import safetensors_writer
 
     monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
     seen = _direct_io(monkeypatch, refuse_open=refused == "at open", refuse_io=refused != "at open")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from streamconv import reads
+from streamconv.formats.safetensors_writer import STAGING_BYTES
 from streamconv.pipeline import CHUNK_BYTES
-from streamconv.safetensors_writer import STAGING_BYTES
 from streamconv.testing import SyntheticModel, peak_rss_of
 
 # Hidden 1024, ffn 4096: the largest tensor is an MLP weight, 4096 x 1024 x 2 bytes = 8.4 MB; a layer is 25 MB.

@@ -7,19 +7,15 @@ import errno
 import json
 import os
 import re
-import resource
 import shutil
-import signal
 import stat
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamconv import parts, tokenizer
-from streamconv.errors import ConversionError, one_line
+from streamconv.errors import ConversionError
 from streamconv.output import (
     check_save_path,
     claimed,
@@ -32,6 +28,7 @@ from streamconv.output import (
 from streamconv.pipeline import stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, parse_size
 from streamconv.planning import build_plan
+from streamconv.process import import_torch, peak_rss, progress_bar
 from streamconv.sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
@@ -98,11 +95,6 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def peak_rss() -> int:
-    """This process's peak resident set in bytes (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def resolve_device(device: str | torch.device) -> str:
     """'cpu', 'cuda' or 'cuda:N', checked; torch is imported only for CUDA."""
     name = str(device)
@@ -132,36 +124,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
     if dtype not in DTYPE_NAMES:
         raise ConversionError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     return DTYPE_NAMES[dtype]
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM; deliver them right after, to the handlers there were.
-
-    torch's C extension imports numpy and discards any Python error raised meanwhile, so the exception a
-    signal raised during `import torch` vanished and the conversion went on (seen with SIGTERM 0.25 s into
-    a run). Only the main thread can set handlers; elsewhere this holds nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
-        if held:  # the first one: its handler may raise
-            signal.raise_signal(held[0])
-
-
-def import_torch() -> None:
-    """Import torch, for a cast or a GPU (about 1.7 s cold: a CPU conversion without a cast never does)."""
-    if "torch" not in sys.modules:
-        with signals_held():
-            import torch  # noqa: F401
 
 
 def convert(
@@ -369,7 +331,7 @@ def _open_and_plan(stack: contextlib.ExitStack, checkpoint_path: str | os.PathLi
                    ) -> tuple[Checkpoint, Plan, dict, list[str]]:
     """Phase 1: the checkpoint opened (closed with `stack`), its plan and config, and what the summary says of
     them."""
-    bar_for = (lambda description, total: _progress_bar(total, True, description)) if progress else None
+    bar_for = (lambda description, total: progress_bar(total, True, description)) if progress else None
     model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
     checkpoint = stack.enter_context(open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None,
                                                      bar_for))
@@ -433,7 +395,7 @@ def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[
 def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, progress: bool,
                 on_bytes: Callable[[int], None] | None = None) -> float:
     """Phase 2: the plan's tensors into their shard files in `folder`, with a progress bar; the seconds taken."""
-    bar = _progress_bar(plan.total_size, enabled=progress)
+    bar = progress_bar(plan.total_size, enabled=progress)
     started = time.perf_counter()
 
     def written(n: int) -> None:
@@ -525,21 +487,3 @@ def _write_config(folder: str, config: dict) -> None:
         f.write("\n")
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool, description: str = "converting"):
-    """tqdm's bar on stderr; with --quiet, not even tqdm's import (0.1 s of a cold start)."""
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=one_line(description),
-        file=sys.stderr, dynamic_ncols=True,
-    )

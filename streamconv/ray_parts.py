@@ -14,6 +14,7 @@ from typing import Any
 
 from streamconv.errors import ConversionError
 from streamconv.parts import MAX_PARTS
+from streamconv.process import progress_bar
 
 CPUS_PER_PART = 2  # a part's reader and writer threads; arranging (GPT-SW3's transposes) reached the disk's speed
 # with two threads on the machines measured
@@ -33,7 +34,7 @@ def _ray() -> Any:
 def convert_with_ray(count: int, checkpoint_path: str, save_path: str, progress: bool, **options: Any) -> Any:
     """Plan on the driver (a bad input fails here, before any task starts), run parts 0..count-1 as Ray tasks,
     and return the driver's ConversionResult; a part's ConversionError is raised here as it was raised there."""
-    from streamconv.converter import _progress_bar, convert
+    from streamconv.converter import convert
 
     if not 1 <= count <= MAX_PARTS:
         raise ConversionError(f"--ray {count}: give the number of parts, 1 to {MAX_PARTS}")
@@ -46,7 +47,7 @@ def convert_with_ray(count: int, checkpoint_path: str, save_path: str, progress:
     part = ray.remote(num_cpus=CPUS_PER_PART, max_retries=RETRIES, scheduling_strategy="SPREAD")(_run_part)
     pending = [part.remote(i, count, checkpoint_path, save_path, options, counter) for i in range(count)]
     refs = list(pending)
-    bar = _progress_bar(result.plan.total_size, enabled=progress)
+    bar = progress_bar(result.plan.total_size, enabled=progress)
     try:
         shown = 0
         while pending:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import re
 import shutil
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +13,11 @@ from typing import TYPE_CHECKING
 
 from streamconv import parts, tokenizer
 from streamconv.errors import ConversionError
+from streamconv.hf_folder import finish, read_tokenizer, write_extras
+from streamconv.options import resolve_device, resolve_dtype
 from streamconv.output import (
     check_save_path,
     claimed,
-    fsync,
     make_folders,
     only_model_files,
     publish,
@@ -28,14 +26,11 @@ from streamconv.output import (
 from streamconv.pipeline import stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, parse_size
 from streamconv.planning import build_plan
-from streamconv.process import import_torch, peak_rss, progress_bar
+from streamconv.process import peak_rss, progress_bar
 from streamconv.sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
     import torch
-
-CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass
@@ -93,37 +88,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3f} GB" if unit == "GB" else f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-def resolve_device(device: str | torch.device) -> str:
-    """'cpu', 'cuda' or 'cuda:N', checked; torch is imported only for CUDA."""
-    name = str(device)
-    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
-        raise ConversionError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    if name != "cpu":
-        import_torch()
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConversionError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name else None
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConversionError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; use cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}"
-            )
-    return name
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """The output dtype's name ('torch.bfloat16'); None keeps each source tensor's dtype."""
-    if dtype is None or dtype == "auto":
-        return None
-    if str(dtype) in DTYPE_NAMES.values():  # a torch.dtype, or its name
-        return str(dtype)
-    if dtype not in DTYPE_NAMES:
-        raise ConversionError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
-    return DTYPE_NAMES[dtype]
 
 
 def convert(
@@ -366,32 +330,6 @@ def _tokenizer_bytes(checkpoint: Checkpoint) -> int:
     return len(checkpoint.tokenizer or b"") + sum(map(len, checkpoint.tokenizer_files.values()))
 
 
-def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str]) -> tokenizer.LoadCheck | None:
-    """`config.json` and the tokenizer's files; returns the tokenizer's load check, started in a child process."""
-    _write_config(folder, config)
-    sentencepiece = tokenizer.ships(config["model_type"])
-    if not sentencepiece and checkpoint.tokenizer_files:
-        for name, data in checkpoint.tokenizer_files.items():
-            with open(os.path.join(folder, name), "wb") as f:
-                f.write(data)
-        return tokenizer.LoadCheck("hf", folder, config)
-    if not sentencepiece:
-        what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
-            else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/ or Megatron-Bridge's tokenizer/"
-        notes.append(f"no tokenizer copied ({what}; copy yours beside the model" + _named_tokenizer(checkpoint) + ")")
-    elif checkpoint.tokenizer is None:
-        notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
-    elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
-        notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
-    else:  # checked (transformers imported) while the tensors stream
-        tokenizer.save(folder, checkpoint.tokenizer, config)
-        if not tokenizer.sentencepiece_available():
-            notes.append(tokenizer.UNCHECKED)
-            return None
-        return tokenizer.LoadCheck("sentencepiece", folder, config)
-    return None
-
-
 def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, progress: bool,
                 on_bytes: Callable[[int], None] | None = None) -> float:
     """Phase 2: the plan's tensors into their shard files in `folder`, with a progress bar; the seconds taken."""
@@ -410,32 +348,6 @@ def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, pr
     return time.perf_counter() - started
 
 
-def finish(folder: str, plan: Plan, checked: tokenizer.LoadCheck | None, notes: list[str]) -> None:
-    """Phase 3: the tokenizer check's outcome, the index, and everything in `folder` made durable."""
-    if checked is not None:
-        notes.append(checked.result())
-    if plan.is_sharded:
-        with open(os.path.join(folder, INDEX_NAME), "w") as f:
-            json.dump(plan.index(), f, indent=2, sort_keys=True)
-            f.write("\n")
-    for name in os.listdir(folder):  # the shards are fsynced already; config, index and tokenizer files
-        fsync(os.path.join(folder, name))
-    fsync(folder)
-
-
-def _named_tokenizer(checkpoint: Checkpoint) -> str:
-    """What the cfg names as the tokenizer (NeMo's `tokenizer.type`, Megatron-LM's `tokenizer_model`: often a hub
-    name), said, never fetched nor opened."""
-    for key in ("tokenizer.type", "tokenizer_model"):
-        try:
-            name = checkpoint.hparam(key)
-        except ConversionError:
-            continue
-        if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 200:
-            return f"; the cfg names {name!r} as its tokenizer, not fetched"
-    return ""
-
-
 def _write_error(exc: OSError, save_path: str, staging: str, needed: int) -> BaseException:
     """The one line for a write that failed: the disk full or a size limit, or the folder deleted; else `exc`."""
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
@@ -449,41 +361,5 @@ def _write_error(exc: OSError, save_path: str, staging: str, needed: int) -> Bas
 def _deleted(folder: str, save_path: str) -> ConversionError:
     return ConversionError(f"the folder {folder} was deleted during the conversion (or a folder above it); "
                            f"nothing was written to {save_path}: run again")
-
-
-def read_tokenizer(path: str) -> bytes:
-    """The SentencePiece model given with --tokenizer, refused if sentencepiece is installed and cannot read it."""
-    try:  # (opened without waiting: a pipe would block the open, or the read forever)
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConversionError(f"the tokenizer {path} is not a regular file (a folder, a pipe or a device?); "
-                                      "give --tokenizer the SentencePiece model file itself")
-            model = f.read(tokenizer.MAX_BYTES + 1)
-    except OSError as exc:
-        raise ConversionError(f"cannot read the tokenizer {path} ({exc.strerror}); check --tokenizer") from None
-    if len(model) > tokenizer.MAX_BYTES:
-        raise ConversionError(f"{path} is larger than {tokenizer.MAX_BYTES} bytes, too large for a SentencePiece "
-                              "model; check --tokenizer")
-    if tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None:
-        raise ConversionError(f"{path} is not a SentencePiece model that sentencepiece can read; check --tokenizer")
-    return model
-
-
-def _write_config(folder: str, config: dict) -> None:
-    """`config.json` as `GPT2Config(**config).to_json_file` (or LlamaConfig's) writes it, without importing
-    transformers.
-
-    That import reads hundreds of files and costs over two seconds of a cold conversion, competing with the
-    stream for the disk and the CPU. The config class fills every field not given here with its default when it
-    loads the file (tests/test_convert.py checks the two load the same).
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    written = dict(config)
-    with contextlib.suppress(PackageNotFoundError):  # transformers without its metadata: the field is optional
-        written["transformers_version"] = version("transformers")
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(written, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 

@@ -27,6 +27,7 @@ from streamconv.pipeline import stream, working_memory
 from streamconv.plan import DTYPE_NAMES, Plan, parse_size
 from streamconv.planning import build_plan
 from streamconv.process import peak_rss, progress_bar
+from streamconv.ray_parts import convert_with_ray
 from streamconv.sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
@@ -126,9 +127,7 @@ def convert(
         if part is not None or dry_run or save_path is None:
             raise ConversionError("--ray runs every part itself into a save path: give --save-path, drop --part "
                                   "and --dry-run")
-        from streamconv.ray_parts import convert_with_ray
-
-        return convert_with_ray(ray, os.fspath(checkpoint_path), os.fspath(save_path), progress, device=device,
+        return convert_with_ray(convert, ray, os.fspath(checkpoint_path), os.fspath(save_path), progress, device=device,
                                 shard_size=shard_size, dtype=dtype, vocab_size=vocab_size, num_heads=num_heads,
                                 family=family, tokenizer_path=tokenizer_path, overwrite=overwrite)
     started = time.perf_counter()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from streamconv._version import __version__ as __version__  # (re-exported)
+
 __all__ = ["ConversionError", "ConversionResult", "convert", "verify"]
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TextIO
 
+from streamconv._version import version
 from streamconv.errors import ConversionError, one_line
 
 EXIT_BAD_INPUT = 2
@@ -61,19 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="store_true", help="print streamconv's version and exit")
     return p
-
-
-def version() -> str:
-    """The installed distribution's version, else the package's own (run from a source tree)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("streamconv")
-    except PackageNotFoundError:
-        from streamconv import __version__
-
-        return __version__
 
 
 def say(line: str, file: TextIO | None = None) -> None:

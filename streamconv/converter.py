@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import re
-import resource
 import shutil
-import signal
-import stat
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamconv import parts, tokenizer
-from streamconv.errors import ConversionError, one_line
+from streamconv.errors import ConversionError
 from streamconv.formats.safetensors import DTYPE_NAMES
+from streamconv.hf_folder import finish, read_tokenizer, write_extras
+from streamconv.options import resolve_device, resolve_dtype
 from streamconv.output import (
     check_save_path,
     claimed,
-    fsync,
     make_folders,
     only_model_files,
     publish,
@@ -33,13 +27,12 @@ from streamconv.output import (
 from streamconv.pipeline import stream, working_memory
 from streamconv.plan import Plan, parse_size
 from streamconv.planning import build_plan
+from streamconv.process import peak_rss, progress_bar
+from streamconv.ray_parts import convert_with_ray
 from streamconv.sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
     import torch
-
-CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass
@@ -99,72 +92,6 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def peak_rss() -> int:
-    """This process's peak resident set in bytes (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def resolve_device(device: str | torch.device) -> str:
-    """'cpu', 'cuda' or 'cuda:N', checked; torch is imported only for CUDA."""
-    name = str(device)
-    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", name) is None:
-        raise ConversionError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    if name != "cpu":
-        import_torch()
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConversionError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name else None
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConversionError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; use cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}"
-            )
-    return name
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """The output dtype's name ('torch.bfloat16'); None keeps each source tensor's dtype."""
-    if dtype is None or dtype == "auto":
-        return None
-    if str(dtype) in DTYPE_NAMES.values():  # a torch.dtype, or its name
-        return str(dtype)
-    if dtype not in DTYPE_NAMES:
-        raise ConversionError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
-    return DTYPE_NAMES[dtype]
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM; deliver them right after, to the handlers there were.
-
-    torch's C extension imports numpy and discards any Python error raised meanwhile, so the exception a
-    signal raised during `import torch` vanished and the conversion went on (seen with SIGTERM 0.25 s into
-    a run). Only the main thread can set handlers; elsewhere this holds nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
-        if held:  # the first one: its handler may raise
-            signal.raise_signal(held[0])
-
-
-def import_torch() -> None:
-    """Import torch, for a cast or a GPU (about 1.7 s cold: a CPU conversion without a cast never does)."""
-    if "torch" not in sys.modules:
-        with signals_held():
-            import torch  # noqa: F401
-
-
 def convert(
     checkpoint_path: str | os.PathLike[str],
     save_path: str | os.PathLike[str] | None,
@@ -201,9 +128,7 @@ def convert(
         if part is not None or dry_run or save_path is None:
             raise ConversionError("--ray runs every part itself into a save path: give --save-path, drop --part "
                                   "and --dry-run")
-        from streamconv.ray_parts import convert_with_ray
-
-        return convert_with_ray(ray, os.fspath(checkpoint_path), os.fspath(save_path), progress, device=device,
+        return convert_with_ray(convert, ray, os.fspath(checkpoint_path), os.fspath(save_path), progress, device=device,
                                 shard_size=shard_size, dtype=dtype, vocab_size=vocab_size, num_heads=num_heads,
                                 family=family, tokenizer_path=tokenizer_path, overwrite=overwrite)
     started = time.perf_counter()
@@ -370,7 +295,7 @@ def _open_and_plan(stack: contextlib.ExitStack, checkpoint_path: str | os.PathLi
                    ) -> tuple[Checkpoint, Plan, dict, list[str]]:
     """Phase 1: the checkpoint opened (closed with `stack`), its plan and config, and what the summary says of
     them."""
-    bar_for = (lambda description, total: _progress_bar(total, True, description)) if progress else None
+    bar_for = (lambda description, total: progress_bar(total, True, description)) if progress else None
     model = read_tokenizer(os.fspath(tokenizer_path)) if tokenizer_path is not None else None
     checkpoint = stack.enter_context(open_checkpoint(checkpoint_path, parent if os.path.isdir(parent) else None,
                                                      bar_for))
@@ -405,36 +330,10 @@ def _tokenizer_bytes(checkpoint: Checkpoint) -> int:
     return len(checkpoint.tokenizer or b"") + sum(map(len, checkpoint.tokenizer_files.values()))
 
 
-def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str]) -> tokenizer.LoadCheck | None:
-    """`config.json` and the tokenizer's files; returns the tokenizer's load check, started in a child process."""
-    _write_config(folder, config)
-    sentencepiece = tokenizer.ships(config["model_type"])
-    if not sentencepiece and checkpoint.tokenizer_files:
-        for name, data in checkpoint.tokenizer_files.items():
-            with open(os.path.join(folder, name), "wb") as f:
-                f.write(data)
-        return tokenizer.LoadCheck("hf", folder, config)
-    if not sentencepiece:
-        what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
-            else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/ or Megatron-Bridge's tokenizer/"
-        notes.append(f"no tokenizer copied ({what}; copy yours beside the model" + _named_tokenizer(checkpoint) + ")")
-    elif checkpoint.tokenizer is None:
-        notes.append("no tokenizer copied (--tokenizer MODEL adds one)")
-    elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
-        notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
-    else:  # checked (transformers imported) while the tensors stream
-        tokenizer.save(folder, checkpoint.tokenizer, config)
-        if not tokenizer.sentencepiece_available():
-            notes.append(tokenizer.UNCHECKED)
-            return None
-        return tokenizer.LoadCheck("sentencepiece", folder, config)
-    return None
-
-
 def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, progress: bool,
                 on_bytes: Callable[[int], None] | None = None) -> float:
     """Phase 2: the plan's tensors into their shard files in `folder`, with a progress bar; the seconds taken."""
-    bar = _progress_bar(plan.total_size, enabled=progress)
+    bar = progress_bar(plan.total_size, enabled=progress)
     started = time.perf_counter()
 
     def written(n: int) -> None:
@@ -447,32 +346,6 @@ def stream_into(folder: str, plan: Plan, checkpoint: Checkpoint, device: str, pr
     finally:
         bar.close()  # before any message: an interrupted bar would be glued to it, and redrawn after it
     return time.perf_counter() - started
-
-
-def finish(folder: str, plan: Plan, checked: tokenizer.LoadCheck | None, notes: list[str]) -> None:
-    """Phase 3: the tokenizer check's outcome, the index, and everything in `folder` made durable."""
-    if checked is not None:
-        notes.append(checked.result())
-    if plan.is_sharded:
-        with open(os.path.join(folder, INDEX_NAME), "w") as f:
-            json.dump(plan.index(), f, indent=2, sort_keys=True)
-            f.write("\n")
-    for name in os.listdir(folder):  # the shards are fsynced already; config, index and tokenizer files
-        fsync(os.path.join(folder, name))
-    fsync(folder)
-
-
-def _named_tokenizer(checkpoint: Checkpoint) -> str:
-    """What the cfg names as the tokenizer (NeMo's `tokenizer.type`, Megatron-LM's `tokenizer_model`: often a hub
-    name), said, never fetched nor opened."""
-    for key in ("tokenizer.type", "tokenizer_model"):
-        try:
-            name = checkpoint.hparam(key)
-        except ConversionError:
-            continue
-        if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 200:
-            return f"; the cfg names {name!r} as its tokenizer, not fetched"
-    return ""
 
 
 def _write_error(exc: OSError, save_path: str, staging: str, needed: int) -> BaseException:
@@ -490,57 +363,3 @@ def _deleted(folder: str, save_path: str) -> ConversionError:
                            f"nothing was written to {save_path}: run again")
 
 
-def read_tokenizer(path: str) -> bytes:
-    """The SentencePiece model given with --tokenizer, refused if sentencepiece is installed and cannot read it."""
-    try:  # (opened without waiting: a pipe would block the open, or the read forever)
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConversionError(f"the tokenizer {path} is not a regular file (a folder, a pipe or a device?); "
-                                      "give --tokenizer the SentencePiece model file itself")
-            model = f.read(tokenizer.MAX_BYTES + 1)
-    except OSError as exc:
-        raise ConversionError(f"cannot read the tokenizer {path} ({exc.strerror}); check --tokenizer") from None
-    if len(model) > tokenizer.MAX_BYTES:
-        raise ConversionError(f"{path} is larger than {tokenizer.MAX_BYTES} bytes, too large for a SentencePiece "
-                              "model; check --tokenizer")
-    if tokenizer.sentencepiece_available() and tokenizer.vocab_size(model) is None:
-        raise ConversionError(f"{path} is not a SentencePiece model that sentencepiece can read; check --tokenizer")
-    return model
-
-
-def _write_config(folder: str, config: dict) -> None:
-    """`config.json` as `GPT2Config(**config).to_json_file` (or LlamaConfig's) writes it, without importing
-    transformers.
-
-    That import reads hundreds of files and costs over two seconds of a cold conversion, competing with the
-    stream for the disk and the CPU. The config class fills every field not given here with its default when it
-    loads the file (tests/test_convert.py checks the two load the same).
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    written = dict(config)
-    with contextlib.suppress(PackageNotFoundError):  # transformers without its metadata: the field is optional
-        written["transformers_version"] = version("transformers")
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(written, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool, description: str = "converting"):
-    """tqdm's bar on stderr; with --quiet, not even tqdm's import (0.1 s of a cold start)."""
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=one_line(description),
-        file=sys.stderr, dynamic_ncols=True,
-    )

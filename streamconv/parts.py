@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from streamconv._version import version
 from streamconv.errors import ConversionError
 from streamconv.output import RENAME_NOREPLACE, fsync, renameat2, sibling
 from streamconv.plan import Plan, Shard
@@ -124,8 +125,6 @@ def identity(fields: Mapping[str, object], plan: Plan, config: dict, tokenizer_b
     """What every part of one conversion must share, in the order a difference is named: N and the flags
     (`fields`), the sources (realpath, and the size and mtime of every file in them), the plan, config and
     tokenizer (digests) and streamconv's version."""
-    from streamconv.cli import version
-
     def digest(*chunks: bytes) -> str:
         h = hashlib.sha256()
         for chunk in chunks:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from streamconv.errors import ConversionError
 from streamconv.parts import MAX_PARTS
+from streamconv.process import progress_bar
 
 CPUS_PER_PART = 2  # a part's reader and writer threads; arranging (GPT-SW3's transposes) reached the disk's speed
 # with two threads on the machines measured
@@ -30,11 +32,13 @@ def _ray() -> Any:
     return ray
 
 
-def convert_with_ray(count: int, checkpoint_path: str, save_path: str, progress: bool, **options: Any) -> Any:
+def convert_with_ray(convert: Callable[..., Any], count: int, checkpoint_path: str, save_path: str, progress: bool,
+                     **options: Any) -> Any:
     """Plan on the driver (a bad input fails here, before any task starts), run parts 0..count-1 as Ray tasks,
-    and return the driver's ConversionResult; a part's ConversionError is raised here as it was raised there."""
-    from streamconv.converter import _progress_bar, convert
+    and return the driver's ConversionResult; a part's ConversionError is raised here as it was raised there.
 
+    `convert` is streamconv.converter.convert, which calls this for `ray=`: handed in, so that this module stays
+    below the converter; each task runs it for its part."""
     if not 1 <= count <= MAX_PARTS:
         raise ConversionError(f"--ray {count}: give the number of parts, 1 to {MAX_PARTS}")
     ray = _ray()
@@ -44,9 +48,9 @@ def convert_with_ray(count: int, checkpoint_path: str, save_path: str, progress:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, configure_logging=False)
     counter = ray.remote(num_cpus=0)(_Counter).remote()
     part = ray.remote(num_cpus=CPUS_PER_PART, max_retries=RETRIES, scheduling_strategy="SPREAD")(_run_part)
-    pending = [part.remote(i, count, checkpoint_path, save_path, options, counter) for i in range(count)]
+    pending = [part.remote(convert, i, count, checkpoint_path, save_path, options, counter) for i in range(count)]
     refs = list(pending)
-    bar = _progress_bar(result.plan.total_size, enabled=progress)
+    bar = progress_bar(result.plan.total_size, enabled=progress)
     try:
         shown = 0
         while pending:
@@ -99,10 +103,9 @@ class _Counter:
         return self.bytes
 
 
-def _run_part(index: int, count: int, checkpoint_path: str, save_path: str, options: dict, counter: Any) -> Any:
+def _run_part(convert: Callable[..., Any], index: int, count: int, checkpoint_path: str, save_path: str, options: dict,
+              counter: Any) -> Any:
     """One Ray task: part `index` of `count`, reporting its bytes in batches."""
-    from streamconv.converter import convert
-
     unreported = 0
 
     def on_bytes(n: int) -> None:

@@ -28,10 +28,11 @@ import numpy as np
 
 from streamconv import recipes, tokenizer
 from streamconv.arrange import Arranger
-from streamconv.converter import CONFIG_NAME, INDEX_NAME, read_tokenizer, resolve_dtype
 from streamconv.errors import ConversionError, describe
 from streamconv.formats import safetensors
 from streamconv.formats.safetensors import DTYPE_NAMES, is_int, json_kind
+from streamconv.hf_folder import CONFIG_NAME, INDEX_NAME, read_tokenizer
+from streamconv.options import resolve_dtype
 from streamconv.pipeline import (
     CHUNK_BYTES,
     Fetch,

@@ -229,7 +229,7 @@ def test_version():
 @pytest.mark.parametrize("sig,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])
 def test_signal_during_the_torch_import_is_held_then_raised(sig, raised):
     """A signal that lands while torch imports numpy would raise inside torch, which discards the error."""
-    from streamconv.converter import signals_held
+    from streamconv.process import signals_held
 
     before = signal.signal(signal.SIGTERM, cli._on_sigterm) if sig == signal.SIGTERM else signal.getsignal(sig)
     handler = signal.getsignal(sig)
@@ -247,7 +247,7 @@ def test_signal_during_the_torch_import_is_held_then_raised(sig, raised):
 
 def test_a_signal_held_through_a_failure_is_still_delivered():
     """If the import fails meanwhile, the held Ctrl-C still stops the run (the failure is its context)."""
-    from streamconv.converter import signals_held
+    from streamconv.process import signals_held
 
     with pytest.raises(KeyboardInterrupt) as info, signals_held():
         os.kill(os.getpid(), signal.SIGINT)

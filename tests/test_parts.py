@@ -29,6 +29,7 @@ from tests.test_output_safety import _strace_works
 
 MODEL = SyntheticModel(n_embd=64, n_layer=3, n_head=8, vocab_size=1000, n_positions=64)
 FLAGS = ("--vocab-size", "1000", "--shard-size", "100kB", "--quiet")  # 5 shards: parts cut some of them
+FINGERPRINT = "d8cc4e348666489a5cf8c96627a80264eeb49f16ce0fe4aeadb4c0b35ccb08b6"  # computed on commit e1798ea
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,31 @@ def test_the_parts_of_a_40b_plan_are_balanced_and_cover_every_tensor_once():
             start = full.tensors.index(shard.tensors[0])
             assert full.tensors[start : start + len(shard.tensors)] == shard.tensors
             assert shard.header == full.header
+
+
+def fixed_identity(tmp_path):
+    """`parts.identity` of a fixed plan, config, tokenizer and flags, over a source file and a source folder with
+    fixed sizes and times; the two real paths replaced by a placeholder (they change with `tmp_path`)."""
+    plan = plan_40b(layers=2)
+    config = {"model_type": "gpt2", "n_embd": 8192, "n_layer": 2, "vocab_size": 64000}
+    tokenizer_bytes = [b"spiece model bytes", b"tokenizer.json" + b"{}"]
+    fields = {"parts": 4, "--dtype": "bf16", "--shard-size": 5 * 10**9, "--vocab-size": 64000, "--num-heads": None,
+              "--family": None, "--overwrite": False}
+    checkpoint, folder = tmp_path / "model.ckpt", tmp_path / "tokenizer"
+    folder.mkdir()
+    for path, data in ((checkpoint, b"x" * 100), (folder / "a.model", b"ab"), (folder / "sub.json", b"{}")):
+        path.write_bytes(data)
+        os.utime(path, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    found = parts.identity(fields, plan, config, tokenizer_bytes, [str(checkpoint), str(folder)])
+    assert found["checkpoint"] == os.path.realpath(checkpoint) and found["tokenizer file"] == os.path.realpath(folder)
+    return {**found, "checkpoint": "<path>", "tokenizer file": "<path>"}
+
+
+def test_the_split_run_fingerprint_is_pinned(tmp_path):
+    """Parts of one conversion agree on the staging folder by this digest: a change to what it hashes, or to how,
+    makes parts run by two streamconv builds miss each other (a version change does so on purpose)."""
+    found = fixed_identity(tmp_path)
+    assert hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest() == FINGERPRINT
 
 
 def test_a_part_needs_the_space_of_its_share_not_of_its_shards():

@@ -3,7 +3,7 @@
 A checkpoint's cfg is untrusted. OmegaConf walks a whole config when it is built or resolved, follows
 `_parent` chains that a pickle can make loop, deep-copies YAML aliases (ten lines of YAML expand to
 billions of nodes) and evaluates resolvers such as `${oc.env:HOME}`. So the pickle builds inert stand-ins
-for OmegaConf's classes (`STAND_INS`, allow-listed in `safe_pickle`) that only keep the state they are
+for OmegaConf's classes (`stand_ins`, allow-listed in `safe_pickle`) that only keep the state they are
 given, and `Config` reads one key at a time by walking down from the root: only the path to a key is ever
 visited, shared references cost nothing, `_parent` is never followed. Interpolations are resolved as
 OmegaConf would for the plain forms NeMo writes (`${key}`, `${.key}`, `${..a.b}`, `${a[0]}`, inside a
@@ -19,6 +19,7 @@ from typing import Any
 
 from streamconv.errors import ConversionError, first_line
 from streamconv.sources import safe_pickle
+from streamconv.sources.stand_ins import Node
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config file (model_config.yaml, context/model.yaml): real ones are a few kB
 _MAX_DEPTH = 32  # interpolations followed from one key (a chain or a loop)
@@ -31,55 +32,9 @@ _KEY = re.compile(r"[^.\[\]]+|\[[^\]]*\]")
 _RESOLVER = re.compile(r"\$\{\s*+([^${}:\s]*+)\s*+:")  # possessive: no backtracking on long runs of blanks
 
 
-class _Node:
-    """Stands in for an OmegaConf container or node: keeps the state a pickle gives it, builds nothing."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Node:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass  # (OmegaConf pickles with NEWOBJ and no arguments; anything else is ignored, never walked)
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state  # one reference: not walked, not copied
-
-    def content(self) -> Any:
-        state = getattr(self, "state", None)
-        return state.get(self.field) if isinstance(state, dict) else None
-
-    field = "_content"
-
-
-class _ValueNode(_Node):
-    field = "_val"
-
-
-class _Metadata(_Node):
-    def content(self) -> Any:
-        return None
-
-
-class _Namespace(_Node):
-    """argparse.Namespace (Megatron-LM's training `args`): its fields are its state."""
-
-    def content(self) -> Any:
-        state = getattr(self, "state", None)
-        return state if isinstance(state, dict) else None
-
-
-_CONTAINERS = ("dictconfig.DictConfig", "listconfig.ListConfig")
-_VALUES = ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode")
-STAND_INS: dict[str, type] = {
-    **{f"omegaconf.{name}": type(name.split(".")[-1], (_Node,), {}) for name in _CONTAINERS},
-    **{f"omegaconf.nodes.{name}": type(name, (_ValueNode,), {}) for name in _VALUES},
-    **{f"omegaconf.base.{name}": type(name, (_Metadata,), {}) for name in ("ContainerMetadata", "Metadata")},
-    "argparse.Namespace": _Namespace,
-}
-
-
 def _unwrap(value: Any) -> Any:
     """The plain value behind a stand-in (its `_content` or `_val`); plain data as it is."""
-    return value.content() if isinstance(value, _Node) else value
+    return value.content() if isinstance(value, Node) else value
 
 
 def _short(text: str) -> str:

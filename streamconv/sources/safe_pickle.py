@@ -22,16 +22,10 @@ import typing
 from typing import Any
 
 from streamconv.errors import ConversionError, describe
+from streamconv.sources.stand_ins import STAND_INS
 
 DTYPES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
           "uint8": 1, "bool": 1}  # the tensor dtypes a checkpoint may hold (torch.<name>), bytes per element
-
-
-def _omegaconf() -> dict[str, Any]:
-    """OmegaConf's classes, as the inert stand-ins `hparams` reads the cfg from (OmegaConf is never imported)."""
-    from streamconv.sources.hparams import STAND_INS
-
-    return dict(STAND_INS)
 
 
 def _allowed() -> dict[str, Any]:
@@ -42,7 +36,7 @@ def _allowed() -> dict[str, Any]:
         "collections.defaultdict": collections.defaultdict,
         "typing.Any": typing.Any,
         **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, bool, str)},
-        **_omegaconf(),
+        **STAND_INS,  # OmegaConf's classes, as the inert stand-ins `hparams` reads the cfg from
     }
 
 

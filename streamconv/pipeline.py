@@ -35,7 +35,7 @@ from streamconv import reads
 from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.reads import ReadAhead
-from streamconv.recipes.base import Arrangement
+from streamconv.recipe import Arrangement
 from streamconv.safetensors_writer import STAGING_BYTES, ShardWriter
 from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split, row_ranges
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from streamconv.errors import ConversionError
-from streamconv.recipes.base import TensorRecipe
+from streamconv.recipe import TensorRecipe
 
 # Keyed by the dtype names a checkpoint's pickle gives (str(torch.dtype)): streamconv plans without torch.
 _DTYPES = {  # name -> (safetensors dtype, bytes per element)

@@ -250,7 +250,7 @@ def convert(
             raise _deleted(parent, save_path) from None
         checked = None
         try:
-            checked = write_extras(staging, checkpoint, config, notes)
+            checked = write_extras(staging, checkpoint, plan, config, notes)
             result.stream_seconds = stream_into(staging, plan, checkpoint, dev, progress, on_bytes)
             finish(staging, plan, checked, notes)
             publish(staging, target, save_path, overwrite)
@@ -346,7 +346,7 @@ def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, con
             staged.check_shards(plan)
             checked = None
             try:
-                checked = write_extras(staged.model, checkpoint, config, notes)
+                checked = write_extras(staged.model, checkpoint, plan, config, notes)
                 finish(staged.model, plan, checked, notes)
             finally:
                 if checked is not None:
@@ -404,10 +404,11 @@ def _tokenizer_bytes(checkpoint: Checkpoint) -> int:
     return len(checkpoint.tokenizer or b"") + sum(map(len, checkpoint.tokenizer_files.values()))
 
 
-def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str]) -> tokenizer.LoadCheck | None:
+def write_extras(folder: str, checkpoint: Checkpoint, plan: Plan, config: dict, notes: list[str]
+                 ) -> tokenizer.LoadCheck | None:
     """`config.json` and the tokenizer's files; returns the tokenizer's load check, started in a child process."""
     _write_config(folder, config)
-    sentencepiece = tokenizer.ships(config["model_type"])
+    sentencepiece = plan.family.sentencepiece
     if not sentencepiece and checkpoint.tokenizer_files:
         for name, data in checkpoint.tokenizer_files.items():
             with open(os.path.join(folder, name), "wb") as f:
@@ -422,7 +423,7 @@ def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[
     elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
         notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
     else:  # checked (transformers imported) while the tensors stream
-        tokenizer.save(folder, checkpoint.tokenizer, config)
+        tokenizer.save(folder, checkpoint.tokenizer, plan.family.tokenizer_settings(config))
         if not tokenizer.sentencepiece_available():
             notes.append(tokenizer.UNCHECKED)
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamconv.errors import ConversionError
 from streamconv.recipe import TensorRecipe
@@ -96,6 +97,7 @@ class Shard:
 class Plan:
     shards: list[Shard]
     total_size: int  # bytes of tensor data, as the index's metadata.total_size
+    family: Any = None  # what made it (a `families.base.Family`, set by planning; the engine never reads it)
 
     @property
     def tensors(self) -> list[TensorSpec]:

@@ -1,4 +1,4 @@
-"""Every cfg setting that changes the forward pass is read by the family or refused by name (recipes/settings.py),
+"""Every cfg setting that changes the forward pass is read by the family or refused by name (families/settings.py),
 flags are booleans, numbers are what a model can have, and the cfg agrees with the tensors.
 
 Checkpoints are megatron-core's own (tests/mcore_models.py); a setting is put into their cfg (NeMo 1.x's
@@ -18,11 +18,13 @@ import yaml
 
 import streamconv
 from streamconv.errors import ConversionError
-from streamconv.recipes import FAMILIES, gpt_sw3, llama, settings
+from streamconv.families import FAMILIES, settings
 from tests.mcore_models import ITERATION
 from tests.test_llama import VOCAB, llama_logits
 from tests.test_mcore import refused
 from tests.test_mcore_writer import _have_megatron_core
+
+llama, gpt_sw3 = FAMILIES["llama"], FAMILIES["gpt-sw3"]
 
 if not _have_megatron_core():
     pytest.skip("megatron-core is not installed", allow_module_level=True)
@@ -79,7 +81,7 @@ def test_every_megatron_core_field_is_classified():
     for switch, dependents in settings.ACTS_WITH.items():
         assert dependents and set(dependents) <= set(settings.FORWARD), switch
     for family in FAMILIES.values():
-        assert set(family.SETTINGS) <= set(settings.FORWARD), family.NAME
+        assert set(family.settings) <= set(settings.FORWARD), family.name
 
 
 def test_every_field_of_megatron_core_0_19_is_classified():
@@ -106,7 +108,7 @@ def _non_default(key, default):
 
 
 _DEPENDENT = {d: switch for switch, ds in settings.ACTS_WITH.items() for d in ds}
-_REFUSED = [k for k in settings.FORWARD if k not in llama.SETTINGS and k not in _DEPENDENT]
+_REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT]
 
 
 @pytest.mark.parametrize("key", _REFUSED)
@@ -141,7 +143,7 @@ def test_gpt_sw3_refuses_by_its_own_name_and_ignores_rotary_settings_of_learned_
     assert message == ("the cfg sets softmax_scale 0.5 (megatron-core's default: None), which GPT2LMHeadModel cannot "
                        "express; streamconv will not write a different model")
     folder = with_cfg(cases["gpt"], tmp_path / "rope", rotary_base=500000, rotary_percentage=0.5)
-    assert streamconv.convert(folder, None, dry_run=True).config["model_type"] == gpt_sw3.MODEL_TYPE
+    assert streamconv.convert(folder, None, dry_run=True).config["model_type"] == gpt_sw3.model_type
     assert "the cfg sets the flag openai_gelu to 1, not true or false" in plan_error(
         with_cfg(cases["gpt"], tmp_path / "gelu", openai_gelu=1))
     assert "kv_channels 8, not hidden_size / num_attention_heads = 16" in plan_error(
@@ -225,7 +227,7 @@ def test_an_absurd_layer_count_is_refused_at_once(cases, tmp_path, layers):
 
 
 def test_num_layers_is_compared_with_the_tensors_before_anything_per_layer():
-    from streamconv.recipes import base
+    from streamconv.families import base
 
     with pytest.raises(ConversionError, match="num_layers 1000000 but the state_dict holds layers 0..1"):
         base.check_layers(10**6, [0, 1])
@@ -307,6 +309,6 @@ def test_cfg_value_mutations_convert_or_are_refused(cases, tmp_path, seed):
         assert not (tmp_path / "hf").exists()
         return
     assert streamconv.verify(folder, tmp_path / "hf", vocab_size=VOCAB) == [], edit
-    if not set(edit) & (settings.READ | set(llama.SETTINGS)):
+    if not set(edit) & (settings.READ | set(llama.settings)):
         case = cases["llama"]
         assert (llama_logits(tmp_path / "hf", case.input_ids) - case.logits_fp32).abs().max() < 1e-4, edit

@@ -1,143 +1,24 @@
-"""What every model family's recipe is made of: source naming schemes, arrangements, tensor recipes, features.
+"""What every model family is made of: cfg values read with their ranges, the traits a checkpoint shows, the
+dimensions a mapping needs, and the tensor table a family declares, expanded into the engine's records.
 
-Everything here is metadata. A family (`gpt_sw3`, `llama`) says which source tensor, or which rows of one,
-feeds each output name, how its elements are rearranged, and the Hugging Face config; the plan and the
-pipeline know only these records.
-
-An arrangement is written as data: view the source as `view` (built from its shape and the config), then
-permute the axes by `perm`. Output bytes are the permuted view, read in row-major order. Examples:
-- GPT-2 stores linear weights as Conv1D `[in, out]`; Megatron as `[out, in]`: view `(out, in)`, perm `(1, 0)`.
-- Megatron's fused QKV rows are grouped `(heads, 3, head_dim)`, GPT-2's `(3, heads, head_dim)`, and the
-  weight is transposed as well: view `(heads, 3, head_dim, in)`, perm `(3, 1, 0, 2)`.
-An output may also be some row ranges of its source, concatenated (`TensorRecipe.row_ranges`): Llama's
-query, key and value heads out of megatron's fused QKV weight, its gate and up halves out of `linear_fc1`.
+A family (one registered file each) is mostly data: its names, the traits it accepts, the cfg settings it maps,
+and a table whose rows say which source role and field feed each Hugging Face name and how (`TAKES`: whole, some
+rows, transposed, regrouped), all plannable from metadata. Hooks say what a table cannot: its dimensions, its
+Hugging Face config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from streamconv.errors import ConversionError, describe, is_whole
+from streamconv.families.megatron import SCHEMES, Names
+from streamconv.recipe import Arrangement, TensorRecipe, copy, transpose
 
 HParam = Callable[..., Any]  # hparam(key, default=None, null=default): one resolved cfg value
 NULL = object()  # what `hparam(key, null=NULL)` gives for an explicit null, where null differs from absent
-
-
-@dataclass(frozen=True)
-class Names:
-    """Where a naming scheme keeps each tensor: legacy NeMo's (`model.language_model.`) or megatron-core's
-    (`decoder.layers.N.`, under `model.` in NeMo 1.x, `module.` in NeMo 2.0, no prefix in Megatron-LM).
-    `layer` maps a layer module's role (input_norm, qkv, proj, mlp_norm, fc1, fc2) to its name below `layers`."""
-
-    scheme: str
-    embedding: str
-    positions: str
-    final_norm: str
-    layers: str  # with {i}
-    layer: dict[str, str]
-    output_layer: str | None = None  # megatron-core's output layer (untied, or the last stage's tied copy)
-
-    @property
-    def layer_prefix(self) -> str:
-        return self.layers.split("{i}")[0]
-
-    def of(self, i: int, role: str, field: str) -> str:
-        """The source name of layer `i`'s `role` module's `field` ('weight', 'bias')."""
-        return self.layers.format(i=i) + self.layer[role] + field
-
-
-def _legacy() -> Names:
-    prefix = "model.language_model."
-    return Names("legacy NeMo", prefix + "embedding.word_embeddings.weight",
-                 prefix + "embedding.position_embeddings.weight", prefix + "encoder.final_layernorm",
-                 prefix + "encoder.layers.{i}.", {
-                     "input_norm": "input_layernorm.", "qkv": "self_attention.query_key_value.",
-                     "proj": "self_attention.dense.", "mlp_norm": "post_attention_layernorm.",
-                     "fc1": "mlp.dense_h_to_4h.", "fc2": "mlp.dense_4h_to_h."})
-
-
-def _mcore(prefix: str, fused_norms: bool) -> Names:
-    """megatron-core's names; its layer norms are fused into the next linear layer (`layer_norm_weight`) in
-    distributed checkpoints and Transformer Engine state_dicts, separate in the local spec's state_dicts."""
-    norms = {"input_norm": "self_attention.linear_qkv.layer_norm_", "mlp_norm": "mlp.linear_fc1.layer_norm_"} \
-        if fused_norms else {"input_norm": "input_layernorm.", "mlp_norm": "pre_mlp_layernorm."}
-    return Names("megatron-core", prefix + "embedding.word_embeddings.weight",
-                 prefix + "embedding.position_embeddings.weight", prefix + "decoder.final_layernorm",
-                 prefix + "decoder.layers.{i}.", {
-                     **norms, "qkv": "self_attention.linear_qkv.", "proj": "self_attention.linear_proj.",
-                     "fc1": "mlp.linear_fc1.", "fc2": "mlp.linear_fc2."}, prefix + "output_layer.weight")
-
-
-SCHEMES = [_legacy(), *(_mcore(prefix, fused) for prefix in ("model.", "module.", "", "model.module.")
-                         for fused in (True, False))]
-
-
-def names_of(keys: Collection[str]) -> Names:
-    """The naming scheme of a state_dict: the one whose embedding and first layer norm it holds."""
-    for names in SCHEMES:
-        if names.embedding in keys and names.of(0, "input_norm", "weight") in keys:
-            return names
-    for names in SCHEMES:
-        if names.embedding in keys:
-            return names
-    raise ConversionError(f"the checkpoint holds no word embedding ({SCHEMES[0].embedding!r}, or megatron-core's "
-                          f"{SCHEMES[1].embedding.removeprefix('model.')!r}, plain or under model. or module.); is "
-                          "this a GPT checkpoint?")
-
-
-@dataclass(frozen=True)
-class Arrangement:
-    """How a source tensor's elements are laid out in the output: view, then permute."""
-
-    name: str
-    view: tuple[int, ...]
-    perm: tuple[int, ...]
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.view[p] for p in self.perm)
-
-    @property
-    def moves(self) -> bool:
-        """Whether any element changes place (a transpose or regroup, not a plain copy)."""
-        return self.perm != tuple(range(len(self.perm)))
-
-
-@dataclass(frozen=True)
-class TensorRecipe:
-    """One output tensor: its name, its source tensor and the expected source shape, its arrangement."""
-
-    name: str
-    source: str
-    source_shape: tuple[int, ...]
-    shape: tuple[int, ...]  # output shape as the Hugging Face model declares it
-    arrangement: Arrangement
-    # Keep only these [start, stop) row ranges of the source, concatenated in order (vocabulary padding dropped,
-    # Llama's q/k/v and gate/up sliced out); the arrangement applies to what is kept. None: every row.
-    row_ranges: tuple[tuple[int, int], ...] | None = None
-
-
-def copy(shape: tuple[int, ...]) -> Arrangement:
-    return Arrangement("copy", shape, tuple(range(len(shape))))
-
-
-def transpose(rows: int, cols: int) -> Arrangement:
-    return Arrangement("transpose", (rows, cols), (1, 0))
-
-
-def layer_id(key: str, names: Names) -> int:
-    """The layer number in a `...layers.<i>.` state_dict key."""
-    local = key[len(names.layer_prefix):].split(".")[0]
-    if not (local.isascii() and local.isdecimal()):
-        raise ConversionError(f"unexpected state_dict key {key!r} (no layer number); is this a GPT checkpoint?")
-    return int(local)
-
-
-def layer_ids(shapes: Collection[str], names: Names) -> list[int]:
-    return sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
-
 
 MAX_POSITIONS = 2**24  # a context length: the longest models have 10**7 positions
 MAX_SIZE = 2**20  # a model dimension (hidden, heads, a layer count): the largest models have a few 10**4
@@ -203,48 +84,38 @@ def check_layers(layers: int, found: list[int]) -> None:
         )
 
 
-def check_matrices(shapes: dict[str, tuple[int, ...]], names: Names) -> None:
-    """The embedding and the first layer's linear weights are matrices (the recipes read sizes off them)."""
-    for name in (names.embedding, names.positions, *(names.of(0, role, "weight") for role in
-                                                      ("qkv", "proj", "fc1", "fc2"))):
-        if name in shapes and len(shapes[name]) != 2:
-            raise ConversionError(f"source tensor {name!r} has shape {shapes[name]}, not a matrix; is this a GPT "
-                                  "checkpoint?")
-
-
-@dataclass(frozen=True)
-class Features:
-    """The architecture a checkpoint's cfg and tensors describe, as far as choosing a family needs."""
-
-    rms_norm: bool  # RMSNorm (else LayerNorm)
-    gated: bool  # a gated MLP (SwiGLU): linear_fc1 holds [gate; up]
-    rotary: bool  # rotary position embeddings (else learned absolute ones)
-    grouped: bool  # grouped-query attention (fewer key/value heads than query heads)
-    bias: bool  # the linear layers have biases
-    tied: bool  # the output layer is the word embedding
-    odd: tuple[str, ...] = ()  # what neither family has (zero-centred norms, another activation)
-
-    def described(self) -> str:
-        words = ["RMSNorm" if self.rms_norm else "LayerNorm", "a gated MLP" if self.gated else "a plain MLP",
-                 "rotary positions" if self.rotary else "learned positions",
-                 "grouped-query attention" if self.grouped else "multi-head attention",
-                 "biases" if self.bias else "no biases", "a tied output layer" if self.tied else "an untied output "
-                 "layer", *self.odd]
-        return ", ".join(words)
-
+# The traits a checkpoint can show, as its description names them. Every checkpoint shows one of each pair; a
+# family accepts a set of them (`Family.traits`, `Family.optional`), and what no family accepts is refused by name.
+RMS_NORM, LAYER_NORM = "RMSNorm", "LayerNorm"
+GATED, PLAIN = "a gated MLP", "a plain MLP"
+ROTARY, LEARNED = "rotary positions", "learned positions"
+GROUPED, MULTI_HEAD = "grouped-query attention", "multi-head attention"
+BIASES, NO_BIASES = "biases", "no biases"
+TIED, UNTIED = "a tied output layer", "an untied output layer"
+ZERO_CENTRED = "zero-centred layer norms"
+QKV_BIAS = "biases on the query, key and value projections only"
+QK_NORM = "query and key layer norms"
+WINDOW = "sliding-window attention"
+TWO_BASES = "two rotary bases"
+POST_NORMS = "norms after attention and the MLP"
+TANH_GELU = "the tanh GELU"
+SCALED_EMBEDDING = "a scaled embedding"
+EITHER_ATTENTION = frozenset({GROUPED, MULTI_HEAD})
+EITHER_OUTPUT = frozenset({TIED, UNTIED})
 
 _FLAGS = ("gated_linear_unit", "swiglu", "share_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
           "layernorm_zero_centered_gamma", "apply_layernorm_1p", "bias", "add_bias_linear", "group_query_attention",
           "qkv_bias", "add_qkv_bias", "qk_layernorm")
 
 
-def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> Features:
-    """What the cfg says (NeMo's and Megatron-LM's keys), else what the tensors show; a cfg that contradicts the
-    tensors about the output layer is refused."""
+def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> tuple[str, ...]:
+    """What the cfg says (NeMo's and Megatron-LM's keys), else what the tensors show, in the order a message names
+    them; a cfg that contradicts the tensors about the output layer is refused."""
     qkv, fc1, fc2 = (shapes.get(names.of(0, role, "weight")) for role in ("qkv", "fc1", "fc2"))
     hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
     said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
-                                          "num_query_groups", "num_attention_heads", "activation_func._target_")}
+                                          "num_query_groups", "num_attention_heads", "activation_func._target_",
+                                          "window_size", "rotary_base", "_target_")}
     said.update({key: flag(hparam, key) for key in _FLAGS})
     text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
     odd = []
@@ -252,7 +123,7 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
     if norm not in (None, "layernorm", "rmsnorm"):
         odd.append(f"{said['normalization']} normalization")
     if said["layernorm_zero_centered_gamma"] or said["apply_layernorm_1p"]:
-        odd.append("zero-centred layer norms")
+        odd.append(ZERO_CENTRED)
     rms = norm == "rmsnorm" if norm in ("layernorm", "rmsnorm") else \
         names.of(0, "input_norm", "weight") in shapes and names.of(0, "input_norm", "bias") not in shapes
     activation = text.get("activation")
@@ -261,19 +132,34 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
                                                 and fc1[0] == 2 * fc2[1])
     if activation not in (None, "gelu", "swiglu", "fast-swiglu"):
         odd.append(f"the activation {said['activation']}")
-    function = text.get("activation_func._target_")  # NeMo 2.0's: a torch function's path
-    if function is not None and function.rsplit(".", 1)[-1] != ("silu" if gated else "gelu"):
+    function = text.get("activation_func._target_")  # NeMo 2.0's and Megatron-Bridge's: a function's path
+    if function is not None and gated and function.rsplit(".", 1)[-1] == "fast_gelu":
+        odd.append(TANH_GELU)
+    elif function is not None and function.rsplit(".", 1)[-1] != ("silu" if gated else "gelu"):
         odd.append(f"the activation function {said['activation_func._target_']}"
                    + (" in a gated MLP" if gated else ""))
     if (said["qkv_bias"] or said["add_qkv_bias"]) and not said["bias"] and not said["add_bias_linear"]:
-        odd.append("biases on the query, key and value projections only")
-    if said["qk_layernorm"]:
-        odd.append("query and key layer norms")
+        odd.append(QKV_BIAS)
+    mcore = names.scheme == "megatron-core"
+    if said["qk_layernorm"] or mcore and names.of(0, "q_norm", "weight") in shapes:
+        odd.append(QK_NORM)
+    for key, trait, role, field in (("qk_layernorm", QK_NORM, "q_norm", "weight"),
+                                    ("add_qkv_bias", QKV_BIAS, "qkv", "bias"), ("qkv_bias", QKV_BIAS, "qkv", "bias")):
+        if trait in odd and said[key] and mcore and names.of(0, role, field) not in shapes:
+            raise ConversionError(f"the cfg says {key} True ({trait}), but the checkpoint has no "
+                                  f"{names.of(0, role, field)!r}; is the cfg from another run?")
+    if mcore and names.of(0, "post_attention_norm", "weight") in shapes:
+        odd.append(POST_NORMS)
     positions = text.get("position_embedding_type")
-    rotary = positions == "rope" if positions is not None else \
-        names.scheme == "megatron-core" and names.positions not in shapes
+    rotary = positions == "rope" if positions is not None else mcore and names.positions not in shapes
     if positions not in (None, "rope", "learned_absolute"):
         odd.append(f"{said['position_embedding_type']} position embeddings")
+    if isinstance(said["rotary_base"], list):
+        odd.append(TWO_BASES)
+    if said["window_size"] is not None:
+        odd.append(WINDOW)
+    if text.get("_target_", "").rsplit(".", 1)[-1].startswith("gemma"):  # (Gemma's providers scale the embedding)
+        odd.append(SCALED_EMBEDDING)
     groups, heads = said["num_query_groups"], said["num_attention_heads"]
     grouped = (said["group_query_attention"] is not False and isinstance(groups, int) and isinstance(heads, int)
                and 0 < groups < heads)
@@ -281,7 +167,9 @@ def features(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -
         grouped = True  # (a GPT-2 model's QKV rows are 3 x hidden; Llama's may differ with its head size too)
     bias_said = said["bias"] if said["bias"] is not None else said["add_bias_linear"]
     bias = bias_said if bias_said is not None else names.of(0, "qkv", "bias") in shapes
-    return Features(rms, gated, rotary, grouped, bias, _tied(said, shapes, names), tuple(odd))
+    return (RMS_NORM if rms else LAYER_NORM, GATED if gated else PLAIN, ROTARY if rotary else LEARNED,
+            GROUPED if grouped else MULTI_HEAD, BIASES if bias else NO_BIASES,
+            TIED if _tied(said, shapes, names) else UNTIED, *odd)
 
 
 def _tied(said: dict[str, Any], shapes: dict[str, tuple[int, ...]], names: Names) -> bool:
@@ -298,3 +186,127 @@ def _tied(said: dict[str, Any], shapes: dict[str, tuple[int, ...]], names: Names
                               f"{'holds' if stored else 'has no'} {names.output_layer!r}; is the cfg from another "
                               "run?")
     return cfg
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model dimensions a mapping needs, read from the cfg and checked against the tensors."""
+
+    hidden: int
+    layers: int
+    heads: int
+    groups: int  # key/value heads (heads: multi-head attention)
+    head_dim: int
+    ffn: int
+    positions: int
+    vocab: int
+    names: Names = SCHEMES[0]  # the source's naming scheme
+    embedding_rows: int = 0  # the embedding's rows in the checkpoint (the vocabulary padded)
+    tied: bool = True
+    gated: bool = False  # linear_fc1 holds [gate; up]
+    local_slices: int = 1  # tensor-parallel ranks whose `[gate_r; up_r]` were concatenated (1: stored whole)
+
+
+def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
+    """The shape a role's tensor has in the source, Megatron's `[out, in]` (a bias: `[out]`)."""
+    h = d.hidden
+    shape = {"embedding": (d.embedding_rows, h), "output_layer": (d.embedding_rows, h), "positions": (d.positions, h),
+             "qkv": ((d.heads + 2 * d.groups) * d.head_dim, h), "proj": (h, d.heads * d.head_dim),
+             "fc1": ((2 if d.gated else 1) * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (d.head_dim,),
+             "k_norm": (d.head_dim,)}.get(role, (h,))  # (the layer norms)
+    return shape if field == "weight" else shape[:1]
+
+
+Taken = tuple[tuple[int, ...], Arrangement, tuple[tuple[int, int], ...] | None]  # shape, arrangement, row ranges
+
+
+def _rows(shape: tuple[int, ...], ranges: tuple[tuple[int, int], ...]) -> Taken:
+    kept = (sum(b - a for a, b in ranges), *shape[1:])
+    return kept, copy(kept), ranges
+
+
+def _heads(d: Dims, first: int, count: int) -> tuple[tuple[int, int], ...]:
+    """Rows of heads first..first+count of every group of megatron-core's fused QKV, which groups its rows
+    `(groups, heads / groups + 2, head_dim)`: each group's query heads, then its key head, then its value head."""
+    slot = (d.heads // d.groups + 2) * d.head_dim  # one group's rows
+    return tuple((g * slot + first * d.head_dim, g * slot + (first + count) * d.head_dim) for g in range(d.groups))
+
+
+def _halves(d: Dims, second: bool) -> tuple[tuple[int, int], ...]:
+    """The gate (first) or up (second) rows of `linear_fc1`: `[gate; up]` whole, or `[gate_r; up_r]` per rank."""
+    t = d.local_slices
+    local = 2 * d.ffn // t  # one rank's [gate_r; up_r]
+    return tuple((r * local + second * d.ffn // t, r * local + (1 + second) * d.ffn // t) for r in range(t))
+
+
+# How an output is taken from its source: name -> (dims, source shape) -> output shape, arrangement, row ranges
+TAKES: dict[str, Callable[[Dims, tuple[int, ...]], Taken]] = {
+    "whole": lambda d, s: (s, copy(s), None),
+    "vocab": lambda d, s: _rows(s, ((0, d.vocab),)),  # the vocabulary's rows, its padding dropped
+    "q": lambda d, s: _rows(s, _heads(d, 0, d.heads // d.groups)),
+    "k": lambda d, s: _rows(s, _heads(d, d.heads // d.groups, 1)),
+    "v": lambda d, s: _rows(s, _heads(d, d.heads // d.groups + 1, 1)),
+    "gate": lambda d, s: _rows(s, _halves(d, False)),
+    "up": lambda d, s: _rows(s, _halves(d, True)),
+    "conv1d": lambda d, s: ((s[1], s[0]), transpose(*s), None),  # GPT-2's Conv1D stores `[in, out]`
+    # GPT-2's fused QKV groups its rows (3, heads, head_dim), transposed; megatron's (heads, 3, head_dim)
+    "gpt2_qkv": lambda d, s: ((s[1], s[0]), Arrangement("qkv_weight", (d.heads, 3, d.head_dim, s[1]),
+                                                        (3, 1, 0, 2)), None),
+    "gpt2_qkv_bias": lambda d, s: (s, Arrangement("qkv_bias", (d.heads, 3, d.head_dim), (1, 0, 2)), None),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a family's tensor table: a Hugging Face name (`{i}`: the layer's number) <- a source role's
+    field (see `megatron.Names`), taken as `TAKES[take]` says."""
+
+    name: str
+    role: str
+    field: str = "weight"
+    take: str = "whole"
+
+
+class Family:
+    """A model family: class attributes are its data, methods the hooks a table cannot say. Registered with
+    `registry.register`; the planner, verify and the tokenizer know a family only through this interface."""
+
+    name: str  # what --family names
+    model_type: str  # config.json's
+    architecture: str  # the Hugging Face class
+    description: str
+    traits: frozenset[str]  # what a checkpoint of the family shows, all of it
+    optional: frozenset[str] = frozenset()  # what it may show besides
+    providers: tuple[str, ...] = ()  # cfg `_target_` class names that say this family where several accept
+    settings: tuple[str, ...] = ()  # the forward-changing settings (`settings.FORWARD`) it maps
+    heads_key = "num_attention_heads"  # config.json's head count
+    sentencepiece = False  # whether a conversion ships the checkpoint's SentencePiece tokenizer
+    head: tuple[Entry, ...] = ()  # the tensor table: before the layers,
+    layer: tuple[Entry, ...] = ()  # each layer's,
+    tail: tuple[Entry, ...] = ()  # after them (an `output_layer` row only when the output layer is untied)
+
+    def accepts(self, found: tuple[str, ...]) -> bool:
+        return self.traits <= set(found) <= self.traits | self.optional
+
+    def read_dims(self, hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
+                  num_heads: int | None = None, local_slices: int = 1) -> Dims:
+        raise NotImplementedError
+
+    def hf_config(self, hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def tokenizer_settings(self, config: dict) -> dict:
+        """`tokenizer_config.json` beside a shipped SentencePiece model (families with `sentencepiece`)."""
+        raise NotImplementedError
+
+    def tensor_recipes(self, dims: Dims) -> list[TensorRecipe]:
+        """Every output tensor, in the table's order, the layers' rows once per layer."""
+        rows = [(e, None) for e in self.head] + [(e, i) for i in range(dims.layers) for e in self.layer] + \
+            [(e, None) for e in self.tail if not (e.role == "output_layer" and dims.tied)]
+        out = []
+        for entry, i in rows:
+            shape = source_shape(entry.role, entry.field, dims)
+            taken, arrangement, ranges = TAKES[entry.take](dims, shape)
+            out.append(TensorRecipe(entry.name.format(i=i), dims.names.source(entry.role, entry.field, i), shape,
+                                    taken, arrangement, row_ranges=ranges))
+        return out

@@ -29,6 +29,8 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
     chosen = families.choose(checkpoint.hparam, shapes, family)
     settings.check(checkpoint.hparam, chosen.settings, chosen.architecture)
+    if family is not None:
+        families.check_forced(chosen, checkpoint.hparam, shapes)
     if vocab_size is None and checkpoint.tokenizer_files and not chosen.sentencepiece:
         vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)

@@ -312,3 +312,12 @@ def test_cfg_value_mutations_convert_or_are_refused(cases, tmp_path, seed):
     if not set(edit) & (settings.READ | set(llama.settings)):
         case = cases["llama"]
         assert (llama_logits(tmp_path / "hf", case.input_ids) - case.logits_fp32).abs().max() < 1e-4, edit
+
+
+def test_a_forced_family_refuses_what_it_cannot_express(cases, tmp_path):
+    """--family skips the choice, not the check: a zero-centred norm forced into Llama is refused by name."""
+    folder = with_cfg(cases["llama"], tmp_path, layernorm_zero_centered_gamma=True)
+    assert "no model family streamconv knows" in plan_error(folder)
+    with pytest.raises(ConversionError, match="family llama: this model has zero-centred layer norms, which "
+                                            "LlamaForCausalLM cannot express"):
+        streamconv.convert(folder, None, vocab_size=VOCAB, dry_run=True, family="llama")

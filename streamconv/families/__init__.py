@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-# Each family module registers itself on import: one name each; `choose` breaks ties in this order.
+# Each family module registers itself on import: one name each.
 from streamconv.families import gpt_sw3, llama  # noqa: F401
-from streamconv.families.registry import FAMILIES, by_model_type, choose
+from streamconv.families.registry import FAMILIES, by_model_type, check_forced, choose
 
-__all__ = ["FAMILIES", "by_model_type", "choose"]
+__all__ = ["FAMILIES", "by_model_type", "check_forced", "choose"]

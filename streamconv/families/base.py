@@ -51,6 +51,31 @@ def flag(hparam: HParam, key: str) -> bool | None:
     return value
 
 
+def listed(hparam: HParam, key: str, most: int = 4) -> Any:
+    """A cfg value that may be a list (window_size's (left, right), a rotary base per attention kind) as a tuple of
+    its items, read one by one; any other value as it is (a longer list too: refused where it is read)."""
+    value = hparam(key)
+    items = []
+    for n in range(most + 1):
+        item = hparam(f"{key}.{n}")
+        if item is None:
+            break
+        items.append(item)
+    return tuple(items) if 0 < len(items) <= most else value
+
+
+def sliding_window(window: Any) -> int | None:
+    """transformers' `sliding_window` for megatron-core's `window_size` (left, right), where a query sees itself and
+    `left` keys before it: left + 1 keys, causal only (None: no window; a left of -1 is an unbounded one)."""
+    if window is None:
+        return None
+    if not (isinstance(window, tuple) and len(window) == 2 and all(is_whole(w) for w in window)
+            and window[1] == 0 and -1 <= window[0] < MAX_POSITIONS):
+        raise ConversionError(f"the cfg sets window_size {describe(window)}, not a causal window (left, 0) of a "
+                              "length a model has; fix the checkpoint's cfg")
+    return None if window[0] == -1 else int(window[0]) + 1
+
+
 def sizes(hparam: HParam, inferred: dict[str, int | None], num_heads: int | None) -> dict[str, int]:
     """Whole-number hyper-parameters from the cfg, else as read from the tensors (`inferred`); --num-heads wins."""
     values: dict[str, int] = {}
@@ -154,10 +179,8 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     rotary = positions == "rope" if positions is not None else mcore and names.positions not in shapes
     if positions not in (None, "rope", "learned_absolute"):
         odd.append(f"{said['position_embedding_type']} position embeddings")
-    if isinstance(said["rotary_base"], list):
+    if isinstance(listed(hparam, "rotary_base"), tuple):
         odd.append(TWO_BASES)
-    if said["window_size"] is not None:
-        odd.append(WINDOW)
     if text.get("_target_", "").rsplit(".", 1)[-1].startswith("gemma"):  # (Gemma's providers scale the embedding)
         odd.append(SCALED_EMBEDDING)
     groups, heads = said["num_query_groups"], said["num_attention_heads"]
@@ -277,7 +300,7 @@ class Family:
     description: str
     traits: frozenset[str]  # what a checkpoint of the family shows, all of it
     optional: frozenset[str] = frozenset()  # what it may show besides
-    providers: tuple[str, ...] = ()  # cfg `_target_` class names that say this family where several accept
+    providers: tuple[str, ...] = ()  # how cfg `_target_` class names that say this family begin (a tie-breaker)
     settings: tuple[str, ...] = ()  # the forward-changing settings (`settings.FORWARD`) it maps
     heads_key = "num_attention_heads"  # config.json's head count
     sentencepiece = False  # whether a conversion ships the checkpoint's SentencePiece tokenizer

@@ -67,6 +67,11 @@ class Llama(Family):
         """LlamaConfig keyword arguments."""
         return self.decoder_config(hparam, dims, dtype_name, {"attention_bias": False, "mlp_bias": False})
 
+    def rotary(self, hparam: HParam) -> dict[str, Any]:
+        """The rotary positions' Hugging Face keys: one base, its scaling."""
+        return {"rope_theta": base.number("rotary_base", hparam("rotary_base", 10000, null=None), float, above=0),
+                "rope_scaling": _rope_scaling(hparam)}
+
     def decoder_config(self, hparam: HParam, dims: Dims, dtype_name: str, extra: dict[str, Any]) -> dict[str, Any]:
         """The Hugging Face config keys the megatron-core decoders share, the family's `extra` ones among them."""
         percent = next((p for p in (hparam("rotary_percent", 1.0), hparam("rotary_percentage", 1.0)) if p != 1.0),
@@ -89,8 +94,7 @@ class Llama(Family):
             "max_position_embeddings": dims.positions,
             "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
                                         above=0, high=1),
-            "rope_theta": base.number("rotary_base", hparam("rotary_base", 10000, null=None), float, above=0),
-            "rope_scaling": _rope_scaling(hparam),
+            **self.rotary(hparam),
             **extra,
             "tie_word_embeddings": dims.tied,
             "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float, low=0),

@@ -6,7 +6,7 @@ from streamconv.errors import ConversionError
 from streamconv.families.base import Family, HParam, traits
 from streamconv.families.megatron import check_matrices, names_of
 
-FAMILIES: dict[str, Family] = {}  # by --family name, in registration order
+FAMILIES: dict[str, Family] = {}  # by --family name
 
 
 def register(cls: type[Family]) -> type[Family]:
@@ -23,7 +23,7 @@ def by_model_type(model_type: object) -> Family | None:
 def choose(hparam: HParam, shapes: dict[str, tuple[int, ...]], forced: str | None = None) -> Family:
     """The family whose traits the checkpoint's cfg and tensors show (`forced`: the one --family names). Where
     several accept them (Mistral without a window is Llama), the cfg's `_target_` class picks among them, else
-    the one requiring the most traits, else the first registered."""
+    the one requiring the most traits, else the one allowing the fewest besides."""
     if forced is not None:
         if forced not in FAMILIES:
             raise ConversionError(f"unknown model family {forced!r}; use one of {', '.join(FAMILIES)}")
@@ -35,7 +35,17 @@ def choose(hparam: HParam, shapes: dict[str, tuple[int, ...]], forced: str | Non
     target = hparam("_target_")
     named = [f for f in accepting if isinstance(target, str) and target.rsplit(".", 1)[-1] in f.providers]
     if named or accepting:
-        return (named or sorted(accepting, key=lambda f: -len(f.traits)))[0]
+        return (named or sorted(accepting, key=lambda f: (-len(f.traits), len(f.optional))))[0]
     known = "; ".join(f.description for f in FAMILIES.values())
     raise ConversionError(f"this model has {', '.join(found)}: no model family streamconv knows has these "
                           f"({known}); if the cfg misleads, --family {' or '.join(FAMILIES)} forces one")
+
+
+def check_forced(family: Family, hparam: HParam, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A family --family forces still expresses the model: what the cfg or the tensors show beyond its traits (a
+    zero-centred norm, a query-key norm) is refused, never dropped."""
+    found = traits(hparam, shapes, names_of(shapes))
+    beyond = [t for t in found if t not in family.traits | family.optional]
+    if beyond:
+        raise ConversionError(f"--family {family.name}: this model has {', '.join(beyond)}, which "
+                              f"{family.architecture} cannot express; streamconv will not write a different model")

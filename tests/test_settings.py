@@ -108,7 +108,8 @@ def _non_default(key, default):
 
 
 _DEPENDENT = {d: switch for switch, ds in settings.ACTS_WITH.items() for d in ds}
-_REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT]
+# (a sliding window makes a Llama-shaped model a Mistral one: see the tests below)
+_REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT and k != "window_size"]
 
 
 @pytest.mark.parametrize("key", _REFUSED)
@@ -128,7 +129,17 @@ def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
     on = {"window_size": [4, 0], "experimental_attention_variant": "dsa"}.get(switch, True if isinstance(
         settings.FORWARD[switch], bool) else 4)
     message = plan_error(with_cfg(cases["llama"], tmp_path / "on", **{key: value, switch: on}))
-    assert f"the cfg sets {switch} " in message, message
+    named = key if switch == "window_size" else switch  # (Mistral reads the window, not a window skipped)
+    assert f"the cfg sets {named} " in message, message
+
+
+def test_a_window_makes_a_llama_cfg_a_mistral_model_and_a_malformed_one_is_refused(cases, tmp_path):
+    planned = streamconv.convert(with_cfg(cases["llama"], tmp_path / "w", window_size=[4, 0]), None,
+                                 vocab_size=VOCAB, dry_run=True)
+    assert planned.config["architectures"] == ["MistralForCausalLM"] and planned.config["sliding_window"] == 5
+    for window in (2, [4, 1], [4, 0, 0], ["4", 0]):
+        message = plan_error(with_cfg(cases["llama"], tmp_path / str(window), window_size=window))
+        assert "the cfg sets window_size " in message and "not a causal window (left, 0)" in message, message
 
 
 def test_an_inactive_setting_gives_megatron_cores_logits(cases, tmp_path):

@@ -181,6 +181,8 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
         odd.append(f"{said['position_embedding_type']} position embeddings")
     if isinstance(listed(hparam, "rotary_base"), tuple):
         odd.append(TWO_BASES)
+    if said["window_size"] is not None:
+        odd.append(WINDOW)
     if text.get("_target_", "").rsplit(".", 1)[-1].startswith("gemma"):  # (Gemma's providers scale the embedding)
         odd.append(SCALED_EMBEDDING)
     groups, heads = said["num_query_groups"], said["num_attention_heads"]

@@ -14,7 +14,7 @@ import streamconv
 from streamconv.families import FAMILIES
 from tests.test_fixtures_bridge062_families import FIXTURES, MANIFEST
 
-CONVERTED = ("qwen2", "qwen3", "mistral")  # (one name a family)
+CONVERTED = ("qwen2", "qwen3", "mistral", "gemma3")  # (one name a family)
 # config.json keys that say which model it is (sizes, norms, rotary bases, windows, scaling, tying)
 SAME_MODEL = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
@@ -65,3 +65,8 @@ def test_each_fixture_is_chosen_as_its_own_family():
     for family in CONVERTED:
         plan = streamconv.convert(FIXTURES / MANIFEST["families"][family]["checkpoint"], None, dry_run=True)
         assert plan.config["architectures"] == [FAMILIES[family].architecture], family
+
+
+def test_the_registry_lists_six_families_and_every_fixture_is_converted():
+    assert sorted(FAMILIES) == ["gemma3", "gpt-sw3", "llama", "mistral", "qwen2", "qwen3"]
+    assert sorted(CONVERTED) == sorted(MANIFEST["families"])

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from streamconv.casts import cast_into
-from streamconv.recipes.base import Arrangement
+from streamconv.recipe import Arrangement
 
 if TYPE_CHECKING:
     import torch

@@ -10,6 +10,7 @@ from typing import TextIO
 
 from streamconv._version import version
 from streamconv.errors import ConversionError, one_line
+from streamconv.families import FAMILIES
 
 EXIT_BAD_INPUT = 2
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SentencePiece model to ship as spiece.model (default: the one inside a .nemo)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for checkpoints without hyper_parameters.cfg (overrides the cfg)")
-    p.add_argument("--family", default=None, choices=["gpt-sw3", "llama"],
+    p.add_argument("--family", default=None, choices=list(FAMILIES),
                    help="model family, when the cfg and tensors do not show it (default: found from them)")
     p.add_argument("--part", metavar="I/N", default=None,
                    help="convert only part I of N (0 <= I < N) into a staging folder beside the save path, shared by "

@@ -176,7 +176,7 @@ def convert(
             raise _deleted(parent, save_path) from None
         checked = None
         try:
-            checked = write_extras(staging, checkpoint, config, notes)
+            checked = write_extras(staging, checkpoint, plan, config, notes)
             result.stream_seconds = stream_into(staging, plan, checkpoint, dev, progress, on_bytes)
             finish(staging, plan, checked, notes)
             publish(staging, target, save_path, overwrite)
@@ -272,7 +272,7 @@ def _publish_parts(staged: parts.Staged, plan: Plan, checkpoint: Checkpoint, con
             staged.check_shards(plan)
             checked = None
             try:
-                checked = write_extras(staged.model, checkpoint, config, notes)
+                checked = write_extras(staged.model, checkpoint, plan, config, notes)
                 finish(staged.model, plan, checked, notes)
             finally:
                 if checked is not None:

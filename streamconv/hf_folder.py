@@ -35,10 +35,11 @@ def read_tokenizer(path: str) -> bytes:
     return model
 
 
-def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[str]) -> tokenizer.LoadCheck | None:
+def write_extras(folder: str, checkpoint: Checkpoint, plan: Plan, config: dict, notes: list[str]
+                 ) -> tokenizer.LoadCheck | None:
     """`config.json` and the tokenizer's files; returns the tokenizer's load check, started in a child process."""
     _write_config(folder, config)
-    sentencepiece = tokenizer.ships(config["model_type"])
+    sentencepiece = plan.family.sentencepiece
     if not sentencepiece and checkpoint.tokenizer_files:
         for name, data in checkpoint.tokenizer_files.items():
             with open(os.path.join(folder, name), "wb") as f:
@@ -53,7 +54,7 @@ def write_extras(folder: str, checkpoint: Checkpoint, config: dict, notes: list[
     elif tokenizer.sentencepiece_available() and tokenizer.vocab_size(checkpoint.tokenizer) is None:
         notes.append("the checkpoint's tokenizer file is not a SentencePiece model: not copied")
     else:  # checked (transformers imported) while the tensors stream
-        tokenizer.save(folder, checkpoint.tokenizer, config)
+        tokenizer.save(folder, checkpoint.tokenizer, plan.family.tokenizer_settings(config))
         if not tokenizer.sentencepiece_available():
             notes.append(tokenizer.UNCHECKED)
             return None

@@ -36,7 +36,7 @@ from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
 from streamconv.formats.safetensors_writer import STAGING_BYTES, ShardWriter
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.reads import ReadAhead
-from streamconv.recipes.base import Arrangement
+from streamconv.recipe import Arrangement
 from streamconv.sources.records import BITS, Checkpoint, SourceTensor, Split, row_ranges
 
 # Source bytes read at once: direct reads of 8 MB run at the disk's speed (2.23 s for 2.6 GB, 2.26 s in 64 MB

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamconv.errors import ConversionError
 from streamconv.formats import safetensors
-from streamconv.recipes.base import TensorRecipe
+from streamconv.recipe import TensorRecipe
 
 _UNITS = {
     "": 1, "b": 1,
@@ -81,6 +82,7 @@ class Shard:
 class Plan:
     shards: list[Shard]
     total_size: int  # bytes of tensor data, as the index's metadata.total_size
+    family: Any = None  # what made it (a `families.base.Family`, set by planning; the engine never reads it)
 
     @property
     def tensors(self) -> list[TensorSpec]:

@@ -3,12 +3,12 @@ source and placed in a shard, and the Hugging Face config; metadata only, no wei
 
 from __future__ import annotations
 
-from streamconv import recipes, tokenizer
+from streamconv import families, tokenizer
 from streamconv.errors import ConversionError
+from streamconv.families import settings
+from streamconv.families.base import MAX_SIZE, number
 from streamconv.pipeline import split_view_axis
 from streamconv.plan import Plan, make_plan
-from streamconv.recipes import settings
-from streamconv.recipes.base import MAX_SIZE, number
 from streamconv.sources import Checkpoint
 from streamconv.sources.records import Split
 
@@ -27,9 +27,11 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
     if vocab_size is None and checkpoint.tokenizer is not None:
         vocab_size = tokenizer.vocab_size(checkpoint.tokenizer)
     shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
-    chosen = recipes.choose(checkpoint.hparam, shapes, family)
-    settings.check(checkpoint.hparam, chosen.SETTINGS, chosen.HF_CLASS)
-    if vocab_size is None and checkpoint.tokenizer_files and not tokenizer.ships(chosen.MODEL_TYPE):
+    chosen = families.choose(checkpoint.hparam, shapes, family)
+    settings.check(checkpoint.hparam, chosen.settings, chosen.architecture)
+    if family is not None:
+        families.check_forced(chosen, checkpoint.hparam, shapes)
+    if vocab_size is None and checkpoint.tokenizer_files and not chosen.sentencepiece:
         vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)
     wanted = chosen.tensor_recipes(dims)
@@ -46,7 +48,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
             )
     unused = sorted(set(shapes) - {r.source for r in wanted} - {k for k in shapes if _not_a_weight(k)})
     if unused:
-        raise ConversionError(f"the checkpoint holds {len(unused)} tensor(s) that the {chosen.NAME} mapping has no "
+        raise ConversionError(f"the checkpoint holds {len(unused)} tensor(s) that the {chosen.name} mapping has no "
                               f"place for, such as {unused[0]!r}: converting would drop them; is this another "
                               "architecture (biases, extra norms, experts)?")
     for r in wanted:
@@ -65,6 +67,7 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
                 )
     dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in wanted]
     plan = make_plan(wanted, dtypes, shard_size)
+    plan.family = chosen
     config = chosen.hf_config(checkpoint.hparam, dims, dtypes[0].removeprefix("torch."))
     return plan, config
 

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 
-from streamconv import recipes
 from streamconv.errors import ConversionError, describe, first_line
 
 MODEL_FILE = "spiece.model"
@@ -81,13 +80,6 @@ def _pieces(model: bytes) -> int | None:
         return int(sentencepiece.SentencePieceProcessor(model_proto=model).vocab_size())
     except (RuntimeError, OSError, ValueError):
         return None
-
-
-def ships(model_type: str) -> bool:
-    """Whether a conversion to this config.json `model_type` ships a SentencePiece tokenizer (GPT-SW3's; a Llama
-    model's not yet)."""
-    family = recipes.by_model_type(model_type)
-    return family is not None and getattr(family, "tokenizer_settings", None) is not None
 
 
 @functools.lru_cache(maxsize=4)  # (asked for the plan and the summary: parsed once)
@@ -204,17 +196,13 @@ def check_hf(folder: str, config: dict) -> str:
     return f"tokenizer files copied and checked: {name} of {size} tokens"
 
 
-def settings(config: dict) -> dict:
-    """`tokenizer_config.json` for a model's config (its family says which class, length and special tokens)."""
-    return recipes.by_model_type(config["model_type"]).tokenizer_settings(config)
-
-
-def save(folder: str, model: bytes, config: dict) -> None:
-    """Write `spiece.model` and its `tokenizer_config.json`."""
+def save(folder: str, model: bytes, settings: dict) -> None:
+    """Write `spiece.model` and its `tokenizer_config.json` (`settings`: what the model's family says of its class,
+    length and special tokens)."""
     with open(os.path.join(folder, MODEL_FILE), "wb") as f:
         f.write(model)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(settings(config), f, indent=2)
+        json.dump(settings, f, indent=2)
         f.write("\n")
 
 

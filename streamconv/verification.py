@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamconv import recipes, tokenizer
+from streamconv import families, tokenizer
 from streamconv.arrange import Arranger
 from streamconv.errors import ConversionError, describe
 from streamconv.formats import safetensors
@@ -218,7 +218,7 @@ def _verify(checkpoint: Checkpoint, folder: _Folder, dtype: str | None, vocab_si
     if written is not None:
         _check_config(written, config, problems)
     sharded = INDEX_NAME in folder.entries
-    expected_files = {CONFIG_NAME, INDEX_NAME, *shards, *_check_tokenizer(folder, given, shipped, config,
+    expected_files = {CONFIG_NAME, INDEX_NAME, *shards, *_check_tokenizer(folder, given, shipped, config, plan,
                                                                          checkpoint.tokenizer_files)}
     for name, kind in sorted(folder.entries.items()):
         if name not in expected_files:
@@ -307,8 +307,8 @@ def _settings(checkpoint: Checkpoint, recorded: dict, vocab_size: int | None, nu
 
 def _heads_key(recorded: dict) -> str:
     """config.json's key for the head count: its model family's (GPT-2's n_head when it names none)."""
-    family = recipes.by_model_type(recorded.get("model_type"))
-    return family.HEADS_KEY if family is not None else recipes.gpt_sw3.HEADS_KEY
+    family = families.by_model_type(recorded.get("model_type"))
+    return (family or families.FAMILIES["gpt-sw3"]).heads_key
 
 
 def _recorded_cast(recorded: dict, stored: set[str]) -> str | None:
@@ -428,12 +428,12 @@ def _check_index(index: dict, found: dict[str, _Stored], total: int, problems: _
             problems.add(f"{INDEX_NAME}: does not map {name}")
 
 
-def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None, config: dict,
+def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None, config: dict, plan: Plan,
                      checkpoint_files: dict[str, bytes]) -> set[str]:
     """Check the tokenizer files a conversion writes and return their names (none without a tokenizer)."""
     problems = folder.problems
     model = given if given is not None else shipped
-    if not tokenizer.ships(config["model_type"]):  # a Hugging Face tokenizer's files, copied as they are, or none
+    if not plan.family.sentencepiece:  # a Hugging Face tokenizer's files, copied as they are, or none
         for name, data in checkpoint_files.items():
             if name not in folder.entries:
                 problems.add(f"{name}: missing (a conversion copies the checkpoint's tokenizer)")
@@ -457,8 +457,9 @@ def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None
     settings = folder.json_object(tokenizer.CONFIG_FILE)
     if tokenizer.CONFIG_FILE not in folder.entries:
         problems.add(f"{tokenizer.CONFIG_FILE}: missing (a conversion writes it with the tokenizer)")
-    elif settings is not None and settings != tokenizer.settings(config):
-        problems.add(f"{tokenizer.CONFIG_FILE}: is {describe(settings)}, expected {tokenizer.settings(config)}")
+    elif settings is not None and settings != plan.family.tokenizer_settings(config):
+        problems.add(f"{tokenizer.CONFIG_FILE}: is {describe(settings)}, expected "
+                     f"{plan.family.tokenizer_settings(config)}")
     return {tokenizer.MODEL_FILE, tokenizer.CONFIG_FILE}
 
 

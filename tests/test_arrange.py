@@ -6,7 +6,7 @@ import torch
 
 from streamconv import arrange
 from streamconv.arrange import Arranger, TorchArranger
-from streamconv.recipes.base import Arrangement
+from streamconv.recipe import Arrangement
 from streamconv.sources.records import BITS
 
 

@@ -77,10 +77,11 @@ def test_a_run_config_without_its_model_section_is_refused(tmp_path):
     ("qwen2", "biases on the query, key and value projections only"),
     ("qwen3", "query and key layer norms"),
     ("mistral", "the cfg sets window_size <a list of 2 items>"),
-    ("gemma3", "zero-centred layer norms"),
+    ("gemma3", "the cfg sets softmax_scale 0.14433756729740646"),
 ])
-def test_families_streamconv_does_not_know_yet_are_refused_by_name(tmp_path, family, named):
-    """Megatron-Bridge 0.6.2's own checkpoints of the next families (tests/fixtures/bridge062-families/): until
-    their families land, each is refused in one line naming what Hugging Face Llama cannot express."""
+def test_forcing_llama_on_the_next_families_is_refused_by_name(tmp_path, family, named):
+    """Megatron-Bridge 0.6.2's own checkpoints of the next families (tests/fixtures/bridge062-families/, converted
+    in tests/test_families.py): forced to be Llama, each is refused in one line naming what Hugging Face Llama
+    cannot express."""
     source = FIXTURES.parent / "bridge062-families" / family / "tp1"
-    assert named in refused(source, tmp_path)
+    assert named in refused(source, tmp_path, "--family", "llama")

@@ -125,12 +125,15 @@ def test_config_loads_as_the_one_gpt2config_writes(bf16_ckpt, tmp_path):
 
 
 def test_6_7b_hidden_size_uses_its_tokenizer_ids():
-    from streamconv.recipes.gpt_sw3 import Dims, hf_config
+    from streamconv.families import FAMILIES
+    from streamconv.families.base import Dims
+
+    hf_config = FAMILIES["gpt-sw3"].hf_config
 
     def no_hparams(key, default=None, **null):
         return default
 
-    ids = lambda h: {k: hf_config(no_hparams, Dims(h, 32, 32, 4 * h, 2048, 64000), "bfloat16")[k]  # noqa: E731
+    ids = lambda h: {k: hf_config(no_hparams, Dims(h, 32, 32, 32, h // 32, 4 * h, 2048, 64000), "bfloat16")[k]  # noqa: E731
                      for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     assert ids(4096) == {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
     assert ids(6144) == {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}

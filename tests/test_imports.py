@@ -22,31 +22,21 @@ LAYERS = [
                         "streamconv.verify", "streamconv.testing"}),
     ("planning", {"streamconv.planning"}),
     ("families, sources, engine, formats", {
-        "streamconv.families", "streamconv.recipes", "streamconv.sources", "streamconv.engine", "streamconv.plan",
+        "streamconv.families", "streamconv.sources", "streamconv.engine", "streamconv.plan",
         "streamconv.reads", "streamconv.arrange", "streamconv.casts", "streamconv.pipeline", "streamconv.formats",
-        "streamconv.safetensors_writer", "streamconv.hf_folder", "streamconv.tokenizer", "streamconv.output",
+        "streamconv.hf_folder", "streamconv.tokenizer", "streamconv.output",
         "streamconv.options"}),
     ("process", {"streamconv.process"}),
-    ("errors and version", {"streamconv.errors", "streamconv._version"}),
+    ("records, errors and version", {"streamconv.recipe", "streamconv.errors", "streamconv._version"}),
 ]
-FAMILIES = {"streamconv.families", "streamconv.recipes"}
+FAMILIES = {"streamconv.families"}
 SOURCES = {"streamconv.sources"}
 ENGINE = {"streamconv.engine", "streamconv.plan", "streamconv.reads", "streamconv.arrange", "streamconv.casts",
           "streamconv.pipeline"}
-FORMATS = {"streamconv.formats", "streamconv.safetensors_writer", "streamconv.hf_folder", "streamconv.tokenizer",
+FORMATS = {"streamconv.formats", "streamconv.hf_folder", "streamconv.tokenizer",
            "streamconv.output"}
 ABOVE_THE_ENGINE = {name for _, names in LAYERS[:4] for name in names}  # cli, api, run and verify, planning
 
-# The engine, sources and formats never import a family: a new family must not touch them. These edges break that
-# rule today (the engine takes Arrangement and TensorRecipe from recipes.base, the tokenizer asks the recipes which
-# families ship a SentencePiece model); they go when the family registry moves the shared types out of the
-# engine's path. Empty this set as they go (test_known_edges_to_the_families_still_exist says when).
-KNOWN_UNTIL_REGISTRY = {
-    ("streamconv.plan", "streamconv.recipes.base"),
-    ("streamconv.arrange", "streamconv.recipes.base"),
-    ("streamconv.pipeline", "streamconv.recipes.base"),
-    ("streamconv.tokenizer", "streamconv.recipes"),
-}
 
 
 def modules() -> dict[str, Path]:
@@ -155,18 +145,11 @@ def test_every_module_has_a_layer_and_imports_point_down():
 
 def test_sources_engine_and_formats_never_reach_a_family():
     """A new family must not touch a source, the engine or a format: none of them imports a family module,
-    directly or through another module (but for the known edges, which the family registry removes)."""
-    edges = {a: {b for b in bs if (a, b) not in KNOWN_UNTIL_REGISTRY} for a, bs in graph().items()}
+    directly or through another module."""
+    edges = graph()
     found = [" -> ".join(chain) for name in sorted(edges) if within(name, SOURCES | ENGINE | FORMATS)
              for there, chain in sorted(reachable(name, edges).items()) if within(there, FAMILIES)]
     assert not found, "imports of a family:\n" + "\n".join(found)
-
-
-def test_known_edges_to_the_families_still_exist():
-    """So that KNOWN_UNTIL_REGISTRY shrinks as the edges go, and an edge gone cannot come back unnoticed."""
-    edges = graph()
-    gone = sorted((a, b) for a, b in KNOWN_UNTIL_REGISTRY if b not in edges.get(a, ()))
-    assert not gone, f"remove these from KNOWN_UNTIL_REGISTRY, they are gone: {gone}"
 
 
 def test_the_engine_never_imports_the_command_line_api_or_run():

@@ -204,12 +204,14 @@ def test_rotary_frequencies_are_megatron_cores(cfg):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from streamconv.recipes import base, llama
+    from streamconv.families import FAMILIES
+    from streamconv.families.base import Dims
+    from streamconv.families.megatron import SCHEMES
 
     values = {"rotary_base": 500000, "max_position_embeddings": 131072, **cfg}
     hparam = lambda key, default=None, **null: values.get(key, default)  # noqa: E731
-    dims = llama.Dims(1024, 2, 8, 2, 128, 4096, 131072, 256, base.SCHEMES[1], 256, False, 1)
-    config = llama.hf_config(hparam, dims, "float32")
+    dims = Dims(1024, 2, 8, 2, 128, 4096, 131072, 256, SCHEMES[1], 256, False, gated=True)
+    config = FAMILIES["llama"].hf_config(hparam, dims, "float32")
     ours = LlamaRotaryEmbedding(LlamaConfig(**config)).inv_freq
     theirs = RotaryEmbedding(kv_channels=128, rotary_percent=1.0, rotary_base=500000,
                              rope_scaling=bool(cfg.get("use_rope_scaling") or cfg.get("scale_positional_embedding")),

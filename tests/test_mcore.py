@@ -427,17 +427,16 @@ def test_optimizer_state_in_the_same_files_leaves_the_peak_where_the_weights_put
 
 
 def test_the_family_is_read_from_the_tensors_without_a_cfg():
-    from streamconv.recipes import base, choose
+    from streamconv.families import base, choose, megatron
 
     shapes = {"embedding.word_embeddings.weight": (256, 64),
               "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": (64,),
               "decoder.layers.0.self_attention.linear_qkv.weight": (192, 64),
               "decoder.layers.0.mlp.linear_fc1.weight": (512, 64), "decoder.layers.0.mlp.linear_fc2.weight": (64, 256)}
     no_cfg = lambda key, default=None: default  # noqa: E731
-    found = base.features(no_cfg, shapes, base.names_of(shapes))
-    assert (found.rms_norm, found.gated, found.rotary, found.bias, found.grouped, found.tied) == \
-        (True, True, True, False, False, True)
-    assert choose(no_cfg, shapes).NAME == "llama"
+    found = set(base.traits(no_cfg, shapes, megatron.names_of(shapes)))
+    assert found == {base.RMS_NORM, base.GATED, base.ROTARY, base.NO_BIASES, base.MULTI_HEAD, base.TIED}
+    assert choose(no_cfg, shapes).name == "llama"
     shapes["decoder.layers.0.self_attention.linear_qkv.bias"] = (192,)  # biases: neither family
     with pytest.raises(ConversionError, match="RMSNorm, a gated MLP, rotary positions, multi-head attention, biases"):
         choose(no_cfg, shapes)

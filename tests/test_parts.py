@@ -20,8 +20,9 @@ import torch
 
 import streamconv
 from streamconv import parts
+from streamconv.families import FAMILIES
+from streamconv.families.base import Dims
 from streamconv.plan import make_plan
-from streamconv.recipes import gpt_sw3
 from streamconv.testing import SyntheticModel, make_parallel
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
@@ -70,8 +71,8 @@ def staged_folders(parent):
 
 def plan_40b(layers=64):
     """GPT-SW3 40B-shaped (hidden 8192, 64 heads, FFN 32768), from metadata only: no file."""
-    dims = gpt_sw3.Dims(8192, layers, 64, 32768, 2048, 64000, embedding_rows=64000)
-    recipes = gpt_sw3.tensor_recipes(dims)
+    dims = Dims(8192, layers, 64, 64, 128, 32768, 2048, 64000, embedding_rows=64000)
+    recipes = FAMILIES["gpt-sw3"].tensor_recipes(dims)
     return make_plan(recipes, ["torch.bfloat16"] * len(recipes), 5 * 10**9)
 
 

@@ -1,4 +1,4 @@
-"""Every cfg setting that changes the forward pass is read by the family or refused by name (recipes/settings.py),
+"""Every cfg setting that changes the forward pass is read by the family or refused by name (families/settings.py),
 flags are booleans, numbers are what a model can have, and the cfg agrees with the tensors.
 
 Checkpoints are megatron-core's own (tests/mcore_models.py); a setting is put into their cfg (NeMo 1.x's
@@ -18,11 +18,13 @@ import yaml
 
 import streamconv
 from streamconv.errors import ConversionError
-from streamconv.recipes import FAMILIES, gpt_sw3, llama, settings
+from streamconv.families import FAMILIES, settings
 from tests.mcore_models import ITERATION
 from tests.test_llama import VOCAB, llama_logits
 from tests.test_mcore import refused
 from tests.test_mcore_writer import _have_megatron_core
+
+llama, gpt_sw3 = FAMILIES["llama"], FAMILIES["gpt-sw3"]
 
 if not _have_megatron_core():
     pytest.skip("megatron-core is not installed", allow_module_level=True)
@@ -79,7 +81,7 @@ def test_every_megatron_core_field_is_classified():
     for switch, dependents in settings.ACTS_WITH.items():
         assert dependents and set(dependents) <= set(settings.FORWARD), switch
     for family in FAMILIES.values():
-        assert set(family.SETTINGS) <= set(settings.FORWARD), family.NAME
+        assert set(family.settings) <= set(settings.FORWARD), family.name
 
 
 def test_every_field_of_megatron_core_0_19_is_classified():
@@ -106,7 +108,8 @@ def _non_default(key, default):
 
 
 _DEPENDENT = {d: switch for switch, ds in settings.ACTS_WITH.items() for d in ds}
-_REFUSED = [k for k in settings.FORWARD if k not in llama.SETTINGS and k not in _DEPENDENT]
+# (a sliding window makes a Llama-shaped model a Mistral one: see the tests below)
+_REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT and k != "window_size"]
 
 
 @pytest.mark.parametrize("key", _REFUSED)
@@ -126,7 +129,17 @@ def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
     on = {"window_size": [4, 0], "experimental_attention_variant": "dsa"}.get(switch, True if isinstance(
         settings.FORWARD[switch], bool) else 4)
     message = plan_error(with_cfg(cases["llama"], tmp_path / "on", **{key: value, switch: on}))
-    assert f"the cfg sets {switch} " in message, message
+    named = key if switch == "window_size" else switch  # (Mistral reads the window, not a window skipped)
+    assert f"the cfg sets {named} " in message, message
+
+
+def test_a_window_makes_a_llama_cfg_a_mistral_model_and_a_malformed_one_is_refused(cases, tmp_path):
+    planned = streamconv.convert(with_cfg(cases["llama"], tmp_path / "w", window_size=[4, 0]), None,
+                                 vocab_size=VOCAB, dry_run=True)
+    assert planned.config["architectures"] == ["MistralForCausalLM"] and planned.config["sliding_window"] == 5
+    for window in (2, [4, 1], [4, 0, 0], ["4", 0]):
+        message = plan_error(with_cfg(cases["llama"], tmp_path / str(window), window_size=window))
+        assert "the cfg sets window_size " in message and "not a causal window (left, 0)" in message, message
 
 
 def test_an_inactive_setting_gives_megatron_cores_logits(cases, tmp_path):
@@ -141,7 +154,7 @@ def test_gpt_sw3_refuses_by_its_own_name_and_ignores_rotary_settings_of_learned_
     assert message == ("the cfg sets softmax_scale 0.5 (megatron-core's default: None), which GPT2LMHeadModel cannot "
                        "express; streamconv will not write a different model")
     folder = with_cfg(cases["gpt"], tmp_path / "rope", rotary_base=500000, rotary_percentage=0.5)
-    assert streamconv.convert(folder, None, dry_run=True).config["model_type"] == gpt_sw3.MODEL_TYPE
+    assert streamconv.convert(folder, None, dry_run=True).config["model_type"] == gpt_sw3.model_type
     assert "the cfg sets the flag openai_gelu to 1, not true or false" in plan_error(
         with_cfg(cases["gpt"], tmp_path / "gelu", openai_gelu=1))
     assert "kv_channels 8, not hidden_size / num_attention_heads = 16" in plan_error(
@@ -225,7 +238,7 @@ def test_an_absurd_layer_count_is_refused_at_once(cases, tmp_path, layers):
 
 
 def test_num_layers_is_compared_with_the_tensors_before_anything_per_layer():
-    from streamconv.recipes import base
+    from streamconv.families import base
 
     with pytest.raises(ConversionError, match="num_layers 1000000 but the state_dict holds layers 0..1"):
         base.check_layers(10**6, [0, 1])
@@ -307,6 +320,15 @@ def test_cfg_value_mutations_convert_or_are_refused(cases, tmp_path, seed):
         assert not (tmp_path / "hf").exists()
         return
     assert streamconv.verify(folder, tmp_path / "hf", vocab_size=VOCAB) == [], edit
-    if not set(edit) & (settings.READ | set(llama.SETTINGS)):
+    if not set(edit) & (settings.READ | set(llama.settings)):
         case = cases["llama"]
         assert (llama_logits(tmp_path / "hf", case.input_ids) - case.logits_fp32).abs().max() < 1e-4, edit
+
+
+def test_a_forced_family_refuses_what_it_cannot_express(cases, tmp_path):
+    """--family skips the choice, not the check: a zero-centred norm forced into Llama is refused by name."""
+    folder = with_cfg(cases["llama"], tmp_path, layernorm_zero_centered_gamma=True)
+    assert "no model family streamconv knows" in plan_error(folder)
+    with pytest.raises(ConversionError, match="family llama: this model has zero-centred layer norms, which "
+                                            "LlamaForCausalLM cannot express"):
+        streamconv.convert(folder, None, vocab_size=VOCAB, dry_run=True, family="llama")

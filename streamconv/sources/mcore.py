@@ -39,7 +39,7 @@ _MAX_JSON = 2**20
 _MAX_COMMON = 2**30  # common.pt: the hyper-parameters, the optimizer's param groups, scheduler state
 _MAX_LAYERS = 4096  # a stacked tensor's first axis (the deepest models have a few hundred layers)
 _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
-# Hyper-parameters are asked for by their NeMo 1.x names (what the recipes read); other writers' names:
+# Hyper-parameters are asked for by their NeMo 1.x names (what the families read); other writers' names:
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon",
                "num_moe_experts": "num_experts", "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor"}
 NEMO2 = {"encoder_seq_length": "seq_length"}

@@ -10,55 +10,110 @@ key head, then its value head; `linear_fc1` is `[gate; up]`, whole in a distribu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from streamconv.errors import ConversionError
-from streamconv.recipes import base
-from streamconv.recipes.base import Features, HParam, Names, TensorRecipe
+from streamconv.families import base
+from streamconv.families.base import (
+    EITHER_ATTENTION,
+    EITHER_OUTPUT,
+    GATED,
+    NO_BIASES,
+    RMS_NORM,
+    ROTARY,
+    Dims,
+    Entry,
+    Family,
+    HParam,
+)
+from streamconv.families.megatron import Names, check_matrices, layer_ids, names_of
+from streamconv.families.registry import register
 
-NAME = "llama"
-MODEL_TYPE = "llama"
-DESCRIPTION = "Llama (RMSNorm, a SwiGLU MLP, rotary positions, no biases)"
-HF_CLASS = "LlamaForCausalLM"
-HEADS_KEY = "num_attention_heads"  # config.json's head count
-# The forward-changing settings (`settings.FORWARD`) read here: rotary positions, with their scalings
-SETTINGS = ("rotary_base", "rotary_percent", "rotary_percentage", "rotary_interleaved", "seq_len_interpolation_factor",
-            "rope_scaling", "use_rope_scaling", "rope_scaling_factor", "scale_positional_embedding", "scale_factor",
-            "low_freq_factor", "high_freq_factor", "old_context_len")
-
-
-def accepts(found: Features) -> bool:
-    return found.rms_norm and found.gated and found.rotary and not found.bias and not found.odd
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The model dimensions the mapping needs, read from the cfg and checked against the tensors."""
-
-    hidden: int
-    layers: int
-    heads: int
-    groups: int  # key/value heads
-    head_dim: int
-    ffn: int
-    positions: int
-    vocab: int
-    names: Names
-    embedding_rows: int
-    tied: bool
-    local_slices: int  # tensor-parallel ranks whose `[gate_r; up_r]` were concatenated (1: stored whole)
+ROTARY_SETTINGS = ("rotary_base", "rotary_percent", "rotary_percentage", "rotary_interleaved",
+                   "seq_len_interpolation_factor", "rope_scaling", "use_rope_scaling", "rope_scaling_factor",
+                   "scale_positional_embedding", "scale_factor", "low_freq_factor", "high_freq_factor",
+                   "old_context_len")
+ATTENTION = (Entry("model.layers.{i}.input_layernorm.weight", "input_norm"),
+             Entry("model.layers.{i}.self_attn.q_proj.weight", "qkv", take="q"),
+             Entry("model.layers.{i}.self_attn.k_proj.weight", "qkv", take="k"),
+             Entry("model.layers.{i}.self_attn.v_proj.weight", "qkv", take="v"),
+             Entry("model.layers.{i}.self_attn.o_proj.weight", "proj"))
+MLP = (Entry("model.layers.{i}.mlp.gate_proj.weight", "fc1", take="gate"),
+       Entry("model.layers.{i}.mlp.up_proj.weight", "fc1", take="up"),
+       Entry("model.layers.{i}.mlp.down_proj.weight", "fc2"))
 
 
-def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
+@register
+class Llama(Family):
+    """The family the other megatron-core decoders (Qwen, Mistral, Gemma) extend: their dimensions are read
+    alike, their tables and configs add what they have."""
+
+    name = "llama"
+    model_type = "llama"
+    architecture = "LlamaForCausalLM"
+    description = "Llama (RMSNorm, a SwiGLU MLP, rotary positions, no biases)"
+    traits = frozenset({RMS_NORM, GATED, ROTARY, NO_BIASES})
+    optional = EITHER_ATTENTION | EITHER_OUTPUT
+    settings = ROTARY_SETTINGS  # the forward-changing settings read here: rotary positions, with their scalings
+    head = (Entry("model.embed_tokens.weight", "embedding", take="vocab"),)
+    layer = (*ATTENTION, Entry("model.layers.{i}.post_attention_layernorm.weight", "mlp_norm"), *MLP)
+    tail = (Entry("model.norm.weight", "final_norm"), Entry("lm_head.weight", "output_layer", take="vocab"))
+
+    def read_dims(self, hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
+                  num_heads: int | None = None, local_slices: int = 1) -> Dims:
+        return decoder_dims(hparam, shapes, vocab_size, num_heads, local_slices)
+
+    def hf_config(self, hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
+        """LlamaConfig keyword arguments."""
+        return self.decoder_config(hparam, dims, dtype_name, {"attention_bias": False, "mlp_bias": False})
+
+    def rotary(self, hparam: HParam) -> dict[str, Any]:
+        """The rotary positions' Hugging Face keys: one base, its scaling."""
+        return {"rope_theta": base.number("rotary_base", hparam("rotary_base", 10000, null=None), float, above=0),
+                "rope_scaling": _rope_scaling(hparam)}
+
+    def decoder_config(self, hparam: HParam, dims: Dims, dtype_name: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """The Hugging Face config keys the megatron-core decoders share, the family's `extra` ones among them."""
+        percent = next((p for p in (hparam("rotary_percent", 1.0), hparam("rotary_percentage", 1.0)) if p != 1.0),
+                       1.0)
+        if percent != 1.0 or base.flag(hparam, "rotary_interleaved"):  # (either spelling other than 1: refused)
+            raise ConversionError(f"the cfg says rotary_percent {percent}, rotary_interleaved "
+                                  f"{hparam('rotary_interleaved')}: Hugging Face {self.description.split(' (')[0]} "
+                                  "rotates every dimension, half-split; streamconv cannot convert this model")
+        return {
+            "model_type": self.model_type,
+            "architectures": [self.architecture],
+            "vocab_size": dims.vocab,
+            "hidden_size": dims.hidden,
+            "intermediate_size": dims.ffn,
+            "num_hidden_layers": dims.layers,
+            "num_attention_heads": dims.heads,
+            "num_key_value_heads": dims.groups,
+            "head_dim": dims.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": dims.positions,
+            "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
+                                        above=0, high=1),
+            **self.rotary(hparam),
+            **extra,
+            "tie_word_embeddings": dims.tied,
+            "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float, low=0),
+            "use_cache": True,
+            "dtype": dtype_name,
+        }
+
+
+def decoder_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: int | None = None,
               num_heads: int | None = None, local_slices: int = 1) -> Dims:
-    """Model dimensions from the cfg (`hparam(key)` reads one value), checked against the tensor shapes."""
-    names = base.names_of(shapes)
+    """A megatron-core decoder's dimensions from the cfg (`hparam(key)` reads one value), checked against the
+    tensor shapes."""
+    names = names_of(shapes)
     if names.scheme != "megatron-core":
-        raise ConversionError("this Llama-style model uses legacy NeMo names (model.language_model.); streamconv "
-                              "converts Llama-style models saved by megatron-core (NeMo 1.2x+, NeMo 2.0, Megatron-LM)")
-    base.check_matrices(shapes, names)
-    found = base.layer_ids(shapes, names)
+        raise ConversionError("this Llama-style model uses legacy NeMo names (model.language_model.); "
+                              "streamconv converts Llama-style models saved by megatron-core (NeMo 1.2x+, NeMo "
+                              "2.0, Megatron-LM)")
+    check_matrices(shapes, names)
+    found = layer_ids(shapes, names)
     qkv, fc2 = shapes.get(names.of(0, "qkv", "weight")), shapes.get(names.of(0, "fc2", "weight"))
     values = base.sizes(hparam, {
         "hidden_size": shapes[names.embedding][1],
@@ -104,7 +159,7 @@ def read_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size: in
     tied = names.output_layer not in shapes
     return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn, base.number(
         "max_position_embeddings", positions, int, high=base.MAX_POSITIONS, above=0), int(vocab_size), names, rows,
-        tied, local_slices)
+        tied, gated=True, local_slices=local_slices)
 
 
 def _groups(rows: int, heads: int, head_dim: int, names: Names) -> int:
@@ -115,50 +170,6 @@ def _groups(rows: int, heads: int, head_dim: int, names: Names) -> int:
                               f"head_dim for {heads} heads of {head_dim}; check num_attention_heads (--num-heads) "
                               "and kv_channels")
     return groups
-
-
-def tensor_recipes(dims: Dims) -> list[TensorRecipe]:
-    """Every output tensor, in `LlamaForCausalLM`'s order."""
-    h, f, hd, names = dims.hidden, dims.ffn, dims.head_dim, dims.names
-    per_group = dims.heads // dims.groups
-    qkv_rows = (dims.heads + 2 * dims.groups) * hd
-    slot = (per_group + 2) * hd  # one group's rows
-
-    def heads(first: int, count: int) -> tuple[tuple[int, int], ...]:
-        """Rows of heads first..first+count of every group."""
-        return tuple((g * slot + first * hd, g * slot + (first + count) * hd) for g in range(dims.groups))
-
-    t = dims.local_slices
-    local = 2 * f // t  # one rank's [gate_r; up_r]
-    gate = tuple((r * local, r * local + f // t) for r in range(t))
-    up = tuple((r * local + f // t, (r + 1) * local) for r in range(t))
-
-    def whole(name: str, source: str, shape: tuple[int, ...]) -> TensorRecipe:
-        return TensorRecipe(name, source, shape, shape, base.copy(shape))
-
-    def rows(name: str, source: str, source_shape: tuple[int, ...], ranges: tuple[tuple[int, int], ...]
-             ) -> TensorRecipe:
-        shape = (sum(b - a for a, b in ranges), *source_shape[1:])
-        return TensorRecipe(name, source, source_shape, shape, base.copy(shape), row_ranges=ranges)
-
-    out = [rows("model.embed_tokens.weight", names.embedding, (dims.embedding_rows, h), ((0, dims.vocab),))]
-    for i in range(dims.layers):
-        dst, qkv = f"model.layers.{i}.", names.of(i, "qkv", "weight")
-        out += [
-            whole(dst + "input_layernorm.weight", names.of(i, "input_norm", "weight"), (h,)),
-            rows(dst + "self_attn.q_proj.weight", qkv, (qkv_rows, h), heads(0, per_group)),
-            rows(dst + "self_attn.k_proj.weight", qkv, (qkv_rows, h), heads(per_group, 1)),
-            rows(dst + "self_attn.v_proj.weight", qkv, (qkv_rows, h), heads(per_group + 1, 1)),
-            whole(dst + "self_attn.o_proj.weight", names.of(i, "proj", "weight"), (h, dims.heads * hd)),
-            whole(dst + "post_attention_layernorm.weight", names.of(i, "mlp_norm", "weight"), (h,)),
-            rows(dst + "mlp.gate_proj.weight", names.of(i, "fc1", "weight"), (2 * f, h), gate),
-            rows(dst + "mlp.up_proj.weight", names.of(i, "fc1", "weight"), (2 * f, h), up),
-            whole(dst + "mlp.down_proj.weight", names.of(i, "fc2", "weight"), (h, f)),
-        ]
-    out.append(whole("model.norm.weight", names.final_norm + ".weight", (h,)))
-    if not dims.tied:
-        out.append(rows("lm_head.weight", names.output_layer, (dims.embedding_rows, h), ((0, dims.vocab),)))
-    return out
 
 
 def _rope_scaling(hparam: HParam) -> dict[str, Any] | None:
@@ -197,35 +208,3 @@ def _rope_scaling(hparam: HParam) -> dict[str, Any] | None:
     if linear is not None:
         return {"rope_type": "linear", "factor": base.number("seq_len_interpolation_factor", linear, float, above=0)}
     return None
-
-
-def hf_config(hparam: HParam, dims: Dims, dtype_name: str) -> dict[str, Any]:
-    """LlamaConfig keyword arguments."""
-    percent = next((p for p in (hparam("rotary_percent", 1.0), hparam("rotary_percentage", 1.0)) if p != 1.0), 1.0)
-    if percent != 1.0 or base.flag(hparam, "rotary_interleaved"):  # (either spelling other than 1: refused)
-        raise ConversionError(f"the cfg says rotary_percent {percent}, rotary_interleaved "
-                              f"{hparam('rotary_interleaved')}: Hugging Face Llama rotates every dimension, "
-                              "half-split; streamconv cannot convert this model")
-    return {
-        "model_type": MODEL_TYPE,
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": dims.vocab,
-        "hidden_size": dims.hidden,
-        "intermediate_size": dims.ffn,
-        "num_hidden_layers": dims.layers,
-        "num_attention_heads": dims.heads,
-        "num_key_value_heads": dims.groups,
-        "head_dim": dims.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": dims.positions,
-        "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
-                                    above=0, high=1),
-        "rope_theta": base.number("rotary_base", hparam("rotary_base", 10000, null=None), float, above=0),
-        "rope_scaling": _rope_scaling(hparam),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": dims.tied,
-        "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float, low=0),
-        "use_cache": True,
-        "dtype": dtype_name,
-    }

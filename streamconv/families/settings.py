@@ -22,7 +22,7 @@ from collections.abc import Collection
 from typing import Any
 
 from streamconv.errors import ConversionError, describe
-from streamconv.recipes.base import NULL, HParam
+from streamconv.families.base import NULL, HParam
 
 FORWARD: dict[str, Any] = {
     # attention

@@ -1,0 +1,115 @@
+"""Where Megatron checkpoints keep each tensor: one table of roles to every naming scheme's spelling.
+
+A family's table names a source tensor by its role (`qkv`, `fc1`, `q_norm`, ...) and field (`weight`, `bias`);
+the scheme a checkpoint uses (legacy NeMo's, megatron-core's under its writer's prefix, with fused or separate
+layer norms) says where that is. A family never spells a source name itself, so a new spelling is one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from streamconv.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class Names:
+    """Where a naming scheme keeps each tensor: legacy NeMo's (`model.language_model.`) or megatron-core's
+    (`decoder.layers.N.`, under `model.` in NeMo 1.x, `module.` in NeMo 2.0, no prefix in Megatron-LM).
+    `layer` maps a layer module's role (input_norm, qkv, proj, mlp_norm, fc1, fc2, ...) to its name below
+    `layers`."""
+
+    scheme: str
+    embedding: str
+    positions: str
+    final_norm: str
+    layers: str  # with {i}
+    layer: dict[str, str]
+    output_layer: str | None = None  # megatron-core's output layer (untied, or the last stage's tied copy)
+
+    @property
+    def layer_prefix(self) -> str:
+        return self.layers.split("{i}")[0]
+
+    def of(self, i: int, role: str, field: str) -> str:
+        """The source name of layer `i`'s `role` module's `field` ('weight', 'bias')."""
+        if role not in self.layer:
+            raise ConversionError(f"{self.scheme} checkpoints have no {role} tensors; is this another architecture?")
+        return self.layers.format(i=i) + self.layer[role] + field
+
+    def source(self, role: str, field: str, i: int | None) -> str:
+        """The source name of a model-level (`i` None: embedding, positions, final_norm, output_layer) or layer
+        role's field."""
+        if i is not None:
+            return self.of(i, role, field)
+        if role == "final_norm":
+            return f"{self.final_norm}.{field}"
+        name = {"embedding": self.embedding, "positions": self.positions, "output_layer": self.output_layer}[role]
+        if name is None:
+            raise ConversionError(f"{self.scheme} checkpoints have no {role}; is this another architecture?")
+        return name
+
+
+def _legacy() -> Names:
+    prefix = "model.language_model."
+    return Names("legacy NeMo", prefix + "embedding.word_embeddings.weight",
+                 prefix + "embedding.position_embeddings.weight", prefix + "encoder.final_layernorm",
+                 prefix + "encoder.layers.{i}.", {
+                     "input_norm": "input_layernorm.", "qkv": "self_attention.query_key_value.",
+                     "proj": "self_attention.dense.", "mlp_norm": "post_attention_layernorm.",
+                     "fc1": "mlp.dense_h_to_4h.", "fc2": "mlp.dense_4h_to_h."})
+
+
+def _mcore(prefix: str, fused_norms: bool) -> Names:
+    """megatron-core's names; its layer norms are fused into the next linear layer (`layer_norm_weight`) in
+    distributed checkpoints and Transformer Engine state_dicts, separate in the local spec's state_dicts. Gemma 3's
+    norms after attention and the MLP sit on the linear layer before them (`linear_proj.post_layernorm`)."""
+    norms = {"input_norm": "self_attention.linear_qkv.layer_norm_", "mlp_norm": "mlp.linear_fc1.layer_norm_"} \
+        if fused_norms else {"input_norm": "input_layernorm.", "mlp_norm": "pre_mlp_layernorm."}
+    return Names("megatron-core", prefix + "embedding.word_embeddings.weight",
+                 prefix + "embedding.position_embeddings.weight", prefix + "decoder.final_layernorm",
+                 prefix + "decoder.layers.{i}.", {
+                     **norms, "qkv": "self_attention.linear_qkv.", "proj": "self_attention.linear_proj.",
+                     "fc1": "mlp.linear_fc1.", "fc2": "mlp.linear_fc2.", "q_norm": "self_attention.q_layernorm.",
+                     "k_norm": "self_attention.k_layernorm.",
+                     "post_attention_norm": "self_attention.linear_proj.post_layernorm.",
+                     "post_mlp_norm": "mlp.linear_fc2.post_layernorm."}, prefix + "output_layer.weight")
+
+
+SCHEMES = [_legacy(), *(_mcore(prefix, fused) for prefix in ("model.", "module.", "", "model.module.")
+                         for fused in (True, False))]
+
+
+def names_of(keys: Collection[str]) -> Names:
+    """The naming scheme of a state_dict: the one whose embedding and first layer norm it holds."""
+    for names in SCHEMES:
+        if names.embedding in keys and names.of(0, "input_norm", "weight") in keys:
+            return names
+    for names in SCHEMES:
+        if names.embedding in keys:
+            return names
+    raise ConversionError(f"the checkpoint holds no word embedding ({SCHEMES[0].embedding!r}, or megatron-core's "
+                          f"{SCHEMES[1].embedding.removeprefix('model.')!r}, plain or under model. or module.); is "
+                          "this a GPT checkpoint?")
+
+
+def layer_id(key: str, names: Names) -> int:
+    """The layer number in a `...layers.<i>.` state_dict key."""
+    local = key[len(names.layer_prefix):].split(".")[0]
+    if not (local.isascii() and local.isdecimal()):
+        raise ConversionError(f"unexpected state_dict key {key!r} (no layer number); is this a GPT checkpoint?")
+    return int(local)
+
+
+def layer_ids(shapes: Collection[str], names: Names) -> list[int]:
+    return sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
+
+
+def check_matrices(shapes: dict[str, tuple[int, ...]], names: Names) -> None:
+    """The embedding and the first layer's linear weights are matrices (the families read sizes off them)."""
+    for name in (names.embedding, names.positions, *(names.of(0, role, "weight") for role in
+                                                      ("qkv", "proj", "fc1", "fc2"))):
+        if name in shapes and len(shapes[name]) != 2:
+            raise ConversionError(f"source tensor {name!r} has shape {shapes[name]}, not a matrix; is this a GPT "
+                                  "checkpoint?")

@@ -1,0 +1,72 @@
+"""The families after Llama, each against the model Megatron-Bridge 0.6.2 imported (tests/fixtures/bridge062-families/:
+a tiny random Hugging Face model per family, its norms perturbed, imported by Bridge on CPU and saved as a run folder;
+its logits computed by transformers; see tests/fixtures/README.md). Converted with no flag, the output loads with no
+missing or unexpected key, equals the original parameter for parameter, computes its logits, and its config.json
+describes the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import streamconv
+from streamconv.families import FAMILIES
+from tests.test_fixtures_bridge062_families import FIXTURES, MANIFEST
+
+CONVERTED = ("qwen2", "qwen3", "mistral", "gemma3")  # (one name a family)
+# config.json keys that say which model it is (sizes, norms, rotary bases, windows, scaling, tying)
+SAME_MODEL = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+              "rope_parameters", "sliding_window", "layer_types", "query_pre_attn_scalar", "hidden_act",
+              "hidden_activation", "tie_word_embeddings", "attention_bias", "use_sliding_window")
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                       output_loading_info=True)
+    return model.eval(), info
+
+
+def _described(config) -> dict:
+    """A config's keys, with the head size as the model computes it (Qwen2's config has no head_dim of its own:
+    its attention reads one where given, else hidden / heads)."""
+    values = config.to_dict()
+    values["head_dim"] = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
+    return values
+
+
+@pytest.mark.parametrize("family", CONVERTED)
+def test_a_family_converts_to_the_model_bridge_imported(tmp_path, family):
+    case = MANIFEST["families"][family]
+    result = streamconv.convert(FIXTURES / case["checkpoint"], tmp_path / "hf")
+    assert result.config["model_type"] == FAMILIES[family].model_type
+    ours, info = _load(tmp_path / "hf")
+    assert {k: v for k, v in info.items() if v} == {}, info
+    theirs, _ = _load(FIXTURES / case["hf"])
+    assert type(ours) is type(theirs)
+    mine, original = ours.state_dict(), theirs.state_dict()
+    assert sorted(mine) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(mine[name], tensor), name
+    oracle = load_file(FIXTURES / case["logits"])
+    with torch.no_grad():
+        logits = ours(input_ids=oracle["input_ids"]).logits
+    assert torch.allclose(logits, oracle["logits"], atol=1e-4, rtol=0), (logits - oracle["logits"]).abs().max()
+    written, expected = _described(ours.config), _described(theirs.config)
+    for key in SAME_MODEL:
+        assert written.get(key) == expected.get(key), (key, written.get(key), expected.get(key))
+    assert streamconv.verify(FIXTURES / case["checkpoint"], tmp_path / "hf") == []
+
+
+def test_each_fixture_is_chosen_as_its_own_family():
+    for family in CONVERTED:
+        plan = streamconv.convert(FIXTURES / MANIFEST["families"][family]["checkpoint"], None, dry_run=True)
+        assert plan.config["architectures"] == [FAMILIES[family].architecture], family
+
+
+def test_the_registry_lists_six_families_and_every_fixture_is_converted():
+    assert sorted(FAMILIES) == ["gemma3", "gpt-sw3", "llama", "mistral", "qwen2", "qwen3"]
+    assert sorted(CONVERTED) == sorted(MANIFEST["families"])

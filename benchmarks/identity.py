@@ -14,7 +14,7 @@ Inputs: the benchmark generators (benchmarks/workloads.py, benchmarks/llama.py) 
 once into the cache (default $STREAMCONV_BENCH_CACHE or ~/.cache/streamconv-bench; 3.7 GB in all, plus one
 output of at most 1.13 GB at a time in a scratch folder there, deleted at the end), and the committed fixtures
 tests/fixtures/mcore019, bridge062 and bridge062-families (which e1798ea refuses: their exit status and message are
-compared). The inputs are made by this checkout's generators; the conversions are the checkouts'. About 1.5 minutes
+compared). The inputs are made by this checkout's generators; the conversions are the checkouts'. About 2 minutes
 on 2 cores once the inputs exist (about 1 minute more to make them the first time). `--list` shows the workloads
 and their flags, `--only`/`--skip WORD,...` pick some.
 """

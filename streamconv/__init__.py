@@ -1,4 +1,5 @@
-"""streamconv: NeMo-Megatron GPT-SW3 checkpoints to Hugging Face safetensors, streamed in bounded memory."""
+"""streamconv: NeMo and Megatron checkpoints (GPT-SW3, Llama-family and other models) to Hugging Face safetensors,
+streamed in bounded memory."""
 
 from __future__ import annotations
 

@@ -18,12 +18,15 @@ EXIT_BAD_INPUT = 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamconv",
-        description="Convert a NeMo-Megatron GPT-SW3 .ckpt or .nemo into a Hugging Face GPT-2 folder of sharded "
-        "safetensors, one tensor at a time, in memory bounded by the largest tensor.",
+        description="Convert a NeMo or Megatron checkpoint of a GPT-SW3, Llama-family or other supported model (the "
+        "families are --family's choices) into a Hugging Face model folder of sharded safetensors, one tensor at a "
+        "time, in memory bounded by the largest tensor.",
     )
     p.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path", metavar="SRC",
-                   help="the NeMo/Lightning .ckpt file, a .nemo archive (plain or gzip) or extracted .nemo folder, "
-                   "or a folder of per-rank .ckpt files (mp_rank_XX/, tp_rank_XX_pp_rank_YYY/)")
+                   help="the checkpoint: a NeMo/Lightning .ckpt file, a .nemo archive (plain or gzip) or extracted "
+                   ".nemo folder, a folder of per-rank .ckpt files (mp_rank_XX/, tp_rank_XX_pp_rank_YYY/), or a "
+                   "megatron-core distributed checkpoint (torch_dist or zarr: a NeMo 1.x, NeMo 2.0, Megatron-LM or "
+                   "Megatron-Bridge folder, or a bare one)")
     p.add_argument("--save-path", "--save_path", dest="save_path", metavar="DST",
                    help="output folder (config.json + safetensors shards)")
     p.add_argument("--shard-size", default="5GB",

@@ -38,10 +38,12 @@ def _described(config) -> dict:
     return values
 
 
-@pytest.mark.parametrize("family", CONVERTED)
-def test_a_family_converts_to_the_model_bridge_imported(tmp_path, family):
+@pytest.mark.parametrize("family, layout", [(f, layout) for f in CONVERTED for layout in ("tp1", "tp2")
+                                            if layout == "tp1" or "tp2" in MANIFEST["families"][f]])
+def test_a_family_converts_to_the_model_bridge_imported(tmp_path, family, layout):
     case = MANIFEST["families"][family]
-    result = streamconv.convert(FIXTURES / case["checkpoint"], tmp_path / "hf")
+    source = FIXTURES / (case["checkpoint"] if layout == "tp1" else case["tp2"]["checkpoint"])
+    result = streamconv.convert(source, tmp_path / "hf")
     assert result.config["model_type"] == FAMILIES[family].model_type
     ours, info = _load(tmp_path / "hf")
     assert {k: v for k, v in info.items() if v} == {}, info
@@ -58,7 +60,7 @@ def test_a_family_converts_to_the_model_bridge_imported(tmp_path, family):
     written, expected = _described(ours.config), _described(theirs.config)
     for key in SAME_MODEL:
         assert written.get(key) == expected.get(key), (key, written.get(key), expected.get(key))
-    assert streamconv.verify(FIXTURES / case["checkpoint"], tmp_path / "hf") == []
+    assert streamconv.verify(source, tmp_path / "hf") == []
 
 
 def test_each_fixture_is_chosen_as_its_own_family():
@@ -70,3 +72,4 @@ def test_each_fixture_is_chosen_as_its_own_family():
 def test_the_registry_lists_six_families_and_every_fixture_is_converted():
     assert sorted(FAMILIES) == ["gemma3", "gpt-sw3", "llama", "mistral", "qwen2", "qwen3"]
     assert sorted(CONVERTED) == sorted(MANIFEST["families"])
+    assert sorted(f for f, case in MANIFEST["families"].items() if "tp2" in case) == ["gemma3", "qwen2"]

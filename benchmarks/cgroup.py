@@ -4,7 +4,7 @@ What a cgroup charges is what the kernel charges it: the run's anonymous memory 
 and writes (clean cache is reclaimed, dirty cache written back, before the OOM killer is called), so a limit
 is the RAM of a smaller machine. Swap is capped with it (v1 `memory.memsw.limit_in_bytes`, v2
 `memory.swap.max` 0): a run cannot page its way past the limit. The run's shell moves itself into the cgroup
-before it execs the contender; `streamconv.testing.measure`'s launcher stays outside.
+before it execs the contender; `benchmarks.launcher.measure`'s launcher stays outside.
 The parsing (`locate`, `counters`) is unit-tested; the rest is tested on a tiny run where a cgroup is writable.
 """
 
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamconv.testing import Measurement, measure
+from benchmarks.launcher import Measurement, measure
 
 # per version: (limit file, swap limit file, peak usage, the file with the oom_kill counter)
 FILES = {1: ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.max_usage_in_bytes",

@@ -1,6 +1,6 @@
 """Run contenders as child processes in interleaved rounds, summarise, record, compare.
 
-Each run goes through `streamconv.testing.measure`: a small launcher process starts the contender, samples
+Each run goes through `benchmarks.launcher.measure`: a small launcher process starts the contender, samples
 its RSS every 50 ms and reports the child's own ru_maxrss (a child forked from this process, which may hold
 torch and a freshly generated checkpoint, would start its ru_maxrss at our RSS). Under `--memory-limit` the
 contender runs in a cgroup of its own (`benchmarks.cgroup`) and a run that fails there is recorded, not fatal.
@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 
 from benchmarks import cgroup
+from benchmarks.launcher import measure
 from streamconv import parts
-from streamconv.testing import measure
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

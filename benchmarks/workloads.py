@@ -20,7 +20,8 @@ from typing import Any
 
 import psutil
 
-from streamconv.testing import SyntheticModel, nemo_weight_bytes, parallel_dim
+from benchmarks.parallel import parallel_dim
+from streamconv.demo import SyntheticModel
 
 CACHE_ENV = "STREAMCONV_BENCH_CACHE"
 # --source-dtype: torch's name for it and its item size
@@ -70,6 +71,13 @@ def torch_dtype(dtype: str):
     return getattr(torch, SOURCE_DTYPES[dtype][0])
 
 
+def nemo_weight_bytes(model: SyntheticModel, itemsize: int = 2) -> int:
+    """Bytes of the checkpoint's `state_dict` (vocabulary padded), without building it: benchmarks divide by it."""
+    h, f = model.n_embd, model.ffn
+    layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (f * h + f) + (h * f + h)
+    return itemsize * (model.padded_vocab * h + model.n_positions * h + model.n_layer * layer + 2 * h)
+
+
 def weight_bytes(model: SyntheticModel, dtype: str = "bf16") -> int:
     """Bytes of the weights in the checkpoint (optimizer state excluded): throughput is measured against them."""
     return nemo_weight_bytes(model, itemsize(dtype))
@@ -100,7 +108,7 @@ def ensure_checkpoint(profile: Profile, cache: Path, layers: int | None = None, 
     need = checkpoint_bytes(model, optimizer, dtype)
 
     def write(partial: Path) -> None:
-        from streamconv.testing import make_checkpoint
+        from streamconv.demo import make_checkpoint
 
         make_checkpoint(partial, model, dtype=torch_dtype(dtype), optimizer=optimizer, keep_hf=False)
 
@@ -116,7 +124,7 @@ def ensure_parallel(profile: Profile, cache: Path, layers: int | None, tp: int, 
     need = weight_bytes(model, dtype)
 
     def write(partial: Path) -> None:
-        from streamconv.testing import make_parallel
+        from benchmarks.parallel import make_parallel
 
         make_parallel(partial, model, tp=tp, kind="nemo", dtype=torch_dtype(dtype), optimizer=False)
 
@@ -169,7 +177,7 @@ def mcore_name(legacy: str) -> tuple[str, int | None]:
 def mcore_shards(weights: Mapping, tp: int, rank: int) -> dict[str, tuple[tuple[int, ...], Chunks]]:
     """Rank `rank`'s part of a consolidated legacy NeMo state_dict as megatron-core shards it: key -> (global
     shape, [(offsets, tensor)]). Layers are stacked on a new first axis, one chunk per layer and TP slice;
-    a tensor TP splits (on the axis the legacy rank files split it, `streamconv.testing.parallel_dim`: QKV and
+    a tensor TP splits (on the axis the legacy rank files split it, `benchmarks.parallel.parallel_dim`: QKV and
     fc1 rows, the vocabulary, linear_proj and fc2 columns) gives this rank its slice, a replicated one is
     written by rank 0 only. The chunks are views: nothing is copied here (a column slice is not contiguous,
     which a ShardedTensor's shard must be: its writer copies it)."""

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from streamconv.testing import SyntheticModel, make_checkpoint
+from streamconv.demo import SyntheticModel, make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -477,7 +477,7 @@ def _finish_case(root: Path, c: dict[str, Any], out: Path, seconds: float) -> fl
 def _write_tokenizer(path: Path, vocab: int) -> None:
     """A real SentencePiece model of `vocab` pieces where sentencepiece is installed, else placeholder bytes."""
     try:
-        from streamconv.testing import make_sentencepiece_model
+        from tests.writers import make_sentencepiece_model
 
         make_sentencepiece_model(path, vocab)
     except (ImportError, ValueError):

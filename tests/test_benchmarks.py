@@ -22,6 +22,8 @@ from benchmarks.__main__ import (
     parts_report,
     scaling_verdict,
 )
+from benchmarks.launcher import measure
+from benchmarks.parallel import split_for_parallel
 from benchmarks.workloads import (
     PROFILES,
     STACKED,
@@ -36,14 +38,7 @@ from benchmarks.workloads import (
     weight_bytes,
 )
 from streamconv.converter import convert
-from streamconv.testing import (
-    SyntheticModel,
-    make_checkpoint,
-    measure,
-    random_gpt2_state_dict,
-    split_for_parallel,
-    to_nemo_state_dict,
-)
+from streamconv.demo import SyntheticModel, make_checkpoint, random_gpt2_state_dict, to_nemo_state_dict
 
 
 def run(wall, rss=100, anon=50):

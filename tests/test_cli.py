@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamconv import cli
-from streamconv.testing import SyntheticModel, make_checkpoint, nemo_config
+from streamconv.demo import SyntheticModel, make_checkpoint, nemo_config
 from tests.conftest import run_cli
 
 

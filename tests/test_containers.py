@@ -10,9 +10,10 @@ import zipfile
 import pytest
 import torch
 
-from streamconv.testing import SyntheticModel, make_checkpoint, make_nemo
+from streamconv.demo import SyntheticModel, make_checkpoint
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
+from tests.writers import make_nemo
 
 SMALL = SyntheticModel(n_embd=32, n_layer=2, n_head=2, vocab_size=256)
 _CENTRAL = struct.Struct("<4s6H3I5H2I")  # zip central directory header, up to the name

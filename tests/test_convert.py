@@ -140,7 +140,7 @@ def test_6_7b_hidden_size_uses_its_tokenizer_ids():
 
 
 def test_default_vocab_is_gpt_sw3s(checkpoints, tmp_path):
-    from streamconv.testing import SyntheticModel
+    from streamconv.demo import SyntheticModel
 
     source = checkpoints("v64k", SyntheticModel(n_embd=32, n_layer=1, n_head=2, vocab_size=64000), optimizer=False)
     out = tmp_path / "hf"

@@ -37,8 +37,9 @@ def test_cuda_device_index(bf16_ckpt, tmp_path):
 def test_device_flow_on_the_cpu_gives_the_same_bytes(bf16_ckpt, tmp_path, monkeypatch, source_kind, dtype):
     """What --device cuda does, minus the transfers: arrange into a scratch buffer with torch, copy it into the
     host buffer, write that. TP slices included."""
+    from benchmarks.parallel import make_parallel
     from streamconv import pipeline
-    from streamconv.testing import SyntheticModel, make_parallel
+    from streamconv.demo import SyntheticModel
 
     if source_kind == "ckpt":
         path, vocab = bf16_ckpt.path, bf16_ckpt.model.vocab_size

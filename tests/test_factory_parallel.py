@@ -1,4 +1,5 @@
-"""The tensor/pipeline-parallel checkpoint factory and the SentencePiece model builder in streamconv.testing."""
+"""The tensor/pipeline-parallel checkpoint factory (benchmarks.parallel) and the SentencePiece model builder
+(tests.writers)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from streamconv.testing import (
-    COLUMN_PARALLEL,
-    PREFIX,
-    ROW_PARALLEL,
-    SyntheticModel,
-    make_parallel,
-    make_sentencepiece_model,
-    random_gpt2_state_dict,
-    split_for_parallel,
-    to_nemo_state_dict,
-)
+from benchmarks.parallel import COLUMN_PARALLEL, ROW_PARALLEL, make_parallel, split_for_parallel
+from streamconv.demo import PREFIX, SyntheticModel, random_gpt2_state_dict, to_nemo_state_dict
+from tests.writers import make_sentencepiece_model
 
 MODEL = SyntheticModel(n_embd=32, n_layer=4, n_head=4, vocab_size=1100, n_positions=32)
 LAYER = re.compile(r"^(model\.language_model\.encoder\.layers\.)(\d+)\.(.+)$")

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamconv.testing import SyntheticModel, make_checkpoint, make_nemo
+from streamconv.demo import SyntheticModel, make_checkpoint
+from tests.writers import make_nemo
 
 MODEL = SyntheticModel(n_embd=16, n_layer=1, n_head=2, vocab_size=60, n_positions=16, make_vocab_size_divisible_by=8)
 VOCAB = "60"  # the 64 embedding rows hold 60 tokens and 4 rows of padding

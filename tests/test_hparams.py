@@ -11,10 +11,11 @@ import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from streamconv.demo import SyntheticModel, make_checkpoint, nemo_config
 from streamconv.sources import open_checkpoint
 from streamconv.sources.hparams import Config
-from streamconv.testing import SyntheticModel, make_checkpoint, make_nemo, nemo_config
 from tests.test_cli import assert_one_line_error
+from tests.writers import make_nemo
 
 SMALL = SyntheticModel(n_embd=32, n_layer=2, n_head=2, vocab_size=256)
 TIMEOUT = 60  # seconds; each of these runs takes about one

@@ -19,7 +19,7 @@ LAYERS = [
     ("cli", {"streamconv.cli", "streamconv.__main__", "streamconv.demo"}),
     ("api", {"streamconv", "streamconv.api", "streamconv.converter"}),
     ("run and verify", {"streamconv.run", "streamconv.parts", "streamconv.ray_parts", "streamconv.verification",
-                        "streamconv.verify", "streamconv.testing"}),
+                        "streamconv.verify"}),
     ("planning", {"streamconv.planning"}),
     ("families, sources, engine, formats", {
         "streamconv.families", "streamconv.sources", "streamconv.engine", "streamconv.plan",

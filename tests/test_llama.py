@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import streamconv
-from streamconv.testing import peak_rss_of
+from benchmarks.launcher import peak_rss_of
 from tests.conftest import run_cli
 from tests.test_mcore import output_tensors, refused
 from tests.test_mcore_writer import _have_megatron_core, whole

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import streamconv
+from benchmarks.launcher import peak_rss_of
 from streamconv.errors import ConversionError
-from streamconv.testing import peak_rss_of
 from tests import mcore_models
 from tests.conftest import run_cli
 from tests.test_mcore_writer import _have_megatron_core, whole

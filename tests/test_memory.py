@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from benchmarks.launcher import peak_rss_of
 from streamconv import reads
+from streamconv.demo import SyntheticModel
 from streamconv.formats.safetensors_writer import STAGING_BYTES
 from streamconv.pipeline import CHUNK_BYTES
-from streamconv.testing import SyntheticModel, peak_rss_of
 
 # Hidden 1024, ffn 4096: the largest tensor is an MLP weight, 4096 x 1024 x 2 bytes = 8.4 MB; a layer is 25 MB.
 WIDE = dict(n_embd=1024, n_head=16, vocab_size=2048, n_positions=512)

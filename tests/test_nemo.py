@@ -12,14 +12,16 @@ import yaml
 from omegaconf import OmegaConf
 
 import streamconv
+from benchmarks.launcher import peak_rss_of
 from benchmarks.naive import convert_megatron_checkpoint
-from streamconv.testing import SyntheticModel, make_nemo, peak_rss_of
+from streamconv.demo import SyntheticModel
 from tests.conftest import run_cli
 from tests.oracle import NOT_WRITTEN
 from tests.test_cli import assert_one_line_error
 from tests.test_convert import logits_pair, read_output
 from tests.test_memory import LARGEST, WIDE, MiB
 from tests.test_safety import Exploit
+from tests.writers import make_nemo
 
 MODEL = SyntheticModel(n_embd=64, n_layer=3, n_head=8, vocab_size=1000, n_positions=64)
 SMALL = SyntheticModel(n_embd=32, n_layer=2, n_head=2, vocab_size=256)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import streamconv
-from streamconv.testing import SyntheticModel, make_checkpoint
+from streamconv.demo import SyntheticModel, make_checkpoint
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 from tests.test_safety import WIDE, start_conversion, wait_for_partial_shard

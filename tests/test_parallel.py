@@ -14,23 +14,17 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamconv
+from benchmarks.launcher import peak_rss_of
 from benchmarks.naive import convert_megatron_checkpoint
+from benchmarks.parallel import CKPT_NAME, make_parallel
+from streamconv.demo import SyntheticModel, make_checkpoint, nemo_config, to_nemo_state_dict
 from streamconv.sources.parallel import rank_name
-from streamconv.testing import (
-    CKPT_NAME,
-    SyntheticModel,
-    make_checkpoint,
-    make_parallel,
-    make_sentencepiece_model,
-    nemo_config,
-    peak_rss_of,
-    to_nemo_state_dict,
-)
 from tests.conftest import run_cli
 from tests.oracle import NOT_WRITTEN
 from tests.test_cli import assert_one_line_error
 from tests.test_convert import logits_pair, read_output
 from tests.test_memory import LARGEST, WIDE, MiB
+from tests.writers import make_sentencepiece_model
 
 MODEL = SyntheticModel(n_embd=64, n_layer=4, n_head=8, vocab_size=1000, n_positions=64)
 KINDS = ["nemo", "nemo-gzip", "extracted", "ckpt-folder"]
@@ -387,7 +381,7 @@ def test_uneven_pipeline_stages(tmp_path):
     """Stages of 3 and 1 layers: each stage's layers follow those of the stages before it, whatever their count."""
     from omegaconf import OmegaConf
 
-    from streamconv.testing import random_gpt2_state_dict
+    from streamconv.demo import random_gpt2_state_dict
 
     hf = random_gpt2_state_dict(MODEL, torch.bfloat16, 0)
     weights = to_nemo_state_dict(hf, MODEL, 1)

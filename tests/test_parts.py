@@ -19,11 +19,12 @@ import pytest
 import torch
 
 import streamconv
+from benchmarks.parallel import make_parallel
 from streamconv import parts
+from streamconv.demo import SyntheticModel
 from streamconv.families import FAMILIES
 from streamconv.families.base import Dims
 from streamconv.plan import make_plan
-from streamconv.testing import SyntheticModel, make_parallel
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 from tests.test_output_safety import _strace_works
@@ -272,7 +273,7 @@ def test_a_part_unlike_the_staged_ones_is_refused_and_touches_nothing(ckpt, tmp_
 
 def test_a_part_of_a_changed_checkpoint_is_refused(tmp_path):
     source = tmp_path / "in.ckpt"
-    from streamconv.testing import make_checkpoint
+    from streamconv.demo import make_checkpoint
 
     make_checkpoint(source, MODEL, optimizer=False)
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from streamconv.testing import make_checkpoint
+from streamconv.demo import make_checkpoint
 from tests.test_cli import assert_one_line_error
 from tests.test_hparams import SMALL, Applies, run_bounded, shared_lists
 

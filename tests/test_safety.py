@@ -12,7 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from streamconv.testing import SyntheticModel, make_checkpoint
+from streamconv.demo import SyntheticModel, make_checkpoint
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 

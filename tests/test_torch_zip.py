@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from streamconv.cli import main
+from streamconv.demo import SyntheticModel, make_checkpoint
 from streamconv.errors import ConversionError
 from streamconv.sources import open_checkpoint, torch_zip
-from streamconv.testing import SyntheticModel, make_checkpoint
 
 MODEL = SyntheticModel(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=64)
 

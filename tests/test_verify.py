@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 import streamconv
+from benchmarks.launcher import peak_rss_of
+from benchmarks.parallel import make_parallel
 from streamconv import reads
+from streamconv.demo import SyntheticModel, make_checkpoint
 from streamconv.pipeline import CHUNK_BYTES
-from streamconv.testing import SyntheticModel, make_checkpoint, make_parallel, make_sentencepiece_model, peak_rss_of
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
+from tests.writers import make_sentencepiece_model
 
 # vocabulary 1000 padded to 1024 embedding rows: a wrong vocabulary shows in wte's shape
 MODEL = SyntheticModel(n_embd=64, n_layer=2, n_head=8, vocab_size=1000, n_positions=64)

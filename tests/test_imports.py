@@ -157,3 +157,14 @@ def test_the_engine_never_imports_the_command_line_api_or_run():
     found = [" -> ".join(chain) for name in sorted(edges) if within(name, ENGINE)
              for there, chain in sorted(reachable(name, edges).items()) if within(there, ABOVE_THE_ENGINE)]
     assert not found, "the engine reaches the layers above it:\n" + "\n".join(found)
+
+
+if __name__ == "__main__":  # python -m tests.test_imports: the graph, one line per module group
+    edges: dict[str, set[str]] = {}
+    for name, targets in graph().items():
+        for target in targets:
+            here, there = (".".join(m.split(".")[:2]) for m in (name, target))
+            if here != there:
+                edges.setdefault(here, set()).add(there.removeprefix("streamconv."))
+    for here in sorted(edges):
+        print(f"{here.removeprefix('streamconv.') or here} -> {', '.join(sorted(edges[here]))}")

@@ -350,17 +350,19 @@ def test_gzip_extracts_are_closed_after_every_use(parallel, tmp_path):
 
 def test_tokenizer_config_and_check_follow_the_model_family(spm, tmp_path):
     from streamconv import tokenizer
+    from streamconv.families import FAMILIES
 
+    settings_of = FAMILIES["gpt-sw3"].tokenizer_settings
     with open(spm, "rb") as f:
         model = f.read()
     config = {"model_type": "gpt2", "n_positions": 64, "n_embd": 64, "vocab_size": 1000, "bos_token_id": 2,
               "eos_token_id": 3, "pad_token_id": 0}
-    tokenizer.save(str(tmp_path), model, config)
+    tokenizer.save(str(tmp_path), model, settings_of(config))
     assert tokenizer.check(str(tmp_path), config) == "tokenizer copied as spiece.model and checked: " \
                                                      "GPTSw3Tokenizer of 1000 tokens"
     # The 6.7B model (hidden 4096) uses <|endoftext|> as bos and <unk> as pad: ids 3 and 1 in this model.
     seven_b = {**config, "n_embd": 4096}
-    tokenizer.save(str(tmp_path), model, seven_b)
+    tokenizer.save(str(tmp_path), model, settings_of(seven_b))
     settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (settings["bos_token"], settings["pad_token"]) == ("<|endoftext|>", "<unk>")
     note = tokenizer.check(str(tmp_path), seven_b)

@@ -457,9 +457,8 @@ def _check_tokenizer(folder: _Folder, given: bytes | None, shipped: bytes | None
     settings = folder.json_object(tokenizer.CONFIG_FILE)
     if tokenizer.CONFIG_FILE not in folder.entries:
         problems.add(f"{tokenizer.CONFIG_FILE}: missing (a conversion writes it with the tokenizer)")
-    elif settings is not None and settings != plan.family.tokenizer_settings(config):
-        problems.add(f"{tokenizer.CONFIG_FILE}: is {describe(settings)}, expected "
-                     f"{plan.family.tokenizer_settings(config)}")
+    elif settings is not None and settings != (expected := plan.family.tokenizer_settings(config)):
+        problems.add(f"{tokenizer.CONFIG_FILE}: is {describe(settings)}, expected {expected}")
     return {tokenizer.MODEL_FILE, tokenizer.CONFIG_FILE}
 
 

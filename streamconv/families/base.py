@@ -140,7 +140,7 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
     said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
                                           "num_query_groups", "num_attention_heads", "activation_func._target_",
-                                          "window_size", "rotary_base", "_target_")}
+                                          "window_size", "_target_")}
     said.update({key: flag(hparam, key) for key in _FLAGS})
     text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
     odd = []

@@ -11,7 +11,6 @@ from typing import Any
 from streamconv.errors import ConversionError, describe
 from streamconv.families.base import (
     BIASES,
-    EITHER_OUTPUT,
     LAYER_NORM,
     LEARNED,
     MULTI_HEAD,
@@ -44,7 +43,6 @@ class GptSw3(Family):
     architecture = "GPT2LMHeadModel"
     description = "GPT-SW3 (GPT-2: LayerNorm, a GELU MLP, learned positions, biases, a tied output layer)"
     traits = frozenset({LAYER_NORM, PLAIN, LEARNED, MULTI_HEAD, BIASES, TIED})
-    optional = EITHER_OUTPUT - {TIED}  # (none: its output layer is tied)
     heads_key = "n_head"
     sentencepiece = True
     head = (Entry("transformer.wte.weight", "embedding", take="vocab"), Entry("transformer.wpe.weight", "positions"))

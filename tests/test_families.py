@@ -73,3 +73,21 @@ def test_the_registry_lists_six_families_and_every_fixture_is_converted():
     assert sorted(FAMILIES) == ["gemma3", "gpt-sw3", "llama", "mistral", "qwen2", "qwen3"]
     assert sorted(CONVERTED) == sorted(MANIFEST["families"])
     assert sorted(f for f, case in MANIFEST["families"].items() if "tp2" in case) == ["gemma3", "qwen2"]
+
+
+def test_the_cfgs_provider_class_says_mistral_where_no_window_does(tmp_path):
+    """A Mistral model without a window is a Llama model: Megatron-Bridge's MistralModelProvider in run_config.yaml
+    says which to write; the same cfg under the generic provider is Llama."""
+    import shutil
+
+    source = shutil.copytree(FIXTURES / MANIFEST["families"]["mistral"]["checkpoint"], tmp_path / "run")
+    path = source / "iter_0000000" / "run_config.yaml"
+    text = path.read_text()
+    assert "\n  window_size:\n  - 15\n  - 0\n" in text
+    path.write_text(text.replace("\n  window_size:\n  - 15\n  - 0\n", "\n  window_size: null\n"))
+    planned = streamconv.convert(source, None, dry_run=True).config
+    assert planned["architectures"] == ["MistralForCausalLM"] and planned["sliding_window"] is None
+    generic = "megatron.bridge.models.gpt_provider.GPTModelProvider"
+    path.write_text(path.read_text().replace("megatron.bridge.models.mistral.mistral_provider.MistralModelProvider",
+                                             generic))
+    assert streamconv.convert(source, None, dry_run=True).config["architectures"] == ["LlamaForCausalLM"]

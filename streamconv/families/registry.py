@@ -33,7 +33,8 @@ def choose(hparam: HParam, shapes: dict[str, tuple[int, ...]], forced: str | Non
     found = traits(hparam, shapes, names)
     accepting = [f for f in FAMILIES.values() if f.accepts(found)]
     target = hparam("_target_")
-    named = [f for f in accepting if isinstance(target, str) and target.rsplit(".", 1)[-1] in f.providers]
+    named = [f for f in accepting if isinstance(target, str) and f.providers
+             and target.rsplit(".", 1)[-1].startswith(f.providers)]
     if named or accepting:
         return (named or sorted(accepting, key=lambda f: (-len(f.traits), len(f.optional))))[0]
     known = "; ".join(f.description for f in FAMILIES.values())

@@ -108,8 +108,9 @@ def _non_default(key, default):
 
 
 _DEPENDENT = {d: switch for switch, ds in settings.ACTS_WITH.items() for d in ds}
-# (a sliding window makes a Llama-shaped model a Mistral one: see the tests below)
-_REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT and k != "window_size"]
+# (a sliding window makes a Llama-shaped model a Mistral one, experts a MoE one: see the tests below)
+_REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT
+            and k not in ("window_size", "num_moe_experts")]
 
 
 @pytest.mark.parametrize("key", _REFUSED)
@@ -121,8 +122,8 @@ def test_a_forward_changing_setting_llama_does_not_read_is_refused_by_name(cases
 
 @pytest.mark.parametrize("key", sorted(k for k, switch in _DEPENDENT.items() if switch != "position_embedding_type"))
 def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
-    """A router's setting without experts changes nothing in megatron-core: accepted; with them, the experts are
-    refused (no family reads them yet)."""
+    """A router's setting without experts changes nothing in megatron-core: accepted; with them, a dense model's
+    cfg saying it has experts is refused (its tensors have none)."""
     value = _non_default(key, settings.FORWARD[key])
     streamconv.convert(with_cfg(cases["llama"], tmp_path, **{key: value}), None, vocab_size=VOCAB, dry_run=True)
     switch = _DEPENDENT[key]
@@ -130,7 +131,8 @@ def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
         settings.FORWARD[switch], bool) else 4)
     message = plan_error(with_cfg(cases["llama"], tmp_path / "on", **{key: value, switch: on}))
     named = key if switch == "window_size" else switch  # (Mistral reads the window, not a window skipped)
-    assert f"the cfg sets {named} " in message, message
+    said = "says" if switch == "num_moe_experts" else "sets"
+    assert f"the cfg {said} {named} " in message, message
 
 
 def test_a_window_makes_a_llama_cfg_a_mistral_model_and_a_malformed_one_is_refused(cases, tmp_path):
@@ -290,7 +292,7 @@ def test_megatron_lm_spellings_are_read(mcore_cases, tmp_path):
     the linear position interpolation."""
     case = mcore_cases({"lm": dict(groups=1, layout="megatron_lm", dtype="fp32")})["lm"]
     message = plan_error(megatron_lm_with_args(case, tmp_path / "moe", num_experts=8))
-    assert "the cfg sets num_moe_experts 8" in message, message
+    assert "the cfg says num_moe_experts 8, but no layer of the checkpoint has a router" in message, message
     folder = megatron_lm_with_args(case, tmp_path / "linear", rotary_seq_len_interpolation_factor=4)
     config = streamconv.convert(folder, None, vocab_size=VOCAB, dry_run=True).config
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}

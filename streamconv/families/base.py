@@ -125,6 +125,7 @@ TWO_BASES = "two rotary bases"
 POST_NORMS = "norms after attention and the MLP"
 TANH_GELU = "the tanh GELU"
 SCALED_EMBEDDING = "a scaled embedding"
+EXPERTS = "a mixture of experts"
 EITHER_ATTENTION = frozenset({GROUPED, MULTI_HEAD})
 EITHER_OUTPUT = frozenset({TIED, UNTIED})
 
@@ -137,10 +138,14 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     """What the cfg says (NeMo's and Megatron-LM's keys), else what the tensors show, in the order a message names
     them; a cfg that contradicts the tensors about the output layer is refused."""
     qkv, fc1, fc2 = (shapes.get(names.of(0, role, "weight")) for role in ("qkv", "fc1", "fc2"))
+    routed = names.scheme == "megatron-core" and any(
+        k.startswith(names.layer_prefix) and k.endswith(".mlp.router.weight") for k in shapes)
+    if fc1 is None and fc2 is None and routed:  # (a mixture of experts' first layer: its first expert's MLP)
+        fc1, fc2 = (shapes.get(names.of(0, role, "weight", 0)) for role in ("expert_fc1", "expert_fc2"))
     hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
     said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
                                           "num_query_groups", "num_attention_heads", "activation_func._target_",
-                                          "window_size", "_target_")}
+                                          "window_size", "_target_", "num_moe_experts")}
     said.update({key: flag(hparam, key) for key in _FLAGS})
     text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
     odd = []
@@ -183,6 +188,12 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
         odd.append(TWO_BASES)
     if said["window_size"] is not None:
         odd.append(WINDOW)
+    if said["num_moe_experts"] not in (None, 0) or routed:
+        odd.append(EXPERTS)
+    if said["num_moe_experts"] not in (None, 0) and mcore and not routed:
+        raise ConversionError(f"the cfg says num_moe_experts {describe(said['num_moe_experts'])}, but no layer of the "
+                              f"checkpoint has a router ({names.of(0, 'router', 'weight')!r}); is the cfg from "
+                              "another run?")
     if text.get("_target_", "").rsplit(".", 1)[-1].startswith("gemma"):  # (Gemma's providers scale the embedding)
         odd.append(SCALED_EMBEDDING)
     groups, heads = said["num_query_groups"], said["num_attention_heads"]
@@ -230,6 +241,10 @@ class Dims:
     tied: bool = True
     gated: bool = False  # linear_fc1 holds [gate; up]
     local_slices: int = 1  # tensor-parallel ranks whose `[gate_r; up_r]` were concatenated (1: stored whole)
+    experts: int = 0  # a mixture of experts': routed experts per MoE layer,
+    expert_ffn: int = 0  # each one's MLP width,
+    shared_ffn: int = 0  # the shared experts' MLP width (0: none),
+    moe_layers: frozenset[int] = frozenset()  # the layers that have experts (the others a dense MLP)
 
 
 def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
@@ -238,7 +253,9 @@ def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
     shape = {"embedding": (d.embedding_rows, h), "output_layer": (d.embedding_rows, h), "positions": (d.positions, h),
              "qkv": ((d.heads + 2 * d.groups) * d.head_dim, h), "proj": (h, d.heads * d.head_dim),
              "fc1": ((2 if d.gated else 1) * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (d.head_dim,),
-             "k_norm": (d.head_dim,)}.get(role, (h,))  # (the layer norms)
+             "k_norm": (d.head_dim,), "router": (d.experts, h), "expert_fc1": ((2 if d.gated else 1) * d.expert_ffn, h),
+             "expert_fc2": (h, d.expert_ffn), "shared_fc1": ((2 if d.gated else 1) * d.shared_ffn, h),
+             "shared_fc2": (h, d.shared_ffn)}.get(role, (h,))  # (the layer norms)
     return shape if field == "weight" else shape[:1]
 
 
@@ -257,11 +274,12 @@ def _heads(d: Dims, first: int, count: int) -> tuple[tuple[int, int], ...]:
     return tuple((g * slot + first * d.head_dim, g * slot + (first + count) * d.head_dim) for g in range(d.groups))
 
 
-def _halves(d: Dims, second: bool) -> tuple[tuple[int, int], ...]:
-    """The gate (first) or up (second) rows of `linear_fc1`: `[gate; up]` whole, or `[gate_r; up_r]` per rank."""
+def _halves(d: Dims, rows: int, second: bool) -> tuple[tuple[int, int], ...]:
+    """The gate (first) or up (second) rows of a `linear_fc1` of `rows` rows (a dense MLP's, an expert's):
+    `[gate; up]` whole, or `[gate_r; up_r]` per rank."""
     t = d.local_slices
-    local = 2 * d.ffn // t  # one rank's [gate_r; up_r]
-    return tuple((r * local + second * d.ffn // t, r * local + (1 + second) * d.ffn // t) for r in range(t))
+    local = rows // t  # one rank's [gate_r; up_r]
+    return tuple((r * local + second * local // 2, r * local + (1 + second) * local // 2) for r in range(t))
 
 
 # How an output is taken from its source: name -> (dims, source shape) -> output shape, arrangement, row ranges
@@ -271,8 +289,8 @@ TAKES: dict[str, Callable[[Dims, tuple[int, ...]], Taken]] = {
     "q": lambda d, s: _rows(s, _heads(d, 0, d.heads // d.groups)),
     "k": lambda d, s: _rows(s, _heads(d, d.heads // d.groups, 1)),
     "v": lambda d, s: _rows(s, _heads(d, d.heads // d.groups + 1, 1)),
-    "gate": lambda d, s: _rows(s, _halves(d, False)),
-    "up": lambda d, s: _rows(s, _halves(d, True)),
+    "gate": lambda d, s: _rows(s, _halves(d, s[0], False)),
+    "up": lambda d, s: _rows(s, _halves(d, s[0], True)),
     "conv1d": lambda d, s: ((s[1], s[0]), transpose(*s), None),  # GPT-2's Conv1D stores `[in, out]`
     # GPT-2's fused QKV groups its rows (3, heads, head_dim), transposed; megatron's (heads, 3, head_dim)
     "gpt2_qkv": lambda d, s: ((s[1], s[0]), Arrangement("qkv_weight", (d.heads, 3, d.head_dim, s[1]),
@@ -283,8 +301,8 @@ TAKES: dict[str, Callable[[Dims, tuple[int, ...]], Taken]] = {
 
 @dataclass(frozen=True)
 class Entry:
-    """One row of a family's tensor table: a Hugging Face name (`{i}`: the layer's number) <- a source role's
-    field (see `megatron.Names`), taken as `TAKES[take]` says."""
+    """One row of a family's tensor table: a Hugging Face name (`{i}`: the layer's number; `{e}`: an expert's, a
+    row repeated for each expert) <- a source role's field (see `megatron.Names`), taken as `TAKES[take]` says."""
 
     name: str
     role: str
@@ -324,14 +342,20 @@ class Family:
         """`tokenizer_config.json` beside a shipped SentencePiece model (families with `sentencepiece`)."""
         raise NotImplementedError
 
+    def layer_rows(self, dims: Dims, i: int) -> tuple[Entry, ...]:
+        """Layer `i`'s rows of the table (a family whose layers differ says which kind `i` is)."""
+        return self.layer
+
     def tensor_recipes(self, dims: Dims) -> list[TensorRecipe]:
-        """Every output tensor, in the table's order, the layers' rows once per layer."""
-        rows = [(e, None) for e in self.head] + [(e, i) for i in range(dims.layers) for e in self.layer] + \
-            [(e, None) for e in self.tail if not (e.role == "output_layer" and dims.tied)]
+        """Every output tensor, in the table's order, the layers' rows once per layer (an expert's once per
+        expert)."""
+        rows = [(r, None) for r in self.head] + [(r, i) for i in range(dims.layers) for r in self.layer_rows(dims, i)] \
+            + [(r, None) for r in self.tail if not (r.role == "output_layer" and dims.tied)]
         out = []
         for entry, i in rows:
             shape = source_shape(entry.role, entry.field, dims)
             taken, arrangement, ranges = TAKES[entry.take](dims, shape)
-            out.append(TensorRecipe(entry.name.format(i=i), dims.names.source(entry.role, entry.field, i), shape,
-                                    taken, arrangement, row_ranges=ranges))
+            for e in range(dims.experts) if "{e}" in entry.name else (None,):
+                out.append(TensorRecipe(entry.name.format(i=i, e=e), dims.names.source(entry.role, entry.field, i, e),
+                                        shape, taken, arrangement, row_ranges=ranges))
         return out

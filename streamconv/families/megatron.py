@@ -8,7 +8,7 @@ layer norms) says where that is. A family never spells a source name itself, so 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from streamconv.errors import ConversionError
 
@@ -25,24 +25,27 @@ class Names:
     positions: str
     final_norm: str
     layers: str  # with {i}
-    layer: dict[str, str]
+    layer: dict[str, str]  # an expert's role with {e}
     output_layer: str | None = None  # megatron-core's output layer (untied, or the last stage's tied copy)
+    present: frozenset[str] = frozenset()  # the checkpoint's names: where a role has two spellings, which it uses
 
     @property
     def layer_prefix(self) -> str:
         return self.layers.split("{i}")[0]
 
-    def of(self, i: int, role: str, field: str) -> str:
-        """The source name of layer `i`'s `role` module's `field` ('weight', 'bias')."""
+    def of(self, i: int, role: str, field: str, e: int | None = None) -> str:
+        """The source name of layer `i`'s `role` module's `field` ('weight', 'bias'); `e`: an expert's number."""
         if role not in self.layer:
             raise ConversionError(f"{self.scheme} checkpoints have no {role} tensors; is this another architecture?")
-        return self.layers.format(i=i) + self.layer[role] + field
+        name = self.layers.format(i=i) + self.layer[role].format(e=e) + field
+        other = self.layers.format(i=i) + SPELLED_ALSO.get(self.layer[role], "\0") + field
+        return other if name not in self.present and other in self.present else name
 
-    def source(self, role: str, field: str, i: int | None) -> str:
+    def source(self, role: str, field: str, i: int | None, e: int | None = None) -> str:
         """The source name of a model-level (`i` None: embedding, positions, final_norm, output_layer) or layer
         role's field."""
         if i is not None:
-            return self.of(i, role, field)
+            return self.of(i, role, field, e)
         if role == "final_norm":
             return f"{self.final_norm}.{field}"
         name = {"embedding": self.embedding, "positions": self.positions, "output_layer": self.output_layer}[role]
@@ -61,10 +64,18 @@ def _legacy() -> Names:
                      "fc1": "mlp.dense_h_to_4h.", "fc2": "mlp.dense_4h_to_h."})
 
 
+# A layer norm fused into the next linear layer in one layer spec is its own module in another: Transformer Engine's
+# spec keeps a mixture of experts' norm separate (its experts have no linear_fc1 to fuse it into), the local spec
+# saves it under the fused name all the same. Both occur; `Names.present` says which a checkpoint has.
+SPELLED_ALSO = {"mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+
+
 def _mcore(prefix: str, fused_norms: bool) -> Names:
     """megatron-core's names; its layer norms are fused into the next linear layer (`layer_norm_weight`) in
     distributed checkpoints and Transformer Engine state_dicts, separate in the local spec's state_dicts. Gemma 3's
-    norms after attention and the MLP sit on the linear layer before them (`linear_proj.post_layernorm`)."""
+    norms after attention and the MLP sit on the linear layer before them (`linear_proj.post_layernorm`). A
+    mixture of experts: its router, each expert's MLP (numbered over all expert-parallel ranks, as the sources
+    name them) and the shared experts' MLP."""
     norms = {"input_norm": "self_attention.linear_qkv.layer_norm_", "mlp_norm": "mlp.linear_fc1.layer_norm_"} \
         if fused_norms else {"input_norm": "input_layernorm.", "mlp_norm": "pre_mlp_layernorm."}
     return Names("megatron-core", prefix + "embedding.word_embeddings.weight",
@@ -74,7 +85,11 @@ def _mcore(prefix: str, fused_norms: bool) -> Names:
                      "fc1": "mlp.linear_fc1.", "fc2": "mlp.linear_fc2.", "q_norm": "self_attention.q_layernorm.",
                      "k_norm": "self_attention.k_layernorm.",
                      "post_attention_norm": "self_attention.linear_proj.post_layernorm.",
-                     "post_mlp_norm": "mlp.linear_fc2.post_layernorm."}, prefix + "output_layer.weight")
+                     "post_mlp_norm": "mlp.linear_fc2.post_layernorm.", "router": "mlp.router.",
+                     "expert_fc1": "mlp.experts.local_experts.{e}.linear_fc1.",
+                     "expert_fc2": "mlp.experts.local_experts.{e}.linear_fc2.",
+                     "shared_fc1": "mlp.shared_experts.linear_fc1.", "shared_fc2": "mlp.shared_experts.linear_fc2."},
+                 prefix + "output_layer.weight")
 
 
 SCHEMES = [_legacy(), *(_mcore(prefix, fused) for prefix in ("model.", "module.", "", "model.module.")
@@ -85,10 +100,10 @@ def names_of(keys: Collection[str]) -> Names:
     """The naming scheme of a state_dict: the one whose embedding and first layer norm it holds."""
     for names in SCHEMES:
         if names.embedding in keys and names.of(0, "input_norm", "weight") in keys:
-            return names
+            return replace(names, present=frozenset(keys))
     for names in SCHEMES:
         if names.embedding in keys:
-            return names
+            return replace(names, present=frozenset(keys))
     raise ConversionError(f"the checkpoint holds no word embedding ({SCHEMES[0].embedding!r}, or megatron-core's "
                           f"{SCHEMES[1].embedding.removeprefix('model.')!r}, plain or under model. or module.); is "
                           "this a GPT checkpoint?")

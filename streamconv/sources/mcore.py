@@ -14,7 +14,11 @@ It sits in one of several layouts, each with its own source of hyper-parameters:
 megatron-core stacks a transformer block's layers: `decoder.layers.self_attention.linear_qkv.weight` has the
 global shape `[layers, 3h, h]`, one chunk per layer and tensor-parallel slice. Each layer becomes its own tensor,
 `decoder.layers.N.self_attention.linear_qkv.weight`, the names a plain mcore state_dict has; a tensor made of
-several chunks becomes a `Split` of views into them, so nothing is read before it is streamed.
+several chunks becomes a `Split` of views into them, so nothing is read before it is streamed. A mixture of
+experts' weights are grouped the same way, one more axis: `...mlp.experts.experts.linear_fc1.weight` is
+`[layers, experts, 2f, h]` (without the layer axis where layers are saved one by one), one chunk per expert (and per
+gate/up half); each expert becomes `...mlp.experts.local_experts.E.linear_fc1.weight`, a one-rank state_dict's name,
+E counted over all expert-parallel ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ TRACKER = "latest_checkpointed_iteration.txt"
 _MAX_JSON = 2**20
 _MAX_COMMON = 2**30  # common.pt: the hyper-parameters, the optimizer's param groups, scheduler state
 _MAX_LAYERS = 4096  # a stacked tensor's first axis (the deepest models have a few hundred layers)
+_MAX_EXPERTS = 2**16  # a grouped expert tensor's expert axis (the largest models have a few hundred experts)
 _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
+_GROUPED = re.compile(r"(.*\.experts\.)experts\.(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `experts.experts.` not ... N.
 # Hyper-parameters are asked for by their NeMo 1.x names (what the families read); other writers' names:
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon",
                "num_moe_experts": "num_experts", "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor"}
@@ -245,20 +251,31 @@ def _allow_open_files(label: str, count: int) -> None:
 Pieces = list[tuple[tuple[int, ...], SourceTensor]]  # (offsets in the tensor, the chunk's view)
 
 
-def _unstacked(label: str, fqn: str, shape: tuple[int, ...],
-               chunks: Pieces) -> list[tuple[str, tuple[int, ...], Pieces]]:
-    """A stacked layer tensor as one tensor per layer (`...layers.N.rest`); any other tensor as it is."""
-    m = _STACKED.fullmatch(fqn)
+Unstacked = list[tuple[str, tuple[int, ...], Pieces]]
+
+
+def _unstacked(label: str, fqn: str, shape: tuple[int, ...], chunks: Pieces) -> Unstacked:
+    """A stacked layer tensor as one tensor per layer (`...layers.N.rest`), and a grouped expert tensor as one per
+    expert (`...experts.local_experts.E.rest`); any other tensor as it is."""
+    return [expert for layer in _split_first_axis(label, fqn, shape, chunks, _STACKED, "{}{}.{}", _MAX_LAYERS, "layers")
+            for expert in _split_first_axis(label, *layer, _GROUPED, "{}local_experts.{}.{}", _MAX_EXPERTS, "experts")]
+
+
+def _split_first_axis(label: str, fqn: str, shape: tuple[int, ...], chunks: Pieces, pattern: re.Pattern, name: str,
+                      most: int, what: str) -> Unstacked:
+    """The tensor as one tensor per index of its first axis, named `name.format(before, index, after)` around
+    where `pattern` matches the name; as it is where it does not match."""
+    m = pattern.fullmatch(fqn)
     if m is None or not shape:
         return [(fqn, shape, chunks)]
-    if not 0 < shape[0] <= _MAX_LAYERS or 0 in shape:
-        raise ConversionError(f"{label}: the stacked layers {fqn!r} have the shape {list(shape)}: no model has "
-                              f"that many layers, or none; the checkpoint is damaged")
-    layers: list[Pieces] = [[] for _ in range(shape[0])]
+    if not 0 < shape[0] <= most or 0 in shape:
+        raise ConversionError(f"{label}: the stacked {what} {fqn!r} have the shape {list(shape)}: no model has "
+                              f"that many {what}, or none; the checkpoint is damaged")
+    parts: list[Pieces] = [[] for _ in range(shape[0])]
     for offsets, chunk in chunks:
-        for layer in range(offsets[0], offsets[0] + chunk.shape[0]):
-            layers[layer].append((offsets[1:], SourceTensor(chunk.bits[layer - offsets[0], ...], chunk.dtype)))
-    return [(f"{m.group(1)}{i}.{m.group(2)}", shape[1:], layer) for i, layer in enumerate(layers)]
+        for index in range(offsets[0], offsets[0] + chunk.shape[0]):
+            parts[index].append((offsets[1:], SourceTensor(chunk.bits[index - offsets[0], ...], chunk.dtype)))
+    return [(name.format(m.group(1), i, m.group(2)), shape[1:], part) for i, part in enumerate(parts)]
 
 
 def _joined(label: str, name: str, shape: tuple[int, ...], chunks: Pieces) -> SourceTensor | Split:

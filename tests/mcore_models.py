@@ -38,9 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 DIMS = ("hidden", "layers", "heads", "ffn", "vocab", "seq")
 INIT = ("std", "seed")
 DEFAULTS: dict[str, Any] = dict(tp=1, pp=1, dtype="bf16", layout="bare", optimizer=False, hidden=64, layers=4,
-                                heads=4, ffn=256, vocab=256, seq=64, seed=1234, std=0.1, groups=0, tied=False)
+                                heads=4, ffn=256, vocab=256, seq=64, seed=1234, std=0.1, groups=0, tied=False,
+                                experts=0)
 # groups > 0: a Llama-style model (RMSNorm, SwiGLU, rotary positions with ROPE_BASE, that many key/value groups, no
-# biases, an untied output layer unless `tied`); 0: GPT-SW3's GPT-2 architecture (always tied)
+# biases, an untied output layer unless `tied`); 0: GPT-SW3's GPT-2 architecture (always tied). experts > 0 (with
+# groups): Qwen3-MoE's shape, every MLP that many experts of width ffn / 2, top-2 softmax routing, query and key
+# norms per head.
+MOE_TOPK = 2
 ROPE_BASE = 500000
 ITERATION = 10  # the step every training layout records
 STALE_ITERATION = 5  # megatron_lm also holds this older iteration, with other (negated) weights
@@ -126,11 +130,14 @@ def _complete(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("layers must divide by pp; heads, vocab and ffn by tp")
     if c["groups"] and (c["heads"] % c["groups"] or c["groups"] % c["tp"]):
         raise ValueError("groups must divide heads, and tp groups")
+    if c["experts"] and not c["groups"]:
+        raise ValueError("experts need a Llama-style model (groups > 0)")
     return c
 
 
 def _base_name(c: dict[str, Any]) -> str:
-    llama = f"-llama{c['groups']}{'-tied' if c['tied'] else ''}" if c["groups"] else ""
+    moe = f"-moe{c['experts']}" if c["experts"] else ""
+    llama = f"-llama{c['groups']}{'-tied' if c['tied'] else ''}{moe}" if c["groups"] else ""
     return "base-" + "-".join(f"{k}{c[k]}" for k in (*DIMS, "dtype", *INIT)) + llama
 
 
@@ -169,6 +176,8 @@ def nemo_cfg(c: dict[str, Any]) -> dict[str, Any]:
         **({"normalization": "rmsnorm", "activation": "fast-swiglu", "position_embedding_type": "rope",
             "bias": False, "share_embeddings_and_output_weights": c["tied"], "num_query_groups": c["groups"],
             "rotary_base": ROPE_BASE, "rotary_percentage": 1.0} if c["groups"] else {}),
+        **({"num_moe_experts": c["experts"], "moe_router_topk": MOE_TOPK, "moe_ffn_hidden_size": c["ffn"] // 2,
+            "qk_layernorm": True} if c["experts"] else {}),
     }
 
 
@@ -202,6 +211,9 @@ def megatron_lm_args(c: dict[str, Any]):
                     num_query_groups=c["groups"], group_query_attention=c["groups"] < c["heads"],
                     rotary_base=ROPE_BASE, rotary_percent=1.0, use_rope_scaling=False,
                     tokenizer_type="HuggingFaceTokenizer", tokenizer_model="meta-llama/Meta-Llama-3-8B")
+    if c["experts"]:
+        args.update(num_experts=c["experts"], moe_router_topk=MOE_TOPK, moe_ffn_hidden_size=c["ffn"] // 2,
+                    qk_layernorm=True)
     return argparse.Namespace(**args)
 
 
@@ -316,6 +328,13 @@ def _build(c: dict[str, Any]):
     family = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
                   num_query_groups=c["groups"]) if llama else \
         dict(normalization="LayerNorm", add_bias_linear=True, activation_func=F.gelu)
+    if c["experts"]:  # (the allgather dispatcher: alltoall's creates a CUDA stream)
+        from megatron.core.transformer.moe import moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):  # (0.16.1's router reads this name, bound only with TE)
+            moe_utils.te_general_gemm = None
+        family.update(num_moe_experts=c["experts"], moe_router_topk=MOE_TOPK, moe_ffn_hidden_size=c["ffn"] // 2,
+                      qk_layernorm=True, moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)
     config = TransformerConfig(
         num_layers=c["layers"], hidden_size=c["hidden"], num_attention_heads=c["heads"], ffn_hidden_size=c["ffn"],
         use_cpu_initialization=True, layernorm_epsilon=EPS, params_dtype=dtype, bf16=c["dtype"] == "bf16",
@@ -324,7 +343,9 @@ def _build(c: dict[str, Any]):
     positions = dict(position_embedding_type="rope", rotary_base=ROPE_BASE,
                      share_embeddings_and_output_weights=c["tied"]) \
         if llama else dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
-    gpt = GPTModel(config, get_gpt_layer_local_spec(normalization=config.normalization), c["vocab"], c["seq"],
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, qk_layernorm=config.qk_layernorm,
+                                    normalization=config.normalization)
+    gpt = GPTModel(config, spec, c["vocab"], c["seq"],
                    pre_process=parallel_state.is_pipeline_first_stage(),
                    post_process=parallel_state.is_pipeline_last_stage(), **positions)
     # As Megatron-LM and NeMo (O2) train in bf16: every parameter (layer norms, position embeddings too) bf16.
@@ -519,6 +540,8 @@ def _nemo2_config_fields(c: dict[str, Any]) -> dict[str, Any]:
             "share_embeddings_and_output_weights": c["tied"], "add_bias_linear": False,
             "num_query_groups": c["groups"],
             "rotary_base": ROPE_BASE} if c["groups"] else {}),
+        **({"num_moe_experts": c["experts"], "moe_router_topk": MOE_TOPK, "moe_ffn_hidden_size": c["ffn"] // 2,
+            "qk_layernorm": True} if c["experts"] else {}),
     }
 
 

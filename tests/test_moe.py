@@ -6,10 +6,16 @@ config.json describes the same model: experts, top-k, router scoring, shared exp
 
 from __future__ import annotations
 
-import pytest
+import tarfile
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+import streamconv
 from tests.test_families import SAME_MODEL, assert_converts_to_the_original
 from tests.test_fixtures_bridge062_moe import FIXTURES, MANIFEST, RUNS
+from tests.test_settings import plan_error, with_cfg
 
 FAMILY = {"qwen3_moe": "qwen3-moe"}  # fixture folder -> --family name
 SAME_EXPERTS = (*SAME_MODEL, "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
@@ -21,3 +27,76 @@ def test_a_moe_family_converts_to_the_model_bridge_imported(tmp_path, family, ru
     case = MANIFEST["families"][family]
     assert_converts_to_the_original(FIXTURES / case["runs"][run]["checkpoint"], FIXTURES / case["hf"],
                                     FIXTURES / case["logits"], tmp_path / "hf", FAMILY[family], SAME_EXPERTS)
+
+
+# --- megatron-core 0.16.1's own MoE model (tests/mcore_models.py, experts=4): every container, TP 1 and 2 --------
+
+VOCAB = 256
+MCORE = {f"{layout}-tp{tp}": dict(layout=layout, tp=tp, groups=2, experts=4, layers=2, dtype="fp32")
+         for layout in ("legacy_container", "megatron_lm", "nemo1_folder", "nemo2") for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def cases(mcore_cases):
+    return mcore_cases(MCORE)
+
+
+def _logits(folder, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    with torch.no_grad():
+        return model.eval()(input_ids).logits
+
+
+@pytest.mark.parametrize("name", MCORE)
+def test_megatron_cores_moe_model_converts_to_its_own_logits(cases, tmp_path, name):
+    """Rank-by-rank state_dicts (`local_experts.E`, each tensor-parallel rank holding its slice of every expert) and
+    distributed checkpoints (grouped expert tensors) alike give megatron-core's logits."""
+    case = cases[name]
+    result = streamconv.convert(case.checkpoint, tmp_path / "hf", vocab_size=VOCAB)
+    assert result.config["architectures"] == ["Qwen3MoeForCausalLM"] and result.config["num_experts"] == 4
+    assert (_logits(tmp_path / "hf", case.input_ids) - case.logits_fp32).abs().max() < 1e-4
+
+
+def test_rank_by_rank_experts_sliced_otherwise_than_the_layers_are_refused(cases, tmp_path):
+    with tarfile.open(cases["legacy_container-tp2"].checkpoint) as tar:  # (a .nemo: its cfg edited extracted)
+        tar.extractall(tmp_path / "nemo", filter="data")
+    extracted = SimpleNamespace(checkpoint=tmp_path / "nemo")
+    message = plan_error(with_cfg(extracted, tmp_path, expert_tensor_parallel_size=1))
+    assert "expert_tensor_parallel_size 1, not the 2 tensor-parallel ranks" in message, message
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("moe_router_score_function", "sigmoid", "moe_router_score_function 'sigmoid'"),
+    ("moe_router_topk_scaling_factor", 2.5, "moe_router_topk_scaling_factor 2.5"),
+    ("moe_router_enable_expert_bias", True, "moe_router_enable_expert_bias True"),
+    ("moe_router_num_groups", 2, "moe_router_num_groups 2"),
+    ("moe_expert_capacity_factor", 1.0, "moe_expert_capacity_factor 1.0"),
+    ("moe_apply_probs_on_input", True, "moe_apply_probs_on_input True"),
+])
+def test_a_router_qwen3_moe_cannot_express_is_refused_by_name(cases, tmp_path, key, value, named):
+    message = plan_error(with_cfg(cases["nemo1_folder-tp1"], tmp_path, **{key: value}))
+    assert f"the cfg sets {named}" in message and "Qwen3MoeForCausalLM" in message, message
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"num_moe_experts": 8}, "num_moe_experts 8, but 'model.decoder.layers.0.mlp.router.weight' routes to 4"),
+    ({"moe_ffn_hidden_size": 64}, "expected (128, 64) from the checkpoint's cfg"),
+    ({"moe_layer_freq": 2}, "puts experts in layers [0], but the checkpoint has routers in layers [0, 1]"),
+    ({"moe_layer_freq": [1, 0]}, "puts experts in layers [0], but the checkpoint has routers in layers [0, 1]"),
+    ({"moe_layer_freq": [1, 2]}, "is not a 0 or 1 for each of the 2 layers"),
+    ({"moe_router_topk": 5}, "moe_router_topk' is 5; a model's moe_router_topk is above 0 and at most 4"),
+    ({"moe_shared_expert_intermediate_size": 32}, "but the checkpoint has no"),
+])
+def test_a_cfg_that_disagrees_with_the_experts_is_refused(cases, tmp_path, changes, says):
+    message = plan_error(with_cfg(cases["nemo1_folder-tp1"], tmp_path, **changes))
+    assert says in message, message
+
+
+def test_the_pre_softmax_router_is_norm_topk_prob_false(cases, tmp_path):
+    """megatron-core's pre-softmax router (the top k of a softmax over all experts) is transformers'
+    `norm_topk_prob: false`; the default (a softmax over the top k logits) `true`."""
+    folder = with_cfg(cases["nemo1_folder-tp1"], tmp_path, moe_router_pre_softmax=True)
+    assert streamconv.convert(folder, None, vocab_size=VOCAB, dry_run=True).config["norm_topk_prob"] is False

@@ -28,12 +28,12 @@ TP_SPLIT_AXIS = {
     "self_attention.linear_qkv.bias": 0,
     "mlp.dense_h_to_4h.weight": 0,
     "mlp.dense_h_to_4h.bias": 0,
-    "mlp.linear_fc1.weight": 0,
-    "mlp.linear_fc1.bias": 0,
+    "linear_fc1.weight": 0,  # (a dense MLP's `mlp.linear_fc1`, an expert's `local_experts.E.linear_fc1`, ...)
+    "linear_fc1.bias": 0,
     "self_attention.dense.weight": 1,
     "self_attention.linear_proj.weight": 1,
     "mlp.dense_4h_to_h.weight": 1,
-    "mlp.linear_fc2.weight": 1,
+    "linear_fc2.weight": 1,
 }
 TIED_OUTPUT_COPY = "model.word_embeddings.weight"  # the last pipeline stage's copy of the tied embedding (legacy)
 _MCORE_OUTPUT = "output_layer.weight"  # megatron-core's: the tied copy on the last stage, or an untied layer
@@ -82,6 +82,11 @@ def merge(path: str, ranks: Mapping[tuple[int, int], Mapping[str, SourceTensor]]
             raise ConversionError(f"the cfg of {path} says {key} {said} but the files hold {found}; "
                                   "is a rank missing, or the cfg from another run?")
 
+    expert_tp = hparam("expert_tensor_parallel_size")
+    if tp > 1 and expert_tp is not None and expert_tp != tp and any(".experts." in key for key in ranks[(0, 0)]):
+        raise ConversionError(f"the cfg of {path} says expert_tensor_parallel_size {describe(expert_tp)}, not the "
+                              f"{tp} tensor-parallel ranks: streamconv merges experts sliced as the other layers "
+                              "are; save the checkpoint as a distributed checkpoint (torch_dist) instead")
     tied = has_cfg and hparam("share_embeddings_and_output_weights", True) is True  # (NeMo's default: tied)
     merged: dict[str, Any] = {}
     first_layer = 0

@@ -126,6 +126,7 @@ POST_NORMS = "norms after attention and the MLP"
 TANH_GELU = "the tanh GELU"
 SCALED_EMBEDDING = "a scaled embedding"
 EXPERTS = "a mixture of experts"
+WHOLE_QK_NORM = "query and key norms over all heads at once"
 EITHER_ATTENTION = frozenset({GROUPED, MULTI_HEAD})
 EITHER_OUTPUT = frozenset({TIED, UNTIED})
 
@@ -145,7 +146,7 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     hidden = shapes[names.embedding][1] if len(shapes[names.embedding]) == 2 else None
     said = {key: hparam(key) for key in ("position_embedding_type", "normalization", "activation",
                                           "num_query_groups", "num_attention_heads", "activation_func._target_",
-                                          "window_size", "_target_", "num_moe_experts")}
+                                          "window_size", "_target_", "num_moe_experts", "kv_channels")}
     said.update({key: flag(hparam, key) for key in _FLAGS})
     text = {k: v.lower() for k, v in said.items() if isinstance(v, str)}
     odd = []
@@ -173,6 +174,11 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     mcore = names.scheme == "megatron-core"
     if said["qk_layernorm"] or mcore and names.of(0, "q_norm", "weight") in shapes:
         odd.append(QK_NORM)
+    q_norm = shapes.get(names.of(0, "q_norm", "weight")) if mcore else None
+    heads, kv = said["num_attention_heads"], said["kv_channels"]
+    if q_norm and hidden and is_whole(heads) and heads > 1 and q_norm[0] == heads * (
+            kv if is_whole(kv) and kv > 0 else hidden // heads):
+        odd.append(WHOLE_QK_NORM)  # (OLMoE's: one norm over the whole query, another over the whole key)
     for key, trait, role, field in (("qk_layernorm", QK_NORM, "q_norm", "weight"),
                                     ("add_qkv_bias", QKV_BIAS, "qkv", "bias"), ("qkv_bias", QKV_BIAS, "qkv", "bias")):
         if trait in odd and said[key] and mcore and names.of(0, role, field) not in shapes:
@@ -245,17 +251,18 @@ class Dims:
     expert_ffn: int = 0  # each one's MLP width,
     shared_ffn: int = 0  # the shared experts' MLP width (0: none),
     moe_layers: frozenset[int] = frozenset()  # the layers that have experts (the others a dense MLP)
+    qk_norm_width: int = 0  # the query and key norms' width (0: one head's, head_dim)
 
 
 def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
     """The shape a role's tensor has in the source, Megatron's `[out, in]` (a bias: `[out]`)."""
-    h = d.hidden
+    h, up = d.hidden, 2 if d.gated else 1  # (a gated MLP's linear_fc1 holds the gate and the up projection)
+    norm = d.qk_norm_width or d.head_dim
     shape = {"embedding": (d.embedding_rows, h), "output_layer": (d.embedding_rows, h), "positions": (d.positions, h),
              "qkv": ((d.heads + 2 * d.groups) * d.head_dim, h), "proj": (h, d.heads * d.head_dim),
-             "fc1": ((2 if d.gated else 1) * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (d.head_dim,),
-             "k_norm": (d.head_dim,), "router": (d.experts, h), "expert_fc1": ((2 if d.gated else 1) * d.expert_ffn, h),
-             "expert_fc2": (h, d.expert_ffn), "shared_fc1": ((2 if d.gated else 1) * d.shared_ffn, h),
-             "shared_fc2": (h, d.shared_ffn)}.get(role, (h,))  # (the layer norms)
+             "fc1": (up * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (norm,), "k_norm": (norm,),
+             "router": (d.experts, h), "expert_fc1": (up * d.expert_ffn, h), "expert_fc2": (h, d.expert_ffn),
+             "shared_fc1": (up * d.shared_ffn, h), "shared_fc2": (h, d.shared_ffn)}.get(role, (h,))  # (norms)
     return shape if field == "weight" else shape[:1]
 
 

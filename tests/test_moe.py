@@ -17,9 +17,10 @@ from tests.test_families import SAME_MODEL, assert_converts_to_the_original
 from tests.test_fixtures_bridge062_moe import FIXTURES, MANIFEST, RUNS
 from tests.test_settings import plan_error, with_cfg
 
-FAMILY = {"qwen3_moe": "qwen3-moe"}  # fixture folder -> --family name
+FAMILY = {"qwen3_moe": "qwen3-moe", "mixtral": "mixtral", "olmoe": "olmoe"}  # fixture folder -> --family name
 SAME_EXPERTS = (*SAME_MODEL, "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise", "clip_qkv")
+RUNS = [(family, run) for family, run in RUNS if family in FAMILY]
 
 
 @pytest.mark.parametrize("family, run", RUNS)
@@ -100,3 +101,61 @@ def test_the_pre_softmax_router_is_norm_topk_prob_false(cases, tmp_path):
     `norm_topk_prob: false`; the default (a softmax over the top k logits) `true`."""
     folder = with_cfg(cases["nemo1_folder-tp1"], tmp_path, moe_router_pre_softmax=True)
     assert streamconv.convert(folder, None, vocab_size=VOCAB, dry_run=True).config["norm_topk_prob"] is False
+
+
+def _edited_run(tmp_path, family: str, old: str, new: str):
+    """A copy of the family's TP 1 Bridge run folder whose run_config.yaml has `old` replaced by `new`."""
+    import shutil
+
+    source = shutil.copytree(FIXTURES / MANIFEST["families"][family]["runs"]["tp1"]["checkpoint"], tmp_path / "run")
+    path = source / "iter_0000000" / "run_config.yaml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+    return source
+
+
+def test_mixtral_refuses_a_router_it_does_not_renormalise_and_maps_a_window(tmp_path):
+    source = _edited_run(tmp_path / "a", "mixtral", "\n  moe_router_pre_softmax: false\n",
+                         "\n  moe_router_pre_softmax: true\n")
+    message = plan_error(source)
+    assert "moe_router_pre_softmax True" in message and "MixtralForCausalLM renormalises" in message, message
+    windowed = _edited_run(tmp_path / "b", "mixtral", "\n  window_size: null\n", "\n  window_size:\n  - 7\n  - 0\n")
+    config = streamconv.convert(windowed, None, dry_run=True).config
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["sliding_window"] == 8
+
+
+def test_a_moe_layer_freq_the_routers_contradict_is_refused(tmp_path):
+    source = _edited_run(tmp_path, "mixtral", "\n  moe_layer_freq: 1\n", "\n  moe_layer_freq:\n  - 1\n  - 0\n")
+    message = plan_error(source)
+    assert "puts experts in layers [0], but the checkpoint has routers in layers [0, 1]" in message, message
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_a_dense_layer_is_refused_where_the_family_has_experts_in_every_layer(family):
+    """Layer 1 as a dense MLP (its router and experts replaced by linear_fc1/fc2, the cfg saying so): Qwen3-MoE's
+    mlp_only_layers can say it, Mixtral and OLMoE cannot."""
+    from streamconv.families import FAMILIES
+    from streamconv.sources import open_checkpoint
+
+    with open_checkpoint(FIXTURES / MANIFEST["families"][family]["runs"]["tp1"]["checkpoint"]) as checkpoint:
+        shapes = {k: t.shape for k, t in checkpoint.tensors.items()
+                  if not k.startswith(("decoder.layers.1.mlp.router", "decoder.layers.1.mlp.experts"))}
+        shapes.update({"decoder.layers.1.mlp.linear_fc1.weight": (96, 64), "decoder.layers.1.mlp.linear_fc2.weight":
+                       (64, 48)})
+
+        def hparam(key, default=None, **null):
+            edited = {"moe_layer_freq": [1, 0], "moe_layer_freq.0": 1, "moe_layer_freq.1": 0}
+            return edited[key] if key in edited else checkpoint.hparam(key, default, **null)
+
+        with pytest.raises(streamconv.ConversionError) as caught:
+            FAMILIES[family].read_dims(hparam, shapes, 256)
+    assert "layers [1] have a dense MLP, which" in str(caught.value), caught.value
+
+
+def test_olmoes_whole_width_norms_choose_olmoe_and_forcing_qwen3_moe_is_refused(tmp_path):
+    source = FIXTURES / MANIFEST["families"]["olmoe"]["runs"]["tp1"]["checkpoint"]
+    assert streamconv.convert(source, None, dry_run=True).config["architectures"] == ["OlmoeForCausalLM"]
+    with pytest.raises(streamconv.ConversionError) as caught:
+        streamconv.convert(source, None, dry_run=True, family="qwen3-moe")
+    assert "query and key norms over all heads at once, which Qwen3MoeForCausalLM cannot express" in str(caught.value)

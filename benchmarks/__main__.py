@@ -12,6 +12,7 @@ import psutil
 
 from benchmarks import cgroup, harness
 from benchmarks.llama import LlamaModel, ensure_llama
+from benchmarks.qwen3moe import Qwen3MoeModel, ensure_qwen3moe
 from benchmarks.workloads import (
     PROFILES,
     SOURCE_DTYPES,
@@ -41,14 +42,19 @@ RSS_TENSORS, RSS_SLACK = 4, 64 * MiB
 CI_RATIO_CEILING = 12.0
 LLAMA_PROFILE = "llama8b"
 BRIDGE_PROFILE = "bridge8b"  # the same model as Megatron-Bridge saves it, converted with no flag
+MOE_PROFILE = "qwen3moe"  # Qwen3-30B-A3B's shapes as Megatron-Bridge saves them with expert parallelism 2, no flag
+MOE_EP = 2
+DIST_PROFILES = (LLAMA_PROFILE, BRIDGE_PROFILE, MOE_PROFILE)  # synthetic distributed checkpoints: llama_run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--profile", choices=[*sorted(PROFILES), LLAMA_PROFILE, BRIDGE_PROFILE], default="medium",
+    p.add_argument("--profile", choices=[*sorted(PROFILES), *DIST_PROFILES], default="medium",
                    help="workload: small ~1.1 GB, medium 2.6 GB, large 8.1 GB, 40b 4.3 GB (GPT-SW3 40B shapes); "
                         "llama8b 3.05 GB (Llama 3 8B shapes, a distributed checkpoint of --tp ranks, default 2); "
                         "bridge8b the same as Megatron-Bridge saves it (run_config.yaml, no flag); "
+                        "qwen3moe 3.74 GB (Qwen3-30B-A3B shapes, 128 experts, as Bridge saves them with EP 2, no "
+                        "flag); "
                         "bf16 sizes (default medium)")
     p.add_argument("--layers", type=int, help="override the profile's layer count")
     p.add_argument("--optimizer", action="store_true",
@@ -95,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds must be at least 1")
     if args.distributed is not None and args.distributed < 1:
         p.error("--distributed takes a tensor-parallel size of at least 1")
-    if args.parts is not None and (args.parts < 2 or args.scaling or args.profile in (LLAMA_PROFILE, BRIDGE_PROFILE)):
+    if args.parts is not None and (args.parts < 2 or args.scaling or args.profile in DIST_PROFILES):
         p.error("--parts takes N >= 2, on a GPT-SW3 profile, without --scaling")
     if args.parts is not None and "streamconv" not in args.contenders.split(","):
         p.error("--parts is measured against the streamconv contender: keep it in --contenders")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": os.getloadavg(),  # other work on the machine skews every figure
     }
     limit, meta["memory_limit"] = memory_limit(args.memory_limit)
-    if args.profile in (LLAMA_PROFILE, BRIDGE_PROFILE):
+    if args.profile in DIST_PROFILES:
         return llama_run(args, cache, scratch, cold, meta, limit)
     if args.scaling:
         return scaling(args, profile, cache, scratch, cold, meta, limit)
@@ -223,24 +229,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def llama_run(args: argparse.Namespace, cache: Path, scratch: Path, cold: bool, meta: dict,
               limit: cgroup.Limit | None) -> int:
-    """copy, dd and streamconv (and its casts) on the Llama-shaped distributed checkpoint, interleaved."""
+    """copy, dd and streamconv (and its casts) on a synthetic distributed checkpoint (the Llama-shaped one, as
+    NeMo or Megatron-Bridge saves it, or the Qwen3-MoE one), interleaved."""
     if args.scaling or args.ci or args.distributed or args.optimizer or args.source_dtype != "bf16":
         raise SystemExit(f"--profile {args.profile} runs copy, dd and streamconv (--dtype, --tp, --layers, "
                          "--memory-limit); not --scaling, --ci, --distributed, --optimizer or --source-dtype")
-    model = LlamaModel(n_layer=args.layers or 2)
-    tp = args.tp if args.tp > 1 else 2
-    bridge = args.profile == BRIDGE_PROFILE
-    src = ensure_llama(cache, model, tp, bridge)
+    if args.profile == MOE_PROFILE:
+        if args.tp > 1:
+            raise SystemExit(f"--profile {MOE_PROFILE} is saved with expert parallelism {MOE_EP} and TP 1: no --tp")
+        model, parallel = Qwen3MoeModel(n_layer=args.layers or 2), {"tp": 1, "ep": MOE_EP}
+        src = ensure_qwen3moe(cache, model, MOE_EP)
+    else:
+        model, parallel = LlamaModel(n_layer=args.layers or 2), {"tp": args.tp if args.tp > 1 else 2}
+        src = ensure_llama(cache, model, parallel["tp"], args.profile == BRIDGE_PROFILE)
+    bridge = args.profile != LLAMA_PROFILE  # a Megatron-Bridge run folder: converted with no flag
     names = [n.strip() for n in args.contenders.split(",") if n.strip() != "naive"]  # (the naive one is GPT-SW3's)
     if "dd" in names and (why := harness.dd_refusal(src, scratch)):
         print(f"dd skipped: {why}")
         names.remove("dd")
     count, size = files_of(src)
-    meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": size, "files": count, "tp": tp,
+    meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": size, "files": count, **parallel,
                  "weight_bytes": model.weight_bytes(), "largest_rearranged_bytes": 0, "skipped": {}})
-    print(f"{args.profile}: {model.n_layer} layers, {model.weight_bytes() / 1e9:.2f} GB of bf16 weights, {tp} TP "
-          f"ranks, {count} files, {size / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}",
-          flush=True)
+    ranks = ", ".join(f"{n} {axis.upper()} ranks" for axis, n in parallel.items() if n > 1)
+    print(f"{args.profile}: {model.n_layer} layers, {model.weight_bytes() / 1e9:.2f} GB of bf16 weights, {ranks}, "
+          f"{count} files, {size / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
     chosen = harness.contenders(None if bridge else model.vocab_size, ["cpu"], names, args.dtype)  # (bridge: no flag)
     runs = harness.run_rounds([(c.name, c, src, model.weight_bytes()) for c in chosen], scratch, args.rounds,
                               cold, limit=limit)

@@ -14,20 +14,61 @@ vocabulary in `run_config.yaml`'s `model:` section, so that streamconv converts 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from benchmarks.workloads import COMMON_KEYS, DIST_METADATA, _generate_once
 
 BRIDGE_RUN_CONFIG = Path(__file__).resolve().parents[1] / "tests/fixtures/bridge062/tp1/iter_0000000/run_config.yaml"
+# How a rank cuts a global tensor into the chunks it hands the writer, one letter per axis (`_chunks`):
+#   L  one chunk per index, on every rank (the stacked layers)
+#   E  one chunk per index of this rank's share (an expert-parallel rank's experts)
+#   T  this rank's share, one chunk (a tensor-parallel slice)
+#   G  the two halves, this rank's share of each (fc1's gate and up halves, as megatron-core's SwiGLU slices them)
+#   H  the two halves, whole (an expert's fc1, which expert parallelism does not slice)
+#   .  whole
+# A tensor whose layout has no E, T or G is the same on every rank, and rank 0 alone writes it.
+SHARED = frozenset("ETG")
+
+
+class SyntheticModel:
+    """What the writer needs of a model: its tensors (`shapes`), the prefix of their keys, the `run_config.yaml`
+    of a Megatron-Bridge run folder (`run_config`) and the NeMo cfg of a `common.pt` (`cfg`)."""
+
+    prefix: ClassVar[str] = "model."  # NeMo 1.x keeps megatron-core's GPTModel under `model.`
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """megatron-core key (below the prefix) -> (global shape, layout: how ranks cut it, see `_chunks`)."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return sum(2 * math.prod(shape) for shape, _ in self.shapes().values())
+
+    def cfg(self, ranks: int) -> dict:
+        raise NotImplementedError
+
+    def run_config(self, ranks: int) -> str:
+        raise NotImplementedError
+
+
+def bridge_run_config(fixture: Path, sizes: dict) -> str:
+    """The run_config.yaml Megatron-Bridge 0.6.2 wrote for a test fixture (its whole ConfigContainer: some 340 model
+    fields), with `sizes` in its `model:` section."""
+    import yaml
+
+    whole = yaml.safe_load(fixture.read_text())
+    whole["model"].update(sizes)
+    return yaml.safe_dump(whole)
 
 
 @dataclass(frozen=True)
-class LlamaModel:
+class LlamaModel(SyntheticModel):
     hidden: int = 4096
     heads: int = 32
     groups: int = 8
@@ -40,25 +81,21 @@ class LlamaModel:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], int | None]]:
-        """megatron-core key (below `model.`) -> (global shape, the axis TP slices, None if replicated)."""
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         h, L = self.hidden, self.n_layer
         qkv = (self.heads + 2 * self.groups) * self.head_dim
         layers = "decoder.layers."
         return {
-            "embedding.word_embeddings.weight": ((self.vocab_size, h), 0),
-            layers + "self_attention.linear_qkv.layer_norm_weight": ((L, h), None),
-            layers + "self_attention.linear_qkv.weight": ((L, qkv, h), 1),
-            layers + "self_attention.linear_proj.weight": ((L, h, self.heads * self.head_dim), 2),
-            layers + "mlp.linear_fc1.layer_norm_weight": ((L, h), None),
-            layers + "mlp.linear_fc1.weight": ((L, 2 * self.ffn, h), 1),
-            layers + "mlp.linear_fc2.weight": ((L, h, self.ffn), 2),
-            "decoder.final_layernorm.weight": ((h,), None),
-            "output_layer.weight": ((self.vocab_size, h), 0),
+            "embedding.word_embeddings.weight": ((self.vocab_size, h), "T."),
+            layers + "self_attention.linear_qkv.layer_norm_weight": ((L, h), ".."),
+            layers + "self_attention.linear_qkv.weight": ((L, qkv, h), "LT."),
+            layers + "self_attention.linear_proj.weight": ((L, h, self.heads * self.head_dim), "L.T"),
+            layers + "mlp.linear_fc1.layer_norm_weight": ((L, h), ".."),
+            layers + "mlp.linear_fc1.weight": ((L, 2 * self.ffn, h), "LG."),
+            layers + "mlp.linear_fc2.weight": ((L, h, self.ffn), "L.T"),
+            "decoder.final_layernorm.weight": ((h,), "."),
+            "output_layer.weight": ((self.vocab_size, h), "T."),
         }
-
-    def weight_bytes(self) -> int:
-        return sum(2 * math.prod(shape) for shape, _ in self.shapes().values())
 
     def cfg(self, tp: int) -> dict:
         return {"mcore_gpt": True, "precision": "bf16", "tensor_model_parallel_size": tp,
@@ -70,30 +107,31 @@ class LlamaModel:
                 "layernorm_epsilon": 1e-5, "make_vocab_size_divisible_by": 128}
 
     def run_config(self, tp: int) -> str:
-        """The run_config.yaml Megatron-Bridge 0.6.2 wrote for the test fixture (its whole ConfigContainer: some 340
-        model fields), with this model's sizes."""
-        import yaml
-
-        whole = yaml.safe_load(BRIDGE_RUN_CONFIG.read_text())
-        whole["model"].update({
+        """Bridge's run_config.yaml of the Llama test fixture, with this model's sizes."""
+        return bridge_run_config(BRIDGE_RUN_CONFIG, {
             "tensor_model_parallel_size": tp, "num_layers": self.n_layer, "hidden_size": self.hidden,
             "ffn_hidden_size": self.ffn, "num_attention_heads": self.heads, "num_query_groups": self.groups,
             "kv_channels": self.head_dim, "seq_length": self.positions, "vocab_size": self.vocab_size})
-        return yaml.safe_dump(whole)
 
 
 def ensure_llama(cache: Path, model: LlamaModel, tp: int, bridge: bool = False) -> Path:
     """The distributed checkpoint folder `llama8b-L<layers>-tp<tp>.dist` in `cache` (`bridge8b-...` as
     Megatron-Bridge lays it out), written once."""
-    need = model.weight_bytes()
     name = "bridge8b" if bridge else "llama8b"
-    return _generate_once(cache / f"{name}-L{model.n_layer}-tp{tp}.dist", need, need / tp + tp * 2**30,
-                          f"{need / 1e9:.2f} GB, Llama 3 8B shapes, {tp} TP ranks, torch_dist"
-                          + (", as Megatron-Bridge saves it" if bridge else ""),
-                          lambda partial: _write(partial, model, tp, bridge))
+    return ensure_folder(cache / f"{name}-L{model.n_layer}-tp{tp}.dist", model, tp, bridge,
+                         f"Llama 3 8B shapes, {tp} TP ranks, torch_dist"
+                         + (", as Megatron-Bridge saves it" if bridge else ""))
 
 
-def _write(folder: Path, model: LlamaModel, tp: int, bridge: bool) -> None:
+def ensure_folder(path: Path, model: SyntheticModel, ranks: int, bridge: bool, what: str) -> Path:
+    """`path`, the distributed checkpoint folder of `model` written by `ranks` processes (see `_write_rank`),
+    generated once."""
+    need = model.weight_bytes()
+    return _generate_once(path, need, need / ranks + ranks * 2**30, f"{need / 1e9:.2f} GB, {what}",
+                          lambda partial: _write(partial, model, ranks, bridge))
+
+
+def _write(folder: Path, model: SyntheticModel, ranks: int, bridge: bool) -> None:
     import torch.multiprocessing as mp
 
     if folder.exists():
@@ -102,40 +140,42 @@ def _write(folder: Path, model: LlamaModel, tp: int, bridge: bool) -> None:
     rendezvous = folder.with_name(folder.name + ".rendezvous")
     rendezvous.unlink(missing_ok=True)
     try:
-        mp.spawn(_write_rank, args=(tp, model, str(folder), str(rendezvous), bridge), nprocs=tp)
+        mp.spawn(_write_rank, args=(ranks, model, str(folder), str(rendezvous), bridge), nprocs=ranks)
     finally:
         rendezvous.unlink(missing_ok=True)
 
 
-def _chunks(key: str, shape: tuple[int, ...], axis: int | None, rank: int, tp: int, ffn: int
+def _chunks(shape: tuple[int, ...], layout: str, rank: int, ranks: int
             ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(offsets, shape) of this rank's chunks of a global tensor: per layer for stacked ones, then its TP slice;
-    fc1's gate and up halves apart (gate_r at r x ffn/tp, up_r at ffn + r x ffn/tp)."""
-    if axis is None:
-        return [] if rank else [((0,) * len(shape), shape)]
-    stacked = len(shape) == 3
-    layers = range(shape[0]) if stacked else [None]
-    out = []
-    for layer in layers:
-        local = list(shape[1:] if stacked else shape)
-        along = axis - 1 if stacked else axis
-        if key.endswith("linear_fc1.weight"):
-            starts, size = (rank * ffn // tp, ffn + rank * ffn // tp), ffn // tp
-        else:
-            starts, size = (rank * local[along] // tp,), local[along] // tp
-        for start in starts:
-            offsets = [0] * len(local)
-            offsets[along] = start
-            piece = list(local)
-            piece[along] = size
-            if stacked:
-                out.append(((layer, *offsets), (1, *piece)))
-            else:
-                out.append((tuple(offsets), tuple(piece)))
-    return out
+    """(offsets, shape) of this rank's chunks of a global tensor laid out as `layout` says (a letter per axis,
+    see SHARED): every combination of the axes' pieces, the first axis outermost."""
+    if rank and not SHARED & set(layout):
+        return []
+    pieces = [_pieces(size, kind, rank, ranks) for size, kind in zip(shape, layout, strict=True)]
+    return [(tuple(start for start, _ in combo), tuple(n for _, n in combo)) for combo in itertools.product(*pieces)]
 
 
-def _write_rank(rank: int, tp: int, model: LlamaModel, folder: str, rendezvous: str, bridge: bool) -> None:
+def _pieces(size: int, kind: str, rank: int, ranks: int) -> list[tuple[int, int]]:
+    """(start, size) of this rank's pieces of an axis of `size` cut as the letter `kind` says (see SHARED)."""
+    share, half = size // ranks, size // 2
+    if kind == "L":
+        return [(i, 1) for i in range(size)]
+    if kind == "E":
+        return [(i, 1) for i in range(rank * share, (rank + 1) * share)]
+    if kind == "T":
+        return [(rank * share, share)]
+    if kind == "G":
+        return [(start + rank * half // ranks, half // ranks) for start in (0, half)]
+    if kind == "H":
+        return [(0, half), (half, half)]
+    assert kind == ".", kind
+    return [(0, size)]
+
+
+def _write_rank(rank: int, ranks: int, model: SyntheticModel, folder: str, rendezvous: str, bridge: bool) -> None:
+    """One of `ranks` gloo processes: its chunks of every tensor (random normals), as ShardedTensors, through
+    torch's DCP writer; rank 0 also writes the common state (`bridge`: the bytes item and run_config.yaml, else
+    common.pt)."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -147,15 +187,15 @@ def _write_rank(rank: int, tp: int, model: LlamaModel, folder: str, rendezvous: 
         def transform_object(self, write_item, object):
             return object
 
-    dist.init_process_group("gloo", init_method=Path(rendezvous).as_uri(), rank=rank, world_size=tp)
+    dist.init_process_group("gloo", init_method=Path(rendezvous).as_uri(), rank=rank, world_size=ranks)
     try:
         generator = torch.Generator().manual_seed(rank)
         state = {}
-        for key, (shape, axis) in model.shapes().items():
+        for key, (shape, layout) in model.shapes().items():
             local = [Shard((torch.randn(piece, generator=generator) * 0.02).to(torch.bfloat16),
                            ShardMetadata(list(offsets), list(piece), f"rank:{rank}/cpu"))
-                     for offsets, piece in _chunks(key, shape, axis, rank, tp, model.ffn)]
-            state["model." + key] = init_from_local_shards(local, *shape)
+                     for offsets, piece in _chunks(shape, layout, rank, ranks)]
+            state[model.prefix + key] = init_from_local_shards(local, *shape)
         if bridge and rank == 0:  # megatron-core 0.19's ShardedObject: the archive of [common state], rank 0's copy
             common = io.BytesIO()
             torch.save([{"checkpoint_version": 3.0, "iteration": 0, "content_metadata": {}}], common)
@@ -166,9 +206,9 @@ def _write_rank(rank: int, tp: int, model: LlamaModel, folder: str, rendezvous: 
                 json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1} if bridge else
                           DIST_METADATA, f)
             if bridge:
-                Path(folder, "run_config.yaml").write_text(model.run_config(tp))
+                Path(folder, "run_config.yaml").write_text(model.run_config(ranks))
             else:
-                torch.save({"hyper_parameters": {"cfg": model.cfg(tp)}, **COMMON_KEYS},
+                torch.save({"hyper_parameters": {"cfg": model.cfg(ranks)}, **COMMON_KEYS},
                            os.path.join(folder, "common.pt"))
         dist.barrier()
     finally:

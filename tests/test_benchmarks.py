@@ -511,3 +511,47 @@ def test_the_bridge_workload_converts_with_no_flag_to_the_llama_workloads_bytes(
     assert "vocabulary 256 from the 'model' section of run_config.yaml" in result.summary()
     streamconv.convert(ensure_llama(tmp_path / "cache", model, 2), tmp_path / "llama", vocab_size=256)
     assert harness.digests(tmp_path / "bridge") == harness.digests(tmp_path / "llama")
+
+
+def test_the_qwen3moe_workload_converts_with_no_flag_expert_by_expert(tmp_path):
+    """`--profile qwen3moe`: a Qwen3-MoE model as Megatron-Bridge lays it out with expert parallelism 2 (grouped
+    experts stacked over layers, a chunk per layer and expert and fc1 half, EP rank r holding experts
+    [2r, 2r + 2); the rest on rank 0): converted with no flag, each expert's projections are its chunks bit for
+    bit, and config.json says the experts and the router's top-k."""
+    import json
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file
+
+    import streamconv
+    from benchmarks.qwen3moe import Qwen3MoeModel, ensure_qwen3moe
+    from tests.test_mcore_writer import whole
+
+    model = Qwen3MoeModel(hidden=64, heads=4, groups=2, head_dim=32, ffn=96, experts=4, moe_ffn=48, topk=2,
+                          vocab_size=256, n_layer=2, positions=4096)
+    folder = ensure_qwen3moe(tmp_path / "cache", model)
+    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "metadata.json",
+                                          "run_config.yaml"]
+    with open(folder / ".metadata", "rb") as f:
+        storage = pickle.load(f).storage_data
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    placed = {(tuple(k.offset), v.relative_path) for k, v in storage.items() if k.fqn == fc1}
+    assert ((1, 3, 48, 0), "__1_0.distcp") in placed and ((1, 1, 0, 0), "__0_0.distcp") in placed and len(placed) == 16
+    assert {v.relative_path for k, v in storage.items() if "experts" not in k.fqn} == {"__0_0.distcp"}
+
+    result = streamconv.convert(folder, tmp_path / "hf")
+    assert "vocabulary 256 from the 'model' section of run_config.yaml" in result.summary()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["architectures"], config["num_experts"], config["num_experts_per_tok"], config["head_dim"],
+            config["moe_intermediate_size"], config["mlp_only_layers"]) == (["Qwen3MoeForCausalLM"], 4, 2, 32, 48, [])
+    got, sd = load_file(tmp_path / "hf" / "model.safetensors"), whole(folder)
+    experts = "decoder.layers.mlp.experts.experts."
+    for layer in range(2):
+        for e in range(4):
+            mine = f"model.layers.{layer}.mlp.experts.{e}."
+            assert torch.equal(got[mine + "gate_proj.weight"], sd[experts + "linear_fc1.weight"][layer, e, :48])
+            assert torch.equal(got[mine + "up_proj.weight"], sd[experts + "linear_fc1.weight"][layer, e, 48:])
+            assert torch.equal(got[mine + "down_proj.weight"], sd[experts + "linear_fc2.weight"][layer, e])
+    assert torch.equal(got["model.layers.1.mlp.gate.weight"], sd["decoder.layers.mlp.router.weight"][1])
+    assert torch.equal(got["lm_head.weight"], sd["output_layer.weight"])

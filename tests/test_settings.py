@@ -110,7 +110,7 @@ def _non_default(key, default):
 _DEPENDENT = {d: switch for switch, ds in settings.ACTS_WITH.items() for d in ds}
 # (a sliding window makes a Llama-shaped model a Mistral one, experts a MoE one: see the tests below)
 _REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT
-            and k not in ("window_size", "num_moe_experts")]
+            and k not in ("window_size", "num_moe_experts", "multi_latent_attention")]
 
 
 @pytest.mark.parametrize("key", _REFUSED)
@@ -133,6 +133,11 @@ def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
     named = key if switch == "window_size" else switch  # (Mistral reads the window, not a window skipped)
     said = "says" if switch == "num_moe_experts" else "sets"
     assert f"the cfg {said} {named} " in message, message
+
+
+def test_a_cfg_saying_latent_attention_where_the_tensors_have_none_is_refused(cases, tmp_path):
+    message = plan_error(with_cfg(cases["llama"], tmp_path, multi_latent_attention=True))
+    assert "the cfg says multi_latent_attention True, but the checkpoint has no" in message, message
 
 
 def test_a_window_makes_a_llama_cfg_a_mistral_model_and_a_malformed_one_is_refused(cases, tmp_path):

@@ -127,12 +127,13 @@ TANH_GELU = "the tanh GELU"
 SCALED_EMBEDDING = "a scaled embedding"
 EXPERTS = "a mixture of experts"
 WHOLE_QK_NORM = "query and key norms over all heads at once"
+LATENT_ATTENTION = "multi-latent attention"
 EITHER_ATTENTION = frozenset({GROUPED, MULTI_HEAD})
 EITHER_OUTPUT = frozenset({TIED, UNTIED})
 
 _FLAGS = ("gated_linear_unit", "swiglu", "share_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
           "layernorm_zero_centered_gamma", "apply_layernorm_1p", "bias", "add_bias_linear", "group_query_attention",
-          "qkv_bias", "add_qkv_bias", "qk_layernorm")
+          "qkv_bias", "add_qkv_bias", "qk_layernorm", "multi_latent_attention")
 
 
 def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> tuple[str, ...]:
@@ -172,9 +173,15 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     if (said["qkv_bias"] or said["add_qkv_bias"]) and not said["bias"] and not said["add_bias_linear"]:
         odd.append(QKV_BIAS)
     mcore = names.scheme == "megatron-core"
-    if said["qk_layernorm"] or mcore and names.of(0, "q_norm", "weight") in shapes:
+    latent = said["multi_latent_attention"] is True or mcore and names.of(0, "kv_down", "weight") in shapes
+    if latent and mcore and names.of(0, "kv_down", "weight") not in shapes:
+        raise ConversionError(f"the cfg says multi_latent_attention True, but the checkpoint has no "
+                              f"{names.of(0, 'kv_down', 'weight')!r}; is the cfg from another run?")
+    if latent:  # (its query and key norms are the latent ones, part of it: qk_layernorm says they are there)
+        odd.append(LATENT_ATTENTION)
+    elif said["qk_layernorm"] or mcore and names.of(0, "q_norm", "weight") in shapes:
         odd.append(QK_NORM)
-    q_norm = shapes.get(names.of(0, "q_norm", "weight")) if mcore else None
+    q_norm = shapes.get(names.of(0, "q_norm", "weight")) if mcore and not latent else None
     heads, kv = said["num_attention_heads"], said["kv_channels"]
     if q_norm and hidden and is_whole(heads) and heads > 1 and q_norm[0] == heads * (
             kv if is_whole(kv) and kv > 0 else hidden // heads):
@@ -252,6 +259,10 @@ class Dims:
     shared_ffn: int = 0  # the shared experts' MLP width (0: none),
     moe_layers: frozenset[int] = frozenset()  # the layers that have experts (the others a dense MLP)
     qk_norm_width: int = 0  # the query and key norms' width (0: one head's, head_dim)
+    q_latent: int = 0  # multi-latent attention's: the query's latent width (0: projected directly),
+    kv_latent: int = 0  # the keys' and values' latent width,
+    rope_dim: int = 0  # the rotated part of each query and key head (head_dim: the rest),
+    v_head_dim: int = 0  # a value head's width
 
 
 def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
@@ -259,10 +270,14 @@ def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
     h, up = d.hidden, 2 if d.gated else 1  # (a gated MLP's linear_fc1 holds the gate and the up projection)
     norm = d.qk_norm_width or d.head_dim
     shape = {"embedding": (d.embedding_rows, h), "output_layer": (d.embedding_rows, h), "positions": (d.positions, h),
-             "qkv": ((d.heads + 2 * d.groups) * d.head_dim, h), "proj": (h, d.heads * d.head_dim),
+             "qkv": ((d.heads + 2 * d.groups) * d.head_dim, h), "proj": (h, d.heads * (d.v_head_dim or d.head_dim)),
              "fc1": (up * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (norm,), "k_norm": (norm,),
              "router": (d.experts, h), "expert_fc1": (up * d.expert_ffn, h), "expert_fc2": (h, d.expert_ffn),
-             "shared_fc1": (up * d.shared_ffn, h), "shared_fc2": (h, d.shared_ffn)}.get(role, (h,))  # (norms)
+             "shared_fc1": (up * d.shared_ffn, h), "shared_fc2": (h, d.shared_ffn),
+             "q_proj": (d.heads * (d.head_dim + d.rope_dim), h), "q_down": (d.q_latent, h),
+             "q_up": (d.heads * (d.head_dim + d.rope_dim), d.q_latent), "q_latent_norm": (d.q_latent,),
+             "kv_down": (d.kv_latent + d.rope_dim, h), "kv_latent_norm": (d.kv_latent,),
+             "kv_up": (d.heads * (d.head_dim + d.v_head_dim), d.kv_latent)}.get(role, (h,))  # (norms)
     return shape if field == "weight" else shape[:1]
 
 

@@ -142,6 +142,14 @@ def decoder_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size:
     if local_slices > 1 and (ffn % local_slices or groups % local_slices):
         raise ConversionError(f"the {local_slices} tensor-parallel ranks do not divide ffn_hidden_size {ffn} and "
                               f"{groups} key/value groups; are the ranks from one checkpoint?")
+    return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn,
+                *model_ends(hparam, shapes, names, vocab_size), gated=True, local_slices=local_slices)
+
+
+def model_ends(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names,
+               vocab_size: int | None) -> tuple[int, int, Names, int, bool]:
+    """What a megatron-core decoder's `Dims` say of its ends: the context length, the vocabulary (its embedding
+    rows padded beyond it), the naming scheme and whether the output layer is the embedding."""
     positions = hparam("max_position_embeddings", hparam("encoder_seq_length"))
     if positions is None:
         raise ConversionError("the cfg gives no context length (max_position_embeddings, seq_length), and a Llama "
@@ -156,10 +164,8 @@ def decoder_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size:
     if vocab_size > rows:
         raise ConversionError(f"vocabulary size {vocab_size} is larger than the {rows} embedding rows in the "
                               f"checkpoint; pass --vocab-size {rows} or less")
-    tied = names.output_layer not in shapes
-    return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn, base.number(
-        "max_position_embeddings", positions, int, high=base.MAX_POSITIONS, above=0), int(vocab_size), names, rows,
-        tied, gated=True, local_slices=local_slices)
+    return (base.number("max_position_embeddings", positions, int, high=base.MAX_POSITIONS, above=0), int(vocab_size),
+            names, rows, names.output_layer not in shapes)
 
 
 def _groups(rows: int, heads: int, head_dim: int, names: Names) -> int:

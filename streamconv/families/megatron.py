@@ -38,8 +38,10 @@ class Names:
         if role not in self.layer:
             raise ConversionError(f"{self.scheme} checkpoints have no {role} tensors; is this another architecture?")
         name = self.layers.format(i=i) + self.layer[role].format(e=e) + field
-        other = self.layers.format(i=i) + SPELLED_ALSO.get(self.layer[role], "\0") + field
-        return other if name not in self.present and other in self.present else name
+        if name in self.present:
+            return name
+        others = (self.layers.format(i=i) + other + field for other in SPELLED_ALSO.get(self.layer[role], ()))
+        return next((other for other in others if other in self.present), name)
 
     def source(self, role: str, field: str, i: int | None, e: int | None = None) -> str:
         """The source name of a model-level (`i` None: embedding, positions, final_norm, output_layer) or layer
@@ -66,8 +68,13 @@ def _legacy() -> Names:
 
 # A layer norm fused into the next linear layer in one layer spec is its own module in another: Transformer Engine's
 # spec keeps a mixture of experts' norm separate (its experts have no linear_fc1 to fuse it into), the local spec
-# saves it under the fused name all the same. Both occur; `Names.present` says which a checkpoint has.
-SPELLED_ALSO = {"mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+# saves it under the fused name all the same; multi-latent attention's input norm is its own module in both, its
+# latent norms are fused in TE's spec only. All occur; `Names.present` says which spelling a checkpoint has.
+_SAME_NORMS = (("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
+               ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+               ("self_attention.linear_q_up_proj.layer_norm_", "self_attention.q_layernorm."),
+               ("self_attention.linear_kv_up_proj.layer_norm_", "self_attention.kv_layernorm."))
+SPELLED_ALSO = {a: tuple(b for b in pair if b != a) for pair in _SAME_NORMS for a in pair}
 
 
 def _mcore(prefix: str, fused_norms: bool) -> Names:
@@ -75,7 +82,8 @@ def _mcore(prefix: str, fused_norms: bool) -> Names:
     distributed checkpoints and Transformer Engine state_dicts, separate in the local spec's state_dicts. Gemma 3's
     norms after attention and the MLP sit on the linear layer before them (`linear_proj.post_layernorm`). A
     mixture of experts: its router, each expert's MLP (numbered over all expert-parallel ranks, as the sources
-    name them) and the shared experts' MLP."""
+    name them) and the shared experts' MLP. Multi-latent attention: the query's projection (or its down and up
+    projections around a latent norm), the keys' and values' down and up projections around theirs."""
     norms = {"input_norm": "self_attention.linear_qkv.layer_norm_", "mlp_norm": "mlp.linear_fc1.layer_norm_"} \
         if fused_norms else {"input_norm": "input_layernorm.", "mlp_norm": "pre_mlp_layernorm."}
     return Names("megatron-core", prefix + "embedding.word_embeddings.weight",
@@ -86,6 +94,11 @@ def _mcore(prefix: str, fused_norms: bool) -> Names:
                      "k_norm": "self_attention.k_layernorm.",
                      "post_attention_norm": "self_attention.linear_proj.post_layernorm.",
                      "post_mlp_norm": "mlp.linear_fc2.post_layernorm.", "router": "mlp.router.",
+                     "q_proj": "self_attention.linear_q_proj.", "q_down": "self_attention.linear_q_down_proj.",
+                     "q_up": "self_attention.linear_q_up_proj.",
+                     "q_latent_norm": "self_attention.linear_q_up_proj.layer_norm_",
+                     "kv_down": "self_attention.linear_kv_down_proj.", "kv_up": "self_attention.linear_kv_up_proj.",
+                     "kv_latent_norm": "self_attention.linear_kv_up_proj.layer_norm_",
                      "expert_fc1": "mlp.experts.local_experts.{e}.linear_fc1.",
                      "expert_fc2": "mlp.experts.local_experts.{e}.linear_fc2.",
                      "shared_fc1": "mlp.shared_experts.linear_fc1.", "shared_fc2": "mlp.shared_experts.linear_fc2."},

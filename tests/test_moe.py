@@ -6,6 +6,7 @@ config.json describes the same model: experts, top-k, router scoring, shared exp
 
 from __future__ import annotations
 
+import math
 import tarfile
 from types import SimpleNamespace
 
@@ -17,9 +18,13 @@ from tests.test_families import SAME_MODEL, assert_converts_to_the_original
 from tests.test_fixtures_bridge062_moe import FIXTURES, MANIFEST, RUNS
 from tests.test_settings import plan_error, with_cfg
 
-FAMILY = {"qwen3_moe": "qwen3-moe", "mixtral": "mixtral", "olmoe": "olmoe"}  # fixture folder -> --family name
+FAMILY = {"qwen3_moe": "qwen3-moe", "mixtral": "mixtral", "olmoe": "olmoe",  # fixture folder -> --family name
+          "deepseek_v3": "deepseek-v3"}
 SAME_EXPERTS = (*SAME_MODEL, "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise", "clip_qkv")
+                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise", "clip_qkv",
+                "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
+                "routed_scaling_factor", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "rope_interleave")
 RUNS = [(family, run) for family, run in RUNS if family in FAMILY]
 
 
@@ -159,3 +164,101 @@ def test_olmoes_whole_width_norms_choose_olmoe_and_forcing_qwen3_moe_is_refused(
     with pytest.raises(streamconv.ConversionError) as caught:
         streamconv.convert(source, None, dry_run=True, family="qwen3-moe")
     assert "query and key norms over all heads at once, which Qwen3MoeForCausalLM cannot express" in str(caught.value)
+
+
+# --- DeepSeek-V3: its router and rotary settings, and a 671B plan ----------------------------------------------
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ("moe_router_score_function: sigmoid", "moe_router_score_function: softmax",
+     "moe_router_score_function 'softmax': DeepseekV3ForCausalLM's router is a sigmoid"),
+    ("moe_router_group_topk: 1", "moe_router_group_topk: 2",
+     "routes to 2 of 4 experts in the best 2 of 2 groups: DeepseekV3ForCausalLM ranks groups by their two best"),
+    ("moe_shared_expert_intermediate_size: 24", "moe_shared_expert_intermediate_size: 36", "expected (72, 64)"),
+    ("mtp_num_layers: null", "mtp_num_layers: 1", "does not export multi-token-prediction layers"),
+    ("rope_type: yarn", "rope_type: longrope", "rope_type 'longrope'"),
+    ("rotary_interleaved: false", "rotary_interleaved: true", "rotary_interleaved True"),
+    ("moe_layer_freq:\n  - 0\n  - 1\n  - 1\n", "moe_layer_freq:\n  - 1\n  - 1\n  - 0\n",
+     "puts experts in layers [0, 1]"),
+])
+def test_deepseek_v3_refuses_what_its_hugging_face_class_cannot_express(tmp_path, old, new, says):
+    message = plan_error(_edited_run(tmp_path, "deepseek_v3", f"\n  {old}", f"\n  {new}"))
+    assert says in message, message
+
+
+def test_deepseek_v3s_rotary_and_router_settings_reach_config_json(tmp_path):
+    """YaRN's factors as the cfg says them (an mscale transformers would not infer is written as attention_factor:
+    megatron-core scales cos/sin by mscale / mscale_all_dim's), no groups as one group, no scaling as 1."""
+    edited = _edited_run(tmp_path, "deepseek_v3", "\n  mscale_all_dim: 1.0\n", "\n  mscale_all_dim: 0.0\n")
+    path = edited / "iter_0000000" / "run_config.yaml"
+    text = path.read_text().replace("\n  mscale: 1.0\n", "\n  mscale: 0.5\n")
+    text = text.replace("\n  moe_router_num_groups: 2\n", "\n  moe_router_num_groups: null\n")
+    text = text.replace("\n  moe_router_topk_scaling_factor: 2.5\n", "\n  moe_router_topk_scaling_factor: null\n")
+    path.write_text(text)
+    config = streamconv.convert(edited, None, dry_run=True).config
+    assert config["rope_scaling"]["attention_factor"] == pytest.approx(0.05 * math.log(4.0) + 1)
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (1, 1, 1.0)
+    original = streamconv.convert(FIXTURES / "deepseek_v3" / "tp1", None, dry_run=True).config
+    assert "attention_factor" not in original["rope_scaling"] and original["n_group"] == 2
+
+
+def _no_bytes(shape):
+    """A bf16 tensor's stand-in with its shape and no memory behind it (the plan reads metadata only)."""
+    import numpy as np
+
+    from streamconv.sources.records import SourceTensor
+
+    return SourceTensor(np.broadcast_to(np.zeros((), np.uint16), shape), "torch.bfloat16")
+
+
+def test_a_671b_deepseek_v3_plans_in_little_memory():
+    """DeepSeek-V3's own shapes (61 layers, the first 3 dense, 256 experts of 2048 and a shared one, 128 heads of
+    multi-latent attention, vocabulary 129280), as megatron-core saves them (per layer: its moe_layer_freq is a
+    list), planned from metadata alone: 1.34 TB of bf16 in 5 GB shards, predicted working memory under 1.5 GB."""
+    from streamconv.pipeline import working_memory
+    from streamconv.planning import build_plan
+    from streamconv.sources.hparams import Config
+    from streamconv.sources.records import Checkpoint
+
+    h, layers, dense, n_experts, width, heads = 7168, 61, 3, 256, 2048, 128
+    cfg = {"num_layers": layers, "hidden_size": h, "ffn_hidden_size": 18432, "num_attention_heads": heads,
+           "multi_latent_attention": True, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_head_dim": 128,
+           "qk_pos_emb_head_dim": 64, "v_head_dim": 128, "normalization": "RMSNorm", "gated_linear_unit": True,
+           "add_bias_linear": False, "position_embedding_type": "rope", "rope_type": "yarn", "rotary_base": 10000,
+           "rotary_scaling_factor": 40, "original_max_position_embeddings": 4096, "mscale": 1.0,
+           "mscale_all_dim": 1.0, "max_position_embeddings": 163840, "num_moe_experts": n_experts,
+           "moe_ffn_hidden_size": width, "moe_shared_expert_intermediate_size": width, "moe_router_topk": 8,
+           "moe_layer_freq": [0] * dense + [1] * (layers - dense), "moe_router_score_function": "sigmoid",
+           "moe_router_enable_expert_bias": True, "moe_router_num_groups": 8, "moe_router_group_topk": 4,
+           "moe_router_topk_scaling_factor": 2.5, "share_embeddings_and_output_weights": False}
+    layer = "decoder.layers.{}."
+    shapes = {"embedding.word_embeddings.weight": (129280, h), "output_layer.weight": (129280, h),
+              "decoder.final_layernorm.weight": (h,)}
+    for i in range(layers):
+        attention = {"input_layernorm.weight": (h,), "self_attention.linear_q_down_proj.weight": (1536, h),
+                     "self_attention.linear_q_up_proj.layer_norm_weight": (1536,),
+                     "self_attention.linear_q_up_proj.weight": (heads * 192, 1536),
+                     "self_attention.linear_kv_down_proj.weight": (576, h),
+                     "self_attention.linear_kv_up_proj.layer_norm_weight": (512,),
+                     "self_attention.linear_kv_up_proj.weight": (heads * 256, 512),
+                     "self_attention.linear_proj.weight": (h, heads * 128)}
+        if i < dense:
+            mlp = {"mlp.linear_fc1.layer_norm_weight": (h,), "mlp.linear_fc1.weight": (2 * 18432, h),
+                   "mlp.linear_fc2.weight": (h, 18432)}
+        else:
+            mlp = {"pre_mlp_layernorm.weight": (h,), "mlp.router.weight": (n_experts, h),
+                   "mlp.router.expert_bias": (n_experts,), "mlp.shared_experts.linear_fc1.weight": (2 * width, h),
+                   "mlp.shared_experts.linear_fc2.weight": (h, width)}
+            for e in range(n_experts):
+                mlp[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = (2 * width, h)
+                mlp[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = (h, width)
+        shapes.update({layer.format(i) + k: v for k, v in {**attention, **mlp}.items()})
+    checkpoint = Checkpoint("deepseek-v3-671b", {k: _no_bytes(s) for k, s in shapes.items()},
+                            Config.of(cfg, (), "the test's cfg"), vocab_size=129280)
+    plan, config = build_plan(checkpoint, 5 * 10**9, None, None)
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["first_k_dense_replace"] == dense
+    assert (config["n_routed_experts"], config["num_experts_per_tok"], config["n_group"]) == (256, 8, 8)
+    weights = sum(t.nbytes for t in plan.tensors)
+    fc1s = dense + (layers - dense) * (n_experts + 1)  # (each linear_fc1 gives a gate and an up projection)
+    assert 1.3e12 < weights < 1.4e12 and len(plan.tensors) == len(shapes) + fc1s
+    assert working_memory(plan, checkpoint) < 1.5e9

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 # Each family module registers itself on import: one name each.
-from streamconv.families import gemma3, gpt_sw3, llama, mistral, mixtral, olmoe, qwen2, qwen3, qwen3_moe  # noqa: F401
+from streamconv.families import (  # noqa: F401
+    deepseek_v3,
+    gemma3,
+    gpt_sw3,
+    llama,
+    mistral,
+    mixtral,
+    olmoe,
+    qwen2,
+    qwen3,
+    qwen3_moe,
+)
 from streamconv.families.registry import FAMILIES, by_model_type, check_forced, choose
 
 __all__ = ["FAMILIES", "by_model_type", "check_forced", "choose"]

@@ -77,7 +77,8 @@ def print_structure(plan) -> None:
     for spec in plan.tensors:
         shape = "x".join(map(str, spec.recipe.shape))
         dtype = str(spec.dtype).removeprefix("torch.")
-        say(f"{spec.name:<40} {shape:>14} {dtype:<9} <- {spec.recipe.source} ({spec.recipe.arrangement.name})")
+        more = f" and {len(spec.recipe.stacked)} more" if spec.recipe.stacked else ""
+        say(f"{spec.name:<40} {shape:>14} {dtype:<9} <- {spec.recipe.source}{more} ({spec.recipe.arrangement.name})")
 
 
 def print_plan(result) -> None:

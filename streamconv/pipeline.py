@@ -76,9 +76,14 @@ def buffered(spec: TensorSpec, source: SourceTensor | Split, device: str) -> boo
     return not passes_through(spec, source) and not cast_only(spec, source, device)
 
 
+def moved(tensors: list[TensorSpec]) -> Iterator[TensorSpec]:
+    """What is moved, in order: each output tensor, or its sources' pieces (`TensorSpec.pieces`) one by one."""
+    return (piece for spec in tensors for piece in spec.pieces())
+
+
 def arranged_sizes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> list[int]:
-    """Bytes of each output tensor that must be arranged in memory."""
-    return [t.nbytes for t in plan.tensors if buffered(t, checkpoint.tensors[t.recipe.source], device)]
+    """Bytes of each output tensor (or piece of one) that must be arranged in memory."""
+    return [t.nbytes for t in moved(plan.tensors) if buffered(t, checkpoint.tensors[t.recipe.source], device)]
 
 
 def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int:
@@ -89,7 +94,7 @@ def buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int
 def cast_buffer_bytes(plan: Plan, checkpoint: Checkpoint, device: str = "cpu") -> int:
     """Size of each cast chunk buffer: CHUNK_BYTES, or less when no tensor that is only cast needs as much
     (0 when there is none)."""
-    sizes = [t.nbytes for t in plan.tensors if cast_only(t, checkpoint.tensors[t.recipe.source], device)]
+    sizes = [t.nbytes for t in moved(plan.tensors) if cast_only(t, checkpoint.tensors[t.recipe.source], device)]
     return min(CHUNK_BYTES, max(sizes, default=0))
 
 
@@ -261,7 +266,7 @@ def in_order_chunks(spec: TensorSpec, source: SourceTensor | Split, device: str,
 
 def read_chunks(plan_tensors: list[TensorSpec], checkpoint: Checkpoint, device: str) -> Iterator[np.ndarray]:
     """Every chunk's view a conversion of these tensors fetches, in order: what `ReadAhead` reads ahead."""
-    for spec in plan_tensors:
+    for spec in moved(plan_tensors):
         for chunk in chunks_of(spec, source_of(spec, checkpoint), device):
             yield chunk.view
 
@@ -314,8 +319,13 @@ class _Stream:
         self.writers.append(writer)
         return writer
 
-    def move(self, spec: TensorSpec, writer: ShardWriter) -> None:
-        """Queue the writes of one output tensor: chunk by chunk as read (or cast), or arranged in a buffer."""
+    def move(self, tensor: TensorSpec, writer: ShardWriter) -> None:
+        """Queue the writes of one output tensor (piece by piece, where it has several sources): chunk by chunk
+        as read (or cast), or arranged in a buffer."""
+        for spec in tensor.pieces():
+            self._move(spec, writer)
+
+    def _move(self, spec: TensorSpec, writer: ShardWriter) -> None:
         source = source_of(spec, self.checkpoint)
         if not buffered(spec, source, self.device):
             for data, done, copied in in_order_chunks(spec, source, self.device, self.arranger, self.reads.get,

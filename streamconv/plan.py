@@ -12,7 +12,7 @@ from typing import Any
 
 from streamconv.errors import ConversionError
 from streamconv.formats import safetensors
-from streamconv.recipe import TensorRecipe
+from streamconv.recipe import TensorRecipe, pieces
 
 _UNITS = {
     "": 1, "b": 1,
@@ -58,6 +58,15 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+    def pieces(self) -> list[TensorSpec]:
+        """The tensor as its sources' pieces (`recipe.pieces`), each with the bytes it fills; itself if one."""
+        if not self.recipe.stacked:
+            return [self]
+        parts = pieces(self.recipe)
+        size = self.nbytes // len(parts)
+        return [TensorSpec(r, self.dtype, self.begin + k * size, self.begin + (k + 1) * size)
+                for k, r in enumerate(parts)]
 
 
 @dataclass

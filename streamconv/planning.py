@@ -9,6 +9,7 @@ from streamconv.families import settings
 from streamconv.families.base import MAX_SIZE, number
 from streamconv.pipeline import split_view_axis
 from streamconv.plan import Plan, make_plan
+from streamconv.recipe import pieces
 from streamconv.sources import Checkpoint
 from streamconv.sources.records import Split
 
@@ -35,7 +36,8 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
         vocab_size = tokenizer.hf_vocab_size(checkpoint.tokenizer_files)
     dims = chosen.read_dims(checkpoint.hparam, shapes, vocab_size, num_heads, checkpoint.local_slices)
     wanted = chosen.tensor_recipes(dims)
-    for r in wanted:  # every shape first, then how tensor-parallel slices divide
+    each = [piece for r in wanted for piece in pieces(r)]  # (a tensor of several sources: each one's own recipe)
+    for r in each:  # every shape first, then how tensor-parallel slices divide
         if r.source not in shapes:
             raise ConversionError(f"source tensor {r.source!r} is missing from the checkpoint's state_dict")
         if shapes[r.source] != r.source_shape:
@@ -46,12 +48,12 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
                 f"source tensor {r.source!r} has shape {shapes[r.source]}, expected {r.source_shape} "
                 f"from the checkpoint's cfg{missing}"
             )
-    unused = sorted(set(shapes) - {r.source for r in wanted} - {k for k in shapes if _not_a_weight(k)})
+    unused = sorted(set(shapes) - {r.source for r in each} - {k for k in shapes if _not_a_weight(k)})
     if unused:
         raise ConversionError(f"the checkpoint holds {len(unused)} tensor(s) that the {chosen.name} mapping has no "
                               f"place for, such as {unused[0]!r}: converting would drop them; is this another "
                               "architecture (biases, extra norms, experts)?")
-    for r in wanted:
+    for r in each:
         source = checkpoint.tensors[r.source]
         if isinstance(source, Split) and source.axis != 0 and r.row_ranges is not None and len(r.row_ranges) > 1:
             raise ConversionError(f"source tensor {r.source!r} is stored in slices side by side (axis {source.axis}), "
@@ -65,6 +67,11 @@ def build_plan(checkpoint: Checkpoint, shard_size: int, dtype: str | None, vocab
                     f"do not divide its {sliced} {'heads' if r.arrangement.name.startswith('qkv') else 'rows'}; check "
                     "num_attention_heads (--num-heads) against the checkpoint"
                 )
+    for r in wanted:
+        stored = {checkpoint.tensors[piece.source].dtype for piece in pieces(r)}
+        if len(stored) > 1:
+            raise ConversionError(f"the sources of {r.name!r} ({r.source!r}, ...) differ in dtype ({sorted(stored)}); "
+                                  "streamconv fuses tensors of one dtype: pass --dtype to cast them alike")
     dtypes = [dtype or checkpoint.tensors[r.source].dtype for r in wanted]
     plan = make_plan(wanted, dtypes, shard_size)
     plan.family = chosen

@@ -493,17 +493,21 @@ def _compare_bytes(checkpoint: Checkpoint, folder: _Folder, specs: list[TensorSp
         if stored.file not in maps:
             maps[stored.file] = _map(folder, stored.file)
     readable = [s for s in specs if (m := maps[found[s.name].file]) is not None and found[s.name].end <= len(m)]
-    sources = {spec.name: source_of(spec, checkpoint) for spec in readable}  # (unreadable, or truncated: said)
-    arranged = [s.nbytes for s in readable if buffered(s, sources[s.name], "cpu")]
+    pieces = [(spec, piece) for spec in readable for piece in spec.pieces()]  # (as the conversion moves them)
+    sources = [source_of(piece, checkpoint) for _, piece in pieces]  # (unreadable, or truncated: said)
+    arranged = [piece.nbytes for (_, piece), source in zip(pieces, sources, strict=True)
+                if buffered(piece, source, "cpu")]
     buffer = np.empty(max([*arranged, CHUNK_BYTES]), dtype=np.uint8)  # touched only as far as it is used
     arranger = Arranger()
     reads = ReadAhead(checkpoint, read_chunks(readable, checkpoint, "cpu"), read_buffer_bytes(readable))
+    differ: set[str] = set()
     try:
-        for spec in readable:
+        for (spec, piece), source in zip(pieces, sources, strict=True):
             stored = found[spec.name]
-            chunks = _converted(spec, sources[spec.name], buffer, arranger, reads.get)
-            first = _first_difference(chunks, maps[stored.file], stored.begin)
-            if first is not None:
+            first = _first_difference(_converted(piece, source, buffer, arranger, reads.get), maps[stored.file],
+                                      stored.begin + piece.begin - spec.begin)
+            if first is not None and spec.name not in differ:
+                differ.add(spec.name)
                 folder.problems.add(f"{spec.name}: bytes differ from the converted source (first at byte "
                                     f"{first - stored.begin} of the tensor, file offset {first} in "
                                     f"{_shown(stored.file)})")

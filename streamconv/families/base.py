@@ -9,6 +9,7 @@ Hugging Face config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,33 @@ def sliding_window(window: Any) -> int | None:
     return None if window[0] == -1 else int(window[0]) + 1
 
 
+def yarn_scaling(factor: float, original: int, beta_fast: float, beta_slow: float, mscale: float | None,
+                 mscale_all_dim: float | None, truncate: bool) -> dict[str, Any]:
+    """transformers' YaRN `rope_scaling` for megatron-core's: its factors (`truncate`: the correction range rounded
+    to whole dimensions, transformers' default), and the cos/sin scale megatron-core
+    applies (`mscale / mscale_all_dim`'s magnitudes, or the factor's alone where either is unset) written out as
+    `attention_factor` where transformers would infer another (it takes both only when both are non-zero)."""
+    if not (factor >= 1 and beta_fast > 0 and beta_slow > 0 and 0 < original <= MAX_POSITIONS):
+        raise ConversionError(f"the cfg's YaRN scaling (factor {factor}, beta_fast {beta_fast}, beta_slow "
+                              f"{beta_slow}, original context {original}) is not one a model has; fix the cfg")
+    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": int(original),
+               "beta_fast": beta_fast, "beta_slow": beta_slow, **({} if truncate else {"truncate": False})}
+    applied = _mscale(factor, 1.0) if mscale is None or mscale_all_dim is None else \
+        _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
+    if mscale is not None and mscale_all_dim is not None:
+        scaling.update(mscale=mscale, mscale_all_dim=mscale_all_dim)
+    inferred = _mscale(factor, mscale) / _mscale(factor, mscale_all_dim) if mscale and mscale_all_dim else \
+        _mscale(factor, 1.0)
+    if applied != inferred:
+        scaling["attention_factor"] = applied
+    return scaling
+
+
+def _mscale(factor: float, scale: float) -> float:
+    """YaRN's magnitude scaling, as megatron-core and transformers compute it."""
+    return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+
 def sizes(hparam: HParam, inferred: dict[str, int | None], num_heads: int | None) -> dict[str, int]:
     """Whole-number hyper-parameters from the cfg, else as read from the tensors (`inferred`); --num-heads wins."""
     values: dict[str, int] = {}
@@ -124,6 +152,8 @@ WINDOW = "sliding-window attention"
 TWO_BASES = "two rotary bases"
 POST_NORMS = "norms after attention and the MLP"
 TANH_GELU = "the tanh GELU"
+QUICK_GELU = "the quick GELU, clamped"
+YARN = "YaRN rotary positions"
 SCALED_EMBEDDING = "a scaled embedding"
 EXPERTS = "a mixture of experts"
 WHOLE_QK_NORM = "query and key norms over all heads at once"
@@ -167,6 +197,8 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     function = text.get("activation_func._target_")  # NeMo 2.0's and Megatron-Bridge's: a function's path
     if function is not None and gated and function.rsplit(".", 1)[-1] == "fast_gelu":
         odd.append(TANH_GELU)
+    elif function is not None and gated and function.rsplit(".", 1)[-1] == "quick_gelu":
+        odd.append(QUICK_GELU)  # (GPT-OSS's: x * sigmoid(1.702 x), its inputs clamped, the linear half offset)
     elif function is not None and function.rsplit(".", 1)[-1] != ("silu" if gated else "gelu"):
         odd.append(f"the activation function {said['activation_func._target_']}"
                    + (" in a gated MLP" if gated else ""))
@@ -194,8 +226,10 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     if mcore and names.of(0, "post_attention_norm", "weight") in shapes:
         odd.append(POST_NORMS)
     positions = text.get("position_embedding_type")
-    rotary = positions == "rope" if positions is not None else mcore and names.positions not in shapes
-    if positions not in (None, "rope", "learned_absolute"):
+    rotary = positions in ("rope", "yarn") if positions is not None else mcore and names.positions not in shapes
+    if positions == "yarn":
+        odd.append(YARN)
+    elif positions not in (None, "rope", "learned_absolute"):
         odd.append(f"{said['position_embedding_type']} position embeddings")
     if isinstance(listed(hparam, "rotary_base"), tuple):
         odd.append(TWO_BASES)
@@ -271,7 +305,7 @@ def source_shape(role: str, field: str, d: Dims) -> tuple[int, ...]:
     norm = d.qk_norm_width or d.head_dim
     shape = {"embedding": (d.embedding_rows, h), "output_layer": (d.embedding_rows, h), "positions": (d.positions, h),
              "qkv": ((d.heads + 2 * d.groups) * d.head_dim, h), "proj": (h, d.heads * (d.v_head_dim or d.head_dim)),
-             "fc1": (up * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (norm,), "k_norm": (norm,),
+             "fc1": (up * d.ffn, h), "fc2": (h, d.ffn), "q_norm": (norm,), "k_norm": (norm,), "sinks": (d.heads,),
              "router": (d.experts, h), "expert_fc1": (up * d.expert_ffn, h), "expert_fc2": (h, d.expert_ffn),
              "shared_fc1": (up * d.shared_ffn, h), "shared_fc2": (h, d.shared_ffn),
              "q_proj": (d.heads * (d.head_dim + d.rope_dim), h), "q_down": (d.q_latent, h),
@@ -313,7 +347,10 @@ TAKES: dict[str, Callable[[Dims, tuple[int, ...]], Taken]] = {
     "v": lambda d, s: _rows(s, _heads(d, d.heads // d.groups + 1, 1)),
     "gate": lambda d, s: _rows(s, _halves(d, s[0], False)),
     "up": lambda d, s: _rows(s, _halves(d, s[0], True)),
-    "conv1d": lambda d, s: ((s[1], s[0]), transpose(*s), None),  # GPT-2's Conv1D stores `[in, out]`
+    "transposed": lambda d, s: ((s[1], s[0]), transpose(*s), None),  # (GPT-2's Conv1D, GPT-OSS's experts: [in, out])
+    # GPT-OSS's experts interleave gate and up columns, `[in, (gate, up) x out]`; megatron's linear_fc1 is [gate; up]
+    "interleaved": lambda d, s: ((s[1], s[0]), Arrangement("interleave", (2, s[0] // 2, s[1]), (2, 1, 0)), None),
+    "interleaved_bias": lambda d, s: (s, Arrangement("interleave", (2, s[0] // 2), (1, 0)), None),
     # GPT-2's fused QKV groups its rows (3, heads, head_dim), transposed; megatron's (heads, 3, head_dim)
     "gpt2_qkv": lambda d, s: ((s[1], s[0]), Arrangement("qkv_weight", (d.heads, 3, d.head_dim, s[1]),
                                                         (3, 1, 0, 2)), None),
@@ -324,7 +361,8 @@ TAKES: dict[str, Callable[[Dims, tuple[int, ...]], Taken]] = {
 @dataclass(frozen=True)
 class Entry:
     """One row of a family's tensor table: a Hugging Face name (`{i}`: the layer's number; `{e}`: an expert's, a
-    row repeated for each expert) <- a source role's field (see `megatron.Names`), taken as `TAKES[take]` says."""
+    row repeated for each expert) <- a source role's field (see `megatron.Names`), taken as `TAKES[take]` says. An
+    expert's role without `{e}` in the name: every expert's, taken alike, fused into one tensor."""
 
     name: str
     role: str
@@ -377,7 +415,14 @@ class Family:
         for entry, i in rows:
             shape = source_shape(entry.role, entry.field, dims)
             taken, arrangement, ranges = TAKES[entry.take](dims, shape)
-            for e in range(dims.experts) if "{e}" in entry.name else (None,):
-                out.append(TensorRecipe(entry.name.format(i=i, e=e), dims.names.source(entry.role, entry.field, i, e),
-                                        shape, taken, arrangement, row_ranges=ranges))
+            experts = [dims.names.source(entry.role, entry.field, i, e) for e in range(dims.experts)]
+            if "{e}" in entry.name:  # (one tensor per expert)
+                out += [TensorRecipe(entry.name.format(i=i, e=e), source, shape, taken, arrangement, row_ranges=ranges)
+                        for e, source in enumerate(experts)]
+            elif entry.role.startswith("expert_"):  # (the experts' tensors fused into one, expert after expert)
+                out.append(TensorRecipe(entry.name.format(i=i), experts[0], shape, (dims.experts, *taken), arrangement,
+                                        row_ranges=ranges, stacked=tuple(experts[1:])))
+            else:
+                out.append(TensorRecipe(entry.name.format(i=i), dims.names.source(entry.role, entry.field, i), shape,
+                                        taken, arrangement, row_ranges=ranges))
         return out

@@ -198,24 +198,10 @@ def _rotary(hparam: HParam) -> dict[str, Any]:
               for key, default in YARN.items()}
     factor, scale, scale_all = values["rotary_scaling_factor"], values["mscale"], values["mscale_all_dim"]
     if rope_type == "rope":
-        if _mscale(factor, scale_all) != 1.0:  # (megatron-core scales the softmax by it whatever the rope type)
+        if factor > 1 and scale_all:  # (megatron-core scales the softmax by it whatever the rope type)
             raise ConversionError(f"the cfg scales the attention's softmax by YaRN's mscale_all_dim {scale_all} "
                                   f"without YaRN positions, which DeepseekV3ForCausalLM cannot express")
         return {"rope_theta": theta, "rope_scaling": None}
-    if factor < 1 or values["beta_fast"] <= 0 or values["beta_slow"] <= 0:
-        raise ConversionError(f"the cfg's YaRN (rotary_scaling_factor {factor}, beta_fast {values['beta_fast']}, "
-                              f"beta_slow {values['beta_slow']}) is not one a model has; fix the checkpoint's cfg")
-    yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": int(
-                values["original_max_position_embeddings"]), "beta_fast": values["beta_fast"],
-            "beta_slow": values["beta_slow"], "mscale": scale, "mscale_all_dim": scale_all}
-    attention_factor = _mscale(factor, scale) / _mscale(factor, scale_all)  # (megatron-core's cos/sin scale)
-    if not (scale and scale_all) and attention_factor != _mscale(factor, 1.0):  # (where transformers infers another)
-        yarn["attention_factor"] = attention_factor
-    return {"rope_theta": theta, "rope_scaling": yarn}
-
-
-def _mscale(factor: float, scale: float) -> float:
-    """YaRN's magnitude scaling, as megatron-core and transformers compute it."""
-    import math
-
-    return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+    return {"rope_theta": theta, "rope_scaling": base.yarn_scaling(
+        factor, values["original_max_position_embeddings"], values["beta_fast"], values["beta_slow"], scale, scale_all,
+        truncate=True)}

@@ -50,10 +50,10 @@ class GptSw3(Family):
         _layer("ln_1.weight", "input_norm", "weight"), _layer("ln_1.bias", "input_norm", "bias"),
         _layer("attn.c_attn.weight", "qkv", "weight", "gpt2_qkv"),
         _layer("attn.c_attn.bias", "qkv", "bias", "gpt2_qkv_bias"),
-        _layer("attn.c_proj.weight", "proj", "weight", "conv1d"), _layer("attn.c_proj.bias", "proj", "bias"),
+        _layer("attn.c_proj.weight", "proj", "weight", "transposed"), _layer("attn.c_proj.bias", "proj", "bias"),
         _layer("ln_2.weight", "mlp_norm", "weight"), _layer("ln_2.bias", "mlp_norm", "bias"),
-        _layer("mlp.c_fc.weight", "fc1", "weight", "conv1d"), _layer("mlp.c_fc.bias", "fc1", "bias"),
-        _layer("mlp.c_proj.weight", "fc2", "weight", "conv1d"), _layer("mlp.c_proj.bias", "fc2", "bias"),
+        _layer("mlp.c_fc.weight", "fc1", "weight", "transposed"), _layer("mlp.c_fc.bias", "fc1", "bias"),
+        _layer("mlp.c_proj.weight", "fc2", "weight", "transposed"), _layer("mlp.c_proj.bias", "fc2", "bias"),
     )
     tail = (Entry("transformer.ln_f.weight", "final_norm", "weight"), Entry("transformer.ln_f.bias", "final_norm",
                                                                             "bias"))

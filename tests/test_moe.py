@@ -6,12 +6,14 @@ config.json describes the same model: experts, top-k, router scoring, shared exp
 
 from __future__ import annotations
 
+import json
 import math
 import tarfile
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import streamconv
 from tests.test_families import SAME_MODEL, assert_converts_to_the_original
@@ -19,13 +21,16 @@ from tests.test_fixtures_bridge062_moe import FIXTURES, MANIFEST, RUNS
 from tests.test_settings import plan_error, with_cfg
 
 FAMILY = {"qwen3_moe": "qwen3-moe", "mixtral": "mixtral", "olmoe": "olmoe",  # fixture folder -> --family name
-          "deepseek_v3": "deepseek-v3"}
+          "deepseek_v3": "deepseek-v3", "gpt_oss": "gpt-oss"}
 SAME_EXPERTS = (*SAME_MODEL, "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
                 "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise", "clip_qkv",
                 "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
                 "routed_scaling_factor", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                "v_head_dim", "rope_interleave")
-RUNS = [(family, run) for family, run in RUNS if family in FAMILY]
+                "v_head_dim", "rope_interleave", "swiglu_limit")
+
+
+def test_every_fixture_family_is_converted():
+    assert sorted(FAMILY) == sorted(MANIFEST["families"])
 
 
 @pytest.mark.parametrize("family, run", RUNS)
@@ -262,3 +267,69 @@ def test_a_671b_deepseek_v3_plans_in_little_memory():
     fc1s = dense + (layers - dense) * (n_experts + 1)  # (each linear_fc1 gives a gate and an up projection)
     assert 1.3e12 < weights < 1.4e12 and len(plan.tensors) == len(shapes) + fc1s
     assert working_memory(plan, checkpoint) < 1.5e9
+
+
+# --- GPT-OSS: settings, and its fused experts moved one expert at a time -----------------------------------------
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ("softmax_type: learnable", "softmax_type: vanilla", "softmax_type 'vanilla'"),
+    ("activation_func_clamp_value: 7.0", "activation_func_clamp_value: null", "activation_func_clamp_value None"),
+    ("glu_linear_offset: 1.0", "glu_linear_offset: 0.0", "glu_linear_offset 0.0"),
+    ("moe_router_pre_softmax: false", "moe_router_pre_softmax: true", "moe_router_pre_softmax True"),
+    ("rotary_interleaved: false", "rotary_interleaved: true", "rotary_interleaved True with YaRN positions"),
+])
+def test_gpt_oss_refuses_what_its_hugging_face_class_cannot_express(tmp_path, old, new, says):
+    message = plan_error(_edited_run(tmp_path, "gpt_oss", f"\n  {old}\n", f"\n  {new}\n"))
+    assert says in message and "GptOssForCausalLM" in message, message
+
+
+def test_gpt_oss_layer_types_and_yarn_follow_the_cfg(tmp_path):
+    """window_attn_skip_freq as a list (1: sliding) and YaRN's rounding of its correction range (transformers'
+    `truncate`) reach config.json."""
+    edited = _edited_run(tmp_path, "gpt_oss", "\n  window_attn_skip_freq: 2\n",
+                         "\n  window_attn_skip_freq:\n  - 0\n  - 1\n")
+    path = edited / "iter_0000000" / "run_config.yaml"
+    path.write_text(path.read_text().replace("yarn_correction_range_round_to_int: false",
+                                             "yarn_correction_range_round_to_int: true"))
+    config = streamconv.convert(edited, None, dry_run=True).config
+    assert config["layer_types"] == ["full_attention", "sliding_attention"]
+    assert "truncate" not in config["rope_scaling"] and config["sliding_window"] == 8
+    original = streamconv.convert(FIXTURES / "gpt_oss" / "tp1", None, dry_run=True).config
+    assert original["layer_types"] == ["sliding_attention", "full_attention"]
+    assert original["rope_scaling"]["truncate"] is False
+
+
+def test_fused_experts_are_arranged_one_expert_at_a_time_cast_verified_and_split(tmp_path):
+    """gate_up_proj ([experts, hidden, 2 x width]) is each expert's linear_fc1 interleaved and transposed in turn:
+    the arranging buffer holds one expert's, a cast gives transformers' logits in fp32, verify finds a changed
+    byte in the last expert, and a conversion split in two parts writes the same bytes."""
+    from streamconv.pipeline import buffer_bytes
+    from streamconv.planning import build_plan
+    from streamconv.sources import open_checkpoint
+
+    source = FIXTURES / "gpt_oss" / "tp1"
+    with open_checkpoint(source) as checkpoint:
+        plan, _ = build_plan(checkpoint, 2**40, None, None)
+        fused = next(t for t in plan.tensors if t.name == "model.layers.0.mlp.experts.gate_up_proj")
+        assert len(fused.pieces()) == 4 and buffer_bytes(plan, checkpoint) == fused.nbytes // 4
+    streamconv.convert(source, tmp_path / "fp32", dtype="fp32")
+    oracle = load_file(FIXTURES / "gpt_oss" / "logits.safetensors")
+    logits = _logits(tmp_path / "fp32", oracle["input_ids"])
+    assert (logits - oracle["logits"]).abs().max() < 1e-4
+    streamconv.convert(source, tmp_path / "whole", shard_size="100KB")
+    for index in (0, 1):
+        streamconv.convert(source, tmp_path / "parts", shard_size="100KB", part=f"{index}/2")
+    written = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert len(written) > 4 and written == sorted(p.name for p in (tmp_path / "parts").iterdir())
+    for name in written:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes(), name
+    shard = json.loads((tmp_path / "whole" / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.1.mlp.experts.down_proj"]
+    data = bytearray((tmp_path / "whole" / shard).read_bytes())
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    end = 8 + int.from_bytes(data[:8], "little") + header["model.layers.1.mlp.experts.down_proj"]["data_offsets"][1]
+    data[end - 3] ^= 0xFF  # (in the last expert's rows)
+    (tmp_path / "whole" / shard).write_bytes(bytes(data))
+    problems = streamconv.verify(source, tmp_path / "whole")
+    assert len(problems) == 1 and "model.layers.1.mlp.experts.down_proj: bytes differ" in problems[0], problems

@@ -6,6 +6,7 @@ from __future__ import annotations
 from streamconv.families import (  # noqa: F401
     deepseek_v3,
     gemma3,
+    gpt_oss,
     gpt_sw3,
     llama,
     mistral,

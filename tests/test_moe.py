@@ -333,3 +333,19 @@ def test_fused_experts_are_arranged_one_expert_at_a_time_cast_verified_and_split
     (tmp_path / "whole" / shard).write_bytes(bytes(data))
     problems = streamconv.verify(source, tmp_path / "whole")
     assert len(problems) == 1 and "model.layers.1.mlp.experts.down_proj: bytes differ" in problems[0], problems
+
+
+def test_rank_by_rank_expert_parallel_folders_are_refused_by_name(cases, tmp_path):
+    """Megatron-LM names an expert-parallel rank's folder mp_rank_TT_EEE; its experts are numbered per rank, which
+    streamconv does not renumber yet: refused, never converted without them."""
+    folder = tmp_path / "ep"
+    with tarfile.open(cases["legacy_container-tp2"].checkpoint) as tar:
+        tar.extractall(folder, filter="data")
+    for tp in (0, 1):
+        (folder / f"mp_rank_0{tp}").rename(folder / f"mp_rank_00_00{tp}")
+    with tarfile.open(tmp_path / "ep.nemo", "w") as tar:
+        tar.add(folder, arcname=".")
+    for checkpoint in (folder, tmp_path / "ep.nemo"):
+        message = plan_error(checkpoint)
+        assert "holds expert-parallel rank folders ('mp_rank_00_00" in message, message
+        assert "save a distributed checkpoint" in message

@@ -205,6 +205,8 @@ def _open_folder(path: str, distributed: OpenDistributed | None) -> Checkpoint:
         tokenizer = _read_file(path, name, follow=sentencepiece_available()) if name else None
         return _open_distributed(distributed, Folder(shards.rstrip("/")), cfg, tokenizer)
     folders = [n for n in names if parallel.rank_of(n) and os.path.isdir(os.path.join(path, n))]
+    if not folders:
+        parallel.refuse_expert_ranks(path, names)
     weights = _weights_members(path, folders + ([WEIGHTS] if os.path.isfile(os.path.join(path, WEIGHTS)) else []),
                                folder=True)
     files = {rank: os.path.join(path, WEIGHTS) if name == WEIGHTS else _rank_file(path, name)
@@ -353,6 +355,7 @@ def _weights_members(path: str, names: list[str], folder: bool = False) -> dict[
                                   f"({WEIGHTS} is the single rank of a whole model); keep one of them")
         weights[rank] = name
     if not weights:
+        parallel.refuse_expert_ranks(path, names)
         raise ConversionError(f"{path} has no {WEIGHTS} and no rank folders (mp_rank_XX, tp_rank_XX_pp_rank_YYY); "
                               "check --checkpoint-path")
     return weights

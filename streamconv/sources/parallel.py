@@ -48,6 +48,20 @@ def tp_split_axis(name: str) -> int | None:
 RANK_FOLDER = re.compile(r"mp_rank_([0-9]{2,})|tp_rank_([0-9]{2,})_pp_rank_([0-9]{3,})")
 
 
+# Megatron-LM's folders of expert-parallel ranks (`mp_rank_TT_EEE`, `mp_rank_TT_PPP_EEE`), not read
+EXPERT_RANK_FOLDER = re.compile(r"(?:^|.*/)mp_rank_[0-9]{2,}(?:_[0-9]{3,}){1,2}(?:/.*)?", re.DOTALL)
+
+
+def refuse_expert_ranks(path: str, names: list[str]) -> None:
+    """A checkpoint saved rank by rank with expert parallelism is refused by name (its experts are numbered per
+    rank, and nothing here renumbers them): not converted without its experts."""
+    found = next((n for n in names if EXPERT_RANK_FOLDER.fullmatch(n)), None)
+    if found is not None:
+        raise ConversionError(f"{path} holds expert-parallel rank folders ({found!r}): streamconv does not read "
+                              "rank-by-rank expert-parallel checkpoints yet; save a distributed checkpoint "
+                              "(torch_dist), which it reads at any expert-parallel size")
+
+
 def rank_of(folder: str) -> tuple[int, int] | None:
     """(tp rank, pp rank) of a rank folder's name, None if it is not one."""
     m = RANK_FOLDER.fullmatch(folder)

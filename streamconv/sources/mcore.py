@@ -18,7 +18,9 @@ several chunks becomes a `Split` of views into them, so nothing is read before i
 experts' weights are grouped the same way, one more axis: `...mlp.experts.experts.linear_fc1.weight` is
 `[layers, experts, 2f, h]` (without the layer axis where layers are saved one by one), one chunk per expert (and per
 gate/up half); each expert becomes `...mlp.experts.local_experts.E.linear_fc1.weight`, a one-rank state_dict's name,
-E counted over all expert-parallel ranks.
+E counted over all expert-parallel ranks. A Mamba mixer's input projection and convolution are saved in named row
+blocks (`mixer.in_proj.weight.z`, `.x`, `.B`, `.C`, `.dt`, each sliced across tensor-parallel ranks): they are
+joined back, in megatron-core's order, into the one tensor a one-rank model holds (`ROW_BLOCKS`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ _MAX_LAYERS = 4096  # a stacked tensor's first axis (the deepest models have a f
 _MAX_EXPERTS = 2**16  # a grouped expert tensor's expert axis (the largest models have a few hundred experts)
 _STACKED = re.compile(r"(.*?(?:^|\.)layers\.)(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `layers.` not followed by N.
 _GROUPED = re.compile(r"(.*\.experts\.)experts\.(?![0-9]+(?:\.|$))(.+)", re.DOTALL)  # `experts.experts.` not ... N.
+# Tensors megatron-core saves as named row blocks, and the order of the blocks in the tensor (its Mamba mixer's)
+ROW_BLOCKS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
+              "mixer.conv1d.bias": ("x", "B", "C")}
 # Hyper-parameters are asked for by their NeMo 1.x names (what the families read); other writers' names:
 MEGATRON_LM = {"encoder_seq_length": "max_position_embeddings", "layernorm_epsilon": "norm_epsilon",
                "num_moe_experts": "num_experts", "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor"}
@@ -233,7 +238,34 @@ def _tensors(files: Files, index: dcp.DcpIndex | None, mapped: dict[str, MappedF
                 raise ConversionError(f"{files.label} holds {name!r} twice (stacked and per layer); the checkpoint "
                                       "is damaged")
             out[name] = _joined(files.label, name, sub_shape, sub_chunks)
-    return out
+    return _blocks_joined(files.label, out)
+
+
+def _blocks_joined(label: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` with each tensor saved in named row blocks (`ROW_BLOCKS`) joined back: a `Split` along its rows of
+    every block's slices, in order."""
+    for suffix, blocks in ROW_BLOCKS.items():
+        for base in [k[: -len(blocks[0]) - 1] for k in tensors if k.endswith(f"{suffix}.{blocks[0]}")]:
+            names = [f"{base}.{block}" for block in blocks]
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise ConversionError(f"{label} holds {names[0]!r} but not {missing[0]!r}: a tensor saved in row "
+                                      "blocks is incomplete; the checkpoint is damaged")
+            parts = [part for n in names for part in _row_parts(label, n, tensors.pop(n))]
+            if len({p.shape[1:] for p in parts}) != 1 or len({p.dtype for p in parts}) != 1:
+                raise ConversionError(f"{label}: the row blocks of {base!r} differ in width or dtype; the checkpoint "
+                                      "is damaged")
+            tensors[base] = Split(tuple(parts), 0)
+    return tensors
+
+
+def _row_parts(label: str, name: str, tensor: SourceTensor | Split) -> tuple[SourceTensor, ...]:
+    if isinstance(tensor, SourceTensor):
+        return (tensor,)
+    if tensor.axis != 0:
+        raise ConversionError(f"{label}: {name!r} is sliced along axis {tensor.axis}, not by rows as megatron-core "
+                              "slices a row block; the checkpoint is damaged")
+    return tensor.parts
 
 
 def _allow_open_files(label: str, count: int) -> None:

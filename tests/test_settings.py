@@ -110,7 +110,7 @@ def _non_default(key, default):
 _DEPENDENT = {d: switch for switch, ds in settings.ACTS_WITH.items() for d in ds}
 # (a sliding window makes a Llama-shaped model a Mistral one, experts a MoE one: see the tests below)
 _REFUSED = [k for k in settings.FORWARD if k not in llama.settings and k not in _DEPENDENT
-            and k not in ("window_size", "num_moe_experts", "multi_latent_attention")]
+            and k not in ("window_size", "num_moe_experts", "multi_latent_attention", "is_hybrid_model")]
 
 
 @pytest.mark.parametrize("key", _REFUSED)
@@ -132,12 +132,18 @@ def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
     message = plan_error(with_cfg(cases["llama"], tmp_path / "on", **{key: value, switch: on}))
     named = key if switch == "window_size" else switch  # (Mistral reads the window, not a window skipped)
     said = "says" if switch == "num_moe_experts" else "sets"
-    assert f"the cfg {said} {named} " in message, message
+    expected = "Mamba layers: no model family" if switch == "is_hybrid_model" else f"the cfg {said} {named} "
+    assert expected in message, message
 
 
 def test_a_cfg_saying_latent_attention_where_the_tensors_have_none_is_refused(cases, tmp_path):
     message = plan_error(with_cfg(cases["llama"], tmp_path, multi_latent_attention=True))
     assert "the cfg says multi_latent_attention True, but the checkpoint has no" in message, message
+
+
+def test_a_cfg_saying_a_hybrid_model_makes_mamba_layers_a_trait_no_llama_family_has(cases, tmp_path):
+    message = plan_error(with_cfg(cases["llama"], tmp_path, is_hybrid_model=True))
+    assert "this model has RMSNorm, a gated MLP, rotary positions" in message and "Mamba layers: no model" in message
 
 
 def test_a_window_makes_a_llama_cfg_a_mistral_model_and_a_malformed_one_is_refused(cases, tmp_path):

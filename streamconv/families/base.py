@@ -141,7 +141,7 @@ def check_layers(layers: int, found: list[int]) -> None:
 # family accepts a set of them (`Family.traits`, `Family.optional`), and what no family accepts is refused by name.
 RMS_NORM, LAYER_NORM = "RMSNorm", "LayerNorm"
 GATED, PLAIN = "a gated MLP", "a plain MLP"
-ROTARY, LEARNED = "rotary positions", "learned positions"
+ROTARY, LEARNED, NO_POSITIONS = "rotary positions", "learned positions", "no position embeddings"
 GROUPED, MULTI_HEAD = "grouped-query attention", "multi-head attention"
 BIASES, NO_BIASES = "biases", "no biases"
 TIED, UNTIED = "a tied output layer", "an untied output layer"
@@ -154,6 +154,8 @@ POST_NORMS = "norms after attention and the MLP"
 TANH_GELU = "the tanh GELU"
 QUICK_GELU = "the quick GELU, clamped"
 YARN = "YaRN rotary positions"
+MAMBA = "Mamba layers"
+SQUARED_RELU = "the squared ReLU"
 SCALED_EMBEDDING = "a scaled embedding"
 EXPERTS = "a mixture of experts"
 WHOLE_QK_NORM = "query and key norms over all heads at once"
@@ -163,7 +165,7 @@ EITHER_OUTPUT = frozenset({TIED, UNTIED})
 
 _FLAGS = ("gated_linear_unit", "swiglu", "share_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
           "layernorm_zero_centered_gamma", "apply_layernorm_1p", "bias", "add_bias_linear", "group_query_attention",
-          "qkv_bias", "add_qkv_bias", "qk_layernorm", "multi_latent_attention")
+          "qkv_bias", "add_qkv_bias", "qk_layernorm", "multi_latent_attention", "is_hybrid_model")
 
 
 def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> tuple[str, ...]:
@@ -199,6 +201,8 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
         odd.append(TANH_GELU)
     elif function is not None and gated and function.rsplit(".", 1)[-1] == "quick_gelu":
         odd.append(QUICK_GELU)  # (GPT-OSS's: x * sigmoid(1.702 x), its inputs clamped, the linear half offset)
+    elif function is not None and not gated and function.rsplit(".", 1)[-1] == "squared_relu":
+        odd.append(SQUARED_RELU)  # (Nemotron-H's)
     elif function is not None and function.rsplit(".", 1)[-1] != ("silu" if gated else "gelu"):
         odd.append(f"the activation function {said['activation_func._target_']}"
                    + (" in a gated MLP" if gated else ""))
@@ -229,15 +233,19 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
     rotary = positions in ("rope", "yarn") if positions is not None else mcore and names.positions not in shapes
     if positions == "yarn":
         odd.append(YARN)
-    elif positions not in (None, "rope", "learned_absolute"):
+    elif positions not in (None, "rope", "learned_absolute", "none"):
         odd.append(f"{said['position_embedding_type']} position embeddings")
     if isinstance(listed(hparam, "rotary_base"), tuple):
         odd.append(TWO_BASES)
     if said["window_size"] is not None:
         odd.append(WINDOW)
-    if said["num_moe_experts"] not in (None, 0) or routed:
+    mamba = said["is_hybrid_model"] is True or mcore and any(
+        k.startswith(names.layer_prefix) and ".mixer.in_proj." in k for k in shapes)
+    if mamba:  # (a hybrid model's layer pattern says which layers have experts, whatever num_moe_experts says)
+        odd.append(MAMBA)
+    if said["num_moe_experts"] not in (None, 0) and not mamba or routed:
         odd.append(EXPERTS)
-    if said["num_moe_experts"] not in (None, 0) and mcore and not routed:
+    if said["num_moe_experts"] not in (None, 0) and mcore and not routed and not mamba:
         raise ConversionError(f"the cfg says num_moe_experts {describe(said['num_moe_experts'])}, but no layer of the "
                               f"checkpoint has a router ({names.of(0, 'router', 'weight')!r}); is the cfg from "
                               "another run?")
@@ -250,7 +258,8 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
         grouped = True  # (a GPT-2 model's QKV rows are 3 x hidden; Llama's may differ with its head size too)
     bias_said = said["bias"] if said["bias"] is not None else said["add_bias_linear"]
     bias = bias_said if bias_said is not None else names.of(0, "qkv", "bias") in shapes
-    return (RMS_NORM if rms else LAYER_NORM, GATED if gated else PLAIN, ROTARY if rotary else LEARNED,
+    return (RMS_NORM if rms else LAYER_NORM, GATED if gated else PLAIN,
+            ROTARY if rotary else NO_POSITIONS if positions == "none" else LEARNED,
             GROUPED if grouped else MULTI_HEAD, BIASES if bias else NO_BIASES,
             TIED if _tied(said, shapes, names) else UNTIED, *odd)
 
@@ -402,6 +411,10 @@ class Family:
         """`tokenizer_config.json` beside a shipped SentencePiece model (families with `sentencepiece`)."""
         raise NotImplementedError
 
+    def source_shape(self, role: str, field: str, dims: Dims) -> tuple[int, ...]:
+        """A role's tensor's shape in the source (a family with roles of its own adds theirs)."""
+        return source_shape(role, field, dims)
+
     def layer_rows(self, dims: Dims, i: int) -> tuple[Entry, ...]:
         """Layer `i`'s rows of the table (a family whose layers differ says which kind `i` is)."""
         return self.layer
@@ -413,7 +426,7 @@ class Family:
             + [(r, None) for r in self.tail if not (r.role == "output_layer" and dims.tied)]
         out = []
         for entry, i in rows:
-            shape = source_shape(entry.role, entry.field, dims)
+            shape = self.source_shape(entry.role, entry.field, dims)
             taken, arrangement, ranges = TAKES[entry.take](dims, shape)
             experts = [dims.names.source(entry.role, entry.field, i, e) for e in range(dims.experts)]
             if "{e}" in entry.name:  # (one tensor per expert)

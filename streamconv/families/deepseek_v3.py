@@ -132,7 +132,8 @@ class DeepseekV3(Family):
             "qk_rope_head_dim": dims.rope_dim,
             "head_dim": dims.rope_dim,
             "v_head_dim": dims.v_head_dim,
-            **_router(hparam, dims),
+            **experts.sigmoid_router(hparam, dims, self.architecture),
+            **_shared(dims),
             "hidden_act": "silu",
             "max_position_embeddings": dims.positions,
             "rms_norm_eps": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
@@ -147,38 +148,12 @@ class DeepseekV3(Family):
         }
 
 
-def _router(hparam: HParam, dims: Dims) -> dict[str, Any]:
-    """DeepSeek-V3's router keys: the sigmoid router with its score-correction bias, group-limited as megatron-core
-    limits it (groups ranked by their two best scores: transformers' rule, megatron-core's where top-k / the groups
-    kept is 2), its weights renormalised (megatron-core does where top-k > 1) and scaled; its shared experts as a
-    multiple of one expert's width. Anything else is refused by name."""
-    model = "DeepseekV3ForCausalLM"
-    score = hparam("moe_router_score_function", "softmax")
-    if score != "sigmoid":
-        raise ConversionError(f"the cfg sets moe_router_score_function {describe(score)}: {model}'s router is a "
-                              "sigmoid; streamconv will not write a different model")
-    if not base.flag(hparam, "moe_router_enable_expert_bias"):
-        raise ConversionError(f"the cfg sets no moe_router_enable_expert_bias: {model}'s router always adds a "
-                              "score-correction bias, and this model has none to write")
-    topk = experts.topk(hparam, dims)
-    groups = hparam("moe_router_num_groups")
-    if groups is None:
-        groups, kept = 1, 1
-    else:
-        groups = base.number("moe_router_num_groups", groups, int, above=0, high=dims.experts)
-        kept = base.number("moe_router_group_topk", hparam("moe_router_group_topk"), int, above=0, high=groups)
-        if dims.experts % groups or groups > 1 and topk != 2 * kept:
-            raise ConversionError(f"the cfg routes to {topk} of {dims.experts} experts in the best {kept} of {groups} "
-                                  f"groups: {model} ranks groups by their two best experts, megatron-core by their "
-                                  f"{topk} / {kept}; streamconv will not write a different model")
+def _shared(dims: Dims) -> dict[str, Any]:
+    """DeepSeek-V3's shared experts, as a number of experts of the routed ones' width."""
     if dims.shared_ffn % dims.expert_ffn or not dims.shared_ffn:
         raise ConversionError(f"the shared experts' width {dims.shared_ffn} is not a whole number of experts of "
-                              f"{dims.expert_ffn}, as {model}'s n_shared_experts needs")
-    scaling = hparam("moe_router_topk_scaling_factor")
-    return {"n_routed_experts": dims.experts, "num_experts_per_tok": topk, "n_group": groups, "topk_group": kept,
-            "norm_topk_prob": topk > 1, "n_shared_experts": dims.shared_ffn // dims.expert_ffn,
-            "routed_scaling_factor": 1.0 if scaling is None else base.number(
-                "moe_router_topk_scaling_factor", scaling, float, above=0), "scoring_func": "sigmoid",
+                              f"{dims.expert_ffn}, as DeepseekV3ForCausalLM's n_shared_experts needs")
+    return {"n_shared_experts": dims.shared_ffn // dims.expert_ffn, "scoring_func": "sigmoid",
             "topk_method": "noaux_tc"}
 
 

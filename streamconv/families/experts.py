@@ -24,9 +24,11 @@ ROUTER_SETTINGS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", 
                    "moe_shared_expert_intermediate_size")
 
 
-def read_experts(hparam: HParam, shapes: dict[str, tuple[int, ...]], dims: Dims) -> Dims:
+def read_experts(hparam: HParam, shapes: dict[str, tuple[int, ...]], dims: Dims,
+                 by_pattern: set[int] | None = None) -> Dims:
     """`dims` with the experts' count and widths and the layers that have experts, each from the cfg checked
-    against the tensors (the router's rows, the experts' MLPs), or from the tensors where the cfg is silent."""
+    against the tensors (the router's rows, the experts' MLPs), or from the tensors where the cfg is silent.
+    `by_pattern`: the layers a hybrid model's layer pattern gives experts, in place of `moe_layer_freq`'s."""
     names = dims.names
     routed = [i for i in range(dims.layers) if names.of(i, "router", "weight") in shapes]
     if not routed:
@@ -47,9 +49,10 @@ def read_experts(hparam: HParam, shapes: dict[str, tuple[int, ...]], dims: Dims)
         raise ConversionError(f"the cfg says moe_shared_expert_intermediate_size {describe(said)}, but the checkpoint "
                               f"{'has no' if shared_width else 'holds'} {names.of(routed[0], 'shared_fc2', 'weight')!r}"
                               "; is the cfg from another run?")
-    moe_layers = _moe_layers(hparam, dims.layers)
+    moe_layers = _moe_layers(hparam, dims.layers) if by_pattern is None else by_pattern
     if moe_layers != set(routed):
-        raise ConversionError(f"the cfg's moe_layer_freq {describe(hparam('moe_layer_freq'))} puts experts in layers "
+        where = "layer pattern" if by_pattern is not None else f"moe_layer_freq {describe(hparam('moe_layer_freq'))}"
+        raise ConversionError(f"the cfg's {where} puts experts in layers "
                               f"{sorted(moe_layers)}, but the checkpoint has routers in layers {routed}; is the cfg "
                               "from another run?")
     return replace(dims, experts=experts, expert_ffn=width, shared_ffn=shared_width, moe_layers=frozenset(routed))
@@ -93,3 +96,32 @@ def softmax_router(hparam: HParam, dims: Dims, model: str) -> dict[str, Any]:
 def topk(hparam: HParam, dims: Dims) -> int:
     """How many experts each token goes to (megatron-core's default: 2), at most all of them."""
     return base.number("moe_router_topk", hparam("moe_router_topk", 2, null=None), int, above=0, high=dims.experts)
+
+
+def sigmoid_router(hparam: HParam, dims: Dims, model: str) -> dict[str, Any]:
+    """The Hugging Face keys of DeepSeek-V3's router (Nemotron-H's too): a sigmoid with its score-correction bias,
+    group-limited as megatron-core limits it (groups ranked by their two best scores: transformers' rule,
+    megatron-core's where top-k / the groups kept is 2), its weights renormalised (megatron-core does where top-k >
+    1) and scaled. Any other router is refused by name."""
+    score = hparam("moe_router_score_function", "softmax")
+    if score != "sigmoid":
+        raise ConversionError(f"the cfg sets moe_router_score_function {describe(score)}: {model}'s router is a "
+                              "sigmoid; streamconv will not write a different model")
+    if not base.flag(hparam, "moe_router_enable_expert_bias"):
+        raise ConversionError(f"the cfg sets no moe_router_enable_expert_bias: {model}'s router always adds a "
+                              "score-correction bias, and this model has none to write")
+    count = topk(hparam, dims)
+    groups = hparam("moe_router_num_groups")
+    if groups is None:
+        groups, kept = 1, 1
+    else:
+        groups = base.number("moe_router_num_groups", groups, int, above=0, high=dims.experts)
+        kept = base.number("moe_router_group_topk", hparam("moe_router_group_topk"), int, above=0, high=groups)
+        if dims.experts % groups or groups > 1 and count != 2 * kept:
+            raise ConversionError(f"the cfg routes to {count} of {dims.experts} experts in the best {kept} of {groups} "
+                                  f"groups: {model} ranks groups by their two best experts, megatron-core by their "
+                                  f"{count} / {kept}; streamconv will not write a different model")
+    scaling = hparam("moe_router_topk_scaling_factor")
+    return {"n_routed_experts": dims.experts, "num_experts_per_tok": count, "n_group": groups, "topk_group": kept,
+            "norm_topk_prob": count > 1, "routed_scaling_factor": 1.0 if scaling is None else base.number(
+                "moe_router_topk_scaling_factor", scaling, float, above=0)}

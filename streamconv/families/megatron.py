@@ -48,8 +48,9 @@ class Names:
         role's field."""
         if i is not None:
             return self.of(i, role, field, e)
-        if role == "final_norm":
-            return f"{self.final_norm}.{field}"
+        if role == "final_norm":  # (a hybrid model's block calls it final_norm)
+            name, other = f"{self.final_norm}.{field}", f"{self.final_norm.removesuffix('layernorm')}norm.{field}"
+            return other if name not in self.present and other in self.present else name
         name = {"embedding": self.embedding, "positions": self.positions, "output_layer": self.output_layer}[role]
         if name is None:
             raise ConversionError(f"{self.scheme} checkpoints have no {role}; is this another architecture?")
@@ -73,7 +74,8 @@ def _legacy() -> Names:
 _SAME_NORMS = (("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
                ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
                ("self_attention.linear_q_up_proj.layer_norm_", "self_attention.q_layernorm."),
-               ("self_attention.linear_kv_up_proj.layer_norm_", "self_attention.kv_layernorm."))
+               ("self_attention.linear_kv_up_proj.layer_norm_", "self_attention.kv_layernorm."),
+               ("mixer.in_proj.layer_norm_", "norm."))
 SPELLED_ALSO = {a: tuple(b for b in pair if b != a) for pair in _SAME_NORMS for a in pair}
 
 
@@ -83,7 +85,9 @@ def _mcore(prefix: str, fused_norms: bool) -> Names:
     norms after attention and the MLP sit on the linear layer before them (`linear_proj.post_layernorm`). A
     mixture of experts: its router, each expert's MLP (numbered over all expert-parallel ranks, as the sources
     name them) and the shared experts' MLP. Multi-latent attention: the query's projection (or its down and up
-    projections around a latent norm), the keys' and values' down and up projections around theirs."""
+    projections around a latent norm), the keys' and values' down and up projections around theirs. A Mamba
+    mixer: its input projection (its norm fused in), convolution, state parameters (`mixer.` A_log, D, dt_bias),
+    gated norm and output projection."""
     norms = {"input_norm": "self_attention.linear_qkv.layer_norm_", "mlp_norm": "mlp.linear_fc1.layer_norm_"} \
         if fused_norms else {"input_norm": "input_layernorm.", "mlp_norm": "pre_mlp_layernorm."}
     return Names("megatron-core", prefix + "embedding.word_embeddings.weight",
@@ -100,6 +104,9 @@ def _mcore(prefix: str, fused_norms: bool) -> Names:
                      "q_latent_norm": "self_attention.linear_q_up_proj.layer_norm_",
                      "kv_down": "self_attention.linear_kv_down_proj.", "kv_up": "self_attention.linear_kv_up_proj.",
                      "kv_latent_norm": "self_attention.linear_kv_up_proj.layer_norm_",
+                     "mamba_norm": "mixer.in_proj.layer_norm_", "in_proj": "mixer.in_proj.",
+                     "conv1d": "mixer.conv1d.", "mixer": "mixer.", "gated_norm": "mixer.norm.",
+                     "out_proj": "mixer.out_proj.",
                      "expert_fc1": "mlp.experts.local_experts.{e}.linear_fc1.",
                      "expert_fc2": "mlp.experts.local_experts.{e}.linear_fc2.",
                      "shared_fc1": "mlp.shared_experts.linear_fc1.", "shared_fc2": "mlp.shared_experts.linear_fc2."},

@@ -99,3 +99,15 @@ def test_the_cfgs_provider_class_says_mistral_where_no_window_does(tmp_path):
     path.write_text(path.read_text().replace("megatron.bridge.models.mistral.mistral_provider.MistralModelProvider",
                                              generic))
     assert streamconv.convert(source, None, dry_run=True).config["architectures"] == ["LlamaForCausalLM"]
+
+
+def edited_run(run, tmp_path, old: str, new: str):
+    """A copy of a Megatron-Bridge run folder whose run_config.yaml has `old` replaced by `new`."""
+    import shutil
+
+    source = shutil.copytree(run, tmp_path / "run")
+    path = source / "iter_0000000" / "run_config.yaml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+    return source

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import streamconv
-from tests.test_families import SAME_MODEL, assert_converts_to_the_original
+from tests.test_families import SAME_MODEL, assert_converts_to_the_original, edited_run
 from tests.test_fixtures_bridge062_moe import FIXTURES, MANIFEST, RUNS
 from tests.test_settings import plan_error, with_cfg
 
@@ -115,14 +115,7 @@ def test_the_pre_softmax_router_is_norm_topk_prob_false(cases, tmp_path):
 
 def _edited_run(tmp_path, family: str, old: str, new: str):
     """A copy of the family's TP 1 Bridge run folder whose run_config.yaml has `old` replaced by `new`."""
-    import shutil
-
-    source = shutil.copytree(FIXTURES / MANIFEST["families"][family]["runs"]["tp1"]["checkpoint"], tmp_path / "run")
-    path = source / "iter_0000000" / "run_config.yaml"
-    text = path.read_text()
-    assert old in text, old
-    path.write_text(text.replace(old, new))
-    return source
+    return edited_run(FIXTURES / MANIFEST["families"][family]["runs"]["tp1"]["checkpoint"], tmp_path, old, new)
 
 
 def test_mixtral_refuses_a_router_it_does_not_renormalise_and_maps_a_window(tmp_path):

@@ -11,6 +11,7 @@ from streamconv.families import (  # noqa: F401
     llama,
     mistral,
     mixtral,
+    nemotron_h,
     olmoe,
     qwen2,
     qwen3,

@@ -52,3 +52,42 @@ def test_the_pattern_not_num_moe_experts_says_which_layers_have_experts(tmp_path
     message = plan_error(_edited_run(tmp_path, "nemotron3_nano", "\n  hybrid_layer_pattern: M*EM-E\n",
                                      "\n  hybrid_layer_pattern: M*EME-\n"))
     assert "layer pattern puts experts in layers [2, 4], but the checkpoint has routers in layers [2, 5]" in message
+
+
+# --- megatron-core 0.19's HybridModel without Mamba layers (tests/fixtures/mcore019-hybrid/, pattern '*-*-') -------
+
+DENSE = FIXTURES.parent / "mcore019-hybrid"
+
+
+def test_a_hybrid_stack_of_attention_and_mlp_layers_converts_as_its_dense_family(tmp_path):
+    """megatron-core 0.19 builds GPT models as HybridModel: '*-*-' saves each transformer layer's attention and MLP
+    as two layers (2k, 2k + 1). Read as pairs, it is a Llama model of 2 layers giving megatron-core's logits."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    result = streamconv.convert(DENSE / "checkpoints", tmp_path / "hf", vocab_size=256)
+    assert result.config["architectures"] == ["LlamaForCausalLM"] and result.config["num_hidden_layers"] == 2
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    oracle = load_file(DENSE / "oracle.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(oracle["input_ids"]).logits
+    assert (logits - oracle["logits_fp32"]).abs().max() < 1e-4
+    assert streamconv.verify(DENSE / "checkpoints", tmp_path / "hf") == []
+
+
+@pytest.mark.parametrize("pattern", ["**--", "*-M-", "*-*-*-"])
+def test_a_hybrid_pattern_other_than_attention_and_mlp_in_turn_is_refused(pattern):
+    from streamconv.families import FAMILIES
+    from streamconv.sources import open_checkpoint
+
+    with open_checkpoint(DENSE / "checkpoints") as checkpoint:
+        shapes = {k: t.shape for k, t in checkpoint.tensors.items()}
+
+        def hparam(key, default=None, **null):
+            return pattern if key == "hybrid_layer_pattern" else checkpoint.hparam(key, default, **null)
+
+        with pytest.raises(streamconv.ConversionError) as caught:
+            FAMILIES["llama"].read_dims(hparam, shapes, 256)
+    assert f"layer pattern '{pattern}'), not attention and MLP layers in turn" in str(caught.value), caught.value

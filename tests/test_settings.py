@@ -132,7 +132,7 @@ def test_a_setting_acts_only_with_its_switch(cases, tmp_path, key):
     message = plan_error(with_cfg(cases["llama"], tmp_path / "on", **{key: value, switch: on}))
     named = key if switch == "window_size" else switch  # (Mistral reads the window, not a window skipped)
     said = "says" if switch == "num_moe_experts" else "sets"
-    expected = "Mamba layers: no model family" if switch == "is_hybrid_model" else f"the cfg {said} {named} "
+    expected = f"the cfg sets {key} " if switch == "is_hybrid_model" else f"the cfg {said} {named} "  # (mamba_*)
     assert expected in message, message
 
 
@@ -141,9 +141,10 @@ def test_a_cfg_saying_latent_attention_where_the_tensors_have_none_is_refused(ca
     assert "the cfg says multi_latent_attention True, but the checkpoint has no" in message, message
 
 
-def test_a_cfg_saying_a_hybrid_model_makes_mamba_layers_a_trait_no_llama_family_has(cases, tmp_path):
+def test_a_cfg_saying_a_hybrid_stack_where_the_layers_are_gpt_layers_is_refused(cases, tmp_path):
     message = plan_error(with_cfg(cases["llama"], tmp_path, is_hybrid_model=True))
-    assert "this model has RMSNorm, a gated MLP, rotary positions" in message and "Mamba layers: no model" in message
+    assert "this is a hybrid stack (is_hybrid_model True, layer pattern none), not attention and MLP layers in turn" \
+        in message, message
 
 
 def test_a_window_makes_a_llama_cfg_a_mistral_model_and_a_malformed_one_is_refused(cases, tmp_path):

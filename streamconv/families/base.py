@@ -239,13 +239,13 @@ def traits(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names) -> 
         odd.append(TWO_BASES)
     if said["window_size"] is not None:
         odd.append(WINDOW)
-    mamba = said["is_hybrid_model"] is True or mcore and any(
-        k.startswith(names.layer_prefix) and ".mixer.in_proj." in k for k in shapes)
-    if mamba:  # (a hybrid model's layer pattern says which layers have experts, whatever num_moe_experts says)
+    mamba = mcore and any(k.startswith(names.layer_prefix) and ".mixer.in_proj." in k for k in shapes)
+    if mamba:
         odd.append(MAMBA)
-    if said["num_moe_experts"] not in (None, 0) and not mamba or routed:
+    hybrid = mamba or said["is_hybrid_model"] is True  # (its layer pattern says which layers have experts)
+    if said["num_moe_experts"] not in (None, 0) and not hybrid or routed:
         odd.append(EXPERTS)
-    if said["num_moe_experts"] not in (None, 0) and mcore and not routed and not mamba:
+    if said["num_moe_experts"] not in (None, 0) and mcore and not routed and not hybrid:
         raise ConversionError(f"the cfg says num_moe_experts {describe(said['num_moe_experts'])}, but no layer of the "
                               f"checkpoint has a router ({names.of(0, 'router', 'weight')!r}); is the cfg from "
                               "another run?")

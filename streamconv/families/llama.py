@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamconv.errors import ConversionError
+from streamconv.errors import ConversionError, describe
 from streamconv.families import base
 from streamconv.families.base import (
     EITHER_ATTENTION,
@@ -54,7 +54,7 @@ class Llama(Family):
     description = "Llama (RMSNorm, a SwiGLU MLP, rotary positions, no biases)"
     traits = frozenset({RMS_NORM, GATED, ROTARY, NO_BIASES})
     optional = EITHER_ATTENTION | EITHER_OUTPUT
-    settings = ROTARY_SETTINGS  # the forward-changing settings read here: rotary positions, with their scalings
+    settings = ROTARY_SETTINGS + ("is_hybrid_model",)  # rotary positions, with their scalings; a hybrid stack
     head = (Entry("model.embed_tokens.weight", "embedding", take="vocab"),)
     layer = (*ATTENTION, Entry("model.layers.{i}.post_attention_layernorm.weight", "mlp_norm"), *MLP)
     tail = (Entry("model.norm.weight", "final_norm"), Entry("lm_head.weight", "output_layer", take="vocab"))
@@ -115,14 +115,16 @@ def decoder_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size:
     check_matrices(shapes, names)
     found = layer_ids(shapes, names)
     qkv, fc2 = shapes.get(names.of(0, "qkv", "weight")), shapes.get(names.of(0, "fc2", "weight"))
+    stack = 2 if names.paired else 1  # (a hybrid stack's layers: attention and MLP layers in turn)
     values = base.sizes(hparam, {
         "hidden_size": shapes[names.embedding][1],
-        "num_layers": len(found),
+        "num_layers": stack * len(found),
         "ffn_hidden_size": fc2[1] if fc2 else None,
         "num_attention_heads": num_heads,
     }, num_heads)
     hidden, heads, ffn = values["hidden_size"], values["num_attention_heads"], values["ffn_hidden_size"]
-    base.check_layers(values["num_layers"], found)
+    _check_hybrid(hparam, names.paired, len(found))
+    base.check_layers(values["num_layers"] // stack, found)
     if heads <= 0:
         raise ConversionError(f"num_attention_heads is {heads}; check the cfg or --num-heads")
     kv_channels = hparam("kv_channels")  # (null: megatron-core's hidden / heads, as absent)
@@ -142,8 +144,19 @@ def decoder_dims(hparam: HParam, shapes: dict[str, tuple[int, ...]], vocab_size:
     if local_slices > 1 and (ffn % local_slices or groups % local_slices):
         raise ConversionError(f"the {local_slices} tensor-parallel ranks do not divide ffn_hidden_size {ffn} and "
                               f"{groups} key/value groups; are the ranks from one checkpoint?")
-    return Dims(hidden, values["num_layers"], heads, groups, head_dim, ffn,
+    return Dims(hidden, values["num_layers"] // stack, heads, groups, head_dim, ffn,
                 *model_ends(hparam, shapes, names, vocab_size), gated=True, local_slices=local_slices)
+
+
+def _check_hybrid(hparam: HParam, paired: bool, layers: int) -> None:
+    """A hybrid stack converts as this decoder only as attention and MLP layers in turn, each pair one layer."""
+    pattern = hparam("hybrid_layer_pattern") or hparam("hybrid_override_pattern")
+    hybrid = base.flag(hparam, "is_hybrid_model") or pattern is not None
+    if (hybrid or paired) and not (paired and pattern in (None, "*-" * layers)):
+        shown = describe(pattern) if pattern is not None else "none"
+        raise ConversionError(f"this is a hybrid stack (is_hybrid_model {describe(hparam('is_hybrid_model'))}, layer "
+                              f"pattern {shown}), not attention and MLP layers in turn ('*-' for each of the "
+                              f"{layers} layers its tensors hold): a megatron-core decoder family reads only those")
 
 
 def model_ends(hparam: HParam, shapes: dict[str, tuple[int, ...]], names: Names,

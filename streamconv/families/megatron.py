@@ -28,6 +28,7 @@ class Names:
     layer: dict[str, str]  # an expert's role with {e}
     output_layer: str | None = None  # megatron-core's output layer (untied, or the last stage's tied copy)
     present: frozenset[str] = frozenset()  # the checkpoint's names: where a role has two spellings, which it uses
+    paired: bool = False  # a hybrid stack of attention and MLP layers in turn: layer i is layers 2i and 2i + 1
 
     @property
     def layer_prefix(self) -> str:
@@ -37,6 +38,8 @@ class Names:
         """The source name of layer `i`'s `role` module's `field` ('weight', 'bias'); `e`: an expert's number."""
         if role not in self.layer:
             raise ConversionError(f"{self.scheme} checkpoints have no {role} tensors; is this another architecture?")
+        if self.paired:
+            i = 2 * i + (role in MLP_ROLES)
         name = self.layers.format(i=i) + self.layer[role].format(e=e) + field
         if name in self.present:
             return name
@@ -77,6 +80,9 @@ _SAME_NORMS = (("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
                ("self_attention.linear_kv_up_proj.layer_norm_", "self_attention.kv_layernorm."),
                ("mixer.in_proj.layer_norm_", "norm."))
 SPELLED_ALSO = {a: tuple(b for b in pair if b != a) for pair in _SAME_NORMS for a in pair}
+# The roles of a transformer layer's second half: a hybrid stack keeps them in a layer of their own
+MLP_ROLES = frozenset({"mlp_norm", "fc1", "fc2", "post_mlp_norm", "router", "expert_fc1", "expert_fc2",
+                       "shared_fc1", "shared_fc2"})
 
 
 def _mcore(prefix: str, fused_norms: bool) -> Names:
@@ -121,10 +127,10 @@ def names_of(keys: Collection[str]) -> Names:
     """The naming scheme of a state_dict: the one whose embedding and first layer norm it holds."""
     for names in SCHEMES:
         if names.embedding in keys and names.of(0, "input_norm", "weight") in keys:
-            return replace(names, present=frozenset(keys))
+            return replace(names, present=frozenset(keys), paired=_paired(keys, names))
     for names in SCHEMES:
         if names.embedding in keys:
-            return replace(names, present=frozenset(keys))
+            return replace(names, present=frozenset(keys), paired=_paired(keys, names))
     raise ConversionError(f"the checkpoint holds no word embedding ({SCHEMES[0].embedding!r}, or megatron-core's "
                           f"{SCHEMES[1].embedding.removeprefix('model.')!r}, plain or under model. or module.); is "
                           "this a GPT checkpoint?")
@@ -139,7 +145,25 @@ def layer_id(key: str, names: Names) -> int:
 
 
 def layer_ids(shapes: Collection[str], names: Names) -> list[int]:
-    return sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
+    ids = sorted({layer_id(k, names) for k in shapes if k.startswith(names.layer_prefix)})
+    return sorted({i // 2 for i in ids}) if names.paired else ids
+
+
+def _paired(keys: Collection[str], names: Names) -> bool:
+    """Whether the layers are megatron-core's hybrid stack of attention and MLP layers in turn (pattern `*-*-`):
+    every even layer holds attention and nothing of an MLP, every odd one an MLP and nothing of attention."""
+    if names.scheme != "megatron-core":
+        return False
+    kinds: dict[int, set[str]] = {}
+    for key in keys:
+        if key.startswith(names.layer_prefix):
+            rest = key[len(names.layer_prefix):].split(".", 2)
+            if rest[0].isdecimal() and len(rest) > 1:
+                kinds.setdefault(int(rest[0]), set()).add(rest[1])
+    mlp = {"mlp", "pre_mlp_layernorm"}
+    return len(kinds) >= 2 and sorted(kinds) == list(range(len(kinds))) and len(kinds) % 2 == 0 and all(
+        (found <= {"self_attention", "input_layernorm"} and "self_attention" in found) if i % 2 == 0
+        else (found <= mlp and "mlp" in found) for i, found in kinds.items())
 
 
 def check_matrices(shapes: dict[str, tuple[int, ...]], names: Names) -> None:

@@ -12,6 +12,7 @@ import psutil
 
 from benchmarks import cgroup, harness
 from benchmarks.llama import LlamaModel, ensure_llama
+from benchmarks.nemotronh import NemotronHModel, ensure_nemotronh, pattern_of
 from benchmarks.qwen3moe import Qwen3MoeModel, ensure_qwen3moe
 from benchmarks.workloads import (
     PROFILES,
@@ -44,7 +45,8 @@ LLAMA_PROFILE = "llama8b"
 BRIDGE_PROFILE = "bridge8b"  # the same model as Megatron-Bridge saves it, converted with no flag
 MOE_PROFILE = "qwen3moe"  # Qwen3-30B-A3B's shapes as Megatron-Bridge saves them with expert parallelism 2, no flag
 MOE_EP = 2
-DIST_PROFILES = (LLAMA_PROFILE, BRIDGE_PROFILE, MOE_PROFILE)  # synthetic distributed checkpoints: llama_run
+HYBRID_PROFILE = "nemotronh"  # Nemotron-H 8B's shapes (Mamba, attention, MLP layers) as Bridge saves them at TP 2
+DIST_PROFILES = (LLAMA_PROFILE, BRIDGE_PROFILE, MOE_PROFILE, HYBRID_PROFILE)  # synthetic dist checkpoints: llama_run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "bridge8b the same as Megatron-Bridge saves it (run_config.yaml, no flag); "
                         "qwen3moe 3.74 GB (Qwen3-30B-A3B shapes, 128 experts, as Bridge saves them with EP 2, no "
                         "flag); "
+                        "nemotronh 3.6 GB (Nemotron-H 8B shapes, layers M-M*M-: Mamba, MLP, attention, as Bridge "
+                        "saves them with TP 2, no flag; --layers N repeats the pattern to N layers); "
                         "bf16 sizes (default medium)")
     p.add_argument("--layers", type=int, help="override the profile's layer count")
     p.add_argument("--optimizer", action="store_true",
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 def llama_run(args: argparse.Namespace, cache: Path, scratch: Path, cold: bool, meta: dict,
               limit: cgroup.Limit | None) -> int:
     """copy, dd and streamconv (and its casts) on a synthetic distributed checkpoint (the Llama-shaped one, as
-    NeMo or Megatron-Bridge saves it, or the Qwen3-MoE one), interleaved."""
+    NeMo or Megatron-Bridge saves it, the Qwen3-MoE one or the Nemotron-H one), interleaved."""
     if args.scaling or args.ci or args.distributed or args.optimizer or args.source_dtype != "bf16":
         raise SystemExit(f"--profile {args.profile} runs copy, dd and streamconv (--dtype, --tp, --layers, "
                          "--memory-limit); not --scaling, --ci, --distributed, --optimizer or --source-dtype")
@@ -239,6 +243,9 @@ def llama_run(args: argparse.Namespace, cache: Path, scratch: Path, cold: bool, 
             raise SystemExit(f"--profile {MOE_PROFILE} is saved with expert parallelism {MOE_EP} and TP 1: no --tp")
         model, parallel = Qwen3MoeModel(n_layer=args.layers or 2), {"tp": 1, "ep": MOE_EP}
         src = ensure_qwen3moe(cache, model, MOE_EP)
+    elif args.profile == HYBRID_PROFILE:
+        model, parallel = NemotronHModel(pattern=pattern_of(args.layers)), {"tp": args.tp if args.tp > 1 else 2}
+        src = ensure_nemotronh(cache, model, parallel["tp"])
     else:
         model, parallel = LlamaModel(n_layer=args.layers or 2), {"tp": args.tp if args.tp > 1 else 2}
         src = ensure_llama(cache, model, parallel["tp"], args.profile == BRIDGE_PROFILE)

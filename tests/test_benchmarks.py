@@ -555,3 +555,50 @@ def test_the_qwen3moe_workload_converts_with_no_flag_expert_by_expert(tmp_path):
             assert torch.equal(got[mine + "down_proj.weight"], sd[experts + "linear_fc2.weight"][layer, e])
     assert torch.equal(got["model.layers.1.mlp.gate.weight"], sd["decoder.layers.mlp.router.weight"][1])
     assert torch.equal(got["lm_head.weight"], sd["output_layer.weight"])
+
+
+def test_the_nemotronh_workload_is_laid_out_as_bridge_saves_a_hybrid_and_converts_with_no_flag(tmp_path):
+    """`--profile nemotronh`: at the hybrid fixture's sizes and pattern (`M*M-`), the writer gives the keys, global
+    shapes and chunks Megatron-Bridge 0.6.2 saved at TP 2 (each rank's file the fixture's rank's); converted with
+    no flag, a Mamba mixer's in_proj is its .z/.x/.B/.C/.dt blocks and its conv1d its .x/.B/.C, bit for bit."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    import streamconv
+    from benchmarks.nemotronh import NemotronHModel, ensure_nemotronh, pattern_of
+    from streamconv.sources import dcp
+    from streamconv.sources.records import Folder
+    from tests.test_mcore_writer import whole
+
+    assert (pattern_of(None), pattern_of(8), pattern_of(2)) == ("M-M*M-", "M-M*M-M-", "M-")
+    model = NemotronHModel(hidden=64, pattern="M*M-", mamba_heads=4, mamba_head_dim=16, state=16, mamba_groups=2,
+                           heads=4, groups=2, head_dim=16, ffn=96, vocab_size=256, positions=4096)
+    folder = ensure_nemotronh(tmp_path / "cache", model)
+    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "metadata.json",
+                                          "run_config.yaml"]
+    fixture = Path(__file__).parent / "fixtures/bridge062-hybrid/nemotron_h/tp2/iter_0000000"
+
+    def layout(path):
+        return {k: (t.shape, t.dtype, sorted((c.offsets, c.sizes, c.file) for c in t.chunks))
+                for k, t in dcp.read_metadata(Folder(path)).tensors.items()}
+
+    assert layout(folder) == layout(fixture)
+
+    result = streamconv.convert(folder, tmp_path / "hf")
+    assert "vocabulary 256 from the 'model' section of run_config.yaml" in result.summary()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["architectures"], config["hybrid_override_pattern"], config["mamba_num_heads"],
+            config["n_groups"], config["conv_kernel"]) == (["NemotronHForCausalLM"], "M*M-", 4, 2, 4)
+    got, sd = load_file(tmp_path / "hf" / "model.safetensors"), whole(folder)
+    for layer in (0, 2):
+        mixer, mine = f"decoder.layers.{layer}.mixer.", f"backbone.layers.{layer}.mixer."
+        assert torch.equal(got[mine + "in_proj.weight"],
+                           torch.cat([sd[mixer + "in_proj.weight." + b] for b in ("z", "x", "B", "C", "dt")]))
+        for field in ("weight", "bias"):
+            assert torch.equal(got[f"{mine}conv1d.{field}"],
+                               torch.cat([sd[f"{mixer}conv1d.{field}.{b}"] for b in "xBC"]))
+        assert torch.equal(got[mine + "out_proj.weight"], sd[mixer + "out_proj.weight"])
+    assert torch.equal(got["backbone.layers.3.mixer.up_proj.weight"], sd["decoder.layers.3.mlp.linear_fc1.weight"])
+    assert torch.equal(got["lm_head.weight"], sd["output_layer.weight"])

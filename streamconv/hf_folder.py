@@ -47,7 +47,7 @@ def write_extras(folder: str, checkpoint: Checkpoint, plan: Plan, config: dict, 
         return tokenizer.LoadCheck("hf", folder, config)
     if not sentencepiece:
         what = "its SentencePiece model is not copied for this family yet" if checkpoint.tokenizer \
-            else "a Llama model's is copied from NeMo 2.0's context/nemo_tokenizer/ or Megatron-Bridge's tokenizer/"
+            else "one is copied from NeMo 2.0's context/nemo_tokenizer/ or Megatron-Bridge's tokenizer/"
         notes.append(f"no tokenizer copied ({what}; copy yours beside the model" + _named_tokenizer(checkpoint) + ")")
     elif checkpoint.tokenizer is None:
         notes.append("no tokenizer copied (--tokenizer MODEL adds one)")

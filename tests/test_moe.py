@@ -342,3 +342,25 @@ def test_rank_by_rank_expert_parallel_folders_are_refused_by_name(cases, tmp_pat
         message = plan_error(checkpoint)
         assert "holds expert-parallel rank folders ('mp_rank_00_00" in message, message
         assert "save a distributed checkpoint" in message
+
+
+def test_deepseek_v3_refuses_a_dense_layer_after_its_expert_layers():
+    """Layer 2 dense after the expert layer 1 (its router and experts replaced by linear_fc1/fc2, the cfg saying
+    so): DeepseekV3ForCausalLM's first_k_dense_replace puts the dense layers first, so it cannot express it."""
+    from streamconv.families import FAMILIES
+    from streamconv.sources import open_checkpoint
+
+    with open_checkpoint(FIXTURES / "deepseek_v3" / "tp1") as checkpoint:
+        shapes = {k: t.shape for k, t in checkpoint.tensors.items()
+                  if not k.startswith(("decoder.layers.2.mlp.router", "decoder.layers.2.mlp.experts",
+                                       "decoder.layers.2.mlp.shared_experts"))}
+        shapes.update({"decoder.layers.2.mlp.linear_fc1.weight": (192, 64), "decoder.layers.2.mlp.linear_fc2.weight":
+                       (64, 96)})
+
+        def hparam(key, default=None, **null):
+            edited = {"moe_layer_freq": [0, 1, 0], "moe_layer_freq.0": 0, "moe_layer_freq.1": 1, "moe_layer_freq.2": 0}
+            return edited[key] if key in edited else checkpoint.hparam(key, default, **null)
+
+        with pytest.raises(streamconv.ConversionError) as caught:
+            FAMILIES["deepseek-v3"].read_dims(hparam, shapes, 256)
+    assert "layers [1] have experts: DeepseekV3ForCausalLM has its dense layers first" in str(caught.value)

@@ -104,6 +104,16 @@ def _mscale(factor: float, scale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
 
 
+def epsilon(hparam: HParam) -> float:
+    """The layer norms' epsilon (megatron-core's `layernorm_epsilon`, 1e-5 by default)."""
+    return number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float, above=0, high=1)
+
+
+def init_std(hparam: HParam) -> float:
+    """The initialisation's standard deviation (config.json's `initializer_range`; inference does not use it)."""
+    return number("init_method_std", hparam("init_method_std", 0.02), float, low=0)
+
+
 def sizes(hparam: HParam, inferred: dict[str, int | None], num_heads: int | None) -> dict[str, int]:
     """Whole-number hyper-parameters from the cfg, else as read from the tensors (`inferred`); --num-heads wins."""
     values: dict[str, int] = {}

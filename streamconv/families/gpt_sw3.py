@@ -21,8 +21,9 @@ from streamconv.families.base import (
     Family,
     HParam,
     check_layers,
+    epsilon,
     flag,
-    number,
+    init_std,
     sizes,
 )
 from streamconv.families.megatron import check_matrices, layer_ids, names_of
@@ -134,9 +135,8 @@ class GptSw3(Family):
             "resid_pdrop": 0.1,
             "embd_pdrop": 0.1,
             "attn_pdrop": 0.1,
-            "layer_norm_epsilon": number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None), float,
-                                         above=0, high=1),
-            "initializer_range": number("init_method_std", hparam("init_method_std", 0.02), float, low=0),
+            "layer_norm_epsilon": epsilon(hparam),
+            "initializer_range": init_std(hparam),
             "apply_query_key_layer_scaling": flag(hparam, "apply_query_key_layer_scaling") is not False,
             "normalize_attention_scores": True,
             "use_cache": True,

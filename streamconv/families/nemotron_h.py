@@ -167,11 +167,10 @@ class NemotronH(Family):
             "mlp_bias": False,
             "use_bias": False,
             "use_conv_bias": True,
-            "layer_norm_epsilon": base.number("layernorm_epsilon", hparam("layernorm_epsilon", 1e-5, null=None),
-                                              float, above=0, high=1),
+            "layer_norm_epsilon": base.epsilon(hparam),
             "max_position_embeddings": dims.positions,
             "tie_word_embeddings": dims.tied,
-            "initializer_range": base.number("init_method_std", hparam("init_method_std", 0.02), float, low=0),
+            "initializer_range": base.init_std(hparam),
             "use_cache": True,
             "dtype": dtype_name,
         }

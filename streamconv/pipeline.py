@@ -33,7 +33,7 @@ import numpy as np
 
 from streamconv import reads
 from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
-from streamconv.formats.safetensors_writer import STAGING_BYTES, ShardWriter
+from streamconv.formats.safetensors_writer import STAGING_BYTES, ShardWriter, placed
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.reads import ReadAhead
 from streamconv.recipe import Arrangement
@@ -242,11 +242,12 @@ def arrange_into(host: np.ndarray, spec: TensorSpec, source: SourceTensor | Spli
 
 
 def in_order_chunks(spec: TensorSpec, source: SourceTensor | Split, device: str, arranger: Arranger, fetch: Fetch,
-                    take: Callable[[], tuple[np.ndarray, Callable[[], None]]]
+                    take: Callable[[int], tuple[np.ndarray, Callable[[], None]]]
                     ) -> Iterator[tuple[np.ndarray, Callable[[], None], bool]]:
     """The output of a tensor that passes through or is only cast, chunk by chunk: (bytes, the call that hands
     them back once written, whether they are a whole strided part copied into memory). A cast goes into a
-    buffer `take` gives with the call that hands it back."""
+    buffer `take(bytes of the tensor before it)` gives with the call that hands it back."""
+    written = 0
     for chunk in chunks_of(spec, source, device):
         data, done = fetch(chunk.view)
         if passes_through(spec, source):
@@ -256,9 +257,10 @@ def in_order_chunks(spec: TensorSpec, source: SourceTensor | Split, device: str,
         step = max(1, CHUNK_BYTES // spec.itemsize)
         try:
             for start in range(0, flat.size, step):  # (one step, but for a strided part copied whole)
-                part, (buffer, give_back) = flat[start : start + step], take()
+                part, (buffer, give_back) = flat[start : start + step], take(written)
                 out = buffer[: part.size * spec.itemsize].view(BITS[spec.itemsize])
                 arranger.cast(out, part, source.dtype, spec.dtype)
+                written += out.nbytes
                 yield out.view(np.uint8), give_back, False
         finally:
             done()
@@ -285,19 +287,19 @@ class _Stream:
         self.free: queue.Queue[np.ndarray] = queue.Queue()
         self.free_casts: queue.Queue[np.ndarray] = queue.Queue()
         cast_size = cast_buffer_bytes(plan, checkpoint, device)
-        for _ in range(CAST_BUFFERS if cast_size else 0):
-            self.free_casts.put(np.empty(cast_size, dtype=np.uint8))
+        for _ in range(CAST_BUFFERS if cast_size else 0):  # (room to place a chunk as the file has it: `placed`)
+            self.free_casts.put(np.empty(cast_size + reads.ALIGN, dtype=np.uint8))
         self.scratch = None
         if arranges_on_device(device):  # pinned host buffers: copies from a GPU run at full speed
             import torch
 
             self.scratch = torch.empty(size, dtype=torch.uint8, device=device)
             for _ in range(BUFFERS if size else 0):
-                pinned = torch.empty(size, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
+                pinned = torch.empty(size + reads.ALIGN, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
                 self.free.put(pinned.numpy())
         else:
             for _ in range(BUFFERS if size else 0):
-                self.free.put(np.empty(size, dtype=np.uint8))
+                self.free.put(np.empty(size + reads.ALIGN, dtype=np.uint8))
         self.arranger = Arranger()
         self.writes = _WriteBehind(WRITE_QUEUE)
         self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
@@ -327,9 +329,10 @@ class _Stream:
 
     def _move(self, spec: TensorSpec, writer: ShardWriter) -> None:
         source = source_of(spec, self.checkpoint)
+        at = writer.file_offset(spec)
         if not buffered(spec, source, self.device):
             for data, done, copied in in_order_chunks(spec, source, self.device, self.arranger, self.reads.get,
-                                                      self._cast_buffer):
+                                                      lambda written: self._cast_buffer(at + written)):
 
                 def write_chunk(data: np.ndarray = data, done: Callable[[], None] = done) -> None:
                     writer.append(data)
@@ -343,21 +346,23 @@ class _Stream:
             return
 
         small = is_small(spec.nbytes, self.buffer)
-        host = np.empty(spec.nbytes, dtype=np.uint8) if small else self.writes.take(self.free)
+        buffer = np.empty(spec.nbytes, dtype=np.uint8) if small else self.writes.take(self.free)
+        host = buffer if small else placed(buffer, at, spec.nbytes)
         arrange_into(host, spec, source, self.device, self.arranger, self.reads.get, self.scratch)
 
         def write() -> None:
-            writer.append(host[: spec.nbytes])
+            writer.append(host)
             writer.finish_tensor(spec)
             if not small:
-                self.free.put(host)
+                self.free.put(buffer)
             self.on_bytes(spec.nbytes)
 
         self.writes.put(write)
 
-    def _cast_buffer(self) -> tuple[np.ndarray, Callable[[], None]]:
+    def _cast_buffer(self, offset: int) -> tuple[np.ndarray, Callable[[], None]]:
+        """A free cast buffer, as a view placed for the chunk that starts at `offset` in the file."""
         buffer = self.writes.take(self.free_casts)
-        return buffer, lambda: self.free_casts.put(buffer)
+        return placed(buffer, offset, buffer.nbytes - reads.ALIGN), lambda: self.free_casts.put(buffer)
 
 
 class _WriteBehind:

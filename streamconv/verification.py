@@ -532,7 +532,7 @@ def _converted(spec: TensorSpec, source: Any, buffer: np.ndarray, arranger: Arra
     them back once compared: a tensor that passes through or is only cast as the conversion moves it (a cast
     into `buffer`), any other arranged into `buffer` as the conversion arranges it."""
     if not buffered(spec, source, "cpu"):
-        chunks = in_order_chunks(spec, source, "cpu", arranger, fetch, lambda: (buffer, lambda: None))
+        chunks = in_order_chunks(spec, source, "cpu", arranger, fetch, lambda _written: (buffer, lambda: None))
         yield from ((data, done) for data, done, _ in chunks)
         return
     arrange_into(buffer, spec, source, "cpu", arranger, fetch)

@@ -1,5 +1,6 @@
 """Round trips through transformers and bit-equality with an independent reference conversion."""
 
+import itertools
 import json
 import os
 
@@ -274,6 +275,77 @@ def test_reads_and_writes_are_direct(bf16_ckpt, tmp_path, monkeypatch):
     size = (out / "model.safetensors").stat().st_size
     assert sum(seen["written"]) == size - size % (64 * 1024) > 0
     assert all(n == 64 * 1024 for n in seen["written"])
+
+
+def _writes_of(monkeypatch) -> list[tuple[int, int, int]]:
+    """Record (memory address, bytes, file offset) of every pwritev through an O_DIRECT descriptor."""
+    import ctypes
+
+    seen, real_open, real_pwritev = [], os.open, os.pwritev
+    direct: set[int] = set()
+
+    def opening(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECT:
+            direct.add(fd)
+        return fd
+
+    def writing(fd, buffers, offset):
+        if fd in direct:
+            (view,) = buffers
+            seen.append((ctypes.addressof(ctypes.c_char.from_buffer(view)), view.nbytes, offset))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "pwritev", writing)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [None, "fp16"])
+def test_arranged_and_cast_bytes_go_to_the_disk_from_where_they_lie(bf16_ckpt, tmp_path, monkeypatch, dtype):
+    """Tensors arranged (and chunks cast) in memory lie there at their file offset's alignment: the writer writes
+    their whole blocks straight from them, with O_DIRECT, staging only the partial blocks at their ends. Every
+    direct write is aligned in memory, length and offset, and they cover the file in order."""
+    from streamconv.formats import safetensors_writer
+
+    monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
+    monkeypatch.setattr(safetensors_writer, "UNSTAGED_BYTES", 8 * 1024)
+    writes = _writes_of(monkeypatch)
+    out = tmp_path / "hf"
+    streamconv.convert(bf16_ckpt.path, out, vocab_size=1000, dtype=dtype)
+    expected = reference_convert(bf16_ckpt.path, vocab_size=1000)
+    actual = read_output(out)
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor if dtype is None else tensor.to(torch.float16)), name
+    assert all(at % 4096 == n % 4096 == offset % 4096 == 0 for at, n, offset in writes)
+    assert [offset for _, _, offset in writes] == list(itertools.accumulate([0] + [n for _, n, _ in writes[:-1]]))
+    size = (out / "model.safetensors").stat().st_size
+    assert size - 64 * 1024 <= sum(n for _, n, _ in writes) <= size
+    assert any(n % (64 * 1024) for _, n, _ in writes[:-1]), "no tensor went to the disk without the staging copy"
+
+
+def test_a_direct_write_refused_midway_gets_the_rest_through_the_ordinary_descriptor(bf16_ckpt, tmp_path,
+                                                                                      monkeypatch):
+    """A filesystem that refuses an unstaged direct write (after accepting the first ones) gets that write and
+    everything after through the ordinary descriptor: the same file."""
+    import errno
+
+    from streamconv.formats import safetensors_writer
+
+    monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
+    monkeypatch.setattr(safetensors_writer, "UNSTAGED_BYTES", 8 * 1024)
+    real, calls = os.pwritev, []
+
+    def refusing(fd, buffers, offset):
+        calls.append(buffers[0].nbytes)
+        if len(calls) > 1 and buffers[0].nbytes % (64 * 1024):  # an unstaged write, not the first write
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", refusing)
+    _converted_as_reference(bf16_ckpt, tmp_path / "hf")
+    assert any(n % (64 * 1024) for n in calls[1:])
 
 
 @pytest.mark.parametrize("refused", ["at open", "at the first read or write"])

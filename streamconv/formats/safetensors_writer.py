@@ -7,10 +7,12 @@ Direct writes: on the machines measured, 2.6 GB written through the page cache a
 O_DIRECT 1.9 s. So bytes are gathered into an aligned staging buffer of STAGING_BYTES and each full buffer
 is written with O_DIRECT at an aligned offset; the unaligned tail goes through the file's ordinary descriptor
 at the end, then the file is fsynced. (One copy into the staging buffer: the source offsets of the bytes
-rarely share the output's alignment.) A filesystem that refuses O_DIRECT (tmpfs, some network filesystems)
-gets ordinary writes, with write-behind: every WINDOW bytes the kernel is told to start writing that window
-to disk, and the window before it is waited for and dropped from the page cache, so dirty pages never pile
-up on a small-RAM machine.
+rarely share the output's alignment.) Bytes placed in memory at the file offset's alignment (`placed`: the
+pipeline arranges and casts into such views) skip that copy: only their first and last partial blocks are
+staged, the blocks between go to the disk straight from where they lie.
+A filesystem that refuses O_DIRECT (tmpfs, some network filesystems) gets ordinary writes, with write-behind:
+every WINDOW bytes the kernel is told to start writing that window to disk, and the window before it is waited
+for and dropped from the page cache, so dirty pages never pile up on a small-RAM machine.
 
 A part of a conversion split over processes (`streamconv.parts`) writes only a run of a shard's tensors, into
 the file the other parts write too: the writer then starts at that run's offset (its unaligned head goes through
@@ -30,9 +32,11 @@ import numpy as np
 from streamconv.errors import ConversionError
 from streamconv.plan import Shard, TensorSpec
 from streamconv.reads import ALIGN, aligned_empty
+from streamconv.sources.records import address
 
 STAGING_BYTES = 8 * 2**20
 WINDOW = 64 * 2**20
+UNSTAGED_BYTES = 2**20  # placed bytes written straight from memory from this size on (less: staged, one write)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -63,6 +67,10 @@ class ShardWriter:
         self._head = -self._file_pos % ALIGN  # bytes before the first aligned offset: not written directly
         if not start:
             self._write(memoryview(shard.header))
+
+    def file_offset(self, spec: TensorSpec) -> int:
+        """Where the tensor's bytes start in the file."""
+        return len(self.shard.header) + spec.begin
 
     @property
     def written(self) -> int:
@@ -103,6 +111,11 @@ class ShardWriter:
             self._head -= n
             self._flushed += n
             view = view[n:]
+        if view.nbytes >= UNSTAGED_BYTES and (address_of(view) - self._file_pos + view.nbytes) % ALIGN == 0:
+            view = self._write_unstaged(view)
+            if self._staging is None:
+                self._write_buffered(view)
+                return
         while view.nbytes:
             n = min(view.nbytes, STAGING_BYTES - self._staged)
             self._staging[self._staged : self._staged + n] = view[:n]
@@ -114,21 +127,40 @@ class ShardWriter:
                     self._write_buffered(view)
                     return
 
+    def _write_unstaged(self, view: memoryview) -> memoryview:
+        """Write `view`, which lies in memory at its file offset's alignment, up to its last aligned block: its
+        head completes the staged block, the blocks after it go from where they lie. Returns the rest."""
+        head = -(self._file_pos - view.nbytes) % ALIGN
+        self._staging[self._staged : self._staged + head] = view[:head]
+        self._staged += head
+        if self._staged:
+            self._direct_write(memoryview(self._staging)[: self._staged])
+            self._staged = 0
+        body = (view.nbytes - head) // ALIGN * ALIGN
+        if self._staging is not None:
+            self._direct_write(view[head : head + body])
+        else:  # refused after all: the rest goes through the ordinary descriptor
+            return view[head:]
+        return view[head + body :]
+
     def _flush(self) -> None:
-        """Write the full staging buffer with O_DIRECT. A filesystem that refuses it after all, or writes short,
-        gets the rest through the ordinary descriptor, and ordinary writes from then on."""
-        view = memoryview(self._staging)
+        """Write the full staging buffer with O_DIRECT."""
+        self._direct_write(memoryview(self._staging))
+        self._staged = 0
+
+    def _direct_write(self, view: memoryview) -> None:
+        """Write `view` (aligned in memory, whole blocks) at `_flushed` with O_DIRECT. A filesystem that refuses it
+        after all, or writes short, gets the rest through the ordinary descriptor, and ordinary writes from then on."""
         try:
             n = os.pwritev(self._direct, [view], self._flushed)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             n = 0
-        if n < STAGING_BYTES:
+        if n < view.nbytes:
             self._pwrite(self._fd, view[n:], self._flushed + n)
             self._staging = None
-        self._flushed += STAGING_BYTES
-        self._staged = 0
+        self._flushed += view.nbytes
 
     @staticmethod
     def _pwrite(fd: int, view: memoryview, offset: int) -> None:
@@ -149,6 +181,17 @@ class ShardWriter:
             previous = start - length
             _libc.sync_file_range(self._fd, previous, length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
             os.posix_fadvise(self._fd, previous, length, os.POSIX_FADV_DONTNEED)
+
+
+def placed(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    """The `nbytes` of `buffer` (at least nbytes + ALIGN long) that lie in memory as `offset` lies in the file
+    modulo ALIGN: bytes arranged there go to the disk without a copy (`ShardWriter.append`)."""
+    skip = (offset - address(buffer)) % ALIGN
+    return buffer[skip : skip + nbytes]
+
+
+def address_of(view: memoryview) -> int:
+    return address(np.frombuffer(view, np.uint8)) if view.nbytes else 0
 
 
 def _open_own_file(path: str, flags: int) -> int:

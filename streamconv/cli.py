@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build a small GPT-SW3-style checkpoint, convert it and check the logits")
     p.add_argument("--verify", action="store_true",
                    help="instead of converting, check that SAVE_PATH is exactly the conversion of SRC (exit 1 if not)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and where the reader, arranger and writer threads spent their time")
     p.add_argument("--version", action="store_true", help="print streamconv's version and exit")
     return p
 
@@ -98,6 +100,15 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def debug_log() -> None:
+    """streamconv's debug messages (the pipeline's stage times) on stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("streamconv: %(message)s"))
+    logger = logging.getLogger("streamconv")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from streamconv.verification import verify
 
@@ -115,6 +126,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.debug:
+        debug_log()
     if args.version:
         print(f"streamconv {version()}")
         return 0

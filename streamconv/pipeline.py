@@ -21,10 +21,12 @@ for a GPU (`arranges_on_device`).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ import numpy as np
 
 from streamconv import reads
 from streamconv.arrange import Arranger, TorchArranger, narrow, torch_dtype
+from streamconv.clock import Clock
 from streamconv.formats.safetensors_writer import STAGING_BYTES, ShardWriter, placed
 from streamconv.plan import Plan, Shard, TensorSpec
 from streamconv.reads import ReadAhead
@@ -47,6 +50,7 @@ BUFFERS = 2  # output buffers: one being filled while the other is written
 WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or a read chunk
 SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer, are not put in a buffer
 CAST_BUFFERS = 3  # chunks of a tensor that is only cast: one being cast into, one being written, one queued
+log = logging.getLogger(__name__)  # (debug: where each thread spent its time, `Clock.line`)
 
 
 def _in_order(spec: TensorSpec, source: SourceTensor | Split) -> bool:
@@ -122,14 +126,17 @@ def stream(
     device: str,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Write every shard of the plan into `directory`."""
-    with _Stream(plan, checkpoint, device, on_bytes) as run:
+    """Write every shard of the plan into `directory`; log (debug) where the threads spent their time."""
+    start, clock = time.perf_counter(), Clock()
+    with _Stream(plan, checkpoint, device, on_bytes, clock) as run:
         for shard in plan.shards:
             writer = run.open(os.path.join(directory, shard.filename), shard)
             for spec in shard.tensors:
                 run.move(spec, writer)
             run.writes.put(writer.close)
-        run.writes.finish()
+        with clock.timing("arranger: waiting for the last writes"):
+            run.writes.finish()
+    log.debug(clock.line(time.perf_counter() - start))
 
 
 def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> SourceTensor | Split:
@@ -281,8 +288,10 @@ def read_buffer_bytes(plan_tensors: list[TensorSpec]) -> int:
 class _Stream:
     """The state one conversion's threads share: buffers, the arranger, the reader and writer threads, shards."""
 
-    def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None],
+                 clock: Clock | None = None) -> None:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
+        self.clock = clock = clock or Clock()
         size = self.buffer = buffer_bytes(plan, checkpoint, device)
         self.free: queue.Queue[np.ndarray] = queue.Queue()
         self.free_casts: queue.Queue[np.ndarray] = queue.Queue()
@@ -301,9 +310,9 @@ class _Stream:
             for _ in range(BUFFERS if size else 0):
                 self.free.put(np.empty(size + reads.ALIGN, dtype=np.uint8))
         self.arranger = Arranger()
-        self.writes = _WriteBehind(WRITE_QUEUE)
+        self.writes = _WriteBehind(WRITE_QUEUE, clock)
         self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
-                               read_buffer_bytes(plan.tensors), waiting=self.writes.check)
+                               read_buffer_bytes(plan.tensors), waiting=self.writes.check, clock=clock)
         self.writers: list[ShardWriter] = []
 
     def __enter__(self) -> _Stream:
@@ -368,17 +377,23 @@ class _Stream:
 class _WriteBehind:
     """One thread running write jobs in order. A failure there stops the producer at its next call."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, clock: Clock | None = None) -> None:
+        self._clock = clock or Clock()
         self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="streamconv-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            with self._clock.timing("writer: waiting for bytes"):
+                job = self._jobs.get()
+            if job is None:
+                return
             if self._error is None:
                 try:
-                    job()
+                    with self._clock.timing("writer: writing"):
+                        job()
                 except BaseException as exc:  # surfaced in the producer's thread
                     self._error = exc
 
@@ -388,22 +403,24 @@ class _WriteBehind:
             raise self._error
 
     def put(self, job: Callable[[], object]) -> None:
-        while True:
-            self.check()
-            try:
-                self._jobs.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        with self._clock.timing("arranger: waiting for room in the write queue"):
+            while True:
+                self.check()
+                try:
+                    self._jobs.put(job, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     def take(self, free: queue.Queue[np.ndarray]) -> np.ndarray:
         """A free output buffer, waiting for the writer to hand one back."""
-        while True:
-            self.check()
-            try:
-                return free.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        with self._clock.timing("arranger: waiting for a free output buffer"):
+            while True:
+                self.check()
+                try:
+                    return free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
 
     def drain(self) -> None:
         """Wait until every job queued so far has run."""

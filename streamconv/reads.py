@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamconv.clock import Clock
 from streamconv.sources.records import Checkpoint, address
 
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and memory aligned to the logical block size; a page covers all
@@ -100,8 +101,10 @@ class ReadAhead:
     """Reads the listed chunks in order on a thread of its own; `get` hands them out in the same order."""
 
     def __init__(self, checkpoint: Checkpoint, chunks: Iterable[np.ndarray], buffer_bytes: int,
-                 buffers: int = BUFFERS, waiting: Callable[[], None] = lambda: None) -> None:
+                 buffers: int = BUFFERS, waiting: Callable[[], None] = lambda: None,
+                 clock: Clock | None = None) -> None:
         self._checkpoint, self._waiting = checkpoint, waiting  # (called while `get` waits: it may raise)
+        self._clock = clock or Clock()
         self._files = _DirectFiles()
         self._free: queue.Queue[np.ndarray] = queue.Queue()
         for _ in range(buffers):  # (room for the aligned span of any chunk up to buffer_bytes)
@@ -125,7 +128,8 @@ class ReadAhead:
                 if where is None:
                     continue
                 fd, offset = where
-                buffer = self._take()
+                with self._clock.timing("reader: waiting for a free buffer"):
+                    buffer = self._take()
                 if buffer is None:  # closed
                     return
                 if _span(offset, view.nbytes)[1] > buffer.nbytes:  # one row larger than a buffer: its own
@@ -133,7 +137,8 @@ class ReadAhead:
                     buffer, own = aligned_empty(_span(offset, view.nbytes)[1]), None
                 else:
                     own = buffer
-                data = self._files.read(fd, offset, view.nbytes, buffer)
+                with self._clock.timing("reader: reading"):
+                    data = self._files.read(fd, offset, view.nbytes, buffer)
                 self._ready.put(_Read(address(view), view.nbytes, data, own, None))
         except BaseException as exc:  # surfaced by `get`
             self._ready.put(_Read(0, 0, None, None, exc))
@@ -151,12 +156,13 @@ class ReadAhead:
         back once they have been used (they must not be used after)."""
         if self._where(view) is None:
             return np.ascontiguousarray(view), lambda: self._checkpoint.release(view)
-        while True:
-            try:
-                read = self._ready.get(timeout=0.1)
-                break
-            except queue.Empty:
-                self._waiting()
+        with self._clock.timing("arranger: waiting for source bytes"):
+            while True:
+                try:
+                    read = self._ready.get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    self._waiting()
         if read.error is not None:
             raise read.error
         if (read.at, read.nbytes) != (address(view), view.nbytes):

@@ -44,6 +44,26 @@ def test_reference_spellings_and_quiet(bf16_ckpt, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
 
 
+def test_debug_says_where_the_threads_spent_their_time(bf16_ckpt, tmp_path):
+    """--debug adds one stderr line per conversion: each thread's stages and their seconds, which add up to the
+    streaming time for the arranger (its stages are the call's time split) and stay below it for the others."""
+    import re
+
+    proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", tmp_path / "hf", "--vocab-size", "1000",
+                   "--quiet", "--debug")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    total = float(re.match(r"streamconv: pipeline: ([0-9.]+) s; ", line).group(1))
+    threads = dict(part.split(": ", 1) for part in line.split("; ")[1:])
+    assert sorted(threads) == ["arranger", "reader", "writer"]
+    seconds = {t: [float(x) for x in re.findall(r" ([0-9.]+) s", stages)] for t, stages in threads.items()}
+    assert "arranging" in threads["arranger"] and "reading" in threads["reader"] and "writing" in threads["writer"]
+    assert abs(sum(seconds["arranger"]) - total) <= 0.02  # (rounding of each figure)
+    assert all(sum(seconds[t]) <= total + 0.02 for t in ("reader", "writer"))
+    assert "pipeline" not in run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", tmp_path / "hf2",
+                                     "--vocab-size", "1000", "--quiet").stderr
+
+
 def test_dry_run_writes_nothing(bf16_ckpt, tmp_path):
     out = tmp_path / "hf"
     proc = run_cli("--checkpoint-path", bf16_ckpt.path, "--save-path", out, "--vocab-size", "1000",

@@ -23,7 +23,8 @@ LAYERS = [
     ("planning", {"streamconv.planning"}),
     ("families, sources, engine, formats", {
         "streamconv.families", "streamconv.sources", "streamconv.engine", "streamconv.plan",
-        "streamconv.reads", "streamconv.arrange", "streamconv.casts", "streamconv.pipeline", "streamconv.formats",
+        "streamconv.reads", "streamconv.arrange", "streamconv.casts", "streamconv.pipeline", "streamconv.clock",
+        "streamconv.formats",
         "streamconv.hf_folder", "streamconv.tokenizer", "streamconv.output",
         "streamconv.options"}),
     ("process", {"streamconv.process"}),
@@ -32,7 +33,7 @@ LAYERS = [
 FAMILIES = {"streamconv.families"}
 SOURCES = {"streamconv.sources"}
 ENGINE = {"streamconv.engine", "streamconv.plan", "streamconv.reads", "streamconv.arrange", "streamconv.casts",
-          "streamconv.pipeline"}
+          "streamconv.pipeline", "streamconv.clock"}
 FORMATS = {"streamconv.formats", "streamconv.hf_folder", "streamconv.tokenizer",
            "streamconv.output"}
 ABOVE_THE_ENGINE = {name for _, names in LAYERS[:4] for name in names}  # cli, api, run and verify, planning

@@ -80,3 +80,24 @@ def test_dry_run_predicts_working_memory(checkpoints):
     assert CHUNK_BYTES == LARGEST
     assert result.working_memory == (2 + reads.BUFFERS) * LARGEST + STAGING_BYTES + 12 * 3 * WIDE["n_embd"] * 2
     assert result.plan.tensors[0].dtype == str(torch.bfloat16)
+
+
+def test_output_buffers_reach_the_arranger_touched_and_whatever_happens():
+    """The output buffers are touched page by page in a thread of their own and only then handed to the arranger,
+    one by one; a buffer that cannot be touched is handed over all the same (the arranger would wait for it)."""
+    import queue
+
+    import numpy as np
+
+    from streamconv.pipeline import _touched
+
+    free: queue.Queue = queue.Queue()
+    buffers = [np.full(3 * reads.ALIGN + 5, 7, dtype=np.uint8) for _ in range(2)]
+    _touched(buffers, free)
+    assert [free.get_nowait() is b for b in buffers] == [True, True]
+    assert all((b[:: reads.ALIGN] == 0).all() and (b[1 : reads.ALIGN] == 7).all() for b in buffers)
+    frozen = np.zeros(reads.ALIGN, dtype=np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError):
+        _touched([frozen], free)
+    assert free.get_nowait() is frozen

@@ -20,6 +20,7 @@ from benchmarks.__main__ import bridge_checks, bridge_exporter, bridge_report, p
 from benchmarks.llama import LlamaModel, ensure_hf_reference, ensure_llama
 
 REPO = Path(__file__).resolve().parents[1]
+SETUP = REPO / "benchmarks" / "setup_bridge.sh"
 BRIDGE_PYTHON = os.environ.get(harness.BRIDGE_PYTHON_ENV)
 needs_bridge = pytest.mark.skipif(not BRIDGE_PYTHON, reason=f"runs Megatron-Bridge's real export: set "
                                   f"{harness.BRIDGE_PYTHON_ENV} to a Bridge environment's Python "
@@ -180,6 +181,19 @@ def test_the_hugging_face_reference_is_the_fixtures_with_the_models_sizes(tmp_pa
     fixture = REPO / "tests/fixtures/bridge062/hf"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).read_bytes() == (fixture / name).read_bytes()
+
+
+def test_the_setup_script_parses_and_says_how_to_get_a_python_312(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SETUP)]).returncode == 0
+    empty = tmp_path / "empty"  # no python3.12 on PATH, no ~/.pyenv
+    empty.mkdir()
+    proc = subprocess.run(["/bin/bash", str(SETUP), str(tmp_path / "env")], capture_output=True, text=True,
+                          env={"PATH": str(empty), "HOME": str(empty)})
+    assert proc.returncode == 1 and not (tmp_path / "env").exists()
+    assert proc.stderr.startswith("setup_bridge.sh: no Python 3.12 found") and "pyenv install 3.12" in proc.stderr
+    assert "PYTHON312=" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    usage = subprocess.run(["/bin/bash", str(SETUP)], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: bash benchmarks/setup_bridge.sh DIR")
 
 
 # ---- with a Megatron-Bridge environment ----------------------------------------------------------------------

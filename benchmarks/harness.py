@@ -520,7 +520,7 @@ def table(record: dict) -> str:
     if record.get("targets"):
         rows += ["", "| target | figure | value | ceiling | met |", "|---|---|---:|---:|---|"]
         for t in record["targets"]:
-            rows.append(f"| {t['ratio']} | {t['figure']} | {t['value']:.2f} | {t['ceiling']:.2f} | "
+            rows.append(f"| {t['ratio']} | {t['figure']} | {t['value']:.3f} | {t['ceiling']:.3f} | "
                         f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(rows)
 

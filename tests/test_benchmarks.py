@@ -101,7 +101,7 @@ def test_targets_are_reported_for_the_source_dtype_they_track():
     assert harness.targets("fp32", {}) == []
     text = harness.table(harness.make_record({"source_dtype": "bf16"}, {
         "streamconv": [run(2.0)], "streamconv-as-fp16": [run(2.4)]}))
-    assert "| streamconv-as-fp16/streamconv | wall | 1.20 | 1.15 | NO |" in text
+    assert "| streamconv-as-fp16/streamconv | wall | 1.200 | 1.150 | NO |" in text
 
 
 def test_dtype_list():

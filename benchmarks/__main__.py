@@ -1,9 +1,11 @@
-"""`python -m benchmarks`: streamconv against `cp` + fsync, a direct-I/O `dd` and the naive in-RAM converter; see
-benchmarks/README.md."""
+"""`python -m benchmarks`: streamconv against `cp` + fsync, a direct-I/O `dd`, the naive in-RAM converter and
+Megatron-Bridge's own export; see benchmarks/README.md."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import cgroup, harness
-from benchmarks.llama import LlamaModel, ensure_llama
+from benchmarks.llama import LlamaModel, SyntheticModel, ensure_hf_reference, ensure_llama
 from benchmarks.nemotronh import NemotronHModel, ensure_nemotronh, pattern_of
 from benchmarks.qwen3moe import Qwen3MoeModel, ensure_qwen3moe
 from benchmarks.workloads import (
@@ -47,6 +49,10 @@ MOE_PROFILE = "qwen3moe"  # Qwen3-30B-A3B's shapes as Megatron-Bridge saves them
 MOE_EP = 2
 HYBRID_PROFILE = "nemotronh"  # Nemotron-H 8B's shapes (Mamba, attention, MLP layers) as Bridge saves them at TP 2
 DIST_PROFILES = (LLAMA_PROFILE, BRIDGE_PROFILE, MOE_PROFILE, HYBRID_PROFILE)  # synthetic dist checkpoints: llama_run
+# The workloads Megatron-Bridge's export runs on (the `bridge` contender): its run folders of families whose reference
+# it can be given. Not nemotronh (its Mamba layers need mamba_ssm built for the CPU, which setup_bridge.sh does not
+# install), not llama8b (NeMo's layout, which Bridge does not read).
+BRIDGE_EXPORT_PROFILES = (BRIDGE_PROFILE, MOE_PROFILE)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,8 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="dtype the checkpoint's weights are saved in (default bf16; fp32 is a separate cached file)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
     p.add_argument("--contenders", default="copy,dd,naive,streamconv",
-                   help="comma-separated subset of copy, dd, naive, streamconv (default all; streamconv also runs "
-                        "on cuda when torch sees a GPU)")
+                   help="comma-separated subset of copy, dd, naive, streamconv, bridge (default all but bridge; "
+                        "streamconv also runs on cuda when torch sees a GPU; bridge is Megatron-Bridge's export, on "
+                        f"{' and '.join(BRIDGE_EXPORT_PROFILES)}, with --bridge-python)")
+    p.add_argument("--bridge-python", default=os.environ.get(harness.BRIDGE_PYTHON_ENV), metavar="PATH",
+                   help="the Python of a Megatron-Bridge environment, for the bridge contender (default "
+                        f"${harness.BRIDGE_PYTHON_ENV}; `bash benchmarks/setup_bridge.sh DIR` builds one: "
+                        "DIR/bin/python)")
     p.add_argument("--dtype", type=dtype_list, default=[], metavar="LIST",
                    help=f"also run streamconv --dtype X for each X of LIST ({', '.join(harness.DTYPES)}), as "
                         "streamconv-as-X, on the CPU, on the .ckpt")
@@ -164,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dd" in names and (why := harness.dd_refusal(src, scratch)):
         skipped["dd"] = why
         names.remove("dd")
+    if harness.BRIDGE in names:
+        skipped[harness.BRIDGE] = f"Megatron-Bridge's export runs on --profile {' or '.join(BRIDGE_EXPORT_PROFILES)}"
+        names.remove(harness.BRIDGE)
     chosen = harness.contenders(model.vocab_size, _devices(), names, args.dtype)
     plain = [c for c in chosen if harness.plain_of(c.name) is None]  # what also runs on the .nemo and dist inputs
     meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": os.path.getsize(src),
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 def llama_run(args: argparse.Namespace, cache: Path, scratch: Path, cold: bool, meta: dict,
               limit: cgroup.Limit | None) -> int:
     """copy, dd and streamconv (and its casts) on a synthetic distributed checkpoint (the Llama-shaped one, as
-    NeMo or Megatron-Bridge saves it, the Qwen3-MoE one or the Nemotron-H one), interleaved."""
+    NeMo or Megatron-Bridge saves it, the Qwen3-MoE one or the Nemotron-H one), interleaved; on Bridge's run
+    folders also Megatron-Bridge's own export (`bridge`), its tensors checked against streamconv's every round."""
     if args.scaling or args.ci or args.distributed or args.optimizer or args.source_dtype != "bf16":
         raise SystemExit(f"--profile {args.profile} runs copy, dd and streamconv (--dtype, --tp, --layers, "
                          "--memory-limit); not --scaling, --ci, --distributed, --optimizer or --source-dtype")
@@ -251,24 +266,88 @@ def llama_run(args: argparse.Namespace, cache: Path, scratch: Path, cold: bool, 
         src = ensure_llama(cache, model, parallel["tp"], args.profile == BRIDGE_PROFILE)
     bridge = args.profile != LLAMA_PROFILE  # a Megatron-Bridge run folder: converted with no flag
     names = [n.strip() for n in args.contenders.split(",") if n.strip() != "naive"]  # (the naive one is GPT-SW3's)
+    skipped = {}
     if "dd" in names and (why := harness.dd_refusal(src, scratch)):
         print(f"dd skipped: {why}")
         names.remove("dd")
+    exporter = bridge_exporter(args, cache, model, skipped) if harness.BRIDGE in names else None
     count, size = files_of(src)
     meta.update({"layers": model.n_layer, "checkpoint": str(src), "file_bytes": size, "files": count, **parallel,
-                 "weight_bytes": model.weight_bytes(), "largest_rearranged_bytes": 0, "skipped": {}})
+                 "weight_bytes": model.weight_bytes(), "largest_rearranged_bytes": 0, "skipped": skipped})
     ranks = ", ".join(f"{n} {axis.upper()} ranks" for axis, n in parallel.items() if n > 1)
     print(f"{args.profile}: {model.n_layer} layers, {model.weight_bytes() / 1e9:.2f} GB of bf16 weights, {ranks}, "
           f"{count} files, {size / 1e9:.2f} GB, {args.rounds} rounds, page cache {meta['page_cache']}", flush=True)
     chosen = harness.contenders(None if bridge else model.vocab_size, ["cpu"], names, args.dtype)  # (bridge: no flag)
+    compared = ()
+    if exporter is not None:
+        meta[harness.BRIDGE] = exporter[1]
+        chosen.append(exporter[0])
+        compared = (harness.STREAMCONV, harness.BRIDGE) if harness.STREAMCONV in names else ()
     runs = harness.run_rounds([(c.name, c, src, model.weight_bytes()) for c in chosen], scratch, args.rounds,
-                              cold, limit=limit)
+                              cold, limit=limit, tensors=compared)
+    failures = bridge_checks(meta, runs) if compared else []
     record = harness.make_record({**meta, "load_average_at_end": os.getloadavg()}, runs)
     path = harness.write_record(record, args.results)
     print()
     print(harness.table(record))
+    if harness.BRIDGE in record:
+        print("\n" + "\n".join(bridge_report(record)))
     print(f"\nrecord: {path}")
+    if failures:
+        print("\nbenchmark FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
     return 0
+
+
+def bridge_exporter(args: argparse.Namespace, cache: Path, model: SyntheticModel, skipped: dict
+                    ) -> tuple[harness.Contender, dict] | None:
+    """The `bridge` contender on this workload and what the record says of it (its Python, versions and Hugging
+    Face reference, made once beside the checkpoint); None, with the reason printed and in `skipped`, where it
+    cannot run: another workload, no Megatron-Bridge environment, or one that does not import."""
+    if args.profile not in BRIDGE_EXPORT_PROFILES:
+        versions, why = None, (f"Megatron-Bridge's export runs on --profile {' or '.join(BRIDGE_EXPORT_PROFILES)}, "
+                               f"not {args.profile}")
+    else:
+        if args.bridge_python:
+            print(f"checking the Megatron-Bridge environment of {args.bridge_python} (imports it)", flush=True)
+        versions, why = harness.bridge_check(args.bridge_python)
+    if why:
+        print(f"{harness.BRIDGE} skipped: {why}", flush=True)
+        skipped[harness.BRIDGE] = why
+        return None
+    reference = ensure_hf_reference(cache / f"{args.profile}-L{model.n_layer}.hf-reference", model)
+    return (harness.bridge_contender(args.bridge_python, reference),
+            {"python": args.bridge_python, "versions": versions, "hf_reference": str(reference)})
+
+
+def bridge_checks(meta: dict, runs: dict) -> list[str]:
+    """Compare streamconv's output with Megatron-Bridge's export, tensor by tensor, every round, into
+    `meta["bridge"]`, and keep only a fingerprint of each run's tensors in the record. Returns the failures: any
+    difference."""
+    differences = harness.round_tensor_differences(runs, harness.STREAMCONV, harness.BRIDGE)
+    first = {k: runs[k][0] for k in (harness.STREAMCONV, harness.BRIDGE)}
+    meta[harness.BRIDGE].update({
+        "identical": not differences, "differences": differences,
+        "tensors": len(first[harness.STREAMCONV].get("tensors", {})),
+        "other_files": {k: run.get("other_files", []) for k, run in first.items()}})
+    for run in (r for k in first for r in runs[k] if "tensors" in r):
+        run["tensors_sha256"] = hashlib.sha256(json.dumps(run.pop("tensors"), sort_keys=True).encode()).hexdigest()
+    return [f"{harness.STREAMCONV} and {harness.BRIDGE}: {d}" for d in differences]
+
+
+def bridge_report(record: dict) -> list[str]:
+    """Lines on Megatron-Bridge's export: its environment, and whether its tensors are streamconv's."""
+    b = record[harness.BRIDGE]
+    v = b["versions"]
+    lines = [f"{harness.BRIDGE}: Megatron-Bridge {v['megatron-bridge']} (megatron-core {v['megatron-core']}, torch "
+             f"{v['torch']}, transformers {v['transformers']}, Python {v['python']}: {b['python']}), Hugging Face "
+             f"reference {b['hf_reference']}"]
+    both = f"{harness.STREAMCONV}'s and {harness.BRIDGE}'s outputs"
+    if "identical" in b:
+        other = "; ".join(f"{k}: {', '.join(files) or 'none'}" for k, files in b["other_files"].items())
+        lines.append(f"{both}: the same {b['tensors']} tensors (names, dtypes, shapes, bytes) in every round; other "
+                     f"files ({other})" if b["identical"] else f"{both} DIFFER:\n  " + "\n  ".join(b["differences"]))
+    return lines
 
 
 def memory_limit(size: int | None) -> tuple[cgroup.Limit | None, dict | None]:
@@ -458,8 +537,6 @@ def _plots(record: dict, path: Path) -> list[Path]:
 def _print_comparison(compare: str | None, results: Path, record: dict, path: Path) -> None:
     if compare is None:
         return
-    import json
-
     old = harness.previous_record(results, record, exclude=path) if compare == "previous" else \
         json.loads(Path(compare).read_text())
     print()

@@ -34,7 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 NAIVE = Path(__file__).resolve().parent / "naive.py"
 STREAMCONV = "streamconv"  # contenders whose name starts with this are measured against the others
-BASELINES = ("copy", "dd", "naive")
+# Megatron-Bridge's own export (benchmarks/bridge_export.py), run by the interpreter of a Python >= 3.12 environment
+BRIDGE = "bridge"
+BRIDGE_EXPORT = Path(__file__).resolve().parent / "bridge_export.py"
+BRIDGE_PYTHON_ENV = "STREAMCONV_BRIDGE_PYTHON"
+BRIDGE_SETUP = ("build one with `bash benchmarks/setup_bridge.sh DIR` (Python 3.12, about 5 GB from PyPI), then pass "
+                f"--bridge-python DIR/bin/python or set {BRIDGE_PYTHON_ENV}=DIR/bin/python")
+BASELINES = ("copy", "dd", "naive", BRIDGE)
 DTYPES = ("bf16", "fp16", "fp32")  # --dtype: a `streamconv-as-<dtype>` contender each
 CONVERTED = "converted"  # a run's status when it exited 0 (copies too); else OOM-killed or failed (exit N)
 # A variant of the plain conversion, measured against it: a cast (`streamconv-as-fp16`) or a split one
@@ -53,6 +59,9 @@ TARGETS = (
     ("fp32", f"{STREAMCONV}-as-bf16/copy", "wall", 1.15),
     (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "wall", 1.10),
     (None, f"{STREAMCONV}-parts[0-9]+/{STREAMCONV}", "peak_rss", 1.01),
+    # issue #29: on the same run folder, streamconv at most 1/8 of Megatron-Bridge's export's time, 1/20 of its RSS
+    (None, f"{STREAMCONV}/{BRIDGE}", "wall", 0.125),
+    (None, f"{STREAMCONV}/{BRIDGE}", "peak_rss", 0.05),
 )
 # `sh -c PARTS sh N CMD...`: CMD --part I/N for every I at once, then wait for each; exit 1 if any failed
 PARTS = ('n=$1; shift; i=0; pids=; while [ "$i" -lt "$n" ]; do "$@" --part "$i/$n" & pids="$pids $!"; '
@@ -92,6 +101,31 @@ def contenders(vocab_size: int | None, devices: list[str], names: list[str] | No
     chosen = [c for c in made if names is None or c.name in names or c.name.split("-")[0] in names]
     return chosen + [Contender(f"{STREAMCONV}-as-{d}", _streamconv(vocab_size, "--device", "cpu", "--dtype", d))
                      for d in dtypes]
+
+
+def bridge_contender(python: str, reference: Path) -> Contender:
+    """`bridge`: Megatron-Bridge's documented export (benchmarks/bridge_export.py) run by `python`, the interpreter
+    of a Bridge environment, with `reference` as the Hugging Face folder it takes the config class and tokenizer
+    from."""
+    return Contender(BRIDGE, lambda src, dst: [python, str(BRIDGE_EXPORT), str(src), str(dst), "--hf-reference",
+                                               str(reference)])
+
+
+def bridge_check(python: str | None, timeout: float = 600) -> tuple[dict | None, str | None]:
+    """(versions, None) when `python` imports Megatron-Bridge as bridge_export.py does (its `--check`: some 10-15 s
+    cold), else (None, why it cannot run the `bridge` contender and how to set an environment up)."""
+    if not python:
+        return None, f"no Megatron-Bridge environment given; {BRIDGE_SETUP}"
+    try:
+        proc = subprocess.run([python, str(BRIDGE_EXPORT), "--check"], capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{python} cannot run {BRIDGE_EXPORT.name} --check ({e}); {BRIDGE_SETUP}"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return None, f"{python} does not import Megatron-Bridge ({error}); {BRIDGE_SETUP}"
+    return json.loads(lines[-1]), None  # (Bridge logs to stdout before it)
 
 
 def parts_contender(vocab_size: int, count: int) -> Contender:
@@ -151,10 +185,11 @@ def status(returncode: int, oom_kills: int) -> str:
 
 
 def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, cold: bool,
-             digest: bool = False, limit: cgroup.Limit | None = None) -> dict:
+             digest: bool = False, limit: cgroup.Limit | None = None, tensors: bool = False) -> dict:
     """One measured run, in a cgroup of its own under `limit` when given; its output is deleted afterwards
-    (with `digest`, after hashing its files into the run's "outputs"). A failure exits with the child's stderr,
-    unless under a limit: there it is the finding, recorded with its status and left out of medians and ratios."""
+    (with `digest`, after hashing its files into the run's "outputs"; with `tensors`, its tensors into "tensors"
+    and its other files' names into "other_files"). A failure exits with the child's stderr, unless under a limit:
+    there it is the finding, recorded with its status and left out of medians and ratios."""
     dst = scratch / contender.name
     remove(dst)
     if cold:
@@ -162,6 +197,9 @@ def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, 
     argv = contender.argv(src, dst)
     m, seen = (measure(argv, check=False), {}) if limit is None else cgroup.measure_under(limit, argv)
     outputs = digests(dst) if digest and m.returncode == 0 else None
+    held = {"tensors": tensor_digests(dst), "other_files": sorted(
+        str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file() and p.suffix != ".safetensors")} \
+        if tensors and m.returncode == 0 else {}
     remove(dst)
     if m.returncode != 0 and limit is None:
         raise SystemExit(f"{contender.name} failed (exit {m.returncode}):\n{m.stderr.strip()}")
@@ -172,7 +210,7 @@ def run_once(contender: Contender, src: Path, scratch: Path, weight_bytes: int, 
         run.update({"oom_killed": run["status"] == "OOM-killed", **seen})
     if m.returncode != 0:
         run["stderr"] = m.stderr.strip()[-2000:]
-    return run if outputs is None else {**run, "outputs": outputs}
+    return {**run, **held} if outputs is None else {**run, **held, "outputs": outputs}
 
 
 # A dry run in a fresh interpreter: the seconds convert() takes from its start to the plan (opening the checkpoint,
@@ -206,15 +244,66 @@ def digests(folder: Path) -> dict[str, str]:
     return out
 
 
+def tensor_digests(folder: Path) -> dict[str, list]:
+    """name -> [dtype, shape, sha256 of its bytes] of every tensor in `folder`'s safetensors files, whichever file
+    holds it: two outputs sharded differently hold the same tensors when these are equal. One tensor in memory at a
+    time (safe_open); a name in two files is an error."""
+    import torch
+    from safetensors import safe_open
+
+    out: dict[str, list] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name in out:
+                    raise ValueError(f"{folder}: tensor {name!r} is in two files, {path.name} one of them")
+                stored = f.get_slice(name)
+                raw = f.get_tensor(name).reshape(-1).view(torch.uint8).numpy()
+                out[name] = [stored.get_dtype(), list(stored.get_shape()), hashlib.sha256(raw).hexdigest()]
+                del raw  # (before the next tensor is read)
+    return out
+
+
+def tensor_differences(mine: dict[str, list], theirs: dict[str, list], a: str, b: str) -> list[str]:
+    """What differs between two `tensor_digests` (of `a`'s and `b`'s outputs), tensor by tensor; empty when they
+    hold the same tensors: names, dtypes, shapes and bytes."""
+    problems = []
+    for name in sorted(set(mine) | set(theirs)):
+        x, y = mine.get(name), theirs.get(name)
+        if x is None or y is None:
+            problems.append(f"{name} only in {a if y is None else b}'s output")
+        elif x[0] != y[0]:
+            problems.append(f"{name}: dtype {x[0]} in {a}'s output, {y[0]} in {b}'s")
+        elif x[1] != y[1]:
+            problems.append(f"{name}: shape {x[1]} in {a}'s output, {y[1]} in {b}'s")
+        elif x[2] != y[2]:
+            problems.append(f"{name}: same dtype and shape, different bytes")
+    return problems
+
+
+def round_tensor_differences(runs: dict[str, list[dict]], a: str, b: str) -> list[str]:
+    """`tensor_differences` of jobs `a` and `b`, round by round (their runs hashed with `tensors`); a round where
+    either has no digests (it did not convert) is named too."""
+    problems = []
+    for r, (x, y) in enumerate(zip(runs[a], runs[b], strict=True), 1):
+        if "tensors" not in x or "tensors" not in y:
+            problems.append(f"round {r}: no tensors of {a if 'tensors' not in x else b}'s output")
+            continue
+        problems += [f"round {r}: {d}" for d in tensor_differences(x["tensors"], y["tensors"], a, b)]
+    return problems
+
+
 def run_rounds(jobs: list[tuple[str, Contender, Path, int]], scratch: Path, rounds: int, cold: bool,
-               digest: Collection[str] = (), limit: cgroup.Limit | None = None) -> dict:
+               digest: Collection[str] = (), limit: cgroup.Limit | None = None,
+               tensors: Collection[str] = ()) -> dict:
     """Interleave the jobs (key, contender, checkpoint, weight bytes) A B C A B C ...; runs by key, in order.
-    The outputs of the jobs named in `digest` are hashed; each runs under `limit` when given (see `run_once`)."""
+    The outputs of the jobs named in `digest` are hashed, the tensors of those in `tensors` one by one; each runs
+    under `limit` when given (see `run_once`)."""
     runs: dict[str, list[dict]] = {key: [] for key, *_ in jobs}
     scratch.mkdir(parents=True, exist_ok=True)
     for r in range(rounds):
         for key, contender, src, nbytes in jobs:
-            run = run_once(contender, src, scratch, nbytes, cold, key in digest, limit)
+            run = run_once(contender, src, scratch, nbytes, cold, key in digest, limit, key in tensors)
             runs[key].append(run)
             print(f"  round {r + 1}/{rounds} {key:<20} {run_line(run)}", flush=True)
     return runs
@@ -431,7 +520,7 @@ def table(record: dict) -> str:
     if record.get("targets"):
         rows += ["", "| target | figure | value | ceiling | met |", "|---|---|---:|---:|---|"]
         for t in record["targets"]:
-            rows.append(f"| {t['ratio']} | {t['figure']} | {t['value']:.2f} | {t['ceiling']:.2f} | "
+            rows.append(f"| {t['ratio']} | {t['figure']} | {t['value']:.3f} | {t['ceiling']:.3f} | "
                         f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(rows)
 

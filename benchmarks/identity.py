@@ -143,7 +143,7 @@ def workloads() -> list[Workload]:
         Workload("llama-tp2.dist", _llama(False), llama_vocab),
         Workload("llama-tp2.dist --dtype fp16 --shard-size 100MB", _llama(False),
                  [*llama_vocab, "--dtype", "fp16", "--shard-size", "100MB"]),
-        Workload("bridge-tp2.dist (no flag)", _llama(True)),
+        Workload("bridge-tp2.run (no flag)", _llama(True)),
     ]
     # the committed fixtures, with the flags tests/test_mcore019.py and tests/test_bridge.py pass
     cases = json.loads((FIXTURES / "mcore019" / "manifest.json").read_text())["cases"]

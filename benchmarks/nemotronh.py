@@ -9,9 +9,10 @@ keys without a prefix, one key per layer (the hybrid stack does not stack its la
 projection as its named row blocks `mixer.in_proj.weight.{z,x,B,C,dt}` and its convolution as
 `mixer.conv1d.{weight,bias}.{x,B,C}`, each sliced by rows across the ranks, as are `A_log`, `D`, `dt_bias`, the
 gated norm, qkv, fc1, the embedding and the output layer; out_proj, linear_proj and fc2 sliced by columns; the
-layer norms and the final norm written by rank 0; the common state as the bytes item `common_state/shard_0_1`;
-the fixture's run_config.yaml with this model's sizes, so that streamconv converts it with no flag. Weights are
-random normals (`benchmarks.llama`'s writer).
+layer norms and the final norm written by rank 0; the local spec's `_extra_state` byte items of each layer's
+projections and of the output layer (rank 0's); the common state as the bytes item `common_state/shard_0_1`; the
+fixture's run_config.yaml with this model's sizes, in a run folder (`iter_0000000/`), so that streamconv converts it
+with no flag. Weights are random normals (`benchmarks.llama`'s writer, which lays out the run folder).
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ class NemotronHModel(SyntheticModel):
     ffn: int = 21504
     vocab_size: int = 131072
     positions: int = 8192
-
-    prefix = ""  # Megatron-Bridge saves megatron-core's keys as they are
 
     @property
     def n_layer(self) -> int:
@@ -81,6 +80,12 @@ class NemotronHModel(SyntheticModel):
         shapes["output_layer.weight"] = ((self.vocab_size, h), "T.")
         return shapes
 
+    def extra_states(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        modules = {"M": ("mixer.in_proj", "mixer.out_proj"), "*": ("self_attention.linear_qkv",
+                   "self_attention.linear_proj"), "-": ("mlp.linear_fc1", "mlp.linear_fc2")}
+        layers = {f"decoder.layers.{i}.{m}": ((1,), ".") for i, kind in enumerate(self.pattern) for m in modules[kind]}
+        return {**layers, "output_layer": ((1,), ".")}
+
     def run_config(self, tp: int) -> str:
         """Bridge's run_config.yaml of the Nemotron-H TP 2 test fixture, with this model's sizes."""
         return bridge_run_config(HYBRID_RUN_CONFIG, {
@@ -98,11 +103,11 @@ def pattern_of(layers: int | None) -> str:
 
 
 def ensure_nemotronh(cache: Path, model: NemotronHModel, tp: int = 2) -> Path:
-    """The run folder `nemotronh-L<layers>-tp<tp>.dist` in `cache`, written once by `tp` tensor-parallel ranks."""
+    """The run folder `nemotronh-L<layers>-tp<tp>.run` in `cache`, written once by `tp` tensor-parallel ranks."""
     for what, n in (("Mamba heads", model.mamba_heads), ("Mamba groups", model.mamba_groups),
                     ("attention groups", model.groups), ("ffn", model.ffn), ("vocabulary", model.vocab_size)):
         if n % tp:
             raise ValueError(f"{n} {what} do not divide among {tp} tensor-parallel ranks")
-    return ensure_folder(cache / f"nemotronh-L{model.n_layer}-tp{tp}.dist", model, tp, True,
+    return ensure_folder(cache / f"nemotronh-L{model.n_layer}-tp{tp}.run", model, tp, True,
                          f"Nemotron-H 8B shapes, pattern {model.pattern}, {tp} TP ranks, torch_dist as "
                          "Megatron-Bridge saves it")

@@ -101,7 +101,7 @@ def test_targets_are_reported_for_the_source_dtype_they_track():
     assert harness.targets("fp32", {}) == []
     text = harness.table(harness.make_record({"source_dtype": "bf16"}, {
         "streamconv": [run(2.0)], "streamconv-as-fp16": [run(2.4)]}))
-    assert "| streamconv-as-fp16/streamconv | wall | 1.20 | 1.15 | NO |" in text
+    assert "| streamconv-as-fp16/streamconv | wall | 1.200 | 1.150 | NO |" in text
 
 
 def test_dtype_list():
@@ -497,16 +497,49 @@ def test_the_llama_workload_is_a_distributed_checkpoint_streamconv_converts(tmp_
     assert torch.equal(got["lm_head.weight"], sd["output_layer.weight"])
 
 
-def test_the_bridge_workload_converts_with_no_flag_to_the_llama_workloads_bytes(tmp_path):
-    """`--profile bridge8b`: the same weights as Megatron-Bridge lays them out (no common.pt; the common state as
-    megatron-core 0.19's bytes item; run_config.yaml): converted with no flag, the same model folder."""
+FIXTURES = Path(__file__).parent / "fixtures"
+# Byte for byte the same in every run folder Bridge 0.6.2 saves at step 0 (the synthetic ones included)
+BRIDGE_SAME_BYTES = ("latest_checkpointed_iteration.txt", "latest_train_state.pt", "iter_0000000/train_state.pt",
+                     "iter_0000000/metadata.json")
+
+
+def bridge_layout(run: Path) -> dict:
+    """What a Megatron-Bridge run folder holds, as far as the benchmark's writer controls it: its files (tokenizer
+    assets aside: Bridge writes them only when handed a tokenizer), each tensor's shape, dtype and chunks with their
+    files, each byte item's file, and the common state."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    weights = run / "iter_0000000"
+    md = FileSystemReader(str(weights)).read_metadata()
+    placed: dict[str, list] = {}
+    for index, info in md.storage_data.items():
+        placed.setdefault(index.fqn, []).append((tuple(index.offset or ()), info.relative_path))
+    tensors = {k: (tuple(v.size), v.properties.dtype, sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks),
+                   sorted(placed[k])) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+    items = {k: placed[k] for k, v in md.state_dict_metadata.items() if not hasattr(v, "size")}
+    common = next(info for index, info in md.storage_data.items() if index.fqn == "common_state/shard_0_1")
+    with open(weights / common.relative_path, "rb") as f:
+        f.seek(common.offset)
+        common_state = torch.load(io.BytesIO(f.read(common.length)), weights_only=False)
+    files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and "tokenizer" not in p.parts)
+    return {"files": files, "tensors": tensors, "byte_items": items, "common_state": common_state,
+            "same_bytes": {name: (run / name).read_bytes() for name in BRIDGE_SAME_BYTES}}
+
+
+def test_the_bridge_workload_is_laid_out_as_bridge_saves_llama_and_converts_with_no_flag(tmp_path):
+    """`--profile bridge8b`: at the Llama fixture's sizes the writer gives the run folder Megatron-Bridge 0.6.2 saved
+    at TP 2 (files, keys without a prefix, chunks and byte items in each rank's file, the common state, the train
+    state); converted with no flag, the same model folder as the NeMo-style llama8b workload's."""
     import streamconv
     from benchmarks import harness
     from benchmarks.llama import LlamaModel, ensure_llama
 
-    model = LlamaModel(hidden=64, heads=4, groups=2, ffn=128, vocab_size=256, n_layer=2, positions=64)
+    model = LlamaModel(hidden=64, heads=4, groups=2, ffn=160, vocab_size=256, n_layer=2, positions=4096)
     bridge = ensure_llama(tmp_path / "cache", model, 2, bridge=True)
-    assert {"run_config.yaml", ".metadata"} <= set(os.listdir(bridge)) and "common.pt" not in os.listdir(bridge)
+    assert bridge.name == "bridge8b-L2-tp2.run"
+    assert bridge_layout(bridge) == bridge_layout(FIXTURES / "bridge062/tp2")
     result = streamconv.convert(bridge, tmp_path / "bridge")
     assert "vocabulary 256 from the 'model' section of run_config.yaml" in result.summary()
     streamconv.convert(ensure_llama(tmp_path / "cache", model, 2), tmp_path / "llama", vocab_size=256)
@@ -514,10 +547,10 @@ def test_the_bridge_workload_converts_with_no_flag_to_the_llama_workloads_bytes(
 
 
 def test_the_qwen3moe_workload_converts_with_no_flag_expert_by_expert(tmp_path):
-    """`--profile qwen3moe`: a Qwen3-MoE model as Megatron-Bridge lays it out with expert parallelism 2 (grouped
-    experts stacked over layers, a chunk per layer and expert and fc1 half, EP rank r holding experts
-    [2r, 2r + 2); the rest on rank 0): converted with no flag, each expert's projections are its chunks bit for
-    bit, and config.json says the experts and the router's top-k."""
+    """`--profile qwen3moe`: at the MoE fixture's sizes, the run folder Megatron-Bridge 0.6.2 saved with expert
+    parallelism 2 (grouped experts stacked over layers, a chunk per layer and expert and fc1 half, EP rank r holding
+    experts [2r, 2r + 2) and their byte items; the rest on rank 0): converted with no flag, each expert's
+    projections are its chunks bit for bit, and config.json says the experts and the router's top-k."""
     import json
     import pickle
 
@@ -531,9 +564,12 @@ def test_the_qwen3moe_workload_converts_with_no_flag_expert_by_expert(tmp_path):
     model = Qwen3MoeModel(hidden=64, heads=4, groups=2, head_dim=32, ffn=96, experts=4, moe_ffn=48, topk=2,
                           vocab_size=256, n_layer=2, positions=4096)
     folder = ensure_qwen3moe(tmp_path / "cache", model)
-    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "metadata.json",
-                                          "run_config.yaml"]
-    with open(folder / ".metadata", "rb") as f:
+    mine, bridge = bridge_layout(folder), bridge_layout(FIXTURES / "bridge062-moe/qwen3_moe/ep2")
+    for layout in (mine, bridge):  # megatron-core spreads the chunks both EP ranks hold (all but the experts) over
+        # the two files; the writer keeps them in rank 0's (below): the same tensors and chunks, other files
+        layout["tensors"] = {k: v if "experts" in k else v[:3] for k, v in layout["tensors"].items()}
+    assert mine == bridge
+    with open(folder / "iter_0000000/.metadata", "rb") as f:
         storage = pickle.load(f).storage_data
     fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
     placed = {(tuple(k.offset), v.relative_path) for k, v in storage.items() if k.fqn == fc1}
@@ -545,7 +581,7 @@ def test_the_qwen3moe_workload_converts_with_no_flag_expert_by_expert(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["architectures"], config["num_experts"], config["num_experts_per_tok"], config["head_dim"],
             config["moe_intermediate_size"], config["mlp_only_layers"]) == (["Qwen3MoeForCausalLM"], 4, 2, 32, 48, [])
-    got, sd = load_file(tmp_path / "hf" / "model.safetensors"), whole(folder)
+    got, sd = load_file(tmp_path / "hf" / "model.safetensors"), whole(folder / "iter_0000000")
     experts = "decoder.layers.mlp.experts.experts."
     for layer in range(2):
         for e in range(4):
@@ -568,30 +604,21 @@ def test_the_nemotronh_workload_is_laid_out_as_bridge_saves_a_hybrid_and_convert
 
     import streamconv
     from benchmarks.nemotronh import NemotronHModel, ensure_nemotronh, pattern_of
-    from streamconv.sources import dcp
-    from streamconv.sources.records import Folder
     from tests.test_mcore_writer import whole
 
     assert (pattern_of(None), pattern_of(8), pattern_of(2)) == ("M-M*M-", "M-M*M-M-", "M-")
     model = NemotronHModel(hidden=64, pattern="M*M-", mamba_heads=4, mamba_head_dim=16, state=16, mamba_groups=2,
                            heads=4, groups=2, head_dim=16, ffn=96, vocab_size=256, positions=4096)
     folder = ensure_nemotronh(tmp_path / "cache", model)
-    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "metadata.json",
-                                          "run_config.yaml"]
-    fixture = Path(__file__).parent / "fixtures/bridge062-hybrid/nemotron_h/tp2/iter_0000000"
-
-    def layout(path):
-        return {k: (t.shape, t.dtype, sorted((c.offsets, c.sizes, c.file) for c in t.chunks))
-                for k, t in dcp.read_metadata(Folder(path)).tensors.items()}
-
-    assert layout(folder) == layout(fixture)
+    fixture = FIXTURES / "bridge062-hybrid/nemotron_h/tp2"
+    assert bridge_layout(folder) == bridge_layout(fixture)
 
     result = streamconv.convert(folder, tmp_path / "hf")
     assert "vocabulary 256 from the 'model' section of run_config.yaml" in result.summary()
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["architectures"], config["hybrid_override_pattern"], config["mamba_num_heads"],
             config["n_groups"], config["conv_kernel"]) == (["NemotronHForCausalLM"], "M*M-", 4, 2, 4)
-    got, sd = load_file(tmp_path / "hf" / "model.safetensors"), whole(folder)
+    got, sd = load_file(tmp_path / "hf" / "model.safetensors"), whole(folder / "iter_0000000")
     for layer in (0, 2):
         mixer, mine = f"decoder.layers.{layer}.mixer.", f"backbone.layers.{layer}.mixer."
         assert torch.equal(got[mine + "in_proj.weight"],

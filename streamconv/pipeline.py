@@ -308,7 +308,9 @@ class _Stream:
                 self.free.put(pinned.numpy())
         else:
             buffers = [np.empty(size + reads.ALIGN, dtype=np.uint8) for _ in range(BUFFERS if size else 0)]
-            threading.Thread(target=_touched, args=(buffers, self.free), name="streamconv-touch", daemon=True).start()
+            extents = [buffer[:n] for buffer, n in zip(buffers, used_extents(plan, checkpoint), strict=False)]
+            threading.Thread(target=_touched, args=(buffers, extents, self.free), name="streamconv-touch",
+                             daemon=True).start()
         self.arranger = Arranger()
         self.writes = _WriteBehind(WRITE_QUEUE, clock)
         self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
@@ -374,13 +376,26 @@ class _Stream:
         return placed(buffer, offset, buffer.nbytes - reads.ALIGN), lambda: self.free_casts.put(buffer)
 
 
-def _touched(buffers: list[np.ndarray], free: queue.Queue[np.ndarray]) -> None:
-    """Touch every page of each output buffer, then hand it to the arranger: the page faults (and, on a virtual
-    machine, the host backing each page: up to 2.5 s per GiB measured here after a page-cache drop) happen while
-    the first tensors stream, not while the first large tensor is arranged."""
-    for buffer in buffers:
+def used_extents(plan: Plan, checkpoint: Checkpoint) -> list[int]:
+    """How many bytes of each output buffer the conversion will use (on the CPU): the arranger takes the buffers
+    in turn (the writer hands them back in the order they were taken), so buffer k holds the tensors arranged in
+    a buffer k, k + BUFFERS, ... and uses as much as the largest of them, placed (`placed`)."""
+    buffer, extents = buffer_bytes(plan, checkpoint), [0] * BUFFERS
+    large = [t.nbytes for t in moved(plan.tensors)
+             if buffered(t, checkpoint.tensors[t.recipe.source], "cpu") and not is_small(t.nbytes, buffer)]
+    for i, nbytes in enumerate(large):
+        extents[i % BUFFERS] = max(extents[i % BUFFERS], nbytes + reads.ALIGN)
+    return extents
+
+
+def _touched(buffers: list[np.ndarray], extents: list[np.ndarray], free: queue.Queue[np.ndarray]) -> None:
+    """Touch every page of the part of each output buffer the conversion will use (`extents`), then hand the
+    buffer to the arranger: the page faults (and, on a virtual machine, the host backing each page: up to 2.5 s
+    per GiB measured here after a page-cache drop) happen while the first tensors stream, not while a large tensor
+    is arranged, and no page is touched that the conversion would not touch."""
+    for buffer, extent in zip(buffers, extents, strict=True):
         try:
-            buffer[:: reads.ALIGN] = 0
+            extent[:: reads.ALIGN] = 0
         finally:
             free.put(buffer)
 

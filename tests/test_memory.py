@@ -83,8 +83,9 @@ def test_dry_run_predicts_working_memory(checkpoints):
 
 
 def test_output_buffers_reach_the_arranger_touched_and_whatever_happens():
-    """The output buffers are touched page by page in a thread of their own and only then handed to the arranger,
-    one by one; a buffer that cannot be touched is handed over all the same (the arranger would wait for it)."""
+    """The output buffers are touched page by page in a thread of their own, as far as the conversion will use
+    each, and only then handed to the arranger, one by one; a buffer that cannot be touched is handed over all the
+    same (the arranger would wait for it)."""
     import queue
 
     import numpy as np
@@ -93,11 +94,45 @@ def test_output_buffers_reach_the_arranger_touched_and_whatever_happens():
 
     free: queue.Queue = queue.Queue()
     buffers = [np.full(3 * reads.ALIGN + 5, 7, dtype=np.uint8) for _ in range(2)]
-    _touched(buffers, free)
+    _touched(buffers, [buffers[0], buffers[1][: reads.ALIGN + 1]], free)
     assert [free.get_nowait() is b for b in buffers] == [True, True]
-    assert all((b[:: reads.ALIGN] == 0).all() and (b[1 : reads.ALIGN] == 7).all() for b in buffers)
+    assert (buffers[0][:: reads.ALIGN] == 0).all() and (buffers[0][1 : reads.ALIGN] == 7).all()
+    assert list(buffers[1][:: reads.ALIGN]) == [0, 0, 7, 7]
     frozen = np.zeros(reads.ALIGN, dtype=np.uint8)
     frozen.flags.writeable = False
     with pytest.raises(ValueError):
-        _touched([frozen], free)
+        _touched([frozen], [frozen], free)
     assert free.get_nowait() is frozen
+
+
+def test_the_buffers_are_touched_as_far_as_the_arranger_uses_them(bf16_ckpt, tmp_path, monkeypatch):
+    """The arranger takes the output buffers in turn: what each one is touched for beforehand (`used_extents`) is
+    what the largest tensor it holds needs, so touching them first adds no resident page."""
+    import numpy as np
+
+    import streamconv
+    from streamconv import pipeline
+
+    predicted, taken, held = [], [], {}
+    real_init, real_take, real_arrange = pipeline._Stream.__init__, pipeline._WriteBehind.take, pipeline.arrange_into
+
+    def init(self, plan, checkpoint, *args, **kwargs):
+        predicted.extend(pipeline.used_extents(plan, checkpoint))
+        real_init(self, plan, checkpoint, *args, **kwargs)
+
+    def take(self, free):
+        taken.append(real_take(self, free))
+        return taken[-1]
+
+    def arrange(host, spec, *args, **kwargs):
+        if taken and np.shares_memory(host, taken[-1]):  # (a small tensor has memory of its own)
+            held[id(taken[-1])] = max(held.get(id(taken[-1]), 0), spec.nbytes)
+        return real_arrange(host, spec, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline._Stream, "__init__", init)
+    monkeypatch.setattr(pipeline._WriteBehind, "take", take)
+    monkeypatch.setattr(pipeline, "arrange_into", arrange)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
+    order = list(dict.fromkeys(id(b) for b in taken))
+    assert len(order) == pipeline.BUFFERS and len(taken) > len(order)  # each buffer used, and used again
+    assert predicted == [held[b] + reads.ALIGN for b in order]

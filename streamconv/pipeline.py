@@ -291,7 +291,7 @@ class _Stream:
     def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None],
                  clock: Clock | None = None) -> None:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
-        self.clock = clock = clock or Clock()
+        clock = clock or Clock()
         size = self.buffer = buffer_bytes(plan, checkpoint, device)
         self.free: queue.Queue[np.ndarray] = queue.Queue()
         self.free_casts: queue.Queue[np.ndarray] = queue.Queue()
@@ -380,10 +380,9 @@ def used_extents(plan: Plan, checkpoint: Checkpoint) -> list[int]:
     """How many bytes of each output buffer the conversion will use (on the CPU): the arranger takes the buffers
     in turn (the writer hands them back in the order they were taken), so buffer k holds the tensors arranged in
     a buffer k, k + BUFFERS, ... and uses as much as the largest of them, placed (`placed`)."""
-    buffer, extents = buffer_bytes(plan, checkpoint), [0] * BUFFERS
-    large = [t.nbytes for t in moved(plan.tensors)
-             if buffered(t, checkpoint.tensors[t.recipe.source], "cpu") and not is_small(t.nbytes, buffer)]
-    for i, nbytes in enumerate(large):
+    sizes, extents = arranged_sizes(plan, checkpoint), [0] * BUFFERS
+    buffer = max(sizes, default=0)  # (`buffer_bytes`)
+    for i, nbytes in enumerate(n for n in sizes if not is_small(n, buffer)):
         extents[i % BUFFERS] = max(extents[i % BUFFERS], nbytes + reads.ALIGN)
     return extents
 

@@ -136,11 +136,10 @@ class ShardWriter:
         if self._staged:
             self._direct_write(memoryview(self._staging)[: self._staged])
             self._staged = 0
-        body = (view.nbytes - head) // ALIGN * ALIGN
-        if self._staging is not None:
-            self._direct_write(view[head : head + body])
-        else:  # refused after all: the rest goes through the ordinary descriptor
+        if self._staging is None:  # refused after all: the rest goes through the ordinary descriptor
             return view[head:]
+        body = (view.nbytes - head) // ALIGN * ALIGN
+        self._direct_write(view[head : head + body])
         return view[head + body :]
 
     def _flush(self) -> None:

@@ -86,12 +86,17 @@ class ShardWriter:
         if self.written != spec.end:
             raise RuntimeError(f"{spec.name}: wrote up to byte {self.written}, plan says {spec.end}")
 
+    def skip_to(self, begin: int) -> None:
+        """Go on at data offset `begin`, past bytes another writer of the file writes (`pipeline.lanes`): what is
+        staged goes out first, its partial last block through the ordinary descriptor, as at the end of a run."""
+        self._write_tail()
+        self._file_pos = self._flushed = len(self.shard.header) + begin
+        self._head = -self._file_pos % ALIGN
+
     def close(self) -> None:
         if self._fd >= 0:
             try:
-                if self._staged:  # the unaligned tail, through the ordinary descriptor
-                    self._pwrite(self._fd, memoryview(self._staging)[: self._staged], self._flushed)
-                    self._staged = 0
+                self._write_tail()
                 os.fsync(self._fd)
             finally:
                 os.close(self._fd)
@@ -99,6 +104,12 @@ class ShardWriter:
                 if self._direct >= 0:
                     os.close(self._direct)
                     self._direct = -1
+
+    def _write_tail(self) -> None:
+        """Write the staged bytes, which end in a partial block, through the ordinary descriptor."""
+        if self._staged:
+            self._pwrite(self._fd, memoryview(self._staging)[: self._staged], self._flushed)
+            self._staged = 0
 
     def _write(self, view: memoryview) -> None:
         self._file_pos += view.nbytes

@@ -103,7 +103,7 @@ class ReadAhead:
     def __init__(self, checkpoint: Checkpoint, chunks: Iterable[np.ndarray], buffer_bytes: int,
                  buffers: int = BUFFERS, waiting: Callable[[], None] = lambda: None,
                  clock: Clock | None = None) -> None:
-        self._checkpoint, self._waiting = checkpoint, waiting  # (called while `get` waits: it may raise)
+        self._checkpoint, self._waiting = checkpoint, waiting  # (called as `get` starts and waits: it may raise)
         self._clock = clock or Clock()
         self._files = _DirectFiles()
         self._free: queue.Queue[np.ndarray] = queue.Queue()
@@ -154,6 +154,7 @@ class ReadAhead:
     def get(self, view: np.ndarray) -> tuple[np.ndarray, Callable[[], None]]:
         """The bytes of `view` as a contiguous array of its dtype and shape, and the call that hands its buffer
         back once they have been used (they must not be used after)."""
+        self._waiting()
         if self._where(view) is None:
             return np.ascontiguousarray(view), lambda: self._checkpoint.release(view)
         with self._clock.timing("arranger: waiting for source bytes"):

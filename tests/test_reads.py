@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -105,18 +106,46 @@ def test_the_reader_waits_for_a_free_buffer_and_a_wait_can_be_broken(mapped):
     conversion) ends a wait for a chunk that cannot come; closing ends the reader."""
     checkpoint, view, _ = mapped
     chunks = [view[i * 4096 : (i + 1) * 4096] for i in range(4)]
+    stopped = False
 
     def stop() -> None:
-        raise KeyboardInterrupt
+        if stopped:
+            raise KeyboardInterrupt
 
     ahead = ReadAhead(checkpoint, chunks, buffer_bytes=4096, buffers=1, waiting=stop)
     try:
         _, done = ahead.get(chunks[0])  # (its buffer is not handed back)
+        stopped = True
         with pytest.raises(KeyboardInterrupt):
             ahead.get(chunks[1])
     finally:
         ahead.close()
     assert not [t for t in threading.enumerate() if t.name == "streamconv-read"]
+
+
+def test_a_chunk_already_read_is_not_handed_out_once_the_caller_must_stop(mapped):
+    """`get` asks the `waiting` check first, even when the chunk is there: a conversion stops at its next chunk,
+    not at the next one it has to wait for."""
+    checkpoint, view, _ = mapped
+    chunks = [view[i * 4096 : (i + 1) * 4096] for i in range(2)]
+    stopped = False
+
+    def stop() -> None:
+        if stopped:
+            raise KeyboardInterrupt
+
+    ahead = ReadAhead(checkpoint, chunks, buffer_bytes=4096, buffers=2, waiting=stop)
+    try:
+        _, done = ahead.get(chunks[0])
+        deadline = time.monotonic() + 30
+        while ahead._ready.empty() and time.monotonic() < deadline:  # the second chunk read
+            time.sleep(0.01)
+        assert not ahead._ready.empty()
+        stopped = True
+        with pytest.raises(KeyboardInterrupt):
+            ahead.get(chunks[1])
+    finally:
+        ahead.close()
 
 
 def test_aligned_empty_is_aligned():

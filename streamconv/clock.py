@@ -23,7 +23,7 @@ class Clock:
         finally:
             self.seconds[stage] += time.perf_counter() - start
 
-    def line(self, total: float) -> str:
+    def line(self, total: float, name: str = "pipeline") -> str:
         """`pipeline: 4.83 s; reader: reading 3.29 s, waiting for a free buffer 1.16 s; ...` (arranging: the
         main thread's time not spent waiting)."""
         waits = {stage: s for stage, s in self.seconds.items() if stage.startswith("arranger: waiting")}
@@ -32,4 +32,4 @@ class Clock:
         for stage in sorted(stages):
             thread, what = stage.split(": ", 1)
             threads.setdefault(thread, []).append(f"{what} {stages[stage]:.2f} s")
-        return f"pipeline: {total:.2f} s; " + "; ".join(f"{t}: {', '.join(w)}" for t, w in threads.items())
+        return f"{name}: {total:.2f} s; " + "; ".join(f"{t}: {', '.join(w)}" for t, w in threads.items())

@@ -14,6 +14,10 @@ Three things overlap, each bounded:
 So memory holds at most BUFFERS output buffers, the read buffers, the cast chunks and a few small tensors,
 whatever the model size. (A strided source, which torch.save can keep, is copied whole into memory when
 reached.) A tensor sliced across tensor-parallel ranks (a `Split`) is moved slice by slice into its place.
+Arranging is the CPU's work, moving tensors in order the disk's: one after the other, the disk would idle while a
+layer's matrices are transposed (and cast), and the cores while the embedding streams. So runs of at least
+LANE_BYTES of tensors that go through in order form a lane of their own, run beside the rest with its own
+reader, writer and buffers (`lanes`); each lane's writers skip the other's tensors in the shard files they share.
 Bytes are moved, and cast (`casts`), as numpy arrays of integers of the elements' width; torch is imported only
 for a GPU (`arranges_on_device`).
 """
@@ -21,6 +25,7 @@ for a GPU (`arranges_on_device`).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -50,6 +55,7 @@ BUFFERS = 2  # output buffers: one being filled while the other is written
 WRITE_QUEUE = 32  # pending write jobs: each holds a buffer, a small tensor or a read chunk
 SMALL_BYTES = 2**20  # rearranged tensors up to this size, and 1/64 of a buffer, are not put in a buffer
 CAST_BUFFERS = 3  # chunks of a tensor that is only cast: one being cast into, one being written, one queued
+LANE_BYTES = 64 * 2**20  # a run of tensors going through in order that is at least this large gets its own lane
 log = logging.getLogger(__name__)  # (debug: where each thread spent its time, `Clock.line`)
 
 
@@ -109,14 +115,41 @@ def is_small(nbytes: int, buffer: int) -> bool:
 
 
 def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
-    """Predicted resident bytes on top of the interpreter (on the CPU): the output buffers, the cast chunk
-    buffers, the read buffers, the writer's staging buffer and the small rearranged tensors that may wait to be
+    """Predicted resident bytes on top of the interpreter (on the CPU): each lane's (`lanes`) output buffers,
+    cast chunk buffers, read buffers, writer's staging buffer and small rearranged tensors that may wait to be
     written (a full queue, the one being written and the one being arranged)."""
+    return sum(_lane_memory(lane, checkpoint) for lane in lanes(plan, checkpoint, "cpu"))
+
+
+def _lane_memory(plan: Plan, checkpoint: Checkpoint) -> int:
     buffer = buffer_bytes(plan, checkpoint)
     small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
     return (BUFFERS * buffer + CAST_BUFFERS * cast_buffer_bytes(plan, checkpoint)
             + reads.BUFFERS * read_buffer_bytes(plan.tensors) + STAGING_BYTES
             + sum(small[: WRITE_QUEUE + 2]))
+
+
+def lanes(plan: Plan, checkpoint: Checkpoint, device: str) -> list[Plan]:
+    """The plan as the lanes `stream` runs side by side: the runs of consecutive tensors that go through in order
+    (read, maybe cast, written: the disk's work) of at least LANE_BYTES, and the rest (arranged in memory: the
+    CPU's work), each shard's tensors in their order in each; the plan alone where either lane would be empty."""
+    arranging: list[Shard] = []
+    in_order: list[Shard] = []
+    for shard in plan.shards:
+        picked: tuple[list[TensorSpec], list[TensorSpec]] = ([], [])
+        for through, run in itertools.groupby(shard.tensors, key=lambda t: _goes_through(t, checkpoint, device)):
+            run_tensors = list(run)
+            picked[through and sum(t.nbytes for t in run_tensors) >= LANE_BYTES].extend(run_tensors)
+        for lane, tensors in zip((arranging, in_order), picked, strict=True):
+            if tensors:
+                lane.append(Shard(shard.filename, tensors, shard.header))
+    if not arranging or not in_order:
+        return [plan]
+    return [Plan(shards, plan.total_size, plan.family) for shards in (arranging, in_order)]
+
+
+def _goes_through(tensor: TensorSpec, checkpoint: Checkpoint, device: str) -> bool:
+    return not any(buffered(p, source_of(p, checkpoint), device) for p in tensor.pieces())
 
 
 def stream(
@@ -126,17 +159,53 @@ def stream(
     device: str,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Write every shard of the plan into `directory`; log (debug) where the threads spent their time."""
+    """Write every shard of the plan into `directory`, its lanes (`lanes`) side by side, the first in this
+    thread; log (debug) where each lane's threads spent their time. A failure in one lane stops the other."""
+    arranging, *others = lanes(plan, checkpoint, device)
+    if not others:
+        _stream_lane(plan, checkpoint, directory, device, on_bytes, "pipeline")
+        return
+    lock, stop, failures = threading.Lock(), threading.Event(), []
+
+    def counted(n: int) -> None:  # (the progress bar is not updated from two threads at once)
+        with lock:
+            on_bytes(n)
+
+    def run(lane: Plan, name: str) -> None:
+        try:
+            _stream_lane(lane, checkpoint, directory, device, counted, name, stop)
+        except BaseException as exc:  # raised below, in this thread
+            stop.set()
+            failures.append(exc)
+
+    helper = threading.Thread(target=run, args=(others[0], "lane in order"), name="streamconv-lane", daemon=True)
+    helper.start()
+    try:
+        run(arranging, "lane arranging")
+        helper.join()
+    except BaseException:  # an interrupt while waiting for the other lane
+        stop.set()
+        helper.join()
+        raise
+    if failures:
+        raise next((e for e in failures if not isinstance(e, _Stopped)), failures[0])
+
+
+def _stream_lane(plan: Plan, checkpoint: Checkpoint, directory: str, device: str, on_bytes: Callable[[int], None],
+                 name: str, stop: threading.Event | None = None) -> None:
+    """Write the plan's tensors into their shard files, skipping what lies between them (another lane's)."""
     start, clock = time.perf_counter(), Clock()
-    with _Stream(plan, checkpoint, device, on_bytes, clock) as run:
+    with _Stream(plan, checkpoint, device, on_bytes, clock, stop) as run:
         for shard in plan.shards:
             writer = run.open(os.path.join(directory, shard.filename), shard)
-            for spec in shard.tensors:
+            for before, spec in zip([None, *shard.tensors], shard.tensors, strict=False):
+                if before is not None and spec.begin != before.end:
+                    run.writes.put(functools.partial(writer.skip_to, spec.begin))
                 run.move(spec, writer)
             run.writes.put(writer.close)
         with clock.timing("arranger: waiting for the last writes"):
             run.writes.finish()
-    log.debug(clock.line(time.perf_counter() - start))
+    log.debug(clock.line(time.perf_counter() - start, name))
 
 
 def source_of(spec: TensorSpec, checkpoint: Checkpoint) -> SourceTensor | Split:
@@ -289,7 +358,7 @@ class _Stream:
     """The state one conversion's threads share: buffers, the arranger, the reader and writer threads, shards."""
 
     def __init__(self, plan: Plan, checkpoint: Checkpoint, device: str, on_bytes: Callable[[int], None],
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, stop: threading.Event | None = None) -> None:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
         clock = clock or Clock()
         size = self.buffer = buffer_bytes(plan, checkpoint, device)
@@ -312,7 +381,7 @@ class _Stream:
             threading.Thread(target=_touched, args=(buffers, extents, self.free), name="streamconv-touch",
                              daemon=True).start()
         self.arranger = Arranger()
-        self.writes = _WriteBehind(WRITE_QUEUE, clock)
+        self.writes = _WriteBehind(WRITE_QUEUE, clock, stop)
         self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
                                read_buffer_bytes(plan.tensors), waiting=self.writes.check, clock=clock)
         self.writers: list[ShardWriter] = []
@@ -399,11 +468,17 @@ def _touched(buffers: list[np.ndarray], extents: list[np.ndarray], free: queue.Q
             free.put(buffer)
 
 
-class _WriteBehind:
-    """One thread running write jobs in order. A failure there stops the producer at its next call."""
+class _Stopped(Exception):
+    """The other lane failed."""
 
-    def __init__(self, depth: int, clock: Clock | None = None) -> None:
+
+class _WriteBehind:
+    """One thread running write jobs in order. A failure there sets `stop`; `stop` set (by a failure here or in
+    another lane) ends the writing and stops the producer at its next call."""
+
+    def __init__(self, depth: int, clock: Clock | None = None, stop: threading.Event | None = None) -> None:
         self._clock = clock or Clock()
+        self._stop = stop or threading.Event()
         self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="streamconv-writer", daemon=True)
@@ -415,17 +490,20 @@ class _WriteBehind:
                 job = self._jobs.get()
             if job is None:
                 return
-            if self._error is None:
+            if not self._stop.is_set():
                 try:
                     with self._clock.timing("writer: writing"):
                         job()
-                except BaseException as exc:  # surfaced in the producer's thread
+                except BaseException as exc:  # surfaced in the producer's thread; the other lane stops now
                     self._error = exc
+                    self._stop.set()
 
     def check(self) -> None:
-        """Raise the writer's error, if it had one."""
+        """Raise the writer's error, if it had one, or `_Stopped` if another lane failed."""
         if self._error is not None:
             raise self._error
+        if self._stop.is_set():
+            raise _Stopped
 
     def put(self, job: Callable[[], object]) -> None:
         with self._clock.timing("arranger: waiting for room in the write queue"):

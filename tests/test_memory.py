@@ -82,6 +82,21 @@ def test_dry_run_predicts_working_memory(checkpoints):
     assert result.plan.tensors[0].dtype == str(torch.bfloat16)
 
 
+def test_a_lane_in_order_adds_its_read_and_staging_buffers(checkpoints, peaks, tmp_path):
+    """A 64 MiB embedding (8 times the largest tensor) streams in a lane of its own beside the layers
+    (`pipeline.lanes`): the prediction adds that lane's read buffers and staging buffer to the layers', and the peak
+    stays within the bound above plus those."""
+    import streamconv
+
+    c = checkpoints("mem_lanes", SyntheticModel(**{**WIDE, "vocab_size": 32768}, n_layer=2), optimizer=False)
+    result = streamconv.convert(c.path, "unused", dry_run=True, vocab_size=32768)
+    lane = reads.BUFFERS * CHUNK_BYTES + STAGING_BYTES
+    assert result.working_memory == (2 + reads.BUFFERS) * LARGEST + STAGING_BYTES + 2 * 3 * WIDE["n_embd"] * 2 + lane
+    rss, _ = peaks
+    peak = cli_peak_rss(c.path, tmp_path / "out", "--vocab-size", "32768")
+    assert peak < rss["tiny"] + 4 * LARGEST + 48 * MiB + lane, f"peak {peak / MiB:.0f} MiB"
+
+
 def test_output_buffers_reach_the_arranger_touched_and_whatever_happens():
     """The output buffers are touched page by page in a thread of their own, as far as the conversion will use
     each, and only then handed to the arranger, one by one; a buffer that cannot be touched is handed over all the

@@ -1,0 +1,166 @@
+"""Lanes (`pipeline.lanes`): runs of tensors that go through in order, streamed beside the tensors arranged in
+memory, write the very files one lane writes, fail as one conversion, and show in --debug."""
+
+import logging
+import os
+import shutil
+import threading
+
+import pytest
+
+import streamconv
+from streamconv import pipeline
+from streamconv.arrange import Arranger
+from streamconv.formats import safetensors_writer
+from streamconv.formats.safetensors_writer import ShardWriter
+from tests.test_convert import _direct_io
+from tests.test_parts import assert_same_folder
+
+ONE_LANE = 2**62
+
+
+def _lanes_made(monkeypatch, lane_bytes: int) -> list:
+    """Set LANE_BYTES; record every `lanes` call's plan, lanes and the names of the plan's tensors that go through
+    in order (none of their pieces arranged in memory)."""
+    seen, real = [], pipeline.lanes
+
+    def recording(plan, checkpoint, device):
+        made = real(plan, checkpoint, device)
+        through = {t.name for t in plan.tensors if not any(
+            pipeline.buffered(p, pipeline.source_of(p, checkpoint), device) for p in t.pieces())}
+        seen.append((plan, made, through))
+        return made
+
+    monkeypatch.setattr(pipeline, "LANE_BYTES", lane_bytes)
+    monkeypatch.setattr(pipeline, "lanes", recording)
+    return seen
+
+
+def _runs(shard) -> list[list]:
+    """A lane's tensors in one shard, as runs of neighbours in the file."""
+    runs: list[list] = []
+    for spec in shard.tensors:
+        if runs and runs[-1][-1].end == spec.begin:
+            runs[-1].append(spec)
+        else:
+            runs.append([spec])
+    return runs
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", "100KB"])
+def test_runs_in_order_of_at_least_lane_bytes_get_their_own_lane(bf16_ckpt, tmp_path, monkeypatch, shard_size):
+    seen = _lanes_made(monkeypatch, 64 * 1024)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000, shard_size=shard_size)
+    plan, (arranging, in_order), through = seen[-1]
+    assert sorted(t.name for t in arranging.tensors + in_order.tensors) == sorted(t.name for t in plan.tensors)
+    # the run before the first tensor arranged (the first layer's QKV): the embeddings and the first layer norm, or
+    # (in shards of 100 kB) the word embeddings (128 kB) alone in theirs, the rest of the run in the next shard
+    assert {t.name for t in in_order.tensors} == {"transformer.wte.weight"} | (
+        {"transformer.wpe.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias"}
+        if shard_size == "5GB" else set())
+    for shard in arranging.shards + in_order.shards:
+        original = next(s for s in plan.shards if s.filename == shard.filename)
+        assert shard.header == original.header
+        assert [t.begin for t in shard.tensors] == sorted(t.begin for t in shard.tensors)
+    for shard in in_order.shards:
+        assert all(sum(t.nbytes for t in run) >= 64 * 1024 and {t.name for t in run} <= through
+                   for run in _runs(shard))
+    assert not any(t.name in through for t in arranging.tensors if t.nbytes >= 64 * 1024)
+
+    monkeypatch.setattr(pipeline, "LANE_BYTES", ONE_LANE)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "one", vocab_size=1000, shard_size=shard_size)
+    assert seen[-1][1] == [seen[-1][0]]
+
+
+@pytest.mark.parametrize("lane_bytes,dtype,shard_size,direct", [
+    (64 * 1024, None, "5GB", True),
+    (1, "fp16", "100KB", True),  # every run in order in a lane of its own: lanes skip each other all along
+    (1, None, "100KB", False),  # a filesystem without O_DIRECT
+])
+def test_two_lanes_write_the_files_one_lane_writes(bf16_ckpt, tmp_path, monkeypatch, lane_bytes, dtype,
+                                                    shard_size, direct):
+    monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
+    monkeypatch.setattr(safetensors_writer, "UNSTAGED_BYTES", 8 * 1024)
+    if not direct:
+        _direct_io(monkeypatch, refuse_open=True)
+    seen = _lanes_made(monkeypatch, ONE_LANE)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "one", vocab_size=1000, dtype=dtype, shard_size=shard_size)
+    monkeypatch.setattr(pipeline, "LANE_BYTES", lane_bytes)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "two", vocab_size=1000, dtype=dtype, shard_size=shard_size)
+    assert len(seen[-1][1]) == 2
+    skipping = [shard for lane in seen[-1][1] for shard in lane.shards if len(_runs(shard)) > 1]
+    assert bool(skipping) == (lane_bytes == 1)
+    assert_same_folder(tmp_path / "two", tmp_path / "one")
+
+
+def test_parts_with_lanes_make_the_single_runs_folder(bf16_ckpt, tmp_path, monkeypatch):
+    seen = _lanes_made(monkeypatch, ONE_LANE)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "one", vocab_size=1000, shard_size="100KB")
+    monkeypatch.setattr(pipeline, "LANE_BYTES", 1)
+    for index in range(2):
+        streamconv.convert(bf16_ckpt.path, tmp_path / "parts", vocab_size=1000, shard_size="100KB",
+                           part=(index, 2))
+        assert len(seen[-1][1]) == 2
+    assert_same_folder(tmp_path / "parts", tmp_path / "one")
+
+
+@pytest.mark.parametrize("lane,error", [
+    ("in order", OSError(5, "Input/output error")),
+    ("arranging", RuntimeError("arranging failed")),
+    ("arranging", KeyboardInterrupt()),
+])
+def test_a_failure_in_one_lane_stops_the_other(bf16_ckpt, tmp_path, monkeypatch, lane, error):
+    """The lane that did not fail waits (in its first step, if it gets that far) until the failure has stopped the
+    lanes, then takes no other step, where a whole conversion takes more than ten: the conversion raises the
+    failure itself, leaves nothing behind, and no thread of its runs on."""
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4096)  # the embedding in 32 chunks
+    monkeypatch.setattr(pipeline, "WRITE_QUEUE", 2)
+    _lanes_made(monkeypatch, 64 * 1024)
+    calls, stops = {"in order": 0, "arranging": 0}, []
+    real_append, real_arrange, real_init = ShardWriter.append, Arranger.arrange, pipeline._Stream.__init__
+
+    def step(name):
+        calls[name] += 1
+        if name == failing:
+            raise error
+        if failing is not None:  # until the failure has reached the lanes' shared stop
+            assert stops[-1].wait(30)
+
+    def init(self, *args):
+        stops.append(args[-1])  # (the stop the lanes share)
+        real_init(self, *args)
+
+    def append(self, data):
+        if self.shard.tensors[0].name == "transformer.wte.weight":  # the lane in order's writer
+            step("in order")
+        real_append(self, data)
+
+    def arrange(self, *args, **kwargs):
+        step("arranging")
+        real_arrange(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "append", append)
+    monkeypatch.setattr(Arranger, "arrange", arrange)
+    monkeypatch.setattr(pipeline._Stream, "__init__", init)
+    failing = None
+    streamconv.convert(bf16_ckpt.path, tmp_path / "whole", vocab_size=1000)
+    whole = dict(calls)
+    shutil.rmtree(tmp_path / "whole")
+    calls.update({"in order": 0, "arranging": 0})
+    failing = lane
+    with pytest.raises(type(error)) as raised:
+        streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
+    assert raised.value is error
+    other = "arranging" if lane == "in order" else "in order"
+    assert calls[lane] == 1 and calls[other] <= 1 and whole[other] > 10, (calls, whole)
+    assert os.listdir(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("streamconv")]
+
+
+def test_debug_says_where_each_lanes_threads_spent_their_time(bf16_ckpt, tmp_path, monkeypatch, caplog):
+    _lanes_made(monkeypatch, 64 * 1024)
+    with caplog.at_level(logging.DEBUG, logger="streamconv.pipeline"):
+        streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000)
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == "streamconv.pipeline")
+    assert [line.split(": ", 1)[0] for line in lines] == ["lane arranging", "lane in order"]
+    assert all("; arranger: " in line and "; reader: " in line and "; writer: " in line for line in lines)

@@ -542,7 +542,7 @@ class _WriteBehind:
         """Drop pending jobs and end the thread (after an error or an interrupt in the producer)."""
         if not self._thread.is_alive():
             return
-        self._error = self._error or RuntimeError("stopped")
+        self._stop.set()  # (a job already taken is the last one run)
         while True:
             try:
                 self._jobs.get_nowait()

@@ -362,7 +362,9 @@ class _Stream:
         self.plan, self.checkpoint, self.device, self.on_bytes = plan, checkpoint, device, on_bytes
         clock = clock or Clock()
         size = self.buffer = buffer_bytes(plan, checkpoint, device)
-        self.free: queue.Queue[np.ndarray] = queue.Queue()
+        # buffer k, when it is free: the tensors arranged in a buffer take buffer 0, 1, 0, 1, ... (`used_extents`)
+        self.free: list[queue.Queue[np.ndarray]] = [queue.Queue() for _ in range(BUFFERS)]
+        self.turns = 0  # tensors arranged in a buffer so far
         self.free_casts: queue.Queue[np.ndarray] = queue.Queue()
         cast_size = cast_buffer_bytes(plan, checkpoint, device)
         for _ in range(CAST_BUFFERS if cast_size else 0):  # (room to place a chunk as the file has it: `placed`)
@@ -372,9 +374,9 @@ class _Stream:
             import torch
 
             self.scratch = torch.empty(size, dtype=torch.uint8, device=device)
-            for _ in range(BUFFERS if size else 0):
+            for free in self.free if size else []:
                 pinned = torch.empty(size + reads.ALIGN, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
-                self.free.put(pinned.numpy())
+                free.put(pinned.numpy())
         else:
             buffers = [np.empty(size + reads.ALIGN, dtype=np.uint8) for _ in range(BUFFERS if size else 0)]
             extents = [buffer[:n] for buffer, n in zip(buffers, used_extents(plan, checkpoint), strict=False)]
@@ -426,15 +428,17 @@ class _Stream:
             return
 
         small = is_small(spec.nbytes, self.buffer)
-        buffer = np.empty(spec.nbytes, dtype=np.uint8) if small else self.writes.take(self.free)
-        host = buffer if small else placed(buffer, at, spec.nbytes)
+        free = None if small else self.free[self.turns % BUFFERS]
+        self.turns += not small
+        buffer = np.empty(spec.nbytes, dtype=np.uint8) if free is None else self.writes.take(free)
+        host = buffer if free is None else placed(buffer, at, spec.nbytes)
         arrange_into(host, spec, source, self.device, self.arranger, self.reads.get, self.scratch)
 
         def write() -> None:
             writer.append(host)
             writer.finish_tensor(spec)
-            if not small:
-                self.free.put(buffer)
+            if free is not None:
+                free.put(buffer)
             self.on_bytes(spec.nbytes)
 
         self.writes.put(write)
@@ -447,8 +451,8 @@ class _Stream:
 
 def used_extents(plan: Plan, checkpoint: Checkpoint) -> list[int]:
     """How many bytes of each output buffer the conversion will use (on the CPU): the arranger takes the buffers
-    in turn (the writer hands them back in the order they were taken), so buffer k holds the tensors arranged in
-    a buffer k, k + BUFFERS, ... and uses as much as the largest of them, placed (`placed`)."""
+    in turn, waiting for the one whose turn it is, so buffer k holds the tensors arranged in a buffer k,
+    k + BUFFERS, ... and uses as much as the largest of them, placed (`placed`)."""
     sizes, extents = arranged_sizes(plan, checkpoint), [0] * BUFFERS
     buffer = max(sizes, default=0)  # (`buffer_bytes`)
     for i, nbytes in enumerate(n for n in sizes if not is_small(n, buffer)):
@@ -456,16 +460,16 @@ def used_extents(plan: Plan, checkpoint: Checkpoint) -> list[int]:
     return extents
 
 
-def _touched(buffers: list[np.ndarray], extents: list[np.ndarray], free: queue.Queue[np.ndarray]) -> None:
+def _touched(buffers: list[np.ndarray], extents: list[np.ndarray], free: list[queue.Queue[np.ndarray]]) -> None:
     """Touch every page of the part of each output buffer the conversion will use (`extents`), then hand the
     buffer to the arranger: the page faults (and, on a virtual machine, the host backing each page: up to 2.5 s
     per GiB measured here after a page-cache drop) happen while the first tensors stream, not while a large tensor
     is arranged, and no page is touched that the conversion would not touch."""
-    for buffer, extent in zip(buffers, extents, strict=True):
+    for buffer, extent, its_queue in zip(buffers, extents, free, strict=False):
         try:
             extent[:: reads.ALIGN] = 0
         finally:
-            free.put(buffer)
+            its_queue.put(buffer)
 
 
 class _Stopped(Exception):

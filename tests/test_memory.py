@@ -107,26 +107,41 @@ def test_output_buffers_reach_the_arranger_touched_and_whatever_happens():
 
     from streamconv.pipeline import _touched
 
-    free: queue.Queue = queue.Queue()
+    free: list[queue.Queue] = [queue.Queue(), queue.Queue()]
     buffers = [np.full(3 * reads.ALIGN + 5, 7, dtype=np.uint8) for _ in range(2)]
     _touched(buffers, [buffers[0], buffers[1][: reads.ALIGN + 1]], free)
-    assert [free.get_nowait() is b for b in buffers] == [True, True]
+    assert [free[k].get_nowait() is b for k, b in enumerate(buffers)] == [True, True]
     assert (buffers[0][:: reads.ALIGN] == 0).all() and (buffers[0][1 : reads.ALIGN] == 7).all()
     assert list(buffers[1][:: reads.ALIGN]) == [0, 0, 7, 7]
     frozen = np.zeros(reads.ALIGN, dtype=np.uint8)
     frozen.flags.writeable = False
     with pytest.raises(ValueError):
         _touched([frozen], [frozen], free)
-    assert free.get_nowait() is frozen
+    assert free[0].get_nowait() is frozen
 
 
-def test_the_buffers_are_touched_as_far_as_the_arranger_uses_them(bf16_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("late", [False, True])
+def test_the_buffers_are_touched_as_far_as_the_arranger_uses_them(bf16_ckpt, tmp_path, monkeypatch, late):
     """The arranger takes the output buffers in turn: what each one is touched for beforehand (`used_extents`) is
-    what the largest tensor it holds needs, so touching them first adds no resident page."""
+    what the largest tensor it holds needs, so touching them first adds no resident page. So it is when the second
+    buffer is handed over late (`late`), after the first has been written and given back: the arranger waits for
+    the second rather than take the first again."""
+    import time
+
     import numpy as np
 
     import streamconv
     from streamconv import pipeline
+
+    real_touched = pipeline._touched
+
+    def touched_late(buffers, extents, free):
+        real_touched(buffers[:1], extents[:1], free[:1])
+        time.sleep(0.5)
+        real_touched(buffers[1:], extents[1:], free[1:])
+
+    if late:
+        monkeypatch.setattr(pipeline, "_touched", touched_late)
 
     predicted, taken, held = [], [], {}
     real_init, real_take, real_arrange = pipeline._Stream.__init__, pipeline._WriteBehind.take, pipeline.arrange_into

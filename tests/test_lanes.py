@@ -20,15 +20,15 @@ ONE_LANE = 2**62
 
 
 def _lanes_made(monkeypatch, lane_bytes: int) -> list:
-    """Set LANE_BYTES; record every `lanes` call's plan, lanes and the names of the plan's tensors that go through
-    in order (none of their pieces arranged in memory)."""
+    """Set LANE_BYTES; record every `lanes` call's plan, lanes, the names of the plan's tensors that go through
+    in order (none of their pieces arranged in memory) and the lanes the plan would have on a GPU."""
     seen, real = [], pipeline.lanes
 
     def recording(plan, checkpoint, device):
         made = real(plan, checkpoint, device)
         through = {t.name for t in plan.tensors if not any(
             pipeline.buffered(p, pipeline.source_of(p, checkpoint), device) for p in t.pieces())}
-        seen.append((plan, made, through))
+        seen.append((plan, made, through, real(plan, checkpoint, "cuda")))
         return made
 
     monkeypatch.setattr(pipeline, "LANE_BYTES", lane_bytes)
@@ -51,7 +51,7 @@ def _runs(shard) -> list[list]:
 def test_runs_in_order_of_at_least_lane_bytes_get_their_own_lane(bf16_ckpt, tmp_path, monkeypatch, shard_size):
     seen = _lanes_made(monkeypatch, 64 * 1024)
     streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000, shard_size=shard_size)
-    plan, (arranging, in_order), through = seen[-1]
+    plan, (arranging, in_order), through, on_gpu = seen[-1]
     assert sorted(t.name for t in arranging.tensors + in_order.tensors) == sorted(t.name for t in plan.tensors)
     # the run before the first tensor arranged (the first layer's QKV): the embeddings and the first layer norm, or
     # (in shards of 100 kB) the word embeddings (128 kB) alone in theirs, the rest of the run in the next shard
@@ -66,6 +66,7 @@ def test_runs_in_order_of_at_least_lane_bytes_get_their_own_lane(bf16_ckpt, tmp_
         assert all(sum(t.nbytes for t in run) >= 64 * 1024 and {t.name for t in run} <= through
                    for run in _runs(shard))
     assert not any(t.name in through for t in arranging.tensors if t.nbytes >= 64 * 1024)
+    assert on_gpu == [plan]  # (arranged there: the CPU is free to stream)
 
     monkeypatch.setattr(pipeline, "LANE_BYTES", ONE_LANE)
     streamconv.convert(bf16_ckpt.path, tmp_path / "one", vocab_size=1000, shard_size=shard_size)
@@ -164,3 +165,23 @@ def test_debug_says_where_each_lanes_threads_spent_their_time(bf16_ckpt, tmp_pat
     lines = sorted(r.getMessage() for r in caplog.records if r.name == "streamconv.pipeline")
     assert [line.split(": ", 1)[0] for line in lines] == ["lane arranging", "lane in order"]
     assert all("; arranger: " in line and "; reader: " in line and "; writer: " in line for line in lines)
+
+
+def test_no_second_lane_where_arranging_moves_whole_rows(mcore_cases, tmp_path, monkeypatch):
+    """A Llama model at TP 2 is arranged by whole rows (slices joined, QKV regrouped), at memory speed: one lane,
+    however small LANE_BYTES. Cast to fp16, it is arranged element by element, and the tensors in order stream
+    beside it, writing the files one lane writes."""
+    from tests.test_mcore_writer import _have_megatron_core
+
+    if not _have_megatron_core():
+        pytest.skip("megatron-core is not installed")
+    (case,) = mcore_cases({"gqa_nemo1_tp2": dict(groups=2, layout="nemo1", tp=2)}).values()
+    seen = _lanes_made(monkeypatch, 1)
+    streamconv.convert(case.checkpoint, tmp_path / "plain", vocab_size=256)
+    plan, made, through, _ = seen[-1]
+    assert made == [plan] and len(through) < len(plan.tensors)  # (some tensors are arranged)
+    streamconv.convert(case.checkpoint, tmp_path / "two", vocab_size=256, dtype="fp16")
+    assert len(seen[-1][1]) == 2
+    monkeypatch.setattr(pipeline, "LANE_BYTES", ONE_LANE)
+    streamconv.convert(case.checkpoint, tmp_path / "one", vocab_size=256, dtype="fp16")
+    assert_same_folder(tmp_path / "two", tmp_path / "one")

@@ -63,7 +63,7 @@ class ShardWriter:
         self._staged = 0  # bytes in the staging buffer, which goes to the file at offset _flushed
         # The file offset appended up to; direct: up to which bytes are on disk; buffered: up to which writeback
         # has been started
-        self._file_pos = self._flushed = len(shard.header) + start if start else 0
+        self._file_pos = self._flushed = self._run_start = len(shard.header) + start if start else 0
         self._head = -self._file_pos % ALIGN  # bytes before the first aligned offset: not written directly
         if not start:
             self._write(memoryview(shard.header))
@@ -90,7 +90,10 @@ class ShardWriter:
         """Go on at data offset `begin`, past bytes another writer of the file writes (`pipeline.lanes`): what is
         staged goes out first, its partial last block through the ordinary descriptor, as at the end of a run."""
         self._write_tail()
-        self._file_pos = self._flushed = len(self.shard.header) + begin
+        settled = max(self._run_start, self._flushed - WINDOW)
+        if self._staging is None and self._file_pos > settled:  # this run's bytes still in the cache
+            self._drop(settled, self._file_pos - settled)
+        self._file_pos = self._flushed = self._run_start = len(self.shard.header) + begin
         self._head = -self._file_pos % ALIGN
 
     def close(self) -> None:
@@ -185,12 +188,17 @@ class ShardWriter:
             self._flushed += WINDOW
 
     def _write_behind(self, start: int, length: int) -> None:
-        """Start writeback of [start, start+length); finish the previous window and drop it from the cache."""
+        """Start writeback of [start, start+length); finish the previous window, if this run wrote it, and drop it
+        from the cache."""
         _libc.sync_file_range(self._fd, start, length, _WRITE)
-        if start >= length:
-            previous = start - length
-            _libc.sync_file_range(self._fd, previous, length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-            os.posix_fadvise(self._fd, previous, length, os.POSIX_FADV_DONTNEED)
+        if start - length >= self._run_start:
+            self._drop(start - length, length)
+
+    def _drop(self, start: int, length: int) -> None:
+        """Write [start, start+length) to disk, wait for it, and drop it from the page cache (length > 0: a length
+        of 0 would mean to the end of the file)."""
+        _libc.sync_file_range(self._fd, start, length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+        os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
 def placed(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import functools
 import itertools
 import logging
 import math
+import mmap
 import os
 import queue
 import threading
@@ -122,6 +123,7 @@ def working_memory(plan: Plan, checkpoint: Checkpoint) -> int:
 
 
 def _lane_memory(plan: Plan, checkpoint: Checkpoint) -> int:
+    """One lane's share of `working_memory`."""
     buffer = buffer_bytes(plan, checkpoint)
     small = sorted((n for n in arranged_sizes(plan, checkpoint) if is_small(n, buffer)), reverse=True)
     return (BUFFERS * buffer + CAST_BUFFERS * cast_buffer_bytes(plan, checkpoint)
@@ -133,19 +135,27 @@ def lanes(plan: Plan, checkpoint: Checkpoint, device: str) -> list[Plan]:
     """The plan as the lanes `stream` runs side by side: the runs of consecutive tensors that go through in order
     (read, maybe cast, written: the disk's work) of at least LANE_BYTES, and the rest (arranged in memory: the
     CPU's work), each shard's tensors in their order in each; the plan alone where either lane would be empty, or
-    where arranging costs the CPU little (`_costs_cpu`): a second lane's buffers would then buy nothing."""
-    if not any(_costs_cpu(spec, checkpoint, device) for spec in moved(plan.tensors)):
+    where arranging costs the CPU little (`_costs_cpu`): a second lane's buffers would then buy nothing.
+    An empty tensor joins the run it lies in (so only one lane has tensors at a shard's start: the one that writes
+    the header). Two lanes also need pages no larger than ALIGN: the block where one lane's run meets the other's
+    is written by both through the page cache, while each writes the blocks next to it with O_DIRECT, which a
+    page holding both would make fail."""
+    if mmap.PAGESIZE > reads.ALIGN or not any(_costs_cpu(t, checkpoint, device) for t in moved(plan.tensors)):
         return [plan]
     arranging: list[Shard] = []
     in_order: list[Shard] = []
     for shard in plan.shards:
-        picked: tuple[list[TensorSpec], list[TensorSpec]] = ([], [])
-        for through, run in itertools.groupby(shard.tensors, key=lambda t: _goes_through(t, checkpoint, device)):
-            run_tensors = list(run)
-            picked[through and sum(t.nbytes for t in run_tensors) >= LANE_BYTES].extend(run_tensors)
-        for lane, tensors in zip((arranging, in_order), picked, strict=True):
-            if tensors:
-                lane.append(Shard(shard.filename, tensors, shard.header))
+        mine: list[TensorSpec] = []
+        theirs: list[TensorSpec] = []
+        for through, run in itertools.groupby(shard.tensors,
+                                              key=lambda t: not t.nbytes or _goes_through(t, checkpoint, device)):
+            tensors = list(run)
+            if through and sum(t.nbytes for t in tensors) >= LANE_BYTES:
+                theirs += tensors
+            else:
+                mine += tensors
+        arranging += [Shard(shard.filename, mine, shard.header)] if mine else []
+        in_order += [Shard(shard.filename, theirs, shard.header)] if theirs else []
     if not arranging or not in_order:
         return [plan]
     return [Plan(shards, plan.total_size, plan.family) for shards in (arranging, in_order)]
@@ -162,6 +172,7 @@ def _costs_cpu(spec: TensorSpec, checkpoint: Checkpoint, device: str) -> bool:
 
 
 def _goes_through(tensor: TensorSpec, checkpoint: Checkpoint, device: str) -> bool:
+    """Whether the tensor is written in order, chunk by chunk (no piece of it arranged in memory)."""
     return not any(buffered(p, source_of(p, checkpoint), device) for p in tensor.pieces())
 
 
@@ -174,10 +185,11 @@ def stream(
 ) -> None:
     """Write every shard of the plan into `directory`, its lanes (`lanes`) side by side, the first in this
     thread; log (debug) where each lane's threads spent their time. A failure in one lane stops the other."""
-    arranging, *others = lanes(plan, checkpoint, device)
-    if not others:
+    made = lanes(plan, checkpoint, device)
+    if len(made) == 1:
         _stream_lane(plan, checkpoint, directory, device, on_bytes, "pipeline")
         return
+    arranging, in_order = made
     lock, stop, failures = threading.Lock(), threading.Event(), []
 
     def counted(n: int) -> None:  # (the progress bar is not updated from two threads at once)
@@ -191,7 +203,7 @@ def stream(
             stop.set()
             failures.append(exc)
 
-    helper = threading.Thread(target=run, args=(others[0], "lane in order"), name="streamconv-lane", daemon=True)
+    helper = threading.Thread(target=run, args=(in_order, "lane in order"), name="streamconv-lane", daemon=True)
     helper.start()
     try:
         run(arranging, "lane arranging")
@@ -211,10 +223,12 @@ def _stream_lane(plan: Plan, checkpoint: Checkpoint, directory: str, device: str
     with _Stream(plan, checkpoint, device, on_bytes, clock, stop) as run:
         for shard in plan.shards:
             writer = run.open(os.path.join(directory, shard.filename), shard)
-            for before, spec in zip([None, *shard.tensors], shard.tensors, strict=False):
-                if before is not None and spec.begin != before.end:
+            end = shard.tensors[0].begin if shard.tensors else 0
+            for spec in shard.tensors:
+                if spec.begin != end:
                     run.writes.put(functools.partial(writer.skip_to, spec.begin))
                 run.move(spec, writer)
+                end = spec.end
             run.writes.put(writer.close)
         with clock.timing("arranger: waiting for the last writes"):
             run.writes.finish()
@@ -383,6 +397,7 @@ class _Stream:
         for _ in range(CAST_BUFFERS if cast_size else 0):  # (room to place a chunk as the file has it: `placed`)
             self.free_casts.put(np.empty(cast_size + reads.ALIGN, dtype=np.uint8))
         self.scratch = None
+        self.touching: threading.Thread | None = None
         if arranges_on_device(device):  # pinned host buffers: copies from a GPU run at full speed
             import torch
 
@@ -390,11 +405,12 @@ class _Stream:
             for free in self.free if size else []:
                 pinned = torch.empty(size + reads.ALIGN, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
                 free.put(pinned.numpy())
-        else:
-            buffers = [np.empty(size + reads.ALIGN, dtype=np.uint8) for _ in range(BUFFERS if size else 0)]
-            extents = [buffer[:n] for buffer, n in zip(buffers, used_extents(plan, checkpoint), strict=False)]
-            threading.Thread(target=_touched, args=(buffers, extents, self.free), name="streamconv-touch",
-                             daemon=True).start()
+        elif size:
+            buffers = [np.empty(size + reads.ALIGN, dtype=np.uint8) for _ in range(BUFFERS)]
+            extents = [buffer[:n] for buffer, n in zip(buffers, used_extents(plan, checkpoint), strict=True)]
+            self.touching = threading.Thread(target=_touched, args=(buffers, extents, self.free),
+                                             name="streamconv-touch", daemon=True)
+            self.touching.start()
         self.arranger = Arranger()
         self.writes = _WriteBehind(WRITE_QUEUE, clock, stop)
         self.reads = ReadAhead(checkpoint, read_chunks(plan.tensors, checkpoint, device),
@@ -408,6 +424,8 @@ class _Stream:
         self.writes.stop()  # no writer is closed while the writer thread may use it
         self.reads.close()
         self.arranger.close()
+        if self.touching is not None:  # (it ends once it has touched what the conversion would use)
+            self.touching.join()
         for writer in self.writers:  # after a failure; closing twice is harmless
             writer.close()
 
@@ -478,7 +496,7 @@ def _touched(buffers: list[np.ndarray], extents: list[np.ndarray], free: list[qu
     buffer to the arranger: the page faults (and, on a virtual machine, the host backing each page: up to 2.5 s
     per GiB measured here after a page-cache drop) happen while the first tensors stream, not while a large tensor
     is arranged, and no page is touched that the conversion would not touch."""
-    for buffer, extent, its_queue in zip(buffers, extents, free, strict=False):
+    for buffer, extent, its_queue in zip(buffers, extents, free, strict=True):
         try:
             extent[:: reads.ALIGN] = 0
         finally:
@@ -486,7 +504,10 @@ def _touched(buffers: list[np.ndarray], extents: list[np.ndarray], free: list[qu
 
 
 class _Stopped(Exception):
-    """The other lane failed."""
+    """The other lane failed (its own error is what the conversion raises)."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped: the other lane failed")
 
 
 class _WriteBehind:
@@ -556,7 +577,8 @@ class _WriteBehind:
         self.check()
 
     def stop(self) -> None:
-        """Drop pending jobs and end the thread (after an error or an interrupt in the producer)."""
+        """Drop pending jobs and end the thread (after an error or an interrupt in the producer), setting `stop`,
+        which stops the other lane too."""
         if not self._thread.is_alive():
             return
         self._stop.set()  # (a job already taken is the last one run)

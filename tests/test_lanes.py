@@ -73,25 +73,66 @@ def test_runs_in_order_of_at_least_lane_bytes_get_their_own_lane(bf16_ckpt, tmp_
     assert seen[-1][1] == [seen[-1][0]]
 
 
-@pytest.mark.parametrize("lane_bytes,dtype,shard_size,direct", [
-    (64 * 1024, None, "5GB", True),
-    (1, "fp16", "100KB", True),  # every run in order in a lane of its own: lanes skip each other all along
-    (1, None, "100KB", False),  # a filesystem without O_DIRECT
+def _direct_writes(monkeypatch) -> list[tuple[str, int, int]]:
+    """Record (file name, offset, bytes) of every write through an O_DIRECT descriptor."""
+    seen, direct, real_open, real_pwritev = [], {}, os.open, os.pwritev
+
+    def opening(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECT:
+            direct[fd] = os.path.basename(path)
+        return fd
+
+    def writing(fd, buffers, offset, *args):
+        n = real_pwritev(fd, buffers, offset, *args)
+        if fd in direct:
+            seen.append((direct[fd], offset, n))
+        return n
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "pwritev", writing)
+    return seen
+
+
+def _lane_bytes(lane) -> dict[str, list[tuple[int, int]]]:
+    """The file bytes each of a lane's runs covers, by file name (the header with the run at the shard's start)."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for shard in lane.shards:
+        for run in _runs(shard):
+            first = 0 if run[0].begin == 0 else len(shard.header) + run[0].begin
+            spans.setdefault(shard.filename, []).append((first, len(shard.header) + run[-1].end))
+    return spans
+
+
+@pytest.mark.parametrize("lane_bytes,dtype,shard_size,io", [
+    (64 * 1024, None, "5GB", "direct"),
+    (1, "fp16", "100KB", "direct"),  # every run in order in a lane of its own: lanes skip each other all along
+    (1, None, "100KB", "refused at open"),  # a filesystem without O_DIRECT
+    (1, None, "100KB", "refused midway"),
 ])
 def test_two_lanes_write_the_files_one_lane_writes(bf16_ckpt, tmp_path, monkeypatch, lane_bytes, dtype,
-                                                    shard_size, direct):
+                                                    shard_size, io):
+    """Two lanes write the very files one lane writes; every direct write lies within one run of one lane (the
+    blocks where the lanes' runs meet go through the page cache, from both sides)."""
     monkeypatch.setattr(safetensors_writer, "STAGING_BYTES", 64 * 1024)
     monkeypatch.setattr(safetensors_writer, "UNSTAGED_BYTES", 8 * 1024)
-    if not direct:
-        _direct_io(monkeypatch, refuse_open=True)
+    if io != "direct":
+        _direct_io(monkeypatch, refuse_open=io == "refused at open", refuse_io=io == "refused midway")
+    writes = _direct_writes(monkeypatch)
     seen = _lanes_made(monkeypatch, ONE_LANE)
     streamconv.convert(bf16_ckpt.path, tmp_path / "one", vocab_size=1000, dtype=dtype, shard_size=shard_size)
     monkeypatch.setattr(pipeline, "LANE_BYTES", lane_bytes)
+    del writes[:]
     streamconv.convert(bf16_ckpt.path, tmp_path / "two", vocab_size=1000, dtype=dtype, shard_size=shard_size)
     assert len(seen[-1][1]) == 2
     skipping = [shard for lane in seen[-1][1] for shard in lane.shards if len(_runs(shard)) > 1]
     assert bool(skipping) == (lane_bytes == 1)
     assert_same_folder(tmp_path / "two", tmp_path / "one")
+    files = {shard.filename for shard in seen[-1][0].shards}
+    assert {name for name, _, _ in writes} == (files if io == "direct" else set())
+    runs = [_lane_bytes(lane) for lane in seen[-1][1]]
+    for name, offset, n in writes:
+        assert any(a <= offset and offset + n <= b for lane in runs for a, b in lane.get(name, [])), (name, offset)
 
 
 def test_parts_with_lanes_make_the_single_runs_folder(bf16_ckpt, tmp_path, monkeypatch):
@@ -127,9 +168,9 @@ def test_a_failure_in_one_lane_stops_the_other(bf16_ckpt, tmp_path, monkeypatch,
         if failing is not None:  # until the failure has reached the lanes' shared stop
             assert stops[-1].wait(30)
 
-    def init(self, *args):
-        stops.append(args[-1])  # (the stop the lanes share)
-        real_init(self, *args)
+    def init(self, plan, checkpoint, device, on_bytes, clock=None, stop=None):
+        stops.append(stop)  # (the stop the lanes share)
+        real_init(self, plan, checkpoint, device, on_bytes, clock, stop)
 
     def append(self, data):
         if self.shard.tensors[0].name == "transformer.wte.weight":  # the lane in order's writer
@@ -185,3 +226,54 @@ def test_no_second_lane_where_arranging_moves_whole_rows(mcore_cases, tmp_path, 
     monkeypatch.setattr(pipeline, "LANE_BYTES", ONE_LANE)
     streamconv.convert(case.checkpoint, tmp_path / "one", vocab_size=256, dtype="fp16")
     assert_same_folder(tmp_path / "two", tmp_path / "one")
+
+
+def _covers(spans, lo: int, hi: int) -> bool:
+    """Whether the union of the (start, end) `spans` covers [lo, hi)."""
+    reached = lo
+    for a, b in sorted(spans):
+        if a <= reached < b:
+            reached = b
+    return reached >= hi
+
+
+def test_without_direct_io_each_lane_drops_from_the_cache_only_what_it_wrote(bf16_ckpt, tmp_path, monkeypatch):
+    """On a filesystem without O_DIRECT a writer waits for and drops from the page cache, window by window and at
+    the end of each run, only bytes it wrote itself, never the other lane's, and every run it leaves for the
+    other lane's has gone from the cache."""
+    monkeypatch.setattr(safetensors_writer, "WINDOW", 8 * 1024)
+    _direct_io(monkeypatch, refuse_open=True)
+    seen = _lanes_made(monkeypatch, 1)
+    current, names, written, dropped = {}, {}, {}, {}  # (an output descriptor's number is reused: one key an open)
+    real_open, real_pwrite, real_fadvise = os.open, os.pwrite, os.posix_fadvise
+
+    def opening(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        current.pop(fd, None)
+        if flags & os.O_WRONLY:
+            current[fd] = len(names)
+            names[current[fd]] = os.path.basename(path)
+        return fd
+
+    def writing(fd, data, offset):
+        n = real_pwrite(fd, data, offset)
+        if fd in current:
+            written.setdefault(current[fd], []).append((offset, offset + n))
+        return n
+
+    def advising(fd, offset, length, advice):
+        if fd in current and advice == os.POSIX_FADV_DONTNEED:
+            dropped.setdefault(current[fd], []).append((offset, offset + length))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "pwrite", writing)
+    monkeypatch.setattr(os, "posix_fadvise", advising)
+    streamconv.convert(bf16_ckpt.path, tmp_path / "hf", vocab_size=1000, shard_size="100KB")
+    assert len(seen[-1][1]) == 2
+    for key, spans in dropped.items():
+        assert all(_covers(written[key], lo, hi) for lo, hi in spans), names[key]
+    left = [(name, span) for lane in seen[-1][1] for name, spans in _lane_bytes(lane).items() for span in spans[:-1]]
+    assert left, "no lane left a run for the other's"
+    for name, (a, b) in left:
+        assert _covers([span for key, spans in dropped.items() if names[key] == name for span in spans], a, b)

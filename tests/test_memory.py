@@ -116,7 +116,7 @@ def test_output_buffers_reach_the_arranger_touched_and_whatever_happens():
     frozen = np.zeros(reads.ALIGN, dtype=np.uint8)
     frozen.flags.writeable = False
     with pytest.raises(ValueError):
-        _touched([frozen], [frozen], free)
+        _touched([frozen], [frozen], free[:1])
     assert free[0].get_nowait() is frozen
 
 

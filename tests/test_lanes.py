@@ -277,3 +277,27 @@ def test_without_direct_io_each_lane_drops_from_the_cache_only_what_it_wrote(bf1
     assert left, "no lane left a run for the other's"
     for name, (a, b) in left:
         assert _covers([span for key, spans in dropped.items() if names[key] == name for span in spans], a, b)
+
+
+def test_an_empty_tensor_joins_the_run_it_lies_in(monkeypatch):
+    """An empty tensor arranged in memory (a transpose of nothing) at a shard's start goes with the run in order
+    after it, so only one lane has tensors at the start: the one that writes the header."""
+    import numpy as np
+
+    from streamconv.plan import make_plan
+    from streamconv.recipe import Arrangement, TensorRecipe
+    from streamconv.sources.records import Checkpoint, SourceTensor
+
+    monkeypatch.setattr(pipeline, "LANE_BYTES", 64)
+    shapes = {"empty": (0, 4), "embedding": (64, 4), "matrix": (4, 4)}
+    checkpoint = Checkpoint("unused", {name: SourceTensor(np.zeros(shape, np.int16), "torch.bfloat16")
+                                       for name, shape in shapes.items()}, None)
+    recipes = [TensorRecipe(name, name, shape, shape[::-1] if name != "embedding" else shape,
+                            Arrangement("transpose" if name != "embedding" else "copy", shape,
+                                        (1, 0) if name != "embedding" else (0, 1)))
+               for name, shape in shapes.items()]
+    plan = make_plan(recipes, ["torch.bfloat16"] * 3, 10**9)
+    arranging, in_order = pipeline.lanes(plan, checkpoint, "cpu")
+    assert [t.name for t in in_order.tensors] == ["empty", "embedding"]
+    assert [t.name for t in arranging.tensors] == ["matrix"]
+    assert in_order.tensors[0].begin == 0 < arranging.tensors[0].begin

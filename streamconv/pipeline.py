@@ -135,12 +135,13 @@ def lanes(plan: Plan, checkpoint: Checkpoint, device: str) -> list[Plan]:
     """The plan as the lanes `stream` runs side by side: the runs of consecutive tensors that go through in order
     (read, maybe cast, written: the disk's work) of at least LANE_BYTES, and the rest (arranged in memory: the
     CPU's work), each shard's tensors in their order in each; the plan alone where either lane would be empty, or
-    where arranging costs the CPU little (`_costs_cpu`): a second lane's buffers would then buy nothing.
+    where the CPU arranges little (on a GPU, or `_costs_cpu`): a second lane's buffers would then buy nothing.
     An empty tensor joins the run it lies in (so only one lane has tensors at a shard's start: the one that writes
     the header). Two lanes also need pages no larger than ALIGN: the block where one lane's run meets the other's
     is written by both through the page cache, while each writes the blocks next to it with O_DIRECT, which a
     page holding both would make fail."""
-    if mmap.PAGESIZE > reads.ALIGN or not any(_costs_cpu(t, checkpoint, device) for t in moved(plan.tensors)):
+    if (arranges_on_device(device) or mmap.PAGESIZE > reads.ALIGN
+            or not any(_costs_cpu(t, checkpoint, device) for t in moved(plan.tensors))):
         return [plan]
     arranging: list[Shard] = []
     in_order: list[Shard] = []
@@ -167,8 +168,7 @@ def _costs_cpu(spec: TensorSpec, checkpoint: Checkpoint, device: str) -> bool:
     lane of their own for Llama and Nemotron-H tensors in order changed nothing in time and cost 40 MB.)"""
     source = source_of(spec, checkpoint)
     perm = spec.recipe.arrangement.perm
-    return (buffered(spec, source, device) and not arranges_on_device(device)
-            and (spec.dtype != source.dtype or perm[-1] != len(perm) - 1))
+    return buffered(spec, source, device) and (spec.dtype != source.dtype or perm[-1] != len(perm) - 1)
 
 
 def _goes_through(tensor: TensorSpec, checkpoint: Checkpoint, device: str) -> bool:

@@ -61,10 +61,7 @@ class ShardWriter:
             self._direct = -1
         self._staging = aligned_empty(STAGING_BYTES) if self._direct >= 0 else None
         self._staged = 0  # bytes in the staging buffer, which goes to the file at offset _flushed
-        # The file offset appended up to; direct: up to which bytes are on disk; buffered: up to which writeback
-        # has been started
-        self._file_pos = self._flushed = self._run_start = len(shard.header) + start if start else 0
-        self._head = -self._file_pos % ALIGN  # bytes before the first aligned offset: not written directly
+        self._go_to(len(shard.header) + start if start else 0)
         if not start:
             self._write(memoryview(shard.header))
 
@@ -93,8 +90,14 @@ class ShardWriter:
         settled = max(self._run_start, self._flushed - WINDOW)
         if self._staging is None and self._file_pos > settled:  # this run's bytes still in the cache
             self._drop(settled, self._file_pos - settled)
-        self._file_pos = self._flushed = self._run_start = len(self.shard.header) + begin
-        self._head = -self._file_pos % ALIGN
+        self._go_to(len(self.shard.header) + begin)
+
+    def _go_to(self, position: int) -> None:
+        """Start a run of appends at file offset `position`."""
+        # The file offset appended up to; direct: up to which bytes are on disk; buffered: up to which writeback
+        # has been started; where this run started
+        self._file_pos = self._flushed = self._run_start = position
+        self._head = -position % ALIGN  # bytes before the first aligned offset: not written directly
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -101,21 +101,26 @@ def test_a_file_shorter_than_its_mapping_says_so(mapped, tmp_path):
         ahead.close()
 
 
+class _Stop:
+    """A `waiting` check that raises (as a conversion's does once its writer failed) from when `now` is set."""
+
+    now = False
+
+    def __call__(self) -> None:
+        if self.now:
+            raise KeyboardInterrupt
+
+
 def test_the_reader_waits_for_a_free_buffer_and_a_wait_can_be_broken(mapped):
     """With every buffer handed out, the reader waits; the caller's `waiting` check (the writer's error, in a
     conversion) ends a wait for a chunk that cannot come; closing ends the reader."""
     checkpoint, view, _ = mapped
     chunks = [view[i * 4096 : (i + 1) * 4096] for i in range(4)]
-    stopped = False
-
-    def stop() -> None:
-        if stopped:
-            raise KeyboardInterrupt
-
+    stop = _Stop()
     ahead = ReadAhead(checkpoint, chunks, buffer_bytes=4096, buffers=1, waiting=stop)
     try:
         _, done = ahead.get(chunks[0])  # (its buffer is not handed back)
-        stopped = True
+        stop.now = True
         with pytest.raises(KeyboardInterrupt):
             ahead.get(chunks[1])
     finally:
@@ -128,12 +133,7 @@ def test_a_chunk_already_read_is_not_handed_out_once_the_caller_must_stop(mapped
     not at the next one it has to wait for."""
     checkpoint, view, _ = mapped
     chunks = [view[i * 4096 : (i + 1) * 4096] for i in range(2)]
-    stopped = False
-
-    def stop() -> None:
-        if stopped:
-            raise KeyboardInterrupt
-
+    stop = _Stop()
     ahead = ReadAhead(checkpoint, chunks, buffer_bytes=4096, buffers=2, waiting=stop)
     try:
         _, done = ahead.get(chunks[0])
@@ -141,7 +141,7 @@ def test_a_chunk_already_read_is_not_handed_out_once_the_caller_must_stop(mapped
         while ahead._ready.empty() and time.monotonic() < deadline:  # the second chunk read
             time.sleep(0.01)
         assert not ahead._ready.empty()
-        stopped = True
+        stop.now = True
         with pytest.raises(KeyboardInterrupt):
             ahead.get(chunks[1])
     finally:
